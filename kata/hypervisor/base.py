@@ -1,0 +1,90 @@
+"""The narrow interface between the core and a VMM, and the typed description of a VM.
+
+The core builds a :class:`VMConfig` (from configuration.toml and the OCI spec via specconv) and
+drives a :class:`Hypervisor`; it never sees QEMU arguments or QMP.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from kata.agent.endpoint import AgentEndpoint
+
+
+class HypervisorError(Exception):
+    """A VMM failed to start, answer or stop; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class SharedFs:
+    """A host directory exported to the guest under ``tag``."""
+
+    kind: Literal["virtio-fs", "virtio-9p"]
+    host_dir: Path
+    tag: str = "kataShared"
+    # virtio-fs only: the vhost-user socket of the virtiofsd serving host_dir.
+    vhost_user_socket: Path | None = None
+
+
+@dataclass(frozen=True)
+class VMConfig:
+    id: str
+    hypervisor_path: Path
+    kernel: Path
+    image: Path | None  # read-only root filesystem image on virtio-blk (None: initrd only)
+    initrd: Path | None
+    kernel_params: tuple[str, ...]
+    vcpus: int
+    max_vcpus: int
+    memory_mib: int
+    max_memory_mib: int
+    machine_type: str  # "microvm", "q35" or "pc"
+    accel: Literal["kvm", "tcg"]
+    agent_channel: Literal["vsock", "virtio-serial"]
+    run_dir: Path  # QMP socket, agent socket, pid file live here
+    console_log: Path
+    shared_fs: SharedFs | None = None
+    extra_args: tuple[str, ...] = field(default=())
+
+
+class Hypervisor(abc.ABC):
+    """One VM. Methods raise HypervisorError with a one-line message."""
+
+    @abc.abstractmethod
+    def start(self, config: VMConfig, timeout: float) -> None:
+        """Launch the VMM and return once it is running (not once the guest agent is up)."""
+
+    @abc.abstractmethod
+    def agent_endpoint(self) -> AgentEndpoint: ...
+
+    @abc.abstractmethod
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the VM; idempotent; kills the VMM if it does not go in time."""
+
+    @abc.abstractmethod
+    def pause(self) -> None: ...
+
+    @abc.abstractmethod
+    def resume(self) -> None: ...
+
+    @abc.abstractmethod
+    def save(self, path: Path) -> None:
+        """Snapshot the paused VM's device and memory state into ``path``."""
+
+    @abc.abstractmethod
+    def hotplug_memory(self, size_mib: int) -> int:
+        """Add memory; returns the MiB actually added."""
+
+    @abc.abstractmethod
+    def hotplug_vcpus(self, count: int) -> int:
+        """Add vCPUs; returns how many were added."""
+
+    @abc.abstractmethod
+    def pids(self) -> list[int]:
+        """Host processes of this VM (the VMM itself first)."""
+
+    @abc.abstractmethod
+    def is_running(self) -> bool: ...
