@@ -1,0 +1,53 @@
+"""Runtime logging in runc's shape: text or JSON lines ({"level","msg","time"}) to --log or stderr.
+
+containerd's runc shim shows the user the last "error" line of log.json when a command fails,
+so errors always go to the log file as well as to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import TextIO
+
+LOGGER_NAME = "kata"
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        t = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        line = {"level": record.levelname.lower(), "msg": record.getMessage(),
+                "time": f"{t}.{int(record.msecs * 1e6):09d}Z"}
+        return json.dumps(line)
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        t = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        return f'time="{t}Z" level={record.levelname.lower()} msg="{record.getMessage()}"'
+
+
+def setup(log_path: str | None, log_format: str, debug: bool) -> logging.Logger:
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    stream: TextIO
+    if log_path:
+        stream = open(log_path, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
+        handler: logging.Handler = logging.StreamHandler(stream)
+        handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+        logger.addHandler(handler)
+    elif debug:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+        logger.addHandler(handler)
+    else:
+        logger.addHandler(logging.NullHandler())
+    return logger
+
+
+def get() -> logging.Logger:
+    return logging.getLogger(LOGGER_NAME)

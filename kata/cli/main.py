@@ -1,0 +1,65 @@
+"""kata-runtime: the runc-compatible command line. Parses arguments and hands each verb to its module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from kata import __version__
+from kata.cli import logs
+
+# One module per verb; each has add_parser(subparsers) and run(args) -> int.
+_VERBS = ("run", "check", "env", "version")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kata-runtime", description="OCI runtime that runs containers in lightweight VMs")
+    p.add_argument("--root", default="/run/kata-runtime", help="root directory for container state")
+    p.add_argument("--log", default=None, help="log file (default: stderr only with --debug)")
+    p.add_argument("--log-format", choices=("text", "json"), default="text")
+    p.add_argument("--debug", action="store_true", help="enable debug output")
+    p.add_argument("--config", "--kata-config", dest="config", default=None, help="configuration.toml to use")
+    p.add_argument("--systemd-cgroup", action="store_true", help="accepted for runc compatibility")
+    p.add_argument("--criu", default=None, help="accepted and ignored, for runc compatibility")
+    p.add_argument("--version", "-v", action="store_true", help="print the version")
+    sub = p.add_subparsers(dest="verb", metavar="COMMAND")
+    import importlib
+
+    for verb in _VERBS:
+        importlib.import_module(f"kata.cli.{verb}").add_parser(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version and not args.verb:
+        print(f"kata-runtime  : {__version__}")
+        return 0
+    if not args.verb:
+        parser.print_help()
+        return 0
+    log = logs.setup(args.log, args.log_format, args.debug)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # every failure is one line for the user; details go to the log
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if not _is_user_error(exc):
+            msg = f"internal error: {type(exc).__name__}: {msg}"
+            log.debug("traceback", exc_info=True)
+        log.error(msg)
+        print(f"kata-runtime: {msg}", file=sys.stderr)
+        return 1
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    from kata.errors import user_errors
+
+    return isinstance(exc, user_errors())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The main job on a fresh Debian 12 machine, as root: install everything, build (or reuse) the
+# guest kernel and root filesystem, and run a busybox container inside a VM.
+set -euo pipefail
+cd "$(dirname "$0")"
+./scripts/install.sh
+kata-osbuilder build
+exec /opt/kata-containers/venv/bin/python -m kata.demo
