@@ -1,0 +1,225 @@
+"""The QEMU driver: launch a VM detached, reattach to it from another process, drive it over QMP."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from kata.agent.endpoint import AgentEndpoint
+
+from . import daemon
+from .base import Hypervisor, HypervisorError, VMConfig
+from .qemu_argv import RunPaths, Vsock, build_argv, hotplug_capable
+from .qmp import Qmp, greeting_ready
+from .vsock import reserve_cid
+
+SAVE_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True)
+class QemuState:
+    """What ``start`` leaves in run_dir so that another process can ``attach``."""
+
+    id: str
+    pid: int
+    start_time: int
+    machine_type: str
+    agent_channel: str
+    vsock_cid: int
+    memory_mib: int
+    max_memory_mib: int
+    shared_memory: bool  # guest RAM is on a shared memfd (virtio-fs): hotplugged RAM must be too
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self)))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> QemuState:
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError) as exc:
+            raise HypervisorError(f"no usable QEMU state in {path}: {exc}") from exc
+
+
+class Qemu(Hypervisor):
+    def __init__(self) -> None:
+        self._paths: RunPaths | None = None
+        self._state: QemuState | None = None
+        self._qmp: Qmp | None = None
+
+    @classmethod
+    def attach(cls, run_dir: Path) -> Qemu:
+        """The VM that ``start`` launched with this run_dir, possibly from another process."""
+        paths = RunPaths(run_dir)
+        vm = cls()
+        vm._paths = paths
+        vm._state = QemuState.load(paths.state_file)
+        return vm
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self, config: VMConfig, timeout: float) -> None:
+        if self._state is not None:
+            raise HypervisorError(f"VM {self._state.id} was already started")
+        paths = RunPaths(config.run_dir)
+        paths.run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (paths.qmp_socket, paths.agent_socket, paths.pid_file, paths.log_file):
+            stale.unlink(missing_ok=True)
+
+        vsock: Vsock | None = reserve_cid() if config.agent_channel == "vsock" else None
+        try:
+            argv = build_argv(config, vsock)
+            fds = [vsock.vhostfd] if vsock is not None and vsock.vhostfd is not None else []
+            try:
+                proc = daemon.launch(argv, paths.log_file, pass_fds=fds)
+            except daemon.DaemonError as exc:
+                raise HypervisorError(str(exc)) from exc
+        finally:
+            if vsock is not None and vsock.vhostfd is not None:
+                os.close(vsock.vhostfd)  # QEMU holds its own copy, and with it the cid
+
+        fs = config.shared_fs
+        self._paths = paths
+        self._state = QemuState(
+            id=config.id,
+            pid=proc.pid,
+            start_time=proc.start_time,
+            machine_type=config.machine_type,
+            agent_channel=config.agent_channel,
+            vsock_cid=vsock.cid if vsock is not None else 0,
+            memory_mib=config.memory_mib,
+            max_memory_mib=config.max_memory_mib,
+            shared_memory=fs is not None and fs.kind == "virtio-fs",
+        )
+        # Written before waiting, so that a crashed caller still leaves enough to clean up.
+        self._state.save(paths.state_file)
+        self._wait_ready(proc, timeout)
+
+    def _wait_ready(self, proc: daemon.ProcessId, timeout: float) -> None:
+        assert self._paths is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            if not proc.is_alive():
+                why = daemon.log_tail(self._paths.log_file) or "no output"
+                self._cleanup()
+                raise HypervisorError(f"QEMU exited during start: {why}")
+            if self._paths.qmp_socket.exists() and greeting_ready(self._paths.qmp_socket):
+                return
+            if time.monotonic() > deadline:
+                daemon.terminate(proc, 1.0)
+                why = daemon.log_tail(self._paths.log_file) or "no output"
+                self._cleanup()
+                raise HypervisorError(f"QEMU not ready after {timeout:g}s, killed: {why}")
+            time.sleep(0.002)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self._state is None or self._paths is None:
+            return
+        proc = self._proc()
+        if proc.is_alive():
+            # SIGTERM is QEMU's orderly exit, and needs no QMP session.
+            daemon.terminate(proc, timeout)
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self._qmp is not None:
+            self._qmp.close()
+            self._qmp = None
+        if self._paths is not None:
+            for path in (self._paths.qmp_socket, self._paths.agent_socket, self._paths.pid_file,
+                         self._paths.state_file):  # fmt: skip
+                path.unlink(missing_ok=True)
+        self._state = None
+
+    def _proc(self) -> daemon.ProcessId:
+        state = self._require()
+        return daemon.ProcessId(state.pid, state.start_time)
+
+    def _require(self) -> QemuState:
+        if self._state is None:
+            raise HypervisorError("VM is not running (never started, or stopped)")
+        return self._state
+
+    def _monitor(self) -> Qmp:
+        self._require()
+        assert self._paths is not None
+        if self._qmp is None:
+            self._qmp = Qmp(self._paths.qmp_socket)
+        return self._qmp
+
+    def is_running(self) -> bool:
+        return self._state is not None and self._proc().is_alive()
+
+    def pids(self) -> list[int]:
+        return [self._require().pid] if self.is_running() else []
+
+    def agent_endpoint(self) -> AgentEndpoint:
+        state = self._require()
+        assert self._paths is not None
+        if state.agent_channel == "vsock":
+            return AgentEndpoint(kind="vsock", cid=state.vsock_cid)
+        return AgentEndpoint(kind="serial", path=str(self._paths.agent_socket))
+
+    def console_log_tail(self) -> str:
+        """QEMU's own stderr, for error reports by the caller."""
+        return daemon.log_tail(self._paths.log_file) if self._paths is not None else ""
+
+    # -- QMP operations ------------------------------------------------------------------------
+
+    def pause(self) -> None:
+        self._monitor().run("stop")
+
+    def resume(self) -> None:
+        self._monitor().run("cont")
+
+    def status(self) -> str:
+        """QEMU's run state: "running", "paused", "inmigrate", "postmigrate", …"""
+        return str(self._monitor().run("query-status")["status"])
+
+    def save(self, path: Path) -> None:
+        qmp = self._monitor()
+        qmp.run("stop")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        qmp.run("migrate", uri=f"exec:cat > {shlex.quote(str(path))}")
+        qmp.wait_migration(SAVE_TIMEOUT)
+
+    def hotplug_vcpus(self, count: int) -> int:
+        state = self._require()
+        if not hotplug_capable(state.machine_type):
+            raise HypervisorError(f"vCPU hotplug needs machine q35 or pc; {state.machine_type} has none")
+        qmp = self._monitor()
+        free = [c for c in qmp.run("query-hotpluggable-cpus") if "qom-path" not in c]
+        added = 0
+        for cpu in free[:count]:
+            props = cpu["props"]
+            ident = "cpu-" + "-".join(str(props[k]) for k in sorted(props))
+            qmp.run("device_add", driver=cpu["type"], id=ident, **props)
+            added += 1
+        return added
+
+    def hotplug_memory(self, size_mib: int) -> int:
+        state = self._require()
+        if not hotplug_capable(state.machine_type):
+            raise HypervisorError(f"memory hotplug needs machine q35 or pc; {state.machine_type} has none")
+        qmp = self._monitor()
+        dimms = [d for d in qmp.run("query-memory-devices") if d.get("type") == "dimm"]
+        plugged_mib = sum(int(d["data"]["size"]) for d in dimms) >> 20
+        room = state.max_memory_mib - state.memory_mib - plugged_mib
+        if size_mib > room:
+            raise HypervisorError(f"cannot add {size_mib} MiB: {room} MiB left below max_memory_mib")
+        n = len(dimms)
+        backend = "memory-backend-memfd" if state.shared_memory else "memory-backend-ram"
+        extra = {"share": True} if state.shared_memory else {}
+        qmp.run("object-add", **{"qom-type": backend, "id": f"hotmem{n}", "size": size_mib << 20, **extra})
+        try:
+            qmp.run("device_add", driver="pc-dimm", id=f"dimm{n}", memdev=f"hotmem{n}")
+        except HypervisorError:
+            qmp.run("object-del", id=f"hotmem{n}")
+            raise
+        return size_mib

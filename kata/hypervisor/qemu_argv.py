@@ -1,0 +1,174 @@
+"""VMConfig → QEMU command line. Pure: no I/O, so every combination is unit-tested."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from kata.agent.endpoint import AGENT_SERIAL_PORT_NAME
+
+from .base import HypervisorError, VMConfig
+
+MACHINES = ("microvm", "q35", "pc")
+# DIMM slots offered for memory hotplug on q35/pc.
+MEMORY_SLOTS = 8
+# microvm: no PCI, no option ROMs; ISA serial for the console; ACPI stays on, it is how microvm powers off.
+MICROVM_MACHINE = "microvm,x-option-roms=off,isa-serial=on,rtc=on"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where one VM's sockets and files live inside its run_dir."""
+
+    run_dir: Path
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.run_dir / "qmp.sock"
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.run_dir / "agent.sock"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.run_dir / "qemu.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.run_dir / "qemu.log"
+
+    @property
+    def state_file(self) -> Path:
+        return self.run_dir / "qemu.json"
+
+
+@dataclass(frozen=True)
+class Vsock:
+    cid: int
+    # An open /dev/vhost-vsock fd that already holds the cid (passed to QEMU), or None to let QEMU open it.
+    vhostfd: int | None = None
+
+
+def hotplug_capable(machine: str) -> bool:
+    return machine in ("q35", "pc")
+
+
+def kernel_cmdline(config: VMConfig, vsock: bool) -> str:
+    """The driver's own parameters (they follow from how it wires devices), then the caller's.
+
+    A driver parameter is left out when the caller already sets the same key.
+    """
+    given = {p.split("=", 1)[0] for p in config.kernel_params}
+    own: list[str] = ["console=ttyS0"]
+    if config.image is not None:
+        # The image is the only virtio-blk disk, hence vda.
+        own += ["root=/dev/vda", "rootfstype=erofs", "ro"]
+    if vsock:
+        own.append("agent.channel=vsock")
+    kept = [p for p in own if p.split("=", 1)[0] not in given]
+    return " ".join([*kept, *config.kernel_params])
+
+
+def validate(config: VMConfig) -> None:
+    if config.machine_type not in MACHINES:
+        choices = ", ".join(MACHINES)
+        raise HypervisorError(f"unsupported machine type {config.machine_type!r} (use one of {choices})")
+    if not 1 <= config.vcpus <= config.max_vcpus:
+        raise HypervisorError(f"need 1 <= vcpus ({config.vcpus}) <= max_vcpus ({config.max_vcpus})")
+    if not 0 < config.memory_mib <= config.max_memory_mib:
+        raise HypervisorError(
+            f"need 0 < memory_mib ({config.memory_mib}) <= max_memory_mib ({config.max_memory_mib})"
+        )
+    fs = config.shared_fs
+    if fs is not None and fs.kind == "virtio-fs" and fs.vhost_user_socket is None:
+        raise HypervisorError("virtio-fs shared directory needs the virtiofsd socket (vhost_user_socket)")
+
+
+def build_argv(config: VMConfig, vsock: Vsock | None = None) -> list[str]:
+    """The full QEMU argv; ``vsock`` is required when ``config.agent_channel == "vsock"``."""
+    validate(config)
+    if config.agent_channel == "vsock" and vsock is None:
+        raise HypervisorError("agent channel vsock needs a guest cid")
+    paths = RunPaths(config.run_dir)
+    mmio = config.machine_type == "microvm"
+
+    def dev(kind: str) -> str:
+        # virtio-mmio on microvm (no PCI), PCI elsewhere.
+        return f"{kind}-device" if mmio else f"{kind}-pci"
+
+    machine = MICROVM_MACHINE if mmio else config.machine_type
+    fs = config.shared_fs
+    virtio_fs = fs is not None and fs.kind == "virtio-fs"
+    if virtio_fs:
+        # vhost-user needs guest RAM in shared memory; memory-backend= works on microvm and q35/pc alike.
+        machine += ",memory-backend=mem"
+
+    argv = [
+        str(config.hypervisor_path),
+        "-name", f"kata-{config.id}",
+        "-machine", machine,
+        "-accel", config.accel,
+        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+    ]  # fmt: skip
+    if config.accel == "kvm":
+        # TCG's default CPU model is faster to emulate than -cpu max; host passthrough needs KVM.
+        argv += ["-cpu", "host"]
+
+    hotplug = hotplug_capable(config.machine_type)
+    maxcpus = config.max_vcpus if hotplug else config.vcpus
+    argv += ["-smp", f"{config.vcpus},maxcpus={maxcpus}"]
+    memory = f"{config.memory_mib}M"
+    if hotplug and config.max_memory_mib > config.memory_mib:
+        memory += f",slots={MEMORY_SLOTS},maxmem={config.max_memory_mib}M"
+    argv += ["-m", memory]
+    if virtio_fs:
+        argv += ["-object", f"memory-backend-memfd,id=mem,size={config.memory_mib}M,share=on"]
+
+    argv += [
+        "-chardev", f"socket,id=qmp,path={paths.qmp_socket},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
+        "-chardev", f"file,id=console,path={config.console_log}",
+        "-serial", "chardev:console",
+        "-pidfile", str(paths.pid_file),
+    ]  # fmt: skip
+
+    argv += ["-kernel", str(config.kernel)]
+    if config.initrd is not None:
+        argv += ["-initrd", str(config.initrd)]
+    argv += ["-append", kernel_cmdline(config, vsock=config.agent_channel == "vsock")]
+
+    if config.image is not None:
+        argv += [
+            "-drive", f"file={config.image},if=none,id=rootfs,format=raw,readonly=on",
+            "-device", f"{dev('virtio-blk')},drive=rootfs",
+        ]  # fmt: skip
+
+    if config.agent_channel == "vsock":
+        assert vsock is not None
+        opts = f"{dev('vhost-vsock')},id=vsock0,guest-cid={vsock.cid}"
+        if vsock.vhostfd is not None:
+            opts += f",vhostfd={vsock.vhostfd}"
+        argv += ["-device", opts]
+    else:
+        argv += [
+            "-device", f"{dev('virtio-serial')},id=vser0",
+            "-chardev", f"socket,id=agent,path={paths.agent_socket},server=on,wait=off",
+            "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_SERIAL_PORT_NAME}",
+        ]  # fmt: skip
+
+    if fs is not None:
+        if fs.kind == "virtio-fs":
+            argv += [
+                "-chardev", f"socket,id=vfs,path={fs.vhost_user_socket}",
+                "-device", f"{dev('vhost-user-fs')},chardev=vfs,tag={fs.tag}",
+            ]  # fmt: skip
+        else:
+            argv += [
+                # multidevs=remap keeps inode numbers unique when the export spans several host filesystems.
+                "-fsdev", f"local,id=fs9p,path={fs.host_dir},security_model=none,multidevs=remap",
+                "-device", f"{dev('virtio-9p')},fsdev=fs9p,mount_tag={fs.tag}",
+            ]  # fmt: skip
+
+    argv += list(config.extra_args)
+    return argv
