@@ -1,0 +1,231 @@
+"""The ttrpc server: decodes requests on a stream and runs each handler on a worker thread."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from kata.ttrpc import frame
+from kata.ttrpc.envelope import DecodeError, Message, Request, Response, Status, error_response
+from kata.ttrpc.errors import Code, ProtocolError, TTRPCError
+from kata.ttrpc.stream import Stream, socket_stream
+from kata.ttrpc.workers import WorkerPool
+
+
+@dataclass
+class Context:
+    """What a handler knows about its call. deadline is on the time.monotonic() clock, None if unbounded."""
+
+    service: str
+    method: str
+    metadata: dict[str, str]
+    deadline: float | None
+
+
+Handler = Callable[[Context, Message], Message]
+
+Req = TypeVar("Req", bound=Message)
+
+
+@dataclass(frozen=True)
+class Method(Generic[Req]):
+    """A unary method: how to parse its request, and the handler that answers it.
+
+    Generic in the request type so a handler may take its own message type (Method(StringValue, echo))
+    and still type-check; at run time the handler gets exactly request_type.
+    """
+
+    request_type: type[Req]
+    handler: Callable[[Context, Req], Message]
+
+
+class _Connection:
+    """One served stream: responses are written whole under a lock, and dropped once the stream ended.
+
+    Dropping matters on a virtio-serial port, where the next host client reuses the same fd and stream ids.
+    """
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self.alive = True
+        self._lock = threading.Lock()
+
+    def send(self, stream_id: int, payload: bytes) -> None:
+        data = frame.encode(stream_id, frame.TYPE_RESPONSE, payload)
+        with self._lock:
+            if not self.alive:
+                return
+            try:
+                self.stream.write(data)
+            except OSError:
+                # The reader sees the broken stream too and ends serve(); nothing to answer to now.
+                self.alive = False
+
+    def end(self) -> None:
+        with self._lock:
+            self.alive = False
+
+
+class Server:
+    """Serves registered services on any number of streams at once; handlers share max_workers threads.
+
+    A handler that blocks (e.g. waiting for a process) holds one worker; the others keep serving.
+    """
+
+    def __init__(self, max_workers: int = 32) -> None:
+        self._services: dict[str, dict[str, Method[Any]]] = {}
+        self._pool = WorkerPool(max_workers, "ttrpc-handler")
+        self._lock = threading.Lock()
+        self._connections: set[_Connection] = set()
+        self._listeners: set[socket.socket] = set()
+        self._stopped = False
+
+    def register_service(self, name: str, methods: Mapping[str, Method[Any]]) -> None:
+        """Add (or replace) a service; its full name is what clients send, e.g. "grpc.AgentService"."""
+        with self._lock:
+            self._services[name] = dict(methods)
+
+    def serve(self, stream: Stream) -> None:
+        """Serve one stream until EOF or shutdown(); the caller keeps ownership of the stream."""
+        conn = _Connection(stream)
+        with self._lock:
+            if self._stopped:
+                return
+            self._connections.add(conn)
+        reader = frame.FrameReader(stream)
+        try:
+            while True:
+                f = reader.next()
+                if f is None:
+                    return
+                self._receive(conn, f)
+        except (ProtocolError, OSError):
+            return  # a garbled or broken stream: end this connection only
+        finally:
+            conn.end()
+            with self._lock:
+                self._connections.discard(conn)
+
+    def serve_listener(self, listener: socket.socket) -> None:
+        """Accept connections until shutdown(), serving each on its own thread."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._listeners.add(listener)
+        try:
+            while not self._stopped:
+                try:
+                    sock, _ = listener.accept()
+                except OSError:
+                    if self._stopped:
+                        return
+                    raise
+                threading.Thread(
+                    target=self._serve_socket, args=(sock,), name="ttrpc-conn", daemon=True
+                ).start()
+        finally:
+            with self._lock:
+                self._listeners.discard(listener)
+
+    def shutdown(self) -> None:
+        """Stop accepting, close every served stream and stop the workers (running handlers finish)."""
+        with self._lock:
+            self._stopped = True
+            listeners = list(self._listeners)
+            connections = list(self._connections)
+        for listener in listeners:
+            try:
+                listener.shutdown(socket.SHUT_RDWR)  # wakes accept() on Linux
+            except OSError:
+                pass
+        for conn in connections:
+            conn.end()
+            conn.stream.close()
+        self._pool.shutdown()
+
+    def _serve_socket(self, sock: socket.socket) -> None:
+        stream = socket_stream(sock)
+        try:
+            self.serve(stream)
+        finally:
+            stream.close()
+
+    def _receive(self, conn: _Connection, f: frame.Frame) -> None:
+        if f.type != frame.TYPE_REQUEST:
+            # Data frames need a streaming method, and this server registers none; responses are not
+            # for servers. Both are skipped, as ttrpc asks for unknown traffic, and framing stays intact.
+            return
+        if f.oversized:
+            conn.send(
+                f.stream_id,
+                error_response(
+                    Code.RESOURCE_EXHAUSTED,
+                    f"message length {f.length} exceeds maximum message size of {frame.MAX_MESSAGE_SIZE}",
+                ),
+            )
+            return
+        if f.stream_id % 2 != 1:
+            odd = error_response(Code.INVALID_ARGUMENT, "stream id must be odd for client streams")
+            conn.send(f.stream_id, odd)
+            return
+        try:
+            req = Request.FromString(f.payload)
+        except DecodeError as exc:
+            conn.send(f.stream_id, error_response(Code.INVALID_ARGUMENT, f"unmarshal request error: {exc}"))
+            return
+        if f.flags & frame.FLAG_REMOTE_OPEN:
+            unsupported = f"{req.service}/{req.method}: client streaming is not supported"
+            conn.send(f.stream_id, error_response(Code.UNIMPLEMENTED, unsupported))
+            return
+        received = time.monotonic()
+        deadline = received + req.timeout_nano / 1e9 if req.timeout_nano > 0 else None
+        if not self._pool.submit(lambda: self._dispatch(conn, f.stream_id, req, deadline)):
+            conn.send(f.stream_id, error_response(Code.UNAVAILABLE, "server is shutting down"))
+
+    def _dispatch(self, conn: _Connection, stream_id: int, req: Request, deadline: float | None) -> None:
+        try:
+            payload = self._call(req, deadline)
+        except TTRPCError as exc:
+            conn.send(stream_id, error_response(exc.code, exc.message))
+            return
+        except BaseException as exc:  # noqa: BLE001 - any handler failure becomes a status, never a crash
+            conn.send(stream_id, error_response(Code.UNKNOWN, str(exc) or type(exc).__name__))
+            return
+        conn.send(stream_id, payload)
+
+    def _call(self, req: Request, deadline: float | None) -> bytes:
+        """The serialized Response for req; raises TTRPCError (or anything a handler raises)."""
+        name = f"{req.service}/{req.method}"
+        methods = self._services.get(req.service)
+        if methods is None:
+            raise TTRPCError(Code.UNIMPLEMENTED, f"service {req.service} not implemented")
+        method = methods.get(req.method)
+        if method is None:
+            raise TTRPCError(
+                Code.UNIMPLEMENTED, f"service {req.service}: method {req.method} not implemented"
+            )
+        if deadline is not None and time.monotonic() >= deadline:
+            # It waited for a worker past its deadline: the client has given up, so do not run it.
+            raise TTRPCError(Code.DEADLINE_EXCEEDED, f"{name}: deadline expired before start")
+        try:
+            request = method.request_type.FromString(req.payload)
+        except DecodeError as exc:
+            raise TTRPCError(Code.INVALID_ARGUMENT, f"{name}: bad request: {exc}") from exc
+        ctx = Context(req.service, req.method, {kv.key: kv.value for kv in req.metadata}, deadline)
+        result = method.handler(ctx, request)
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TTRPCError(Code.DEADLINE_EXCEEDED, f"{name}: deadline exceeded")
+        if not isinstance(result, Message):
+            raise TTRPCError(Code.INTERNAL, f"{name}: handler returned {type(result).__name__}")
+        ok = Status(code=int(Code.OK))
+        data = Response(status=ok, payload=result.SerializeToString()).SerializeToString()
+        if len(data) > frame.MAX_MESSAGE_SIZE:
+            raise TTRPCError(
+                Code.RESOURCE_EXHAUSTED,
+                f"{name}: response of {len(data)} bytes exceeds the maximum",
+            )
+        return data
