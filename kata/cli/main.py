@@ -10,7 +10,7 @@ from kata import __version__
 from kata.cli import logs
 
 # One module per verb; each has add_parser(subparsers) and run(args) -> int.
-_VERBS = ("run", "check", "env", "version")
+_VERBS = ("run", "env", "version")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): not an error worth a message
+        sys.stderr.close()
+        return 1
     except Exception as exc:  # every failure is one line for the user; details go to the log
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if not _is_user_error(exc):

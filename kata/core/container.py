@@ -1,0 +1,53 @@
+"""A container inside a sandbox's VM: its shares on the host, its life in the guest through the agent."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+from kata.oci.spec import Bundle
+from kata.specconv import ContainerPlan, plan_container
+
+if TYPE_CHECKING:
+    from kata.core.sandbox import Sandbox
+
+# The init process of a container is addressed with an empty exec id in the agent API.
+INIT_EXEC_ID = ""
+
+
+class Container:
+    def __init__(self, sandbox: Sandbox, cid: str, bundle: Bundle) -> None:
+        self.sandbox = sandbox
+        self.id = cid
+        self.bundle = bundle
+        self.plan: ContainerPlan = plan_container(bundle, cid)
+        self.terminal = bool(bundle.spec.get("process", {}).get("terminal", False))
+
+    def create(self) -> None:
+        for share in self.plan.shares:
+            self.sandbox.shared.add(share)
+        agent = self.sandbox.require_agent()
+        agent.create_container(container_id=self.id, exec_id=INIT_EXEC_ID,
+                               oci_spec_json=json.dumps(self.plan.guest_spec).encode())
+        self.sandbox.containers[self.id] = self
+        self.sandbox.timings.mark("container_created")
+
+    def start(self) -> None:
+        self.sandbox.require_agent().start_container(container_id=self.id)
+        self.sandbox.timings.mark("container_started")
+
+    def signal(self, signum: int, exec_id: str = INIT_EXEC_ID) -> None:
+        self.sandbox.require_agent().signal_process(container_id=self.id, exec_id=exec_id, signal=signum)
+
+    def wait(self, exec_id: str = INIT_EXEC_ID) -> int:
+        resp = self.sandbox.require_agent().wait_process(container_id=self.id, exec_id=exec_id)
+        self.sandbox.timings.mark("container_exited")
+        return int(resp.status)
+
+    def resize(self, rows: int, cols: int, exec_id: str = INIT_EXEC_ID) -> None:
+        self.sandbox.require_agent().tty_win_resize(container_id=self.id, exec_id=exec_id, row=rows, column=cols)
+
+    def remove(self) -> None:
+        self.sandbox.require_agent().remove_container(container_id=self.id)
+        self.sandbox.shared.remove(self.id)
+        self.sandbox.containers.pop(self.id, None)

@@ -1,0 +1,188 @@
+"""A sandbox: one VM, its virtiofsd, its shared directory and the agent connection; pods of one or more containers.
+
+Lifecycle: create() brings everything up (and tears down whatever it had started when any step
+fails); destroy() always runs to the end, step by step, also when QEMU or the agent is already dead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from kata.agent.client import AgentClient
+from kata.agent.transport import connect
+from kata.cli import logs
+from kata.config import RuntimeConfig
+from kata.core import vm
+from kata.core.paths import SandboxPaths
+from kata.core.store import write_json
+from kata.core.timings import Timings
+from kata.errors import KataError
+from kata.fs_share.shared_dir import SharedDir
+from kata.hypervisor.base import Hypervisor, HypervisorError
+from kata.specconv import GUEST_SHARED_DIR, vm_sizing
+
+# Seconds the guest gets to power itself off after DestroySandbox before QEMU is stopped for it.
+_POWEROFF_GRACE = 2.0
+
+
+def _host_memory_mib() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    return 0
+
+
+class Sandbox:
+    def __init__(self, sid: str, cfg: RuntimeConfig, timings: Timings | None = None) -> None:
+        self.id = sid
+        self.cfg = cfg
+        self.paths = SandboxPaths(sid)
+        self.shared = SharedDir(self.paths.shared_dir)
+        self.timings = timings or Timings()
+        self.hypervisor: Hypervisor | None = None
+        self.virtiofsd: Any = None
+        self.agent: AgentClient | None = None
+        self.containers: dict[str, Any] = {}
+        self.log = logs.get()
+
+    # ---- bring-up -------------------------------------------------------------------------
+    @classmethod
+    def create(cls, sid: str, cfg: RuntimeConfig, spec: dict[str, Any], debug: bool = False,
+               timings: Timings | None = None) -> Sandbox:
+        paths = SandboxPaths(sid)
+        if paths.state_dir.exists():
+            raise KataError(f"container with id exists: {sid}")
+        sb = cls(sid, cfg, timings)
+        try:
+            sb._bring_up(spec, debug)
+        except BaseException:
+            sb.destroy()
+            raise
+        return sb
+
+    def _bring_up(self, spec: dict[str, Any], debug: bool) -> None:
+        from kata.fs_share.virtiofsd import Virtiofsd
+        from kata.hypervisor.accel import choose_accel
+        from kata.hypervisor.qemu import Qemu
+        from kata.osbuilder.kernel import KERNEL_PARAMS
+
+        hv = self.cfg.hypervisor
+        for d in self.paths.all_dirs():
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._save_state("creating")
+        self.shared.create()
+        for what, path in (("hypervisor", hv.path), ("kernel", hv.kernel), ("image", hv.image)):
+            if path and not Path(path).exists():
+                raise KataError(f"{what} {path} does not exist (see {self.cfg.source})")
+
+        sizing = vm_sizing(spec, hv, os.cpu_count() or 1, _host_memory_mib())
+        probe = choose_accel(Path(hv.path), Path(hv.kernel), force=hv.accel)  # type: ignore[arg-type]
+        if probe.accel == "tcg" and not probe.cached:
+            self.log.warning(f"using TCG software emulation: {probe.reason}")
+        try:
+            channel = vm.agent_channel(self.cfg.agent.agent_channel, vm.vsock_available())
+        except ValueError as exc:
+            raise KataError(str(exc)) from exc
+        config = vm.build_vm_config(self.id, hv, sizing, self.paths, probe.accel, channel,
+                                    tuple(KERNEL_PARAMS), debug or self.cfg.agent.enable_debug)
+        self.timings.mark("config")
+
+        if config.shared_fs is not None and config.shared_fs.kind == "virtio-fs":
+            self.virtiofsd = Virtiofsd(
+                binary=Path(hv.virtio_fs_daemon), socket_path=self.paths.virtiofsd_socket,
+                shared_dir=self.paths.shared_dir, cache=hv.virtio_fs_cache,
+                extra_args=tuple(hv.virtio_fs_extra_args), log_file=self.paths.vm_dir / "virtiofsd.log")
+            self.virtiofsd.start(timeout=5.0)
+            self.timings.mark("virtiofsd_ready")
+
+        qemu = Qemu()
+        self.hypervisor = qemu
+        qemu.start(config, timeout=hv.boot_timeout)
+        self.timings.mark("vmm_launched")
+        self._save_state("creating")
+
+        # boot_timeout bounds the whole boot: a guest that hangs silently fails here, not never.
+        timeout = float(hv.boot_timeout)
+        deadline = time.monotonic() + timeout
+        try:
+            stream = connect(qemu.agent_endpoint(), timeout)
+            self.agent = AgentClient(stream)
+            self.agent.wait_ready(max(0.1, deadline - time.monotonic()))
+        except Exception as exc:
+            raise KataError(f"guest agent did not answer within {timeout:g}s: {exc}"
+                            f"{self._console_tail()}") from exc
+        self.timings.mark("agent_ready")
+
+        storages = []
+        if config.shared_fs is not None:
+            storages.append(self._shared_storage(config.shared_fs.kind))
+        hostname = str(spec.get("hostname") or "")
+        self.agent.create_sandbox(hostname=hostname, storages=storages, sandbox_id=self.id)
+        self.timings.mark("sandbox_created")
+        self._save_state("ready")
+
+    def _shared_storage(self, kind: str) -> Any:
+        from kata.protocols import agent_pb2
+
+        if kind == "virtio-fs":
+            return agent_pb2.Storage(driver="virtio-fs", source=vm.SHARED_FS_TAG, fstype="virtiofs",
+                                     mount_point=GUEST_SHARED_DIR)
+        msize = self.cfg.hypervisor.msize_9p
+        return agent_pb2.Storage(driver="9p", source=vm.SHARED_FS_TAG, fstype="9p",
+                                 options=["trans=virtio", "version=9p2000.L", f"msize={msize}"],
+                                 mount_point=GUEST_SHARED_DIR)
+
+    def _console_tail(self) -> str:
+        try:
+            lines = [ln for ln in self.paths.console_log.read_text(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            return ""
+        return f" (guest console: {lines[-1][:200]})" if lines else " (guest console is empty)"
+
+    def _save_state(self, state: str) -> None:
+        data: dict[str, Any] = {"id": self.id, "state": state, "config": str(self.cfg.source),
+                                "containers": sorted(self.containers)}
+        if self.hypervisor is not None:
+            data["vmm_pids"] = self.hypervisor.pids()
+        write_json(self.paths.state_file, data)
+
+    # ---- teardown -------------------------------------------------------------------------
+    def destroy(self) -> list[str]:
+        """Tear everything down; every step runs even if an earlier one failed. Returns the failures."""
+        errors: list[str] = []
+
+        def step(what: str, fn: Any) -> None:
+            try:
+                fn()
+            except Exception as exc:  # keep going: the next resource must still be released
+                errors.append(f"{what}: {exc}")
+                self.log.warning(f"cleanup of sandbox {self.id}: {what}: {exc}")
+
+        if self.agent is not None:
+            agent = self.agent
+            step("destroy sandbox in guest", lambda: agent.destroy_sandbox(timeout=_POWEROFF_GRACE))
+            step("close agent connection", agent.close)
+            self.agent = None
+        if self.hypervisor is not None:
+            hyp = self.hypervisor
+            step("stop VM", lambda: hyp.stop(timeout=_POWEROFF_GRACE))
+        if self.virtiofsd is not None:
+            step("stop virtiofsd", self.virtiofsd.stop)
+        step("unmount shared directory", self.shared.destroy)
+        for d in self.paths.all_dirs():
+            step(f"remove {d}", lambda d=d: shutil.rmtree(d, ignore_errors=False) if d.exists() else None)
+        self.timings.mark("destroyed")
+        return errors
+
+    def require_agent(self) -> AgentClient:
+        if self.agent is None:
+            raise KataError(f"sandbox {self.id} has no agent connection")
+        return self.agent
+
+
+__all__ = ["Sandbox", "HypervisorError"]

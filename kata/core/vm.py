@@ -1,0 +1,66 @@
+"""Configuration → the typed VM description a hypervisor driver starts. Pure apart from host facts passed in."""
+
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+from typing import Literal
+
+from kata.agent.endpoint import AGENT_SERIAL_PORT_NAME
+from kata.config import HypervisorConfig
+from kata.core.paths import SandboxPaths
+from kata.hypervisor.base import SharedFs, VMConfig
+from kata.specconv import VMSizing
+
+# The guest image is a read-only erofs on the first virtio-blk disk; the agent is PID 1.
+ROOT_PARAMS = ("root=/dev/vda", "rootfstype=erofs", "ro", "init=/usr/bin/kata-agent")
+SHARED_FS_TAG = "kataShared"
+
+
+def agent_channel(configured: str, vsock_available: bool) -> Literal["vsock", "virtio-serial"]:
+    if configured == "auto":
+        return "vsock" if vsock_available else "virtio-serial"
+    if configured == "vsock" and not vsock_available:
+        raise ValueError("agent channel vsock needs /dev/vhost-vsock, which this host lacks")
+    return "vsock" if configured == "vsock" else "virtio-serial"
+
+
+def vsock_available() -> bool:
+    return os.path.exists("/dev/vhost-vsock")
+
+
+def build_vm_config(sid: str, hv: HypervisorConfig, sizing: VMSizing, paths: SandboxPaths,
+                    accel: Literal["kvm", "tcg"], channel: Literal["vsock", "virtio-serial"],
+                    base_params: tuple[str, ...], debug: bool) -> VMConfig:
+    params = list(base_params) + list(ROOT_PARAMS)
+    params.append(f"agent.channel={'vsock' if channel == 'vsock' else 'serial'}")
+    if debug:
+        params.append("agent.log=debug")
+    params += shlex.split(hv.kernel_params or "")
+    shared: SharedFs | None = None
+    if hv.shared_fs == "virtio-fs":
+        shared = SharedFs("virtio-fs", paths.shared_dir, SHARED_FS_TAG, paths.virtiofsd_socket)
+    elif hv.shared_fs == "virtio-9p":
+        shared = SharedFs("virtio-9p", paths.shared_dir, SHARED_FS_TAG)
+    return VMConfig(
+        id=sid,
+        hypervisor_path=Path(hv.path),
+        kernel=Path(hv.kernel),
+        image=Path(hv.image) if hv.image else None,
+        initrd=Path(hv.initrd) if hv.initrd else None,
+        kernel_params=tuple(params),
+        vcpus=sizing.vcpus,
+        max_vcpus=sizing.max_vcpus,
+        memory_mib=sizing.memory_mib,
+        max_memory_mib=sizing.memory_mib,
+        machine_type=hv.machine_type,
+        accel=accel,
+        agent_channel=channel,
+        run_dir=paths.vm_dir,
+        console_log=paths.console_log,
+        shared_fs=shared,
+    )
+
+
+__all__ = ["AGENT_SERIAL_PORT_NAME", "build_vm_config", "agent_channel", "vsock_available"]

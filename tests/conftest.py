@@ -1,0 +1,61 @@
+"""Shared fixtures: the installed runtime, guest assets, busybox bundles, and leak checks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+ASSETS = Path("/usr/share/kata-containers")
+KERNEL = ASSETS / "vmlinux.container"
+IMAGE = ASSETS / "kata-containers.img"
+
+
+def runtime_bin() -> str:
+    return shutil.which("kata-runtime") or str(Path(sys.prefix) / "bin" / "kata-runtime")
+
+
+def guest_assets_missing() -> str | None:
+    for p in (KERNEL, IMAGE):
+        if not p.exists():
+            return f"guest asset {p} is missing: run `kata-osbuilder build`"
+    return None
+
+
+def leftovers(cid: str) -> list[str]:
+    """Anything a sandbox called `cid` left on the host: processes, mounts, state directories."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if cid in cmd and ("qemu" in cmd or "virtiofsd" in cmd):
+            found.append(f"process {pid}: {cmd[:120]}")
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4]
+        if cid in point:
+            found.append(f"mount {point}")
+    for d in (Path("/run/vc/sbs") / cid, Path("/run/vc/vm") / cid,
+              Path("/run/kata-containers/shared/sandboxes") / cid):
+        if d.exists():
+            found.append(f"directory {d}")
+    return found
+
+
+@pytest.fixture
+def cid() -> str:
+    return f"t-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def needs_guest() -> None:
+    reason = guest_assets_missing()
+    if reason:
+        pytest.skip(reason)

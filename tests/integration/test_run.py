@@ -1,0 +1,163 @@
+"""`kata-runtime run` end to end: real QEMU (TCG here), real guest kernel, image and agent."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from kata.bundles import make_busybox_bundle
+from tests.conftest import leftovers, runtime_bin
+
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("needs_guest")]
+
+TIMEOUT = 180
+
+
+def run(bundle: Path, cid: str, *extra: str, stdin: bytes | None = None,
+        timeout: float = TIMEOUT) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([runtime_bin(), *extra, "run", "--bundle", str(bundle), cid],
+                          input=stdin if stdin is not None else b"", capture_output=True, timeout=timeout)
+
+
+def test_boot_id_differs_from_host(tmp_path: Path, cid: str) -> None:
+    bundle = make_busybox_bundle(tmp_path / "b", ["cat", "/proc/sys/kernel/random/boot_id"])
+    proc = run(bundle, cid)
+    assert proc.returncode == 0, proc.stderr.decode()
+    guest_boot_id = proc.stdout.decode().strip()
+    host_boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert len(guest_boot_id) == 36
+    assert guest_boot_id != host_boot_id
+    assert leftovers(cid) == []
+
+
+def test_exit_code_and_stderr(tmp_path: Path, cid: str) -> None:
+    bundle = make_busybox_bundle(tmp_path / "b", ["sh", "-c", "echo out; echo err >&2; exit 7"])
+    proc = run(bundle, cid)
+    assert proc.returncode == 7, proc.stderr.decode()
+    assert proc.stdout == b"out\n"
+    assert b"err\n" in proc.stderr
+    assert leftovers(cid) == []
+
+
+def test_stdin_is_piped_to_cat(tmp_path: Path, cid: str) -> None:
+    bundle = make_busybox_bundle(tmp_path / "b", ["cat"])
+    data = b"".join(b"line %d\n" % i for i in range(2000))
+    proc = run(bundle, cid, stdin=data)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout == data
+    assert leftovers(cid) == []
+
+
+def test_terminal_on_a_pty(tmp_path: Path, cid: str) -> None:
+    bundle = make_busybox_bundle(tmp_path / "b", ["sh", "-c", "tty; stty size; echo done"], terminal=True)
+    pid, master = pty.fork()
+    if pid == 0:  # child: the runtime with the pty as its controlling terminal
+        os.execv(runtime_bin(), [runtime_bin(), "run", "--bundle", str(bundle), cid])
+    out = b""
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([master], [], [], 1.0)
+            if r:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                out += chunk
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(master)
+    assert os.waitstatus_to_exitcode(status) == 0, out
+    text = out.decode(errors="replace")
+    assert "/dev/pts/" in text or "/dev/console" in text, text
+    assert "done" in text
+    assert leftovers(cid) == []
+
+
+def test_signal_reaches_the_container(tmp_path: Path, cid: str) -> None:
+    script = "trap 'echo got-term; exit 42' TERM; echo ready; while true; do sleep 0.1; done"
+    bundle = make_busybox_bundle(tmp_path / "b", ["sh", "-c", script])
+    proc = subprocess.Popen([runtime_bin(), "run", "--bundle", str(bundle), cid],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # the container is running once it prints
+        assert line == b"ready\n", proc.stderr.read() if proc.stderr else b""
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert b"got-term" in out, err
+    assert proc.returncode == 42
+    assert leftovers(cid) == []
+
+
+# ---- bad input: one line, non-zero, bounded time, nothing left -----------------------------
+
+def _assert_clean_failure(proc: subprocess.CompletedProcess[bytes], cid: str, words: str) -> None:
+    err = proc.stderr.decode()
+    assert proc.returncode != 0
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert words in err, err
+    assert leftovers(cid) == []
+
+
+def test_missing_bundle(tmp_path: Path, cid: str) -> None:
+    _assert_clean_failure(run(tmp_path / "nope", cid), cid, "nope")
+
+
+def test_malformed_config(tmp_path: Path, cid: str) -> None:
+    bundle = make_busybox_bundle(tmp_path / "b", ["true"])
+    (bundle / "config.json").write_text('{"ociVersion": "1.0.2", "process": ')
+    _assert_clean_failure(run(bundle, cid), cid, "config.json")
+
+
+def test_missing_rootfs(tmp_path: Path, cid: str) -> None:
+    bundle = make_busybox_bundle(tmp_path / "b", ["true"])
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["root"]["path"] = "no-such-rootfs"
+    (bundle / "config.json").write_text(json.dumps(spec))
+    _assert_clean_failure(run(bundle, cid), cid, "rootfs")
+
+
+def _config_with(tmp_path: Path, **hypervisor: str) -> Path:
+    from kata.config import load_config
+
+    src = Path(load_config().source).read_text()
+    for key, value in hypervisor.items():
+        lines = [ln for ln in src.splitlines() if not ln.strip().startswith(f"{key} ")
+                 and not ln.strip().startswith(f"{key}=")]
+        src = "\n".join(lines)
+        src = src.replace("[hypervisor.qemu]\n", f"[hypervisor.qemu]\n{key} = {value}\n", 1)
+    path = tmp_path / "configuration.toml"
+    path.write_text(src + "\n")
+    return path
+
+
+def test_unknown_hypervisor_path(tmp_path: Path, cid: str) -> None:
+    bundle = make_busybox_bundle(tmp_path / "b", ["true"])
+    conf = _config_with(tmp_path, path='"/nonexistent/qemu-system-x86_64"', valid_hypervisor_paths="[]")
+    _assert_clean_failure(run(bundle, cid, "--config", str(conf)), cid, "/nonexistent/qemu")
+
+
+def test_guest_that_never_answers(tmp_path: Path, cid: str) -> None:
+    bundle = make_busybox_bundle(tmp_path / "b", ["true"])
+    # busybox as PID 1 instead of the agent: the VM runs, nothing ever answers on the agent channel.
+    conf = _config_with(tmp_path, kernel_params='"init=/bin/busybox"', boot_timeout="10.0")
+    start = time.monotonic()
+    proc = run(bundle, cid, "--config", str(conf), timeout=120)
+    assert time.monotonic() - start < 60
+    _assert_clean_failure(proc, cid, "agent")
