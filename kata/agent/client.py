@@ -1,0 +1,202 @@
+"""Typed calls of the guest agent's API (grpc.AgentService and grpc.Health) over one ttrpc connection."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import TypeVar
+
+from google.protobuf.empty_pb2 import Empty
+from google.protobuf.message import Message
+
+from kata import ttrpc
+from kata.protocols import agent_pb2 as pb
+from kata.protocols import health_pb2 as hpb
+
+AGENT_SERVICE = "grpc.AgentService"
+HEALTH_SERVICE = "grpc.Health"
+# The agent's answer to ReadStdout/ReadStderr once the stream has ended (gRPC's "read past end").
+EOF_CODE = ttrpc.Code.OUT_OF_RANGE
+
+R = TypeVar("R", bound=Message)
+# Calls that block by design (WaitProcess, ReadStdout/ReadStderr) pass None: no deadline.
+_DEFAULT = -1.0
+
+
+class AgentError(Exception):
+    """An agent call failed; `code` is the ttrpc status code, str() is one line."""
+
+    def __init__(self, method: str, code: ttrpc.Code, message: str) -> None:
+        super().__init__(f"agent {method}: {code.name}: {message}")
+        self.method = method
+        self.code = code
+
+
+class StreamEOF(Exception):
+    """ReadStdout/ReadStderr: the process's stream has ended (no more data will come)."""
+
+
+class AgentClient:
+    def __init__(self, stream: ttrpc.Stream, timeout: float | None = 60.0) -> None:
+        self._client = ttrpc.Client(stream)
+        self.timeout = timeout
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(
+        self, method: str, req: Message, resp_type: type[R], timeout: float | None = _DEFAULT,
+        service: str = AGENT_SERVICE,
+    ) -> R:
+        try:
+            return self._client.call(service, method, req, resp_type,
+                                     timeout=self.timeout if timeout == _DEFAULT else timeout)
+        except ttrpc.TTRPCError as e:
+            raise AgentError(method, e.code, e.message) from None
+
+    # health ---------------------------------------------------------------------------------
+    def check(self, timeout: float | None = _DEFAULT) -> hpb.HealthCheckResponse:
+        return self._call("Check", hpb.CheckRequest(), hpb.HealthCheckResponse, timeout, HEALTH_SERVICE)
+
+    def version(self) -> hpb.VersionCheckResponse:
+        return self._call("Version", hpb.CheckRequest(), hpb.VersionCheckResponse, _DEFAULT, HEALTH_SERVICE)
+
+    def wait_ready(self, timeout: float) -> hpb.HealthCheckResponse:
+        """Call Health.Check until it answers; AgentError(DEADLINE_EXCEEDED) after `timeout`."""
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AgentError("Check", ttrpc.Code.DEADLINE_EXCEEDED,
+                                 f"agent not ready within {timeout:.1f}s ({last})")
+            try:
+                # Short per-try deadline: a request sent before the guest opened its port may be lost.
+                return self.check(timeout=min(remaining, 0.5))
+            except AgentError as e:
+                if e.code not in (ttrpc.Code.DEADLINE_EXCEEDED, ttrpc.Code.UNAVAILABLE):
+                    raise
+                last = str(e)
+
+    # sandbox --------------------------------------------------------------------------------
+    def create_sandbox(
+        self, *, sandbox_id: str, hostname: str = "", dns: Iterable[str] = (),
+        storages: Iterable[pb.Storage] = (), sandbox_pidns: bool = False, guest_hook_path: str = "",
+    ) -> Empty:
+        req = pb.CreateSandboxRequest(sandbox_id=sandbox_id, hostname=hostname, dns=list(dns),
+                                      storages=list(storages), sandbox_pidns=sandbox_pidns,
+                                      guest_hook_path=guest_hook_path)
+        return self._call("CreateSandbox", req, Empty)
+
+    def destroy_sandbox(self) -> Empty:
+        return self._call("DestroySandbox", pb.DestroySandboxRequest(), Empty)
+
+    # containers -----------------------------------------------------------------------------
+    def create_container(
+        self, *, container_id: str, oci_spec_json: bytes, exec_id: str = "",
+        storages: Iterable[pb.Storage] = (),
+    ) -> Empty:
+        req = pb.CreateContainerRequest(container_id=container_id, exec_id=exec_id,
+                                        oci_spec_json=oci_spec_json, storages=list(storages))
+        return self._call("CreateContainer", req, Empty)
+
+    def start_container(self, *, container_id: str) -> Empty:
+        return self._call("StartContainer", pb.StartContainerRequest(container_id=container_id), Empty)
+
+    def remove_container(self, *, container_id: str, timeout: int = 0) -> Empty:
+        req = pb.RemoveContainerRequest(container_id=container_id, timeout=timeout)
+        return self._call("RemoveContainer", req, Empty)
+
+    def exec_process(self, *, container_id: str, exec_id: str, oci_process_json: bytes) -> Empty:
+        req = pb.ExecProcessRequest(container_id=container_id, exec_id=exec_id,
+                                    oci_process_json=oci_process_json)
+        return self._call("ExecProcess", req, Empty)
+
+    def signal_process(self, *, container_id: str, signal: int, exec_id: str = "") -> Empty:
+        req = pb.SignalProcessRequest(container_id=container_id, exec_id=exec_id, signal=signal)
+        return self._call("SignalProcess", req, Empty)
+
+    def wait_process(self, *, container_id: str, exec_id: str = "") -> pb.WaitProcessResponse:
+        """Blocks until the process exits: no deadline unless the client's default applies."""
+        req = pb.WaitProcessRequest(container_id=container_id, exec_id=exec_id)
+        return self._call("WaitProcess", req, pb.WaitProcessResponse, timeout=None)
+
+    def list_processes(
+        self, *, container_id: str, format: str = "json", args: Iterable[str] = ()
+    ) -> pb.ListProcessesResponse:
+        req = pb.ListProcessesRequest(container_id=container_id, format=format, args=list(args))
+        return self._call("ListProcesses", req, pb.ListProcessesResponse)
+
+    def update_container(self, *, container_id: str, resources_json: bytes) -> Empty:
+        req = pb.UpdateContainerRequest(container_id=container_id, resources_json=resources_json)
+        return self._call("UpdateContainer", req, Empty)
+
+    def stats_container(self, *, container_id: str) -> pb.StatsContainerResponse:
+        req = pb.StatsContainerRequest(container_id=container_id)
+        return self._call("StatsContainer", req, pb.StatsContainerResponse)
+
+    def pause_container(self, *, container_id: str) -> Empty:
+        return self._call("PauseContainer", pb.PauseContainerRequest(container_id=container_id), Empty)
+
+    def resume_container(self, *, container_id: str) -> Empty:
+        return self._call("ResumeContainer", pb.ResumeContainerRequest(container_id=container_id), Empty)
+
+    # stdio ----------------------------------------------------------------------------------
+    def write_stdin(self, *, container_id: str, data: bytes, exec_id: str = "") -> pb.WriteStreamResponse:
+        req = pb.WriteStreamRequest(container_id=container_id, exec_id=exec_id, data=data)
+        return self._call("WriteStdin", req, pb.WriteStreamResponse)
+
+    def _read(self, method: str, container_id: str, exec_id: str, length: int) -> pb.ReadStreamResponse:
+        req = pb.ReadStreamRequest(container_id=container_id, exec_id=exec_id, len=length)
+        try:
+            # Blocks until the process writes: no deadline.
+            return self._call(method, req, pb.ReadStreamResponse, timeout=None)
+        except AgentError as e:
+            if e.code == EOF_CODE:
+                raise StreamEOF(f"{method} {container_id}/{exec_id or 'init'}: end of stream") from None
+            raise
+
+    def read_stdout(
+        self, *, container_id: str, exec_id: str = "", length: int = 32768
+    ) -> pb.ReadStreamResponse:
+        """The next chunk of stdout (or the tty's output); raises StreamEOF at the end."""
+        return self._read("ReadStdout", container_id, exec_id, length)
+
+    def read_stderr(
+        self, *, container_id: str, exec_id: str = "", length: int = 32768
+    ) -> pb.ReadStreamResponse:
+        """The next chunk of stderr; raises StreamEOF at the end (at once for a tty process)."""
+        return self._read("ReadStderr", container_id, exec_id, length)
+
+    def close_stdin(self, *, container_id: str, exec_id: str = "") -> Empty:
+        req = pb.CloseStdinRequest(container_id=container_id, exec_id=exec_id)
+        return self._call("CloseStdin", req, Empty)
+
+    def tty_win_resize(self, *, container_id: str, row: int, column: int, exec_id: str = "") -> Empty:
+        req = pb.TtyWinResizeRequest(container_id=container_id, exec_id=exec_id, row=row, column=column)
+        return self._call("TtyWinResize", req, Empty)
+
+    # networking -----------------------------------------------------------------------------
+    def update_interface(self, *, interface: pb.Interface) -> pb.Interface:
+        return self._call("UpdateInterface", pb.UpdateInterfaceRequest(interface=interface), pb.Interface)
+
+    def update_routes(self, *, routes: Iterable[pb.Route]) -> pb.Routes:
+        req = pb.UpdateRoutesRequest(routes=pb.Routes(routes=list(routes)))
+        return self._call("UpdateRoutes", req, pb.Routes)
+
+    # guest resources ------------------------------------------------------------------------
+    def get_guest_details(
+        self, *, mem_block_size: bool = True, mem_hotplug_probe: bool = True
+    ) -> pb.GuestDetailsResponse:
+        req = pb.GetGuestDetailsRequest(mem_block_size=mem_block_size, mem_hotplug_probe=mem_hotplug_probe)
+        return self._call("GetGuestDetails", req, pb.GuestDetailsResponse)
+
+    def online_cpu_mem(self, *, wait: bool = False, nb_cpus: int = 0, cpu_only: bool = False) -> Empty:
+        req = pb.OnlineCPUMemRequest(wait=wait, nb_cpus=nb_cpus, cpu_only=cpu_only)
+        return self._call("OnlineCPUMem", req, Empty)

@@ -1,0 +1,74 @@
+"""The agent channel: vsock when the host asked for it and the kernel has it, else a virtio-serial port."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+from kata import ttrpc
+from kata.agent.endpoint import AGENT_SERIAL_PORT_NAME, AGENT_VSOCK_PORT
+from kata.guest.agent import log
+
+VIRTIO_PORTS = "/sys/class/virtio-ports"
+# How often to look again for a host client on a virtio-serial port (reads are EOF until one connects).
+RECONNECT_POLL = 0.01
+
+
+def find_serial_port(name: str = AGENT_SERIAL_PORT_NAME, sys_dir: str = VIRTIO_PORTS) -> str | None:
+    """/dev/vportNpM of the port named `name`; the number depends on the other virtio devices."""
+    try:
+        ports = sorted(os.listdir(sys_dir))
+    except OSError:
+        return None
+    for port in ports:
+        try:
+            with open(os.path.join(sys_dir, port, "name")) as f:
+                if f.read().strip() == name:
+                    return os.path.join("/dev", port)
+        except OSError:
+            continue
+    return None
+
+
+def vsock_listener(port: int = AGENT_VSOCK_PORT) -> socket.socket | None:
+    if not hasattr(socket, "AF_VSOCK"):
+        return None
+    try:
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    except OSError:
+        return None
+    try:
+        sock.bind((socket.VMADDR_CID_ANY, port))
+        sock.listen(8)
+    except OSError as e:
+        sock.close()
+        log.warn(f"vsock port {port}: {e}")
+        return None
+    return sock
+
+
+def serve_serial(server: ttrpc.Server, path: str) -> None:
+    """Serve the port forever: each host connection is one serve(); between them reads are EOF."""
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    stream = ttrpc.fd_stream(fd)
+    log.info(f"serving on virtio-serial {path}")
+    while True:
+        server.serve(stream)
+        time.sleep(RECONNECT_POLL)
+
+
+def serve(server: ttrpc.Server, want_vsock: bool, wait_port: float = 10.0) -> None:
+    if want_vsock:
+        listener = vsock_listener()
+        if listener is not None:
+            log.info(f"serving on vsock port {AGENT_VSOCK_PORT}")
+            server.serve_listener(listener)
+            return
+        log.warn("vsock unavailable, falling back to virtio-serial")
+    deadline = time.monotonic() + wait_port
+    while (path := find_serial_port()) is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no virtio-serial port named {AGENT_SERIAL_PORT_NAME}")
+        time.sleep(0.01)
+    serve_serial(server, path)

@@ -1,0 +1,71 @@
+"""Guest resources: online hot-added CPUs and memory, and the details the host asks for."""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+
+import kata
+from kata.protocols import agent_pb2 as pb
+
+SYS_CPU = "/sys/devices/system/cpu"
+SYS_MEM = "/sys/devices/system/memory"
+STORAGE_HANDLERS = ["virtio-fs", "9p", "local", "bind", "tmpfs"]
+
+
+def _write(path: str, value: str) -> bool:
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+        return True
+    except OSError:
+        return False
+
+
+def online_cpus(sys_cpu: str = SYS_CPU) -> int:
+    n = 0
+    for path in sorted(glob.glob(os.path.join(sys_cpu, "cpu[0-9]*", "online"))):
+        with open(path) as f:
+            if f.read().strip() == "0" and _write(path, "1"):
+                n += 1
+    return n
+
+
+def online_memory(sys_mem: str = SYS_MEM) -> int:
+    n = 0
+    for path in sorted(glob.glob(os.path.join(sys_mem, "memory[0-9]*", "state"))):
+        with open(path) as f:
+            if f.read().strip() == "offline" and _write(path, "online"):
+                n += 1
+    return n
+
+
+def online_cpu_mem(req: pb.OnlineCPUMemRequest, sys_cpu: str = SYS_CPU, sys_mem: str = SYS_MEM) -> None:
+    # Hot-plugged CPUs may show up in sysfs a little after the host's hotplug: `wait` retries.
+    deadline = time.monotonic() + (5.0 if req.wait else 0.0)
+    done = online_cpus(sys_cpu)
+    while req.wait and req.nb_cpus and done < req.nb_cpus and time.monotonic() < deadline:
+        time.sleep(0.05)
+        done += online_cpus(sys_cpu)
+    if not req.cpu_only:
+        online_memory(sys_mem)
+
+
+def guest_details(req: pb.GetGuestDetailsRequest, sys_mem: str = SYS_MEM) -> pb.GuestDetailsResponse:
+    resp = pb.GuestDetailsResponse(
+        agent_details=pb.AgentDetails(
+            version=kata.__version__,
+            init_daemon=os.getpid() == 1,
+            storage_handlers=STORAGE_HANDLERS,
+        )
+    )
+    if req.mem_block_size:
+        try:
+            with open(os.path.join(sys_mem, "block_size_bytes")) as f:
+                resp.mem_block_size_bytes = int(f.read().strip(), 16)
+        except (OSError, ValueError):
+            resp.mem_block_size_bytes = 0
+    if req.mem_hotplug_probe:
+        resp.support_mem_hotplug_probe = os.path.exists(os.path.join(sys_mem, "probe"))
+    return resp

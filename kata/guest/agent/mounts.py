@@ -1,0 +1,121 @@
+"""mount(2) through libc, the PID 1 filesystems, and the storages the host asks for."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Iterable
+
+from kata.guest.agent import log
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+
+_FLAGS = {
+    "ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC,
+    "remount": MS_REMOUNT, "bind": MS_BIND, "rbind": MS_BIND | MS_REC,
+}
+_NO_FLAGS = {"rw", "suid", "dev", "exec", "defaults"}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
+    if _libc.mount(source.encode(), target.encode(), fstype.encode(), ctypes.c_ulong(flags),
+                   data.encode() if data else None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {fstype} {source} on {target}: {os.strerror(err)}")
+
+
+def split_options(options: Iterable[str]) -> tuple[int, str]:
+    """Mount options → (flags, data string) as mount(2) wants them."""
+    flags = 0
+    data = []
+    for opt in options:
+        for o in opt.split(","):
+            if o in _FLAGS:
+                flags |= _FLAGS[o]
+            elif o and o not in _NO_FLAGS:
+                data.append(o)
+    return flags, ",".join(data)
+
+
+# (source, target, fstype, flags, data) in order; the root is a read-only erofs.
+_EARLY = [
+    ("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""),
+    ("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""),
+    ("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755"),
+    ("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620"),
+    ("shm", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"),
+    ("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755"),
+    ("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"),
+    ("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""),
+]
+
+
+def _mounted(target: str) -> bool:
+    return os.path.ismount(target)
+
+
+def mount_early() -> None:
+    for source, target, fstype, flags, data in _EARLY:
+        if _mounted(target):
+            continue  # e.g. devtmpfs auto-mounted by the kernel
+        try:
+            os.makedirs(target, exist_ok=True)
+        except OSError:
+            pass  # read-only root: the image must have the directory already
+        try:
+            mount(source, target, fstype, flags, data)
+        except OSError as e:
+            log.warn(str(e))
+    # /dev/ptmx must be the one of our devpts instance for crun's ptys.
+    try:
+        if not os.path.islink("/dev/ptmx"):
+            os.unlink("/dev/ptmx")
+            os.symlink("pts/ptmx", "/dev/ptmx")
+    except OSError as e:
+        log.warn(f"/dev/ptmx: {e}")
+    enable_cgroup_controllers()
+
+
+def enable_cgroup_controllers(root: str = "/sys/fs/cgroup") -> None:
+    try:
+        with open(os.path.join(root, "cgroup.controllers")) as f:
+            controllers = f.read().split()
+    except OSError as e:
+        log.warn(f"cgroup2: {e}")
+        return
+    for c in controllers:
+        # One at a time: a controller the kernel refuses must not block the others.
+        try:
+            with open(os.path.join(root, "cgroup.subtree_control"), "w") as f:
+                f.write(f"+{c}")
+        except OSError as e:
+            log.warn(f"cgroup2 controller {c}: {e}")
+
+
+def mount_storage(driver: str, source: str, fstype: str, options: Iterable[str], mount_point: str) -> None:
+    """Mount one Storage of the agent API."""
+    if not mount_point.startswith("/"):
+        raise ValueError(f"storage mount point {mount_point!r} is not absolute")
+    flags, data = split_options(options)
+    if driver in ("virtio-fs", "virtiofs"):
+        fstype = fstype or "virtiofs"
+    elif driver == "9p":
+        fstype = fstype or "9p"
+        if "trans=" not in data:
+            data = ",".join(x for x in (data, "trans=virtio,version=9p2000.L") if x)
+    elif driver in ("bind", "local") and not fstype:
+        flags |= MS_BIND
+        fstype = "none"
+    if not fstype:
+        raise ValueError(f"storage {source!r}: no fstype for driver {driver!r}")
+    os.makedirs(mount_point, exist_ok=True)
+    mount(source, mount_point, fstype, flags, data)
+    log.info(f"mounted {driver} {source} on {mount_point}")

@@ -1,0 +1,267 @@
+"""The agent's model of the sandbox: containers, their processes, and the crun calls that drive them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from kata.guest.agent import log
+from kata.guest.agent.crun import ConsoleSocket, Crun, CrunError
+from kata.guest.agent.reaper import Exit, Reaper
+from kata.guest.agent.stdio import Stdio
+
+RUN_DIR = "/run/kata-containers"
+
+
+class NotFound(Exception):
+    pass
+
+
+class AlreadyExists(Exception):
+    pass
+
+
+class InvalidArgument(Exception):
+    pass
+
+
+@dataclass
+class Process:
+    exec_id: str  # "" for the container's init
+    pid: int
+    exit: Exit
+    stdio: Stdio
+    terminal: bool
+
+
+@dataclass
+class Container:
+    id: str
+    bundle: str
+    spec: dict[str, Any]
+    init: Process | None = None
+    execs: dict[str, Process] = field(default_factory=dict)
+    started: bool = False
+
+    @property
+    def log_file(self) -> str:
+        return os.path.join(self.bundle, "crun.log")
+
+
+def _read_pid(path: str) -> int:
+    with open(path) as f:
+        return int(f.read().strip())
+
+
+class Sandbox:
+    def __init__(self, reaper: Reaper, crun: Crun, run_dir: str = RUN_DIR) -> None:
+        self.reaper = reaper
+        self.crun = crun
+        self.run_dir = run_dir
+        self.id = ""
+        self._lock = threading.Lock()
+        self.containers: dict[str, Container] = {}
+
+    # lookups -------------------------------------------------------------------------------
+    def container(self, cid: str) -> Container:
+        with self._lock:
+            c = self.containers.get(cid)
+        if c is None:
+            raise NotFound(f"container {cid!r} not found")
+        return c
+
+    def process(self, cid: str, exec_id: str) -> Process:
+        c = self.container(cid)
+        p = c.init if not exec_id else c.execs.get(exec_id)
+        if p is None:
+            what = f"exec {exec_id!r}" if exec_id else "init process"
+            raise NotFound(f"{what} of container {cid!r} not found")
+        return p
+
+    # lifecycle -----------------------------------------------------------------------------
+    def _start_process(
+        self, c: Container, args: list[str], terminal: bool, pid_file: str, exec_id: str
+    ) -> Process:
+        """Run a crun verb that leaves a process behind (create, exec --detach) and adopt it."""
+        stdio: Stdio
+        console: ConsoleSocket | None = None
+        if terminal:
+            console = ConsoleSocket(os.path.join(c.bundle, f"console-{exec_id or 'init'}.sock"))
+            args = [args[0], "--console-socket", console.path, *args[1:]]
+            stdio = Stdio()
+        else:
+            stdio = Stdio.pipes()
+        try:
+            try:
+                self.crun.run(args, log_file=c.log_file, stdio=None if terminal else stdio.child_fds())
+            finally:
+                if not terminal:
+                    stdio.close_child_fds()
+            if console is not None:
+                stdio.tty_master = console.receive()
+            pid = _read_pid(pid_file)
+        except BaseException:
+            stdio.close()
+            raise
+        finally:
+            if console is not None:
+                console.close()
+        return Process(exec_id=exec_id, pid=pid, exit=self.reaper.register(pid), stdio=stdio,
+                       terminal=terminal)
+
+    def create_container(self, cid: str, spec_json: bytes) -> None:
+        if not cid or "/" in cid or cid.startswith("."):
+            raise InvalidArgument(f"invalid container id {cid!r}")
+        try:
+            spec = json.loads(spec_json)
+        except ValueError as e:
+            raise InvalidArgument(f"OCI spec of {cid!r} is not JSON: {e}") from None
+        if not isinstance(spec, dict) or not isinstance(spec.get("process"), dict):
+            raise InvalidArgument(f"OCI spec of {cid!r} has no process")
+        bundle = os.path.join(self.run_dir, cid)
+        with self._lock:
+            if cid in self.containers:
+                raise AlreadyExists(f"container {cid!r} already exists")
+            c = Container(id=cid, bundle=bundle, spec=spec)
+            self.containers[cid] = c
+        try:
+            os.makedirs(bundle, exist_ok=True)
+            with open(os.path.join(bundle, "config.json"), "wb") as f:
+                f.write(spec_json)
+            pid_file = os.path.join(bundle, "init.pid")
+            terminal = bool(spec["process"].get("terminal"))
+            args = ["create", "--bundle", bundle, "--pid-file", pid_file, cid]
+            c.init = self._start_process(c, args, terminal, pid_file, "")
+        except BaseException:
+            with self._lock:
+                self.containers.pop(cid, None)
+            shutil.rmtree(bundle, ignore_errors=True)
+            raise
+        log.info(f"created container {cid} init pid {c.init.pid}")
+
+    def start_container(self, cid: str) -> None:
+        c = self.container(cid)
+        if c.started:
+            raise InvalidArgument(f"container {cid!r} already started")
+        self.crun.run(["start", cid], log_file=c.log_file)
+        c.started = True
+        log.info(f"started container {cid}")
+
+    def exec_process(self, cid: str, exec_id: str, process_json: bytes) -> None:
+        c = self.container(cid)
+        if not exec_id:
+            raise InvalidArgument("exec id is empty")
+        try:
+            proc = json.loads(process_json)
+        except ValueError as e:
+            raise InvalidArgument(f"process of exec {exec_id!r} is not JSON: {e}") from None
+        if not isinstance(proc, dict):
+            raise InvalidArgument(f"process of exec {exec_id!r} is not an object")
+        with self._lock:
+            if exec_id in c.execs:
+                raise AlreadyExists(f"exec {exec_id!r} already exists in {cid!r}")
+        proc_file = os.path.join(c.bundle, f"exec-{exec_id}.json")
+        pid_file = os.path.join(c.bundle, f"exec-{exec_id}.pid")
+        with open(proc_file, "wb") as f:
+            f.write(process_json)
+        args = ["exec", "--process", proc_file, "--detach", "--pid-file", pid_file, cid]
+        p = self._start_process(c, args, bool(proc.get("terminal")), pid_file, exec_id)
+        with self._lock:
+            c.execs[exec_id] = p
+        log.info(f"exec {exec_id} in {cid}: pid {p.pid}")
+
+    def signal_process(self, cid: str, exec_id: str, sig: int) -> None:
+        p = self.process(cid, exec_id)
+        if p.exit.done():
+            return  # nothing left to signal; the shim signals exited processes routinely
+        try:
+            os.kill(p.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def wait_process(self, cid: str, exec_id: str) -> int:
+        code = self.process(cid, exec_id).exit.wait()
+        assert code is not None
+        return code
+
+    def remove_container(self, cid: str, timeout: float | None = None) -> None:
+        c = self.container(cid)
+        try:
+            self.crun.run(["delete", "--force", cid], log_file=c.log_file)
+        except CrunError as e:
+            # A container whose create half-failed may be unknown to crun: kill what we know.
+            log.warn(f"remove {cid}: {e}")
+            for p in [c.init, *c.execs.values()]:
+                if p is not None and not p.exit.done():
+                    try:
+                        os.kill(p.pid, 9)
+                    except ProcessLookupError:
+                        pass
+        for p in [c.init, *c.execs.values()]:
+            if p is not None:
+                p.exit.wait(timeout or 10.0)
+                p.stdio.close()
+        with self._lock:
+            self.containers.pop(cid, None)
+        shutil.rmtree(c.bundle, ignore_errors=True)
+        log.info(f"removed container {cid}")
+
+    def kill_all(self) -> None:
+        with self._lock:
+            containers = list(self.containers.values())
+        for c in containers:
+            for p in [c.init, *c.execs.values()]:
+                if p is not None and not p.exit.done():
+                    try:
+                        os.kill(p.pid, 9)
+                    except ProcessLookupError:
+                        pass
+
+    def pause(self, cid: str) -> None:
+        c = self.container(cid)
+        self.crun.run(["pause", cid], log_file=c.log_file)
+
+    def resume(self, cid: str) -> None:
+        c = self.container(cid)
+        self.crun.run(["resume", cid], log_file=c.log_file)
+
+    def update(self, cid: str, resources_json: bytes) -> None:
+        c = self.container(cid)
+        try:
+            json.loads(resources_json)
+        except ValueError as e:
+            raise InvalidArgument(f"resources of {cid!r} are not JSON: {e}") from None
+        path = os.path.join(c.bundle, "resources.json")
+        with open(path, "wb") as f:
+            f.write(resources_json)
+        self.crun.run(["update", "--resources", path, cid], log_file=c.log_file)
+
+    def list_processes(self, cid: str, fmt: str) -> bytes:
+        c = self.container(cid)
+        out = self.crun.run(["ps", "--format", "json", cid], log_file=c.log_file, capture=True)
+        if fmt == "json":
+            return out
+        if fmt not in ("", "table"):
+            raise InvalidArgument(f"unknown process list format {fmt!r}")
+        lines = ["PID CMD"]
+        for pid in json.loads(out or b"[]"):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").strip().decode(errors="replace")
+            except OSError:
+                cmd = "?"
+            lines.append(f"{pid} {cmd}")
+        return ("\n".join(lines) + "\n").encode()
+
+    def cgroup_dir(self, cid: str) -> str:
+        """The container's cgroup v2 directory, as its init process sees it from the agent."""
+        p = self.process(cid, "")
+        with open(f"/proc/{p.pid}/cgroup") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    return "/sys/fs/cgroup" + line[3:].strip()
+        raise NotFound(f"container {cid!r} has no cgroup v2 membership")

@@ -1,0 +1,153 @@
+"""The agent's ttrpc services in-process over a socketpair, with the real ttrpc Server and AgentClient."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from kata import ttrpc
+from kata.agent.client import AgentClient, AgentError, StreamEOF
+from kata.guest.agent.crun import Crun
+from kata.guest.agent.reaper import Exit, Reaper
+from kata.guest.agent.sandbox import Container, Process, Sandbox
+from kata.guest.agent.service import AgentService
+from kata.guest.agent.stdio import Stdio
+
+
+@pytest.fixture
+def agent(tmp_path: object) -> Iterator[tuple[AgentClient, Sandbox]]:
+    # The reaper thread is never started: waitpid(-1) would steal other tests' children.
+    reaper = Reaper()
+    sandbox = Sandbox(reaper, Crun(reaper, binary="/nonexistent/crun"), run_dir=str(tmp_path))
+    server = ttrpc.Server(max_workers=8)
+    AgentService(sandbox).register(server)
+    host, guest = socket.socketpair()
+    t = threading.Thread(target=server.serve, args=(ttrpc.socket_stream(guest),), daemon=True)
+    t.start()
+    client = AgentClient(ttrpc.socket_stream(host), timeout=10.0)
+    try:
+        yield client, sandbox
+    finally:
+        client.close()
+        server.shutdown()
+        guest.close()
+
+
+def _fake_process(sandbox: Sandbox, cid: str = "c1") -> tuple[Process, tuple[int, int, int]]:
+    """A container whose init is a Process with real pipes but no real child: the test plays the child."""
+    stdio = Stdio.pipes()
+    child = stdio.child_fds()
+    stdio._child = []  # the test owns the child ends now
+    proc = Process(exec_id="", pid=999999, exit=Exit(999999), stdio=stdio, terminal=False)
+    sandbox.containers[cid] = Container(id=cid, bundle="/nonexistent", spec={}, init=proc)
+    return proc, child
+
+
+def test_health_and_version(agent: tuple[AgentClient, Sandbox]) -> None:
+    client, _ = agent
+    assert client.wait_ready(5.0).status == 1  # SERVING
+    assert client.version().agent_version
+
+
+def test_guest_details(agent: tuple[AgentClient, Sandbox]) -> None:
+    client, _ = agent
+    details = client.get_guest_details()
+    assert details.agent_details.version
+    assert "virtio-fs" in details.agent_details.storage_handlers
+    if os.path.exists("/sys/devices/system/memory/block_size_bytes"):
+        assert details.mem_block_size_bytes > 0
+
+
+def test_unknown_container_is_not_found(agent: tuple[AgentClient, Sandbox]) -> None:
+    client, _ = agent
+    for call in (
+        lambda: client.start_container(container_id="nope"),
+        lambda: client.wait_process(container_id="nope"),
+        lambda: client.read_stdout(container_id="nope"),
+        lambda: client.signal_process(container_id="nope", signal=9),
+        lambda: client.remove_container(container_id="nope"),
+    ):
+        with pytest.raises(AgentError) as err:
+            call()
+        assert err.value.code == ttrpc.Code.NOT_FOUND
+        assert "\n" not in str(err.value)
+
+
+def test_bad_spec_is_invalid_argument(agent: tuple[AgentClient, Sandbox]) -> None:
+    client, _ = agent
+    with pytest.raises(AgentError) as err:
+        client.create_container(container_id="c1", oci_spec_json=b"{not json")
+    assert err.value.code == ttrpc.Code.INVALID_ARGUMENT
+
+
+def test_crun_failure_is_internal_and_cleans_up(agent: tuple[AgentClient, Sandbox]) -> None:
+    client, sandbox = agent
+    with pytest.raises(AgentError) as err:
+        client.create_container(container_id="c1", oci_spec_json=b'{"process": {"args": ["true"]}}')
+    assert err.value.code == ttrpc.Code.INTERNAL
+    assert "c1" not in sandbox.containers
+
+
+def test_networking_without_backend_is_unimplemented(agent: tuple[AgentClient, Sandbox]) -> None:
+    client, _ = agent
+    with pytest.raises(AgentError) as err:
+        client.update_routes(routes=[])
+    assert err.value.code == ttrpc.Code.UNIMPLEMENTED
+
+
+def test_stdout_stderr_then_eof(agent: tuple[AgentClient, Sandbox]) -> None:
+    client, sandbox = agent
+    _, (in_r, out_w, err_w) = _fake_process(sandbox)
+    os.write(out_w, b"hello")
+    assert client.read_stdout(container_id="c1").data == b"hello"
+    os.write(err_w, b"oops")
+    assert client.read_stderr(container_id="c1").data == b"oops"
+    os.close(out_w)
+    os.close(err_w)
+    with pytest.raises(StreamEOF):
+        client.read_stdout(container_id="c1")
+    with pytest.raises(StreamEOF):
+        client.read_stderr(container_id="c1")
+    os.close(in_r)
+
+
+def test_stdin_write_and_close(agent: tuple[AgentClient, Sandbox]) -> None:
+    client, sandbox = agent
+    _, (in_r, out_w, err_w) = _fake_process(sandbox)
+    assert client.write_stdin(container_id="c1", data=b"abc").len == 3
+    assert os.read(in_r, 10) == b"abc"
+    client.close_stdin(container_id="c1")
+    assert os.read(in_r, 10) == b""  # EOF reaches the child
+    with pytest.raises(AgentError) as err:
+        client.write_stdin(container_id="c1", data=b"x")
+    assert err.value.code == ttrpc.Code.FAILED_PRECONDITION
+    for fd in (in_r, out_w, err_w):
+        os.close(fd)
+
+
+def test_wait_process_blocks_until_exit(agent: tuple[AgentClient, Sandbox]) -> None:
+    client, sandbox = agent
+    proc, fds = _fake_process(sandbox)
+    threading.Timer(0.2, proc.exit.set, args=(137,)).start()
+    assert client.wait_process(container_id="c1").status == 137
+    # Signalling an exited process is not an error (the shim does it routinely).
+    client.signal_process(container_id="c1", signal=9)
+    with pytest.raises(AgentError) as err:
+        client.tty_win_resize(container_id="c1", row=24, column=80)
+    assert err.value.code == ttrpc.Code.FAILED_PRECONDITION
+    for fd in fds:
+        os.close(fd)
+
+
+def test_unknown_exec_is_not_found(agent: tuple[AgentClient, Sandbox]) -> None:
+    client, sandbox = agent
+    _, fds = _fake_process(sandbox)
+    with pytest.raises(AgentError) as err:
+        client.wait_process(container_id="c1", exec_id="e1")
+    assert err.value.code == ttrpc.Code.NOT_FOUND
+    for fd in fds:
+        os.close(fd)
