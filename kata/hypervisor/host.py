@@ -1,0 +1,85 @@
+"""Facts about the host's virtualisation support, for `kata-runtime check` and the accelerator probe."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_QEMU = Path("/usr/bin/qemu-system-x86_64")
+VIRTIOFSD_CANDIDATES = (
+    Path("/usr/libexec/virtiofsd"),
+    Path("/usr/lib/qemu/virtiofsd"),
+    Path("/usr/bin/virtiofsd"),
+)
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def kvm_module() -> str:
+    """Which KVM flavour the host kernel has (loaded or built in): "pvm", "intel", "amd" or "none"."""
+    for name in ("kvm_pvm", "kvm_intel", "kvm_amd"):
+        if Path("/sys/module", name).exists():
+            return name.removeprefix("kvm_")
+    return "none"
+
+
+def find_virtiofsd() -> Path | None:
+    for path in VIRTIOFSD_CANDIDATES:
+        if path.is_file():
+            return path
+    found = shutil.which("virtiofsd")
+    return Path(found) if found else None
+
+
+def qemu_version(qemu_path: Path) -> str | None:
+    try:
+        out = subprocess.run([str(qemu_path), "-version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    first = out.stdout.splitlines()[0] if out.stdout else ""
+    # "QEMU emulator version 7.2.22 (Debian …)"
+    parts = first.split("version", 1)
+    return parts[1].split()[0] if len(parts) == 2 and parts[1].split() else None
+
+
+@dataclass(frozen=True)
+class HostCapabilities:
+    cpu_vmx: bool
+    cpu_svm: bool
+    dev_kvm: bool
+    kvm_module: str  # "pvm" means only PVM-built guests run under KVM
+    dev_vhost_vsock: bool
+    dev_vhost_net: bool
+    qemu_path: Path
+    qemu_version: str | None
+    virtiofsd: Path | None
+
+    @property
+    def hardware_virt(self) -> bool:
+        """VT-x/AMD-V with a matching KVM module: stock guests can use KVM."""
+        return (self.cpu_vmx or self.cpu_svm) and self.dev_kvm and self.kvm_module in ("intel", "amd")
+
+
+def host_capabilities(qemu_path: Path = DEFAULT_QEMU) -> HostCapabilities:
+    flags = cpu_flags()
+    return HostCapabilities(
+        cpu_vmx="vmx" in flags,
+        cpu_svm="svm" in flags,
+        dev_kvm=Path("/dev/kvm").exists(),
+        kvm_module=kvm_module(),
+        dev_vhost_vsock=Path("/dev/vhost-vsock").exists(),
+        dev_vhost_net=Path("/dev/vhost-net").exists(),
+        qemu_path=qemu_path,
+        qemu_version=qemu_version(qemu_path),
+        virtiofsd=find_virtiofsd(),
+    )
