@@ -1,0 +1,178 @@
+"""Typed configuration.toml sections and the value rules shared by the loader and annotations.
+
+Field names are Kata's configuration.toml key names so a value can be traced to its key. Defaults are
+this project's defaults and equal what the packaged configuration-qemu.toml says (a test holds them
+together), so a file that leaves a key out behaves like the shipped file.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+SUPPORTED_HYPERVISORS = ("qemu",)
+SUPPORTED_AGENTS = ("kata",)
+# x86 machine types the QEMU driver knows how to build a command line for.
+SUPPORTED_MACHINE_TYPES = ("microvm", "q35", "pc")
+SHARED_FS_KINDS = ("virtio-fs", "virtio-9p", "none")
+# QEMU's C virtiofsd says "none" where Kata's docs say "never"; accept both.
+VIRTIO_FS_CACHE_MODES = ("auto", "always", "never", "none")
+BLOCK_DEVICE_DRIVERS = ("virtio-blk", "virtio-scsi", "nvdimm")
+ACCELERATORS = ("auto", "kvm", "tcg")
+AGENT_CHANNELS = ("auto", "vsock", "virtio-serial")
+INTERNETWORKING_MODELS = ("tcfilter", "macvtap", "none")
+# Below this the guest kernel plus agent do not come up reliably.
+MIN_MEMORY_MIB = 64
+
+
+class ConfigError(Exception):
+    """configuration.toml or an annotation is invalid; one line, naming the file (or annotation) and key."""
+
+
+@dataclass(frozen=True)
+class HypervisorConfig:
+    name: str = "qemu"  # the NAME of [hypervisor.NAME]
+    path: str = "/usr/bin/qemu-system-x86_64"
+    kernel: str = "/usr/share/kata-containers/vmlinux.container"
+    image: str = "/usr/share/kata-containers/kata-containers.img"
+    initrd: str = ""
+    firmware: str = ""
+    machine_type: str = "microvm"
+    kernel_params: str = ""
+    default_vcpus: int = 1
+    default_maxvcpus: int = 0
+    default_memory: int = 512
+    memory_slots: int = 10
+    memory_offset: int = 0
+    shared_fs: str = "virtio-fs"
+    virtio_fs_daemon: str = "/usr/lib/qemu/virtiofsd"
+    valid_virtio_fs_daemon_paths: tuple[str, ...] = ("/usr/lib/qemu/virtiofsd",)
+    virtio_fs_cache: str = "auto"
+    virtio_fs_cache_size: int = 0
+    virtio_fs_extra_args: tuple[str, ...] = ()
+    msize_9p: int = 8192
+    block_device_driver: str = "virtio-blk"
+    disable_block_device_use: bool = False
+    disable_vhost_net: bool = True
+    enable_annotations: tuple[str, ...] = ()
+    valid_hypervisor_paths: tuple[str, ...] = ("/usr/bin/qemu-system-x86_64",)
+    enable_debug: bool = False
+    # Ours (Kata has no equivalent keys).
+    accel: str = "auto"
+    boot_timeout: float = 20.0
+
+    @property
+    def kernel_params_list(self) -> tuple[str, ...]:
+        return tuple(self.kernel_params.split())
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    name: str = "kata"  # the NAME of [agent.NAME]
+    enable_debug: bool = False
+    dial_timeout: int = 45
+    kernel_modules: tuple[str, ...] = ()
+    # Ours: how the host reaches the agent.
+    agent_channel: str = "auto"
+
+
+@dataclass(frozen=True)
+class RuntimeSection:
+    enable_debug: bool = False
+    internetworking_model: str = "tcfilter"
+    disable_new_netns: bool = False
+    sandbox_cgroup_only: bool = False
+    experimental: tuple[str, ...] = ()
+    static_sandbox_resource_mgmt: bool = True
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    hypervisor: HypervisorConfig
+    agent: AgentConfig
+    runtime: RuntimeSection
+    source: Path
+
+
+def path_allowed(path: str, globs: tuple[str, ...]) -> bool:
+    """Whether ``path`` matches one of the valid_*_paths globs.
+
+    Kata expands the globs against the filesystem; matching the pattern itself keeps this pure and
+    differs only for paths that do not exist, which could not be used anyway.
+    """
+    return any(fnmatch.fnmatchcase(path, g) for g in globs)
+
+
+def hypervisor_problems(hv: HypervisorConfig) -> list[tuple[str, str]]:
+    """(key, reason) for each invalid value; empty when ``hv`` is usable."""
+    problems: list[tuple[str, str]] = []
+
+    def choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+        if value not in allowed:
+            problems.append((key, _unsupported(value, allowed)))
+
+    def absolute(key: str, value: str, required: bool) -> None:
+        if (required or value) and not value.startswith("/"):
+            problems.append((key, f"must be an absolute path, got {value!r}"))
+
+    absolute("path", hv.path, True)
+    absolute("kernel", hv.kernel, True)
+    for key in ("image", "initrd", "firmware"):
+        absolute(key, getattr(hv, key), False)
+    if hv.valid_hypervisor_paths and not path_allowed(hv.path, hv.valid_hypervisor_paths):
+        problems.append(("path", f"{hv.path} is not in valid_hypervisor_paths"))
+    choice("machine_type", hv.machine_type, SUPPORTED_MACHINE_TYPES)
+    if hv.image and hv.initrd:
+        problems.append(("image", "image and initrd are mutually exclusive"))
+    for key in ("default_maxvcpus", "memory_slots", "memory_offset", "virtio_fs_cache_size"):
+        if getattr(hv, key) < 0:
+            problems.append((key, f"must not be negative, got {getattr(hv, key)}"))
+    # default_vcpus < 0 is Kata's way of saying "all host CPUs", so only memory is checked here.
+    if hv.default_memory < 0:
+        problems.append(("default_memory", f"must not be negative, got {hv.default_memory}"))
+    elif 0 < hv.default_memory < MIN_MEMORY_MIB:
+        problems.append(("default_memory", f"{hv.default_memory} MiB is below the minimum {MIN_MEMORY_MIB}"))
+    choice("shared_fs", hv.shared_fs, SHARED_FS_KINDS)
+    if hv.shared_fs == "virtio-fs":
+        absolute("virtio_fs_daemon", hv.virtio_fs_daemon, True)
+        if hv.valid_virtio_fs_daemon_paths and not path_allowed(
+            hv.virtio_fs_daemon, hv.valid_virtio_fs_daemon_paths
+        ):
+            reason = f"{hv.virtio_fs_daemon} is not in valid_virtio_fs_daemon_paths"
+            problems.append(("virtio_fs_daemon", reason))
+    choice("virtio_fs_cache", hv.virtio_fs_cache, VIRTIO_FS_CACHE_MODES)
+    if hv.msize_9p < 4096:
+        problems.append(("msize_9p", f"must be at least 4096, got {hv.msize_9p}"))
+    choice("block_device_driver", hv.block_device_driver, BLOCK_DEVICE_DRIVERS)
+    choice("accel", hv.accel, ACCELERATORS)
+    if hv.boot_timeout <= 0:
+        problems.append(("boot_timeout", f"must be positive, got {hv.boot_timeout}"))
+    for pattern in hv.enable_annotations:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            problems.append(("enable_annotations", f"invalid regular expression {pattern!r}: {e}"))
+    return problems
+
+
+def agent_problems(agent: AgentConfig) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    if agent.dial_timeout <= 0:
+        problems.append(("dial_timeout", f"must be positive, got {agent.dial_timeout}"))
+    if agent.agent_channel not in AGENT_CHANNELS:
+        problems.append(("agent_channel", _unsupported(agent.agent_channel, AGENT_CHANNELS)))
+    return problems
+
+
+def runtime_problems(rt: RuntimeSection) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    if rt.internetworking_model not in INTERNETWORKING_MODELS:
+        reason = _unsupported(rt.internetworking_model, INTERNETWORKING_MODELS)
+        problems.append(("internetworking_model", reason))
+    return problems
+
+
+def _unsupported(value: str, allowed: tuple[str, ...]) -> str:
+    return f"unsupported value {value!r} (supported: {', '.join(allowed)})"
