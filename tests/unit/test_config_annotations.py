@@ -1,0 +1,169 @@
+"""kata.config.annotations: Kata's enable_annotations gate, path allow-lists, value parsing."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kata.config import ConfigError, HypervisorConfig, RuntimeConfig, apply_annotations
+from kata.config.model import AgentConfig, RuntimeSection
+
+H = "io.katacontainers.config.hypervisor."
+R = "io.katacontainers.config.runtime."
+A = "io.katacontainers.config.agent."
+
+
+def config(**hv: Any) -> RuntimeConfig:
+    return RuntimeConfig(
+        hypervisor=dataclasses.replace(HypervisorConfig(), **hv),
+        agent=AgentConfig(),
+        runtime=RuntimeSection(),
+        source=Path("/etc/kata-containers/configuration.toml"),
+    )
+
+
+def test_no_annotations_is_identity() -> None:
+    cfg = config()
+    assert apply_annotations(cfg, {}) == cfg
+
+
+def test_foreign_annotations_ignored() -> None:
+    cfg = config()
+    out = apply_annotations(
+        cfg,
+        {
+            "io.kubernetes.cri.sandbox-id": "abc",
+            "io.katacontainers.pkg.oci.container_type": "pod_sandbox",
+            "org.opencontainers.image.ref.name": "x",
+        },
+    )
+    assert out == cfg
+
+
+def test_hypervisor_annotation_not_enabled() -> None:
+    with pytest.raises(ConfigError) as e:
+        apply_annotations(config(), {H + "default_vcpus": "2"})
+    assert str(e.value) == f"annotation {H}default_vcpus is not enabled"
+
+
+def test_enabled_by_regex_unanchored() -> None:
+    # Go's MatchString finds the pattern anywhere in the short name.
+    cfg = config(enable_annotations=("default_",))
+    out = apply_annotations(
+        cfg, {H + "default_vcpus": "2", H + "default_memory": "1024", H + "default_max_vcpus": "4"}
+    ).hypervisor
+    assert (out.default_vcpus, out.default_memory, out.default_maxvcpus) == (2, 1024, 4)
+    assert cfg.hypervisor.default_vcpus == 1  # input unchanged
+    with pytest.raises(ConfigError, match="kernel_params is not enabled"):
+        apply_annotations(cfg, {H + "kernel_params": "quiet"})
+
+
+def test_unknown_but_enabled_hypervisor_annotation_ignored() -> None:
+    cfg = config(enable_annotations=(".*",))
+    assert apply_annotations(cfg, {H + "enable_iommu": "true"}) == cfg
+
+
+def test_kernel_params_appended() -> None:
+    cfg = config(enable_annotations=("kernel_params",), kernel_params="quiet")
+    out = apply_annotations(cfg, {H + "kernel_params": "agent.log=debug"})
+    assert out.hypervisor.kernel_params == "quiet agent.log=debug"
+    empty = apply_annotations(config(enable_annotations=("kernel_params",)), {H + "kernel_params": "a=1"})
+    assert empty.hypervisor.kernel_params == "a=1"
+
+
+@pytest.mark.parametrize(
+    ("short", "value", "message"),
+    [
+        ("default_vcpus", "two", "invalid unsigned integer 'two'"),
+        ("default_vcpus", "-1", "invalid unsigned integer '-1'"),
+        ("default_memory", "16", "16 MiB is below the minimum"),
+        ("machine_type", "virt", "unsupported value 'virt'"),
+        ("shared_fs", "nfs", "unsupported value 'nfs'"),
+        ("msize_9p", "12", "must be at least 4096"),
+        ("virtio_fs_extra_args", "-o x", "must be a JSON array of strings"),
+        ("virtio_fs_extra_args", "[1]", "must be a JSON array of strings"),
+        ("enable_debug", "yes", "invalid boolean 'yes'"),
+        ("kernel", "vmlinux", "must be an absolute path, got 'vmlinux'"),
+    ],
+)
+def test_invalid_values(short: str, value: str, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        apply_annotations(config(enable_annotations=(".*",)), {H + short: value})
+    assert str(e.value).startswith(f"annotation {H}")
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_max_vcpus_error_names_the_annotation() -> None:
+    # The TOML key is default_maxvcpus; the annotation (Kata's name) is default_max_vcpus.
+    cfg = config(enable_annotations=(".*",))
+    out = apply_annotations(cfg, {H + "default_max_vcpus": "0"})
+    assert out.hypervisor.default_maxvcpus == 0
+
+
+def test_hypervisor_path_needs_allow_list() -> None:
+    cfg = config(enable_annotations=("path",), valid_hypervisor_paths=("/usr/bin/qemu-system-*",))
+    out = apply_annotations(cfg, {H + "path": "/usr/bin/qemu-system-i386"})
+    assert out.hypervisor.path == "/usr/bin/qemu-system-i386"
+    with pytest.raises(ConfigError) as e:
+        apply_annotations(cfg, {H + "path": "/tmp/evil"})
+    assert str(e.value) == f"annotation {H}path: /tmp/evil is not in valid_hypervisor_paths"
+    nothing_allowed = config(enable_annotations=("path",), valid_hypervisor_paths=())
+    with pytest.raises(ConfigError, match="is not in valid_hypervisor_paths"):
+        apply_annotations(nothing_allowed, {H + "path": "/usr/bin/qemu-system-x86_64"})
+
+
+def test_virtiofsd_path_needs_allow_list() -> None:
+    cfg = config(enable_annotations=("virtio_fs",))
+    with pytest.raises(ConfigError, match="/opt/vfsd is not in valid_virtio_fs_daemon_paths"):
+        apply_annotations(cfg, {H + "virtio_fs_daemon": "/opt/vfsd"})
+    out = apply_annotations(
+        cfg, {H + "virtio_fs_extra_args": '["--thread-pool-size=1"]', H + "virtio_fs_cache": "never"}
+    )
+    assert out.hypervisor.virtio_fs_extra_args == ("--thread-pool-size=1",)
+    assert out.hypervisor.virtio_fs_cache == "never"
+
+
+def test_kernel_and_initrd_annotations() -> None:
+    cfg = config(enable_annotations=("kernel$", "initrd", "image"))
+    out = apply_annotations(cfg, {H + "kernel": "/k/vmlinux", H + "initrd": "/k/initrd.img"})
+    assert out.hypervisor.kernel == "/k/vmlinux"
+    # An initrd per pod replaces the configured image (they are mutually exclusive).
+    assert (out.hypervisor.initrd, out.hypervisor.image) == ("/k/initrd.img", "")
+    with pytest.raises(ConfigError, match="mutually exclusive"):
+        apply_annotations(cfg, {H + "image": "/k/a.img", H + "initrd": "/k/b.img"})
+
+
+def test_runtime_and_agent_annotations_not_gated() -> None:
+    cfg = config()  # enable_annotations empty
+    out = apply_annotations(
+        cfg,
+        {
+            R + "disable_new_netns": "true",
+            R + "sandbox_cgroup_only": "1",
+            R + "internetworking_model": "none",
+            A + "kernel_modules": "e1000e InterruptThrottleRate=3000;i915 enable_ppgtt=0; ",
+            R + "enable_pprof": "true",  # Kata key we do not implement
+        },
+    )
+    assert out.runtime.disable_new_netns is True
+    assert out.runtime.sandbox_cgroup_only is True
+    assert out.runtime.internetworking_model == "none"
+    assert out.agent.kernel_modules == ("e1000e InterruptThrottleRate=3000", "i915 enable_ppgtt=0")
+
+
+def test_runtime_annotation_invalid() -> None:
+    with pytest.raises(ConfigError, match=f"annotation {R}disable_new_netns: invalid boolean"):
+        apply_annotations(config(), {R + "disable_new_netns": "maybe"})
+    with pytest.raises(ConfigError, match=f"annotation {R}internetworking_model: unsupported value"):
+        apply_annotations(config(), {R + "internetworking_model": "bridged"})
+
+
+def test_first_error_is_deterministic() -> None:
+    cfg = config(enable_annotations=("default_vcpus",))
+    annotations = {H + "kernel_params": "x", H + "default_memory": "1"}
+    with pytest.raises(ConfigError, match="default_memory is not enabled"):
+        apply_annotations(cfg, annotations)
