@@ -1,0 +1,140 @@
+"""The VMConfig → QEMU argv translation, without running QEMU."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from kata.hypervisor.base import HypervisorError, SharedFs, VMConfig
+from kata.hypervisor.qemu_argv import Vsock, build_argv, kernel_cmdline
+
+RUN = Path("/run/kata/vm1")
+
+
+def config(**over: object) -> VMConfig:
+    base = VMConfig(
+        id="vm1",
+        hypervisor_path=Path("/usr/bin/qemu-system-x86_64"),
+        kernel=Path("/k/vmlinux"),
+        image=Path("/k/root.img"),
+        initrd=None,
+        kernel_params=("quiet",),
+        vcpus=1,
+        max_vcpus=4,
+        memory_mib=512,
+        max_memory_mib=2048,
+        machine_type="microvm",
+        accel="tcg",
+        agent_channel="virtio-serial",
+        run_dir=RUN,
+        console_log=RUN / "console.log",
+    )
+    return replace(base, **over)  # type: ignore[arg-type]
+
+
+def option(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+def test_microvm_virtiofs_serial() -> None:
+    fs = SharedFs(kind="virtio-fs", host_dir=Path("/s"), tag="kataShared", vhost_user_socket=RUN / "vfs.sock")
+    argv = build_argv(config(shared_fs=fs))
+    assert argv[0] == "/usr/bin/qemu-system-x86_64"
+    assert option(argv, "-machine") == ["microvm,x-option-roms=off,isa-serial=on,rtc=on,memory-backend=mem"]
+    assert "memory-backend-memfd,id=mem,size=512M,share=on" in option(argv, "-object")
+    for flag in ("-nodefaults", "-no-user-config", "-nographic", "-no-reboot"):
+        assert flag in argv
+    assert option(argv, "-accel") == ["tcg"]
+    assert "-cpu" not in argv
+    # No hotplug on microvm: no spare CPUs or DIMM slots.
+    assert option(argv, "-smp") == ["1,maxcpus=1"]
+    assert option(argv, "-m") == ["512M"]
+    devices = option(argv, "-device")
+    assert "virtio-blk-device,drive=rootfs" in devices
+    assert "virtio-serial-device,id=vser0" in devices
+    assert "virtserialport,bus=vser0.0,chardev=agent,name=agent.channel.0" in devices
+    assert "vhost-user-fs-device,chardev=vfs,tag=kataShared" in devices
+    assert not any("-pci" in d for d in devices)
+    chardevs = option(argv, "-chardev")
+    assert f"socket,id=agent,path={RUN}/agent.sock,server=on,wait=off" in chardevs
+    assert f"socket,id=qmp,path={RUN}/qmp.sock,server=on,wait=off" in chardevs
+    assert f"socket,id=vfs,path={RUN}/vfs.sock" in chardevs
+    assert f"file,id=console,path={RUN}/console.log" in chardevs
+    assert option(argv, "-serial") == ["chardev:console"]
+    assert option(argv, "-pidfile") == [f"{RUN}/qemu.pid"]
+    assert option(argv, "-drive") == ["file=/k/root.img,if=none,id=rootfs,format=raw,readonly=on"]
+    assert option(argv, "-kernel") == ["/k/vmlinux"]
+    assert "-initrd" not in argv
+    (cmdline,) = option(argv, "-append")
+    assert cmdline.split() == ["console=ttyS0", "root=/dev/vda", "rootfstype=erofs", "ro", "quiet"]
+
+
+def test_q35_9p_vsock() -> None:
+    fs = SharedFs(kind="virtio-9p", host_dir=Path("/srv/share"), tag="t9")
+    argv = build_argv(
+        config(machine_type="q35", agent_channel="vsock", shared_fs=fs, image=None, initrd=Path("/k/initrd")),
+        Vsock(cid=42, vhostfd=7),
+    )
+    assert option(argv, "-machine") == ["q35"]
+    assert option(argv, "-smp") == ["1,maxcpus=4"]
+    assert option(argv, "-m") == ["512M,slots=8,maxmem=2048M"]
+    assert "-object" not in argv  # 9p needs no shared guest memory
+    devices = option(argv, "-device")
+    assert "vhost-vsock-pci,id=vsock0,guest-cid=42,vhostfd=7" in devices
+    assert "virtio-9p-pci,fsdev=fs9p,mount_tag=t9" in devices
+    assert not any(d.startswith("virtio-serial") for d in devices)
+    assert option(argv, "-fsdev") == ["local,id=fs9p,path=/srv/share,security_model=none,multidevs=remap"]
+    assert "-drive" not in argv
+    assert option(argv, "-initrd") == ["/k/initrd"]
+    (cmdline,) = option(argv, "-append")
+    assert "agent.channel=vsock" in cmdline.split()
+    assert "root=/dev/vda" not in cmdline
+
+
+def test_q35_virtiofs_binds_shared_memory_to_machine() -> None:
+    fs = SharedFs(kind="virtio-fs", host_dir=Path("/s"), vhost_user_socket=Path("/v.sock"))
+    argv = build_argv(config(machine_type="q35", shared_fs=fs))
+    assert option(argv, "-machine") == ["q35,memory-backend=mem"]
+    assert "vhost-user-fs-pci,chardev=vfs,tag=kataShared" in option(argv, "-device")
+    assert "virtio-serial-pci,id=vser0" in option(argv, "-device")
+
+
+def test_kvm_uses_host_cpu_tcg_does_not() -> None:
+    kvm = build_argv(config(accel="kvm"))
+    assert option(kvm, "-accel") == ["kvm"]
+    assert option(kvm, "-cpu") == ["host"]
+    tcg = build_argv(config(accel="tcg"))
+    assert "-cpu" not in tcg
+
+
+def test_no_memory_hotplug_when_max_equals_memory() -> None:
+    argv = build_argv(config(machine_type="pc", max_memory_mib=512))
+    assert option(argv, "-m") == ["512M"]
+    assert "virtio-blk-pci,drive=rootfs" in option(argv, "-device")
+
+
+def test_caller_params_override_driver_defaults() -> None:
+    line = kernel_cmdline(config(kernel_params=("console=hvc0", "root=/dev/vdb")), vsock=False)
+    assert line.split() == ["rootfstype=erofs", "ro", "console=hvc0", "root=/dev/vdb"]
+
+
+def test_extra_args_come_last() -> None:
+    assert build_argv(config(extra_args=("-S",)))[-1] == "-S"
+
+
+@pytest.mark.parametrize(
+    ("over", "message"),
+    [
+        ({"machine_type": "virt"}, "unsupported machine type"),
+        ({"vcpus": 5}, "max_vcpus"),
+        ({"memory_mib": 4096}, "max_memory_mib"),
+        ({"shared_fs": SharedFs(kind="virtio-fs", host_dir=Path("/s"))}, "virtiofsd socket"),
+        ({"agent_channel": "vsock"}, "guest cid"),
+    ],
+)
+def test_invalid_configs_give_one_line_errors(over: dict[str, object], message: str) -> None:
+    with pytest.raises(HypervisorError, match=message) as info:
+        build_argv(config(**over))
+    assert "\n" not in str(info.value)
