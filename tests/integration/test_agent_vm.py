@@ -1,0 +1,226 @@
+"""The guest agent end to end: boot the real guest with a plain QEMU command line (microvm, TCG,
+virtio-serial agent channel, erofs root, 9p share) and drive containers through AgentClient."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kata.agent.client import AgentClient, StreamEOF
+from kata.agent.endpoint import AgentEndpoint
+from kata.agent.transport import connect
+from kata.protocols import agent_pb2 as pb
+
+GUEST_DIR = Path("/usr/share/kata-containers")
+KERNEL = GUEST_DIR / "vmlinux.container"
+IMAGE = GUEST_DIR / "kata-containers.img"
+QEMU = "/usr/bin/qemu-system-x86_64"
+BUSYBOX = "/bin/busybox"
+SHARED = "/run/kata-containers/shared/containers"
+CMDLINE = (
+    "console=ttyS0 root=/dev/vda rootfstype=erofs ro init=/usr/bin/kata-agent agent.log=debug "
+    "quiet panic=-1 reboot=t no_timer_check tsc=reliable cryptomgr.notests random.trust_cpu=on "
+    "i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"
+)
+APPLETS = ("sh", "cat", "echo", "sleep", "stty", "tty", "true", "ls", "ps")
+
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.skipif(not KERNEL.exists(), reason=f"guest kernel {KERNEL} not built"),
+    pytest.mark.skipif(not IMAGE.exists(), reason=f"guest image {IMAGE} not built"),
+    pytest.mark.skipif(not os.path.exists(QEMU), reason=f"{QEMU} missing"),
+    pytest.mark.skipif(not os.path.exists(BUSYBOX), reason=f"{BUSYBOX} (busybox-static) missing"),
+]
+
+
+def make_rootfs(share: Path, cid: str) -> Path:
+    rootfs = share / cid / "rootfs"
+    for d in ("bin", "proc", "dev", "sys", "tmp", "etc"):
+        (rootfs / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(BUSYBOX, rootfs / "bin" / "busybox")
+    for applet in APPLETS:
+        (rootfs / "bin" / applet).symlink_to("busybox")
+    return rootfs
+
+
+def spec(cid: str, args: list[str], terminal: bool = False) -> bytes:
+    doc = {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": terminal,
+            "user": {"uid": 0, "gid": 0},
+            "args": args,
+            "env": ["PATH=/bin", "TERM=xterm"],
+            "cwd": "/",
+        },
+        "root": {"path": f"{SHARED}/{cid}/rootfs", "readonly": False},
+        "hostname": cid,
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+        ],
+        "linux": {
+            "cgroupsPath": f"/kata/{cid}",
+            "namespaces": [{"type": t} for t in ("pid", "mount", "ipc", "uts")],
+        },
+    }
+    return json.dumps(doc).encode()
+
+
+class VM:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.share = tmp / "share"
+        self.share.mkdir()
+        self.sock = tmp / "agent.sock"
+        self.console = tmp / "console.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        argv = [
+            QEMU, "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on", "-accel", "tcg",
+            "-m", "512M", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+            "-chardev", f"file,id=con,path={self.console}", "-serial", "chardev:con",
+            "-kernel", str(KERNEL), "-append", CMDLINE,
+            "-drive", f"file={IMAGE},if=none,id=root,format=raw,readonly=on",
+            "-device", "virtio-blk-device,drive=root",
+            "-device", "virtio-serial-device,id=vser0",
+            "-chardev", f"socket,id=agent,path={self.sock},server=on,wait=off",
+            "-device", "virtserialport,bus=vser0.0,chardev=agent,name=agent.channel.0",
+            "-fsdev", f"local,id=fs9p,path={self.share},security_model=none,multidevs=remap",
+            "-device", "virtio-9p-device,fsdev=fs9p,mount_tag=kataShared",
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=open(self.tmp / "qemu.err", "wb"))
+
+    def console_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.console.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no console log)"
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def vm(tmp_path: Path) -> Iterator[tuple[VM, AgentClient]]:
+    vm = VM(tmp_path)
+    client: AgentClient | None = None
+    try:
+        for attempt in range(2):  # rare silent boots: one retry (FACTS)
+            vm.start()
+            try:
+                client = AgentClient(connect(AgentEndpoint(kind="serial", path=str(vm.sock)), 20.0),
+                                     timeout=60.0)
+                client.wait_ready(60.0)
+                break
+            except Exception:
+                if client is not None:
+                    client.close()
+                    client = None
+                vm.kill()
+                if attempt == 1:
+                    raise
+        assert client is not None
+        client.create_sandbox(sandbox_id="sb1", hostname="sb1", storages=[pb.Storage(
+            driver="9p", source="kataShared", fstype="9p", mount_point=SHARED,
+            options=["trans=virtio", "version=9p2000.L", "msize=262144"],
+        )])
+        yield vm, client
+    except Exception:
+        print("guest console:\n" + vm.console_tail())
+        raise
+    finally:
+        if client is not None:
+            client.close()
+        vm.kill()
+
+
+def read_all(client: AgentClient, cid: str, exec_id: str = "", stderr: bool = False) -> bytes:
+    out = b""
+    read = client.read_stderr if stderr else client.read_stdout
+    while True:
+        try:
+            out += read(container_id=cid, exec_id=exec_id).data
+        except StreamEOF:
+            return out
+
+
+def run(client: AgentClient, vm: VM, cid: str, args: list[str], terminal: bool = False) -> None:
+    make_rootfs(vm.share, cid)
+    client.create_container(container_id=cid, oci_spec_json=spec(cid, args, terminal))
+
+
+def test_containers_end_to_end(vm: tuple[VM, AgentClient]) -> None:
+    v, client = vm
+    details = client.get_guest_details()
+    assert details.agent_details.init_daemon
+
+    # output and exit code
+    run(client, v, "c1", ["sh", "-c", "echo hello; echo err >&2; exit 7"])
+    client.start_container(container_id="c1")
+    assert read_all(client, "c1") == b"hello\n"
+    assert read_all(client, "c1", stderr=True) == b"err\n"
+    assert client.wait_process(container_id="c1").status == 7
+    client.remove_container(container_id="c1")
+
+    # stdin -> cat
+    run(client, v, "c2", ["cat"])
+    client.start_container(container_id="c2")
+    client.write_stdin(container_id="c2", data=b"ping\n")
+    client.close_stdin(container_id="c2")
+    assert read_all(client, "c2") == b"ping\n"
+    assert client.wait_process(container_id="c2").status == 0
+    client.remove_container(container_id="c2")
+
+    # a tty process, resized before it asks
+    run(client, v, "c3", ["sh", "-c", "sleep 1; stty size; tty"], terminal=True)
+    client.tty_win_resize(container_id="c3", row=33, column=99)
+    client.start_container(container_id="c3")
+    out = read_all(client, "c3")
+    assert b"33 99" in out and b"/dev/pts/" in out, out
+    assert client.wait_process(container_id="c3").status == 0
+    client.remove_container(container_id="c3")
+
+    # a long-running init: exec into it, stats, ps, then a signal
+    run(client, v, "c4", ["sleep", "1000"])
+    client.start_container(container_id="c4")
+    proc = {"args": ["sh", "-c", "echo exec-out; exit 3"], "cwd": "/", "env": ["PATH=/bin"],
+            "user": {"uid": 0, "gid": 0}, "terminal": False}
+    client.exec_process(container_id="c4", exec_id="e1", oci_process_json=json.dumps(proc).encode())
+    assert read_all(client, "c4", "e1") == b"exec-out\n"
+    assert client.wait_process(container_id="c4", exec_id="e1").status == 3
+    pids = json.loads(client.list_processes(container_id="c4", format="json").process_list)
+    assert len(pids) >= 1
+    stats = client.stats_container(container_id="c4")
+    assert stats.cgroup_stats.pids_stats.current >= 1
+    waiter: list[int] = []
+    t = threading.Thread(target=lambda: waiter.append(client.wait_process(container_id="c4").status))
+    t.start()
+    client.signal_process(container_id="c4", signal=9)
+    t.join(30)
+    assert waiter == [137]
+    client.remove_container(container_id="c4")
+
+
+def test_destroy_sandbox_powers_off(vm: tuple[VM, AgentClient]) -> None:
+    v, client = vm
+    client.destroy_sandbox()
+    assert v.proc is not None
+    start = time.monotonic()
+    v.proc.wait(30)
+    assert time.monotonic() - start < 30
