@@ -50,11 +50,11 @@ def process_start_time() -> float:
 
 
 def power_off() -> None:
-    from kata.guest.agent.mounts import _libc
+    from kata.guest.agent.mounts import libc
 
     log.info("powering off")
     os.sync()
-    _libc.reboot(0x4321FEDC)  # RB_POWER_OFF: ACPI power-off makes QEMU exit
+    libc.reboot(0x4321FEDC)  # RB_POWER_OFF: ACPI power-off makes QEMU exit
     os._exit(0)  # reboot() only returns when we are not allowed to (not PID 1 of the VM)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 
 from kata.guest.agent.reaper import Reaper
 from kata.protocols import agent_pb2 as pb
@@ -17,6 +16,8 @@ class NetworkError(Exception):
 
 
 def ip_tool() -> list[str]:
+    import shutil  # networking RPCs come after start-up; keep shutil off the boot path
+
     found = shutil.which("ip")
     if found:
         return [found]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +49,12 @@ class Container:
     @property
     def log_file(self) -> str:
         return os.path.join(self.bundle, "crun.log")
+
+
+def _rmtree(path: str) -> None:
+    import shutil  # only on removal: shutil's own imports cost start-up time in the guest
+
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _read_pid(path: str) -> int:
@@ -139,7 +144,7 @@ class Sandbox:
         except BaseException:
             with self._lock:
                 self.containers.pop(cid, None)
-            shutil.rmtree(bundle, ignore_errors=True)
+            _rmtree(bundle)
             raise
         log.info(f"created container {cid} init pid {c.init.pid}")
 
@@ -207,7 +212,7 @@ class Sandbox:
                 p.stdio.close()
         with self._lock:
             self.containers.pop(cid, None)
-        shutil.rmtree(c.bundle, ignore_errors=True)
+        _rmtree(c.bundle)
         log.info(f"removed container {cid}")
 
     def kill_all(self) -> None:
