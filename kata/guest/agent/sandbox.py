@@ -70,6 +70,7 @@ class Sandbox:
         self.id = ""
         self._lock = threading.Lock()
         self.containers: dict[str, Container] = {}
+        self._consoles = 0
 
     # lookups -------------------------------------------------------------------------------
     def container(self, cid: str) -> Container:
@@ -93,9 +94,14 @@ class Sandbox:
     ) -> Process:
         """Run a crun verb that leaves a process behind (create, exec --detach) and adopt it."""
         stdio: Stdio
+        os.makedirs(self.run_dir, exist_ok=True)
         console: ConsoleSocket | None = None
         if terminal:
-            console = ConsoleSocket(os.path.join(c.bundle, f"console-{exec_id or 'init'}.sock"))
+            # Not under the bundle: ids can be 64 characters and sun_path holds only 108.
+            with self._lock:
+                self._consoles += 1
+                n = self._consoles
+            console = ConsoleSocket(os.path.join(self.run_dir, f".console-{n}.sock"))
             args = [args[0], "--console-socket", console.path, *args[1:]]
             stdio = Stdio()
         else:
