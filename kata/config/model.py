@@ -17,8 +17,8 @@ SUPPORTED_AGENTS = ("kata",)
 # x86 machine types the QEMU driver knows how to build a command line for.
 SUPPORTED_MACHINE_TYPES = ("microvm", "q35", "pc")
 SHARED_FS_KINDS = ("virtio-fs", "virtio-9p", "none")
-# QEMU's C virtiofsd says "none" where Kata's docs say "never"; accept both.
-VIRTIO_FS_CACHE_MODES = ("auto", "always", "never", "none")
+# Kata's names; fs_share maps "never" to the C virtiofsd's "none".
+VIRTIO_FS_CACHE_MODES = ("auto", "always", "never")
 BLOCK_DEVICE_DRIVERS = ("virtio-blk", "virtio-scsi", "nvdimm")
 ACCELERATORS = ("auto", "kvm", "tcg")
 AGENT_CHANNELS = ("auto", "vsock", "virtio-serial")
