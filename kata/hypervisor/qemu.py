@@ -14,7 +14,7 @@ from kata.agent.endpoint import AgentEndpoint
 from . import daemon
 from .base import Hypervisor, HypervisorError, VMConfig
 from .qemu_argv import RunPaths, Vsock, build_argv, hotplug_capable
-from .qmp import Qmp, greeting_ready
+from .qmp import Qmp, main_loop_ready
 from .vsock import reserve_cid
 
 SAVE_TIMEOUT = 120.0
@@ -109,7 +109,8 @@ class Qemu(Hypervisor):
                 why = daemon.log_tail(self._paths.log_file) or "no output"
                 self._cleanup()
                 raise HypervisorError(f"QEMU exited during start: {why}")
-            if self._paths.qmp_socket.exists() and greeting_ready(self._paths.qmp_socket):
+            left = deadline - time.monotonic()
+            if self._paths.qmp_socket.exists() and main_loop_ready(self._paths.qmp_socket, left):
                 return
             if time.monotonic() > deadline:
                 daemon.terminate(proc, 1.0)

@@ -5,28 +5,36 @@ from __future__ import annotations
 import socket
 import time
 from pathlib import Path
-from typing import Any
-
-from qemu.qmp import QMPError
-from qemu.qmp.legacy import QEMUMonitorProtocol
+from typing import TYPE_CHECKING, Any
 
 from .base import HypervisorError
+
+if TYPE_CHECKING:
+    from qemu.qmp.legacy import QEMUMonitorProtocol
 
 COMMAND_TIMEOUT = 30.0
 
 
-def greeting_ready(path: Path, timeout: float = 0.2) -> bool:
-    """True once QEMU's main loop answers on the QMP socket.
+def main_loop_ready(path: Path, timeout: float) -> bool:
+    """True once QEMU answers a command on the QMP socket, i.e. machine init is over and vCPUs run.
 
-    Listening starts when the chardev is created, before machine init; the greeting is only sent from
-    the main loop, i.e. once the devices exist and the vCPUs run. Reading it on a raw socket costs far
-    less than a QMP handshake (no event loop), and QEMU accepts a fresh client after we hang up.
+    The greeting alone proves nothing: QMP I/O lives in its own thread, which greets clients while
+    the main thread is still loading the kernel (and may yet fail). Commands run on the main loop.
+    A raw exchange costs far less than a qemu.qmp handshake (no event loop), and QEMU accepts a new
+    client after we hang up.
     """
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
+            s.settimeout(max(timeout, 0.01))
             s.connect(str(path))
-            return s.recv(64).startswith(b'{"QMP"')
+            s.sendall(b'{"execute":"qmp_capabilities"}\n{"execute":"query-status","id":"ready"}\n')
+            data = b""
+            while b'"id": "ready"' not in data and b'"id":"ready"' not in data:
+                chunk = s.recv(4096)
+                if not chunk:
+                    return False
+                data += chunk
+            return True
     except OSError:
         return False
 
@@ -38,6 +46,10 @@ class Qmp:
 
     def _monitor(self) -> QEMUMonitorProtocol:
         if self._mon is None:
+            # Imported here: qemu.qmp pulls in asyncio (~60 ms), which start/stop never need.
+            from qemu.qmp import QMPError
+            from qemu.qmp.legacy import QEMUMonitorProtocol
+
             mon = QEMUMonitorProtocol(str(self._path))
             try:
                 mon.connect(negotiate=True)
@@ -48,6 +60,8 @@ class Qmp:
         return self._mon
 
     def run(self, command: str, **args: Any) -> Any:
+        from qemu.qmp import QMPError
+
         try:
             return self._monitor().cmd(command, **args)
         except (QMPError, OSError, TimeoutError) as exc:
@@ -70,6 +84,8 @@ class Qmp:
 
     def close(self) -> None:
         if self._mon is not None:
+            from qemu.qmp import QMPError
+
             try:
                 self._mon.close()
             except (QMPError, OSError):
