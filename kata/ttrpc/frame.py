@@ -7,7 +7,6 @@ ttrpc does, so one bad message costs one call and not the connection.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from kata.ttrpc.errors import ProtocolError
 from kata.ttrpc.stream import Stream
@@ -29,15 +28,21 @@ FLAG_NO_DATA = 0x4
 _READ_CHUNK = 64 * 1024
 
 
-@dataclass(frozen=True, slots=True)
 class Frame:
-    stream_id: int
-    type: int
-    flags: int
-    payload: bytes
-    # True when the payload was longer than allowed: it was discarded and `payload` is empty.
-    oversized: bool = False
-    length: int = 0
+    """One received frame. A plain slotted class: building a dataclass costs import time in the guest."""
+
+    __slots__ = ("stream_id", "type", "flags", "payload", "oversized", "length")
+
+    def __init__(
+        self, stream_id: int, type: int, flags: int, payload: bytes, oversized: bool = False, length: int = 0
+    ) -> None:
+        self.stream_id = stream_id
+        self.type = type
+        self.flags = flags
+        self.payload = payload
+        # True when the payload was longer than allowed: it was discarded and `payload` is empty.
+        self.oversized = oversized
+        self.length = length
 
 
 def encode(stream_id: int, msg_type: int, payload: bytes, flags: int = 0) -> bytes:

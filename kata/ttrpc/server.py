@@ -90,7 +90,11 @@ class Server:
             self._services[name] = dict(methods)
 
     def serve(self, stream: Stream) -> None:
-        """Serve one stream until EOF or shutdown(); the caller keeps ownership of the stream."""
+        """Serve one stream until EOF or shutdown().
+
+        The caller keeps ownership of the stream (shutdown() closes it to wake the reader). Responses of
+        handlers still running when this returns are dropped, so serving the same fd again is safe.
+        """
         conn = _Connection(stream)
         with self._lock:
             if self._stopped:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import pty
 import socket
 import threading
 import time
+import tty
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -51,6 +53,13 @@ def pipe_pair() -> tuple[Stream, Stream]:
     c2s_r, c2s_w = os.pipe()
     s2c_r, s2c_w = os.pipe()
     return fd_stream(s2c_r, c2s_w), fd_stream(c2s_r, s2c_w)
+
+
+def pty_pair() -> tuple[Stream, Stream]:
+    """One O_RDWR character device fd per side, like a virtio-serial port; EIO on hangup, not b""."""
+    master, slave = pty.openpty()
+    tty.setraw(slave)  # no line discipline: bytes pass unchanged
+    return fd_stream(slave), fd_stream(master)
 
 
 @dataclass
@@ -122,7 +131,7 @@ def start(pair: Callable[[], tuple[Stream, Stream]], max_workers: int = 32) -> S
     return Setup(Client(client_stream, on_close=closed.set), server, calls, server_stream, closed)
 
 
-@pytest.fixture(params=[socket_pair, pipe_pair], ids=["socketpair", "pipes"])
+@pytest.fixture(params=[socket_pair, pipe_pair, pty_pair], ids=["socketpair", "pipes", "pty"])
 def setup(request: pytest.FixtureRequest) -> Iterator[Setup]:
     s = start(request.param)
     yield s
