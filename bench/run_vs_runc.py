@@ -71,7 +71,8 @@ def main() -> int:
             dt, proc = timed([kata, "--debug", "--log", str(log), "--log-format", "json",
                               "run", "--bundle", str(bundle), cid])
             if proc.returncode != 0:
-                print(f"kata-runtime run failed: {proc.stderr.decode(errors='replace').strip()}", file=sys.stderr)
+                err = proc.stderr.decode(errors="replace").strip()
+                print(f"kata-runtime run failed: {err}", file=sys.stderr)
                 return 1
             times.append(dt)
             phases.append(kata_phases(log))

@@ -75,7 +75,8 @@ def make_rootfs(rootfs: Path) -> None:
             os.symlink("busybox", link)
     for d in ("proc", "sys", "dev", "etc", "tmp", "root"):
         (rootfs / d).mkdir(exist_ok=True)
-    (rootfs / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n")
+    passwd = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n"
+    (rootfs / "etc" / "passwd").write_text(passwd)
     (rootfs / "etc" / "group").write_text("root:x:0:\nnobody:x:65534:\n")
 
 

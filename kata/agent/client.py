@@ -94,8 +94,9 @@ class AgentClient:
                                       guest_hook_path=guest_hook_path)
         return self._call("CreateSandbox", req, Empty)
 
-    def destroy_sandbox(self) -> Empty:
-        return self._call("DestroySandbox", pb.DestroySandboxRequest(), Empty)
+    def destroy_sandbox(self, timeout: float | None = _DEFAULT) -> Empty:
+        # The guest powers off right after answering; callers bound the wait with a short timeout.
+        return self._call("DestroySandbox", pb.DestroySandboxRequest(), Empty, timeout)
 
     # containers -----------------------------------------------------------------------------
     def create_container(

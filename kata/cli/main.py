@@ -10,11 +10,12 @@ from kata import __version__
 from kata.cli import logs
 
 # One module per verb; each has add_parser(subparsers) and run(args) -> int.
-_VERBS = ("run", "env", "version")
+_VERBS = ("run", "check", "env", "version")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kata-runtime", description="OCI runtime that runs containers in lightweight VMs")
+    p = argparse.ArgumentParser(prog="kata-runtime",
+                                description="OCI runtime that runs containers in lightweight VMs")
     p.add_argument("--root", default="/run/kata-runtime", help="root directory for container state")
     p.add_argument("--log", default=None, help="log file (default: stderr only with --debug)")
     p.add_argument("--log-format", choices=("text", "json"), default="text")

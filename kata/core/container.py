@@ -45,7 +45,8 @@ class Container:
         return int(resp.status)
 
     def resize(self, rows: int, cols: int, exec_id: str = INIT_EXEC_ID) -> None:
-        self.sandbox.require_agent().tty_win_resize(container_id=self.id, exec_id=exec_id, row=rows, column=cols)
+        self.sandbox.require_agent().tty_win_resize(container_id=self.id, exec_id=exec_id,
+                                                    row=rows, column=cols)
 
     def remove(self) -> None:
         self.sandbox.require_agent().remove_container(container_id=self.id)

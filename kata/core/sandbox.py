@@ -1,4 +1,5 @@
-"""A sandbox: one VM, its virtiofsd, its shared directory and the agent connection; pods of one or more containers.
+"""A sandbox: one VM, its virtiofsd, its shared directory and the agent connection; it holds
+the containers of one pod.
 
 Lifecycle: create() brings everything up (and tears down whatever it had started when any step
 fails); destroy() always runs to the end, step by step, also when QEMU or the agent is already dead.
@@ -10,7 +11,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 from kata.agent.client import AgentClient
 from kata.agent.transport import connect
@@ -24,6 +25,9 @@ from kata.errors import KataError
 from kata.fs_share.shared_dir import SharedDir
 from kata.hypervisor.base import Hypervisor, HypervisorError
 from kata.specconv import GUEST_SHARED_DIR, vm_sizing
+
+AccelChoice = Literal["auto", "kvm", "tcg"]
+CacheMode = Literal["auto", "always", "never"]
 
 # Seconds the guest gets to power itself off after DestroySandbox before QEMU is stopped for it.
 _POWEROFF_GRACE = 2.0
@@ -81,9 +85,8 @@ class Sandbox:
                 raise KataError(f"{what} {path} does not exist (see {self.cfg.source})")
 
         sizing = vm_sizing(spec, hv, os.cpu_count() or 1, _host_memory_mib())
-        probe = choose_accel(Path(hv.path), Path(hv.kernel), force=hv.accel)  # type: ignore[arg-type]
-        if probe.accel == "tcg" and not probe.cached:
-            self.log.warning(f"using TCG software emulation: {probe.reason}")
+        # The probe warns once (when it is not cached) if it has to fall back to TCG.
+        probe = choose_accel(Path(hv.path), Path(hv.kernel), force=cast(AccelChoice, hv.accel))
         try:
             channel = vm.agent_channel(self.cfg.agent.agent_channel, vm.vsock_available())
         except ValueError as exc:
@@ -95,7 +98,7 @@ class Sandbox:
         if config.shared_fs is not None and config.shared_fs.kind == "virtio-fs":
             self.virtiofsd = Virtiofsd(
                 binary=Path(hv.virtio_fs_daemon), socket_path=self.paths.virtiofsd_socket,
-                shared_dir=self.paths.shared_dir, cache=hv.virtio_fs_cache,
+                shared_dir=self.paths.shared_dir, cache=cast(CacheMode, hv.virtio_fs_cache),
                 extra_args=tuple(hv.virtio_fs_extra_args), log_file=self.paths.vm_dir / "virtiofsd.log")
             self.virtiofsd.start(timeout=5.0)
             self.timings.mark("virtiofsd_ready")
@@ -139,7 +142,8 @@ class Sandbox:
 
     def _console_tail(self) -> str:
         try:
-            lines = [ln for ln in self.paths.console_log.read_text(errors="replace").splitlines() if ln.strip()]
+            text = self.paths.console_log.read_text(errors="replace")
+            lines = [ln for ln in text.splitlines() if ln.strip()]
         except OSError:
             return ""
         return f" (guest console: {lines[-1][:200]})" if lines else " (guest console is empty)"

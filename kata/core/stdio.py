@@ -34,10 +34,10 @@ class StdioRelay:
             self._targets.append((self._read_stderr, stderr_fd))
 
     def _read_stdout(self) -> bytes:
-        return bytes(self.agent.read_stdout(container_id=self.cid, exec_id=self.exec_id, len=_CHUNK).data)
+        return bytes(self.agent.read_stdout(container_id=self.cid, exec_id=self.exec_id, length=_CHUNK).data)
 
     def _read_stderr(self) -> bytes:
-        return bytes(self.agent.read_stderr(container_id=self.cid, exec_id=self.exec_id, len=_CHUNK).data)
+        return bytes(self.agent.read_stderr(container_id=self.cid, exec_id=self.exec_id, length=_CHUNK).data)
 
     def start(self) -> None:
         for read, fd in self._targets:

@@ -1,4 +1,6 @@
-"""Configuration → the typed VM description a hypervisor driver starts. Pure apart from host facts passed in."""
+"""Configuration → the typed VM description a hypervisor driver starts.
+
+Pure: host facts (accelerator, vsock) are passed in."""
 
 from __future__ import annotations
 

@@ -19,9 +19,8 @@ def proto_files() -> list[Path]:
 
 
 def generate() -> list[Path]:
-    from grpc_tools import protoc  # build-time only dependency
-
     import grpc_tools
+    from grpc_tools import protoc  # build-time only dependency
 
     wkt_include = Path(grpc_tools.__file__).parent / "_proto"
     files = proto_files()
