@@ -69,6 +69,14 @@ class Qemu(Hypervisor):
             raise HypervisorError(f"VM {self._state.id} was already started")
         paths = RunPaths(config.run_dir)
         paths.run_dir.mkdir(parents=True, exist_ok=True)
+        if paths.state_file.exists():
+            try:
+                old = QemuState.load(paths.state_file)
+            except HypervisorError:
+                pass  # unreadable leftovers: overwritten below
+            else:
+                if daemon.ProcessId(old.pid, old.start_time).is_alive():
+                    raise HypervisorError(f"a VM (pid {old.pid}) is already running in {paths.run_dir}")
         for stale in (paths.qmp_socket, paths.agent_socket, paths.pid_file, paths.log_file):
             stale.unlink(missing_ok=True)
 
