@@ -12,7 +12,7 @@ from pathlib import Path
 STATE_ROOT = Path(os.environ.get("KATA_STATE_ROOT", "/run/vc"))
 SHARED_ROOT = Path(os.environ.get("KATA_SHARED_ROOT", "/run/kata-containers/shared/sandboxes"))
 
-_ID_RE = re.compile(r"^[\w+\-.]+$")
+_ID_RE = re.compile(r"[\w+\-.]+")
 
 
 class InvalidIdError(ValueError):
@@ -21,7 +21,7 @@ class InvalidIdError(ValueError):
 
 def validate_id(id_: str) -> str:
     """runc's rule for container ids: also keeps ids safe to use as path components."""
-    if not id_ or id_ in (".", "..") or not _ID_RE.match(id_) or len(id_) > 1024:
+    if not id_ or id_ in (".", "..") or not _ID_RE.fullmatch(id_) or len(id_) > 1024:
         raise InvalidIdError(f"invalid id format: {id_!r}")
     return id_
 

@@ -1,0 +1,125 @@
+"""Core pieces that need no VM: ids, state files, VM description, shared-dir bind mounts, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kata.config import HypervisorConfig, load_config
+from kata.core import vm
+from kata.core.paths import InvalidIdError, SandboxPaths, validate_id
+from kata.core.store import locked, read_json, write_json
+from kata.fs_share.shared_dir import ShareError, SharedDir
+from kata.specconv import HostShare, VMSizing
+from kata.utils.mount import mounts_under
+from tests.conftest import runtime_bin
+
+
+@pytest.mark.parametrize("good", ["abc", "a.b-c_d+1", "x" * 64])
+def test_valid_ids(good: str) -> None:
+    assert validate_id(good) == good
+
+
+@pytest.mark.parametrize("bad", ["", ".", "..", "a/b", "a b", "../x", "x\n"])
+def test_invalid_ids(bad: str) -> None:
+    with pytest.raises(InvalidIdError):
+        validate_id(bad)
+
+
+def test_store_is_atomic_and_readable(tmp_path: Path) -> None:
+    f = tmp_path / "state.json"
+    write_json(f, {"state": "ready", "n": 1})
+    assert read_json(f) == {"state": "ready", "n": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temp file left
+    with locked(tmp_path / "lock"), locked(tmp_path / "other"):
+        pass
+
+
+def test_agent_channel_choice() -> None:
+    assert vm.agent_channel("auto", vsock_available=False) == "virtio-serial"
+    assert vm.agent_channel("auto", vsock_available=True) == "vsock"
+    assert vm.agent_channel("virtio-serial", vsock_available=True) == "virtio-serial"
+    with pytest.raises(ValueError, match="vhost-vsock"):
+        vm.agent_channel("vsock", vsock_available=False)
+
+
+def test_vm_config_carries_sizing_shares_and_params() -> None:
+    hv = HypervisorConfig(kernel_params="quiet foo=bar")
+    paths = SandboxPaths("sb1")
+    cfg = vm.build_vm_config("sb1", hv, VMSizing(2, 2, 640), paths, "tcg", "virtio-serial",
+                             ("console=ttyS0",), debug=True)
+    assert cfg.vcpus == 2 and cfg.memory_mib == 640 and cfg.accel == "tcg"
+    assert cfg.kernel_params[0] == "console=ttyS0"
+    assert "init=/usr/bin/kata-agent" in cfg.kernel_params
+    assert "agent.channel=serial" in cfg.kernel_params and "agent.log=debug" in cfg.kernel_params
+    # user parameters come last so they win over ours (e.g. a later init=)
+    assert cfg.kernel_params[-2:] == ("quiet", "foo=bar")
+    assert cfg.shared_fs is not None and cfg.shared_fs.kind == "virtio-fs"
+    assert cfg.shared_fs.vhost_user_socket == paths.virtiofsd_socket
+    nine_p = vm.build_vm_config("sb1", HypervisorConfig(shared_fs="virtio-9p"), VMSizing(1, 1, 512), paths,
+                                "kvm", "vsock", (), debug=False)
+    assert nine_p.shared_fs is not None and nine_p.shared_fs.kind == "virtio-9p"
+    assert "agent.channel=vsock" in nine_p.kernel_params
+    assert vm.build_vm_config("sb1", HypervisorConfig(shared_fs="none"), VMSizing(1, 1, 512), paths,
+                              "kvm", "vsock", (), debug=False).shared_fs is None
+
+
+def test_shared_dir_binds_and_cleans_up(tmp_path: Path) -> None:
+    src_dir = tmp_path / "rootfs"
+    (src_dir / "bin").mkdir(parents=True)
+    src_file = tmp_path / "resolv.conf"
+    src_file.write_text("nameserver 192.0.2.1\n")
+    shared = SharedDir(tmp_path / "shared")
+    shared.create()
+    try:
+        rootfs = shared.add(HostShare(str(src_dir), "c1/rootfs", read_only=False))
+        conf = shared.add(HostShare(str(src_file), "c1-1-resolv.conf", read_only=True))
+        assert (rootfs / "bin").is_dir()
+        assert conf.read_text() == "nameserver 192.0.2.1\n"
+        with pytest.raises(OSError):
+            conf.write_text("x")  # read-only bind
+        assert len(mounts_under(str(shared.root))) == 2
+        with pytest.raises(ShareError, match="does not exist"):
+            shared.add(HostShare(str(tmp_path / "missing"), "c1-2-missing", read_only=False))
+        shared.remove("c1")
+        assert mounts_under(str(shared.root)) == []
+    finally:
+        shared.destroy()
+    assert not shared.root.exists()
+    assert src_file.read_text() == "nameserver 192.0.2.1\n"  # the source is untouched
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([runtime_bin(), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
+    for args, words in (
+        (("run", "--bundle", str(tmp_path / "none"), "c1"), "none"),
+        (("run", "--bundle", str(tmp_path), "bad/id"), "invalid id"),
+        (("--config", str(tmp_path / "missing.toml"), "env"), "missing.toml"),
+    ):
+        proc = _cli(*args)
+        assert proc.returncode != 0
+        assert "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert words in proc.stderr
+
+
+def test_cli_env_prints_the_configuration() -> None:
+    proc = _cli("env", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["hypervisor"]["qemu"]["machine_type"] == load_config().hypervisor.machine_type
+    assert "[hypervisor.qemu]" in _cli("env").stdout
+
+
+def test_cli_log_json_records_the_error(tmp_path: Path) -> None:
+    log = tmp_path / "log.json"
+    proc = _cli("--log", str(log), "--log-format", "json", "run", "--bundle", str(tmp_path / "x"), "c1")
+    assert proc.returncode != 0
+    line = json.loads(log.read_text().splitlines()[-1])
+    assert line["level"] == "error" and "x" in line["msg"] and line["time"]
