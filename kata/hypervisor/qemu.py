@@ -65,6 +65,34 @@ class Qemu(Hypervisor):
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def start(self, config: VMConfig, timeout: float) -> None:
+        self._launch(config, timeout, incoming=None)
+
+    def restore(self, config: VMConfig, state_file: Path, timeout: float) -> None:
+        """Start the VM that ``save`` wrote to ``state_file`` (same config) and let it run on.
+
+        QEMU 7.2 refuses to save a VM with vhost-user-fs, or with a 9p share the guest has mounted:
+        attach shared directories after the restore.
+        """
+        if not state_file.is_file():
+            raise HypervisorError(f"no saved VM state at {state_file}")
+        deadline = time.monotonic() + timeout
+        self._launch(config, timeout, incoming=state_file)
+        try:
+            # The incoming migration runs after the main loop starts; the VM comes up paused.
+            while (status := self.status()) == "inmigrate":
+                if time.monotonic() > deadline:
+                    raise HypervisorError(f"restore from {state_file} not done after {timeout:g}s")
+                time.sleep(0.005)
+            if status not in ("paused", "postmigrate", "prelaunch", "running"):
+                raise HypervisorError(f"restore from {state_file} failed (status {status})")
+            if status != "running":
+                self._monitor().run("cont")
+        except HypervisorError as exc:
+            why = self.console_log_tail()
+            self.stop(timeout=1)
+            raise HypervisorError(f"{exc}: {why}" if why else str(exc)) from exc
+
+    def _launch(self, config: VMConfig, timeout: float, incoming: Path | None) -> None:
         if self._state is not None:
             raise HypervisorError(f"VM {self._state.id} was already started")
         paths = RunPaths(config.run_dir)
@@ -82,7 +110,7 @@ class Qemu(Hypervisor):
 
         vsock: Vsock | None = reserve_cid() if config.agent_channel == "vsock" else None
         try:
-            argv = build_argv(config, vsock)
+            argv = build_argv(config, vsock, incoming)
             fds = [vsock.vhostfd] if vsock is not None and vsock.vhostfd is not None else []
             try:
                 proc = daemon.launch(argv, paths.log_file, pass_fds=fds)

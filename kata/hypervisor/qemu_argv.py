@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,8 +86,11 @@ def validate(config: VMConfig) -> None:
         raise HypervisorError("virtio-fs shared directory needs the virtiofsd socket (vhost_user_socket)")
 
 
-def build_argv(config: VMConfig, vsock: Vsock | None = None) -> list[str]:
-    """The full QEMU argv; ``vsock`` is required when ``config.agent_channel == "vsock"``."""
+def build_argv(config: VMConfig, vsock: Vsock | None = None, incoming: Path | None = None) -> list[str]:
+    """The full QEMU argv; ``vsock`` is required when ``config.agent_channel == "vsock"``.
+
+    ``incoming``: a state file written by ``save`` to restore from (the same config must be used).
+    """
     validate(config)
     if config.agent_channel == "vsock" and vsock is None:
         raise HypervisorError("agent channel vsock needs a guest cid")
@@ -170,5 +174,7 @@ def build_argv(config: VMConfig, vsock: Vsock | None = None) -> list[str]:
                 "-device", f"{dev('virtio-9p')},fsdev=fs9p,mount_tag={fs.tag}",
             ]  # fmt: skip
 
+    if incoming is not None:
+        argv += ["-incoming", f"exec:cat {shlex.quote(str(incoming))}"]
     argv += list(config.extra_args)
     return argv

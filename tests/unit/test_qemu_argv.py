@@ -138,3 +138,9 @@ def test_invalid_configs_give_one_line_errors(over: dict[str, object], message: 
     with pytest.raises(HypervisorError, match=message) as info:
         build_argv(config(**over))
     assert "\n" not in str(info.value)
+
+
+def test_restore_reads_state_through_exec() -> None:
+    argv = build_argv(config(extra_args=("-S",)), incoming=Path("/run/state file"))
+    assert option(argv, "-incoming") == ["exec:cat '/run/state file'"]
+    assert argv[-1] == "-S"
