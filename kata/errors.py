@@ -1,28 +1,16 @@
-"""Which exceptions carry a message meant for the user (printed as is, no 'internal error')."""
+"""The base of every error whose message is meant for the user.
+
+Each layer defines its own error type (OCIError, ConfigError, HypervisorError, AgentError, ...)
+as a subclass, so the CLI prints their one-line message as is and anything else as an internal error.
+This module imports nothing, so every layer can use it.
+"""
 
 from __future__ import annotations
 
 
 class KataError(Exception):
-    """Base for the core's own one-line errors."""
+    """A failure explained in one line for the user."""
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    # Imported lazily: each layer defines its own error type, and the CLI must not pay for
-    # importing every layer just to print a message.
-    from kata.config import ConfigError
-    from kata.core.paths import InvalidIdError
-    from kata.fs_share.shared_dir import ShareError
-    from kata.hypervisor.base import HypervisorError
-    from kata.oci.spec import OCIError
-
-    types: list[type[BaseException]] = [
-        KataError, ConfigError, InvalidIdError, ShareError, HypervisorError, OCIError, TimeoutError,
-    ]
-    try:
-        from kata.agent.client import AgentError
-
-        types.append(AgentError)
-    except ImportError:
-        pass
-    return tuple(types)
+    return (KataError, TimeoutError)

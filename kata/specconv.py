@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kata.config.model import HypervisorConfig
+from kata.errors import KataError
 from kata.oci.spec import Bundle, linux_resources
 
 # Where the sandbox's shared filesystem is mounted in the guest.
@@ -34,7 +35,7 @@ DEFAULT_CPU_PERIOD_US = 100_000
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 
 
-class SpecConvError(Exception):
+class SpecConvError(KataError):
     """The spec asks for something a container in a VM cannot have; one line for the user."""
 
 

@@ -10,6 +10,7 @@ from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
 
 from kata import ttrpc
+from kata.errors import KataError
 from kata.protocols import agent_pb2 as pb
 from kata.protocols import health_pb2 as hpb
 
@@ -23,7 +24,7 @@ R = TypeVar("R", bound=Message)
 _DEFAULT = -1.0
 
 
-class AgentError(Exception):
+class AgentError(KataError):
     """An agent call failed; `code` is the ttrpc status code, str() is one line."""
 
     def __init__(self, method: str, code: ttrpc.Code, message: str) -> None:

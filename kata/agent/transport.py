@@ -8,11 +8,12 @@ import time
 
 from kata import ttrpc
 from kata.agent.endpoint import AgentEndpoint
+from kata.errors import KataError
 
 _RETRY = 0.01
 
 
-class TransportError(Exception):
+class TransportError(KataError):
     """The agent channel could not be opened; the message is one line."""
 
 

@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from kata.errors import KataError
+
 SUPPORTED_HYPERVISORS = ("qemu",)
 SUPPORTED_AGENTS = ("kata",)
 # x86 machine types the QEMU driver knows how to build a command line for.
@@ -27,7 +29,7 @@ INTERNETWORKING_MODELS = ("tcfilter", "macvtap", "none")
 MIN_MEMORY_MIB = 64
 
 
-class ConfigError(Exception):
+class ConfigError(KataError):
     """configuration.toml or an annotation is invalid; one line, naming the file (or annotation) and key."""
 
 

@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from kata.errors import KataError
+
 # Kata's locations: persisted sandbox state under /run/vc/sbs, VMM sockets under /run/vc/vm,
 # and the directory shared into the guest under /run/kata-containers/shared/sandboxes.
 STATE_ROOT = Path(os.environ.get("KATA_STATE_ROOT", "/run/vc"))
@@ -15,7 +17,7 @@ SHARED_ROOT = Path(os.environ.get("KATA_SHARED_ROOT", "/run/kata-containers/shar
 _ID_RE = re.compile(r"[\w+\-.]+")
 
 
-class InvalidIdError(ValueError):
+class InvalidIdError(KataError, ValueError):
     pass
 
 

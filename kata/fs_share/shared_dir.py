@@ -10,11 +10,12 @@ import os
 import shutil
 from pathlib import Path
 
+from kata.errors import KataError
 from kata.specconv import HostShare
 from kata.utils.mount import bind_mount, mounts_under, unmount
 
 
-class ShareError(Exception):
+class ShareError(KataError):
     pass
 
 

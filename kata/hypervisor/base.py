@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Literal
 
 from kata.agent.endpoint import AgentEndpoint
+from kata.errors import KataError
 
 
-class HypervisorError(Exception):
+class HypervisorError(KataError):
     """A VMM failed to start, answer or stop; the message is one line for the user."""
 
 

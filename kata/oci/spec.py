@@ -14,6 +14,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from kata.errors import KataError
+
 CONFIG_FILENAME = "config.json"
 
 # Every namespace type the runtime-spec defines for Linux.
@@ -22,7 +24,7 @@ KNOWN_NAMESPACES = frozenset({"pid", "network", "mount", "ipc", "uts", "user", "
 HOOK_KINDS = ("prestart", "createRuntime", "createContainer", "startContainer", "poststart", "poststop")
 
 
-class OCIError(Exception):
+class OCIError(KataError):
     """The bundle or process file is unusable; the message is one line for the user."""
 
 
