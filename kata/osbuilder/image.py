@@ -1,0 +1,48 @@
+"""The guest root as a read-only erofs image, byte-for-byte reproducible from the same tree."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+# A fixed UUID and timestamp: otherwise mkfs.erofs stamps each build with a random UUID and the build time.
+FIXED_UUID = "00000000-0000-4000-8000-00006b617461"
+
+
+class ImageError(RuntimeError):
+    """A one-line reason why the image could not be made."""
+
+
+@dataclass(frozen=True)
+class ErofsOptions:
+    compression: str | None = None  # e.g. "lz4hc"; None = uncompressed
+    timestamp: int = 0
+
+    def args(self) -> list[str]:
+        args = [f"-T{self.timestamp}", f"-U{FIXED_UUID}", "--all-root", "-x-1", "--quiet"]
+        if self.compression:
+            args.append(f"-z{self.compression}")
+        return args
+
+
+def make_erofs(tree: Path, target: Path, options: ErofsOptions) -> Path:
+    """Write the image next to target, then rename: a reader never sees a half-written image."""
+    if shutil.which("mkfs.erofs") is None:
+        raise ImageError("mkfs.erofs not found: apt-get install erofs-utils")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp.{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    env = dict(os.environ, SOURCE_DATE_EPOCH=str(options.timestamp))
+    res = subprocess.run(
+        ["mkfs.erofs", *options.args(), str(tmp), str(tree)], capture_output=True, text=True, env=env
+    )
+    if res.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        err = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ImageError(f"mkfs.erofs failed (exit {res.returncode}): {err}")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, target)
+    return target

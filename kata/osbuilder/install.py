@@ -1,0 +1,25 @@
+"""Install built assets under Kata's well-known names: versioned files, atomically replaced symlinks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+KERNEL_LINK = "vmlinux.container"
+IMAGE_LINK = "kata-containers.img"
+
+
+def link_atomically(link: Path, target: Path) -> None:
+    """Point link at target (relative, same dir) with rename(2), so readers see the old or the new asset."""
+    tmp = link.with_name(f".{link.name}.tmp.{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target.name if target.parent == link.parent else str(target), tmp)
+    os.replace(tmp, link)
+
+
+def installed_target(link: Path) -> Path | None:
+    """Where link points, if it is a symlink to an existing file."""
+    if not link.is_symlink():
+        return None
+    target = link.parent / os.readlink(link)
+    return target if target.exists() else None
