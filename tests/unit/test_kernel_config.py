@@ -1,0 +1,51 @@
+"""The fragment checker: the only guard against olddefconfig silently dropping a wanted option."""
+
+from kata.osbuilder.kernel import FRAGMENT_PATH, KERNEL_PARAMS, kernel_inputs_hash, missing_options
+
+FRAGMENT = """\
+# comment
+CONFIG_BLOCK=y
+CONFIG_VIRTIO_BLK=y
+CONFIG_NR_CPUS=64
+# CONFIG_VT is not set
+CONFIG_FOO=n
+"""
+
+
+def test_all_present() -> None:
+    config = "CONFIG_BLOCK=y\nCONFIG_VIRTIO_BLK=y\nCONFIG_NR_CPUS=64\n# CONFIG_VT is not set\n"
+    assert missing_options(FRAGMENT, config) == []
+
+
+def test_dropped_option_is_reported() -> None:
+    config = "CONFIG_BLOCK=y\n# CONFIG_VIRTIO_BLK is not set\nCONFIG_NR_CPUS=64\n"
+    assert missing_options(FRAGMENT, config) == ["CONFIG_VIRTIO_BLK=y"]
+
+
+def test_changed_value_is_reported() -> None:
+    config = "CONFIG_BLOCK=y\nCONFIG_VIRTIO_BLK=y\nCONFIG_NR_CPUS=8\n"
+    assert missing_options(FRAGMENT, config) == ["CONFIG_NR_CPUS=64"]
+
+
+def test_module_instead_of_builtin_is_reported() -> None:
+    config = "CONFIG_BLOCK=y\nCONFIG_VIRTIO_BLK=m\nCONFIG_NR_CPUS=64\n"
+    assert missing_options(FRAGMENT, config) == ["CONFIG_VIRTIO_BLK=y"]
+
+
+def test_empty_config_reports_everything_wanted() -> None:
+    assert missing_options(FRAGMENT, "") == ["CONFIG_BLOCK=y", "CONFIG_VIRTIO_BLK=y", "CONFIG_NR_CPUS=64"]
+
+
+def test_shipped_fragment_names_the_required_options() -> None:
+    text = FRAGMENT_PATH.read_text()
+    for opt in ("BLOCK", "PVH", "VIRTIO_MMIO_CMDLINE_DEVICES", "VIRTIO_FS", "9P_FS", "EROFS_FS", "SLUB"):
+        assert f"CONFIG_{opt}=y" in text
+    assert "# CONFIG_VT is not set" in text
+    assert "# CONFIG_MODULES is not set" in text
+
+
+def test_inputs_hash_is_stable_hex() -> None:
+    h = kernel_inputs_hash()
+    assert h == kernel_inputs_hash()
+    assert len(h) == 16 and int(h, 16) >= 0
+    assert "console=ttyS0" in KERNEL_PARAMS
