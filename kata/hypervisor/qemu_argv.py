@@ -115,6 +115,9 @@ def build_argv(config: VMConfig, vsock: Vsock | None = None, incoming: Path | No
         "-accel", config.accel,
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
     ]  # fmt: skip
+    if mmio:
+        # virtio-mmio is legacy (v1) by default; vhost-user backends (virtiofsd) refuse legacy devices.
+        argv += ["-global", "virtio-mmio.force-legacy=false"]
     if config.accel == "kvm":
         # TCG's default CPU model is faster to emulate than -cpu max; host passthrough needs KVM.
         argv += ["-cpu", "host"]

@@ -47,6 +47,7 @@ def test_microvm_virtiofs_serial() -> None:
     for flag in ("-nodefaults", "-no-user-config", "-nographic", "-no-reboot"):
         assert flag in argv
     assert option(argv, "-accel") == ["tcg"]
+    assert option(argv, "-global") == ["virtio-mmio.force-legacy=false"]
     assert "-cpu" not in argv
     # No hotplug on microvm: no spare CPUs or DIMM slots.
     assert option(argv, "-smp") == ["1,maxcpus=1"]
@@ -78,6 +79,7 @@ def test_q35_9p_vsock() -> None:
         Vsock(cid=42, vhostfd=7),
     )
     assert option(argv, "-machine") == ["q35"]
+    assert "-global" not in argv
     assert option(argv, "-smp") == ["1,maxcpus=4"]
     assert option(argv, "-m") == ["512M,slots=8,maxmem=2048M"]
     assert "-object" not in argv  # 9p needs no shared guest memory
