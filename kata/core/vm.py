@@ -15,8 +15,8 @@ from kata.core.paths import SandboxPaths
 from kata.hypervisor.base import SharedFs, VMConfig
 from kata.specconv import VMSizing
 
-# The guest image is a read-only erofs on the first virtio-blk disk; the agent is PID 1.
-ROOT_PARAMS = ("root=/dev/vda", "rootfstype=erofs", "ro", "init=/usr/bin/kata-agent")
+# The driver mounts the image as root; the agent is PID 1.
+ROOT_PARAMS = ("init=/usr/bin/kata-agent",)
 SHARED_FS_TAG = "kataShared"
 
 

@@ -25,6 +25,17 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def tsc_khz() -> int | None:
+    """The host's TSC rate in kHz, as the kernel reports it in /proc/cpuinfo ("cpu MHz")."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return int(float(line.split(":", 1)[1]) * 1000)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def kvm_module() -> str:
     """Which KVM flavour the host kernel has (loaded or built in): "pvm", "intel", "amd" or "none"."""
     for name in ("kvm_pvm", "kvm_intel", "kvm_amd"):

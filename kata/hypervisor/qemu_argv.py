@@ -9,6 +9,7 @@ from pathlib import Path
 from kata.agent.endpoint import AGENT_SERIAL_PORT_NAME
 
 from .base import HypervisorError, VMConfig
+from .host import tsc_khz
 
 MACHINES = ("microvm", "q35", "pc")
 # DIMM slots offered for memory hotplug on q35/pc.
@@ -67,6 +68,12 @@ def kernel_cmdline(config: VMConfig, vsock: bool) -> str:
         own += ["root=/dev/vda", "rootfstype=erofs", "ro"]
     if vsock:
         own.append("agent.channel=vsock")
+    if config.accel == "tcg" and config.machine_type == "microvm":
+        # microvm has no PIT/HPET/PM timer to calibrate the TSC against; under TCG the guest then
+        # marks the TSC unstable and most boots hang. TCG's TSC is the host's, so its rate is known.
+        khz = tsc_khz()
+        if khz:
+            own.append(f"tsc_early_khz={khz}")
     kept = [p for p in own if p.split("=", 1)[0] not in given]
     return " ".join([*kept, *config.kernel_params])
 
