@@ -126,8 +126,12 @@ def build_argv(config: VMConfig, vsock: Vsock | None = None, incoming: Path | No
         # virtio-mmio is legacy (v1) by default; vhost-user backends (virtiofsd) refuse legacy devices.
         argv += ["-global", "virtio-mmio.force-legacy=false"]
     if config.accel == "kvm":
-        # TCG's default CPU model is faster to emulate than -cpu max; host passthrough needs KVM.
         argv += ["-cpu", "host"]
+    else:
+        # TCG's default model is faster to emulate than -cpu max, but lacks RDRAND: the guest's
+        # entropy pool then fills only by jitter, and Python's first getrandom() burns ~3 s of
+        # guest CPU at agent start. TCG emulates RDRAND from the host's random source.
+        argv += ["-cpu", "qemu64,+rdrand"]
 
     hotplug = hotplug_capable(config.machine_type)
     maxcpus = config.max_vcpus if hotplug else config.vcpus

@@ -48,7 +48,7 @@ def test_microvm_virtiofs_serial() -> None:
         assert flag in argv
     assert option(argv, "-accel") == ["tcg"]
     assert option(argv, "-global") == ["virtio-mmio.force-legacy=false"]
-    assert "-cpu" not in argv
+    assert option(argv, "-cpu") == ["qemu64,+rdrand"]
     # No hotplug on microvm: no spare CPUs or DIMM slots.
     assert option(argv, "-smp") == ["1,maxcpus=1"]
     assert option(argv, "-m") == ["512M"]
@@ -108,7 +108,8 @@ def test_kvm_uses_host_cpu_tcg_does_not() -> None:
     assert option(kvm, "-accel") == ["kvm"]
     assert option(kvm, "-cpu") == ["host"]
     tcg = build_argv(config(accel="tcg"))
-    assert "-cpu" not in tcg
+    # TCG keeps its cheap default model, plus RDRAND so the guest has entropy at once.
+    assert option(tcg, "-cpu") == ["qemu64,+rdrand"]
 
 
 def test_no_memory_hotplug_when_max_equals_memory() -> None:
@@ -118,8 +119,14 @@ def test_no_memory_hotplug_when_max_equals_memory() -> None:
 
 
 def test_caller_params_override_driver_defaults() -> None:
-    line = kernel_cmdline(config(kernel_params=("console=hvc0", "root=/dev/vdb")), vsock=False)
-    assert line.split() == ["rootfstype=erofs", "ro", "console=hvc0", "root=/dev/vdb"]
+    line = kernel_cmdline(config(kernel_params=("console=hvc0", "root=/dev/vdb")), vsock=False).split()
+    assert [p for p in line if not p.startswith("tsc_early_khz=")] == [
+        "rootfstype=erofs", "ro", "console=hvc0", "root=/dev/vdb"]
+
+
+def test_tcg_microvm_gets_the_tsc_rate() -> None:
+    assert any(p.startswith("tsc_early_khz=") for p in kernel_cmdline(config(accel="tcg"), vsock=False).split())
+    assert not any(p.startswith("tsc_early_khz=") for p in kernel_cmdline(config(accel="kvm"), vsock=False).split())
 
 
 def test_extra_args_come_last() -> None:
