@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from kata.osbuilder.kernel import KERNEL_PARAMS
+from kata.osbuilder.kernel import KERNEL_PARAMS, tcg_kernel_params
 
 KERNEL = Path("/usr/share/kata-containers/vmlinux.container")
 QEMU = "/usr/bin/qemu-system-x86_64"
@@ -86,6 +86,7 @@ def make_initramfs(root: Path, out: Path, init_script: str) -> Path:
 
 def boot(args: list[str], append: str, timeout: float = BOOT_TIMEOUT) -> Boot:
     """Launch QEMU, collect tagged console lines, and always kill it on the way out."""
+    append = " ".join([append, *tcg_kernel_params()])
     cmd = [QEMU, *args, "-m", "512", "-nographic", "-no-reboot", "-kernel", str(KERNEL), "-append", append]
     result = Boot()
     start = time.monotonic()

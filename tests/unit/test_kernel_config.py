@@ -1,6 +1,14 @@
 """The fragment checker: the only guard against olddefconfig silently dropping a wanted option."""
 
-from kata.osbuilder.kernel import FRAGMENT_PATH, KERNEL_PARAMS, kernel_inputs_hash, missing_options
+from pathlib import Path
+
+from kata.osbuilder.kernel import (
+    FRAGMENT_PATH,
+    KERNEL_PARAMS,
+    kernel_inputs_hash,
+    missing_options,
+    tcg_kernel_params,
+)
 
 FRAGMENT = """\
 # comment
@@ -49,3 +57,12 @@ def test_inputs_hash_is_stable_hex() -> None:
     assert h == kernel_inputs_hash()
     assert len(h) == 16 and int(h, 16) >= 0
     assert "console=ttyS0" in KERNEL_PARAMS
+
+
+def test_tcg_params_take_tsc_rate_from_cpuinfo(tmp_path: Path) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\ncpu MHz\t\t: 2100.000\n")
+    assert tcg_kernel_params(info) == ("tsc_early_khz=2100000",)
+    info.write_text("processor\t: 0\n")
+    assert tcg_kernel_params(info) == ()
+    assert tcg_kernel_params(tmp_path / "absent") == ()
