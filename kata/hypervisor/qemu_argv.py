@@ -9,7 +9,7 @@ from pathlib import Path
 from kata.agent.endpoint import AGENT_SERIAL_PORT_NAME
 
 from .base import HypervisorError, VMConfig
-from .host import tsc_khz
+from .host import tcg_kernel_params
 
 MACHINES = ("microvm", "q35", "pc")
 # DIMM slots offered for memory hotplug on q35/pc.
@@ -71,9 +71,7 @@ def kernel_cmdline(config: VMConfig, vsock: bool) -> str:
     if config.accel == "tcg" and config.machine_type == "microvm":
         # microvm has no PIT/HPET/PM timer to calibrate the TSC against; under TCG the guest then
         # marks the TSC unstable and most boots hang. TCG's TSC is the host's, so its rate is known.
-        khz = tsc_khz()
-        if khz:
-            own.append(f"tsc_early_khz={khz}")
+        own += tcg_kernel_params()
     kept = [p for p in own if p.split("=", 1)[0] not in given]
     return " ".join([*kept, *config.kernel_params])
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from kata.osbuilder.kernel import KERNEL_PARAMS, tcg_kernel_params
+from kata.hypervisor.host import tcg_kernel_params
+from kata.osbuilder.kernel import KERNEL_PARAMS
 
 KERNEL = Path("/usr/share/kata-containers/vmlinux.container")
 QEMU = "/usr/bin/qemu-system-x86_64"

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from kata.hypervisor.host import tcg_kernel_params
 from kata.osbuilder.image import ErofsOptions
-from kata.osbuilder.kernel import KERNEL_PARAMS, tcg_kernel_params
+from kata.osbuilder.kernel import KERNEL_PARAMS
 from kata.osbuilder.rootfs import RootfsSpec, build_rootfs
 
 QEMU = Path("/usr/bin/qemu-system-x86_64")

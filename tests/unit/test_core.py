@@ -12,7 +12,7 @@ from kata.config import HypervisorConfig, load_config
 from kata.core import vm
 from kata.core.paths import InvalidIdError, SandboxPaths, validate_id
 from kata.core.store import locked, read_json, write_json
-from kata.fs_share.shared_dir import ShareError, SharedDir
+from kata.fs_share.shared_dir import SharedDir, ShareError
 from kata.specconv import HostShare, VMSizing
 from kata.utils.mount import mounts_under
 from tests.conftest import runtime_bin

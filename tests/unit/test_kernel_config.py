@@ -2,12 +2,12 @@
 
 from pathlib import Path
 
+from kata.hypervisor.host import tcg_kernel_params
 from kata.osbuilder.kernel import (
     FRAGMENT_PATH,
     KERNEL_PARAMS,
     kernel_inputs_hash,
     missing_options,
-    tcg_kernel_params,
 )
 
 FRAGMENT = """\
