@@ -199,6 +199,12 @@ class AgentClient:
         req = pb.GetGuestDetailsRequest(mem_block_size=mem_block_size, mem_hotplug_probe=mem_hotplug_probe)
         return self._call("GetGuestDetails", req, pb.GuestDetailsResponse)
 
+    def set_guest_date_time(self, *, sec: int, usec: int) -> Empty:
+        return self._call("SetGuestDateTime", pb.SetGuestDateTimeRequest(sec=sec, usec=usec), Empty)
+
+    def reseed_random_dev(self, *, data: bytes) -> Empty:
+        return self._call("ReseedRandomDev", pb.ReseedRandomDevRequest(data=data), Empty)
+
     def online_cpu_mem(self, *, wait: bool = False, nb_cpus: int = 0, cpu_only: bool = False) -> Empty:
         req = pb.OnlineCPUMemRequest(wait=wait, nb_cpus=nb_cpus, cpu_only=cpu_only)
         return self._call("OnlineCPUMem", req, Empty)

@@ -2,11 +2,19 @@
 
 from kata.config.annotations import apply_annotations
 from kata.config.load import dump_config, find_config, load_config
-from kata.config.model import AgentConfig, ConfigError, HypervisorConfig, RuntimeConfig, RuntimeSection
+from kata.config.model import (
+    AgentConfig,
+    ConfigError,
+    FactoryConfig,
+    HypervisorConfig,
+    RuntimeConfig,
+    RuntimeSection,
+)
 
 __all__ = [
     "AgentConfig",
     "ConfigError",
+    "FactoryConfig",
     "HypervisorConfig",
     "RuntimeConfig",
     "RuntimeSection",

@@ -14,10 +14,12 @@ from kata.config.model import (
     SUPPORTED_HYPERVISORS,
     AgentConfig,
     ConfigError,
+    FactoryConfig,
     HypervisorConfig,
     RuntimeConfig,
     RuntimeSection,
     agent_problems,
+    factory_problems,
     hypervisor_problems,
     runtime_problems,
 )
@@ -79,16 +81,21 @@ def parse_config(data: Mapping[str, Any], source: Path) -> RuntimeConfig:
     hv = HypervisorConfig(name=hv_name, **_read(hv_table, HypervisorConfig, hv_where))
     agent = AgentConfig(name=agent_name, **_read(agent_table, AgentConfig, f"{source}: agent.{agent_name}"))
     rt = RuntimeSection(**_read(rt_table, RuntimeSection, f"{source}: runtime"))
+    factory_table = data.get("factory", {})
+    if not isinstance(factory_table, dict):
+        raise ConfigError(f"{source}: factory: must be a table")
+    factory = FactoryConfig(**_read(factory_table, FactoryConfig, f"{source}: factory"))
 
     for section, problems in (
         (f"hypervisor.{hv_name}", hypervisor_problems(hv)),
         (f"agent.{agent_name}", agent_problems(agent)),
         ("runtime", runtime_problems(rt)),
+        ("factory", factory_problems(factory)),
     ):
         if problems:
             key, reason = problems[0]
             raise ConfigError(f"{source}: {section}.{key}: {reason}")
-    return RuntimeConfig(hypervisor=hv, agent=agent, runtime=rt, source=source)
+    return RuntimeConfig(hypervisor=hv, agent=agent, runtime=rt, source=source, factory=factory)
 
 
 def dump_config(cfg: RuntimeConfig) -> dict[str, Any]:
@@ -108,6 +115,7 @@ def dump_config(cfg: RuntimeConfig) -> dict[str, Any]:
         "hypervisor": {cfg.hypervisor.name: table(cfg.hypervisor)},
         "agent": {cfg.agent.name: table(cfg.agent)},
         "runtime": table(cfg.runtime),
+        "factory": table(cfg.factory),
     }
 
 

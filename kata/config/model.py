@@ -91,11 +91,20 @@ class RuntimeSection:
 
 
 @dataclass(frozen=True)
+class FactoryConfig:
+    # Kata's [factory] keys. A template VM is booted once and snapshotted with its agent ready;
+    # sandboxes then start by restoring that snapshot instead of booting.
+    enable_template: bool = True
+    template_path: str = "/run/vc/vm/template"
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     hypervisor: HypervisorConfig
     agent: AgentConfig
     runtime: RuntimeSection
     source: Path
+    factory: FactoryConfig = FactoryConfig()
 
 
 def path_allowed(path: str, globs: tuple[str, ...]) -> bool:
@@ -166,6 +175,12 @@ def agent_problems(agent: AgentConfig) -> list[tuple[str, str]]:
     if agent.agent_channel not in AGENT_CHANNELS:
         problems.append(("agent_channel", _unsupported(agent.agent_channel, AGENT_CHANNELS)))
     return problems
+
+
+def factory_problems(factory: FactoryConfig) -> list[tuple[str, str]]:
+    if not factory.template_path.startswith("/"):
+        return [("template_path", f"must be an absolute path, got {factory.template_path!r}")]
+    return []
 
 
 def runtime_problems(rt: RuntimeSection) -> list[tuple[str, str]]:

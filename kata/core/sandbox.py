@@ -23,7 +23,7 @@ from kata.core.store import write_json
 from kata.core.timings import Timings
 from kata.errors import KataError
 from kata.fs_share.shared_dir import SharedDir
-from kata.hypervisor.base import Hypervisor, HypervisorError
+from kata.hypervisor.base import Hypervisor, HypervisorError, VMConfig
 from kata.specconv import GUEST_SHARED_DIR, vm_sizing
 
 AccelChoice = Literal["auto", "kvm", "tcg"]
@@ -70,9 +70,7 @@ class Sandbox:
         return sb
 
     def _bring_up(self, spec: dict[str, Any], debug: bool) -> None:
-        from kata.fs_share.virtiofsd import Virtiofsd
         from kata.hypervisor.accel import choose_accel
-        from kata.hypervisor.qemu import Qemu
         from kata.osbuilder.kernel import KERNEL_PARAMS
 
         hv = self.cfg.hypervisor
@@ -91,10 +89,30 @@ class Sandbox:
             channel = vm.agent_channel(self.cfg.agent.agent_channel, vm.vsock_available())
         except ValueError as exc:
             raise KataError(str(exc)) from exc
+        debug = debug or self.cfg.agent.enable_debug
+        use_template = self.cfg.factory.enable_template and channel == "virtio-serial"
+        # A template cannot carry a vhost-user-fs device (QEMU 7.2), so its clones share over 9p.
+        shared_kind = "virtio-9p" if use_template and hv.shared_fs != "none" else hv.shared_fs
         config = vm.build_vm_config(self.id, hv, sizing, self.paths, probe.accel, channel,
-                                    tuple(KERNEL_PARAMS), debug or self.cfg.agent.enable_debug)
+                                    tuple(KERNEL_PARAMS), debug, shared_kind)
         self.timings.mark("config")
+        if use_template:
+            self._restore_from_template(config)
+        else:
+            self._boot_cold(config)
 
+        storages = []
+        if config.shared_fs is not None:
+            storages.append(self._shared_storage(config.shared_fs.kind))
+        hostname = str(spec.get("hostname") or "")
+        self.require_agent().create_sandbox(hostname=hostname, storages=storages, sandbox_id=self.id)
+        self.timings.mark("sandbox_created")
+        self._save_state("ready")
+
+    def _boot_cold(self, config: VMConfig) -> None:
+        from kata.fs_share.virtiofsd import Virtiofsd
+
+        hv = self.cfg.hypervisor
         if config.shared_fs is not None and config.shared_fs.kind == "virtio-fs":
             self.virtiofsd = Virtiofsd(
                 binary=Path(hv.virtio_fs_daemon), socket_path=self.paths.virtiofsd_socket,
@@ -102,18 +120,51 @@ class Sandbox:
                 extra_args=tuple(hv.virtio_fs_extra_args), log_file=self.paths.vm_dir / "virtiofsd.log")
             self.virtiofsd.start(timeout=5.0)
             self.timings.mark("virtiofsd_ready")
+        # A rare boot hangs silently (FACTS.md): one more try is safe, nothing has run in the guest yet.
+        for attempt in (1, 2):
+            self._launch(config, restore_from=None)
+            try:
+                self._connect_agent(config)
+                return
+            except KataError:
+                if attempt == 2:
+                    raise
+                self.log.warning(f"sandbox {self.id}: guest did not answer, booting it again")
+                self._drop_vm()
+
+    def _restore_from_template(self, config: VMConfig) -> None:
+        from kata.factory.template import TemplateStore
+
+        store = TemplateStore(Path(self.cfg.factory.template_path))
+        state, made = store.ensure(config, self.cfg.hypervisor.boot_timeout)
+        self.timings.mark("template_made" if made else "template_found")
+        self._launch(config, restore_from=state)
+        self._connect_agent(config)
+        agent = self.require_agent()
+        # The clone resumes with the template's clock and entropy pool.
+        now = time.time()
+        agent.set_guest_date_time(sec=int(now), usec=int((now % 1) * 1_000_000))
+        agent.reseed_random_dev(data=os.urandom(64))
+
+    def _launch(self, config: VMConfig, restore_from: Path | None) -> None:
+        from kata.hypervisor.qemu import Qemu
 
         qemu = Qemu()
         self.hypervisor = qemu
-        qemu.start(config, timeout=hv.boot_timeout)
+        if restore_from is None:
+            qemu.start(config, timeout=self.cfg.hypervisor.boot_timeout)
+        else:
+            qemu.restore(config, restore_from, timeout=self.cfg.hypervisor.boot_timeout)
         self.timings.mark("vmm_launched")
         self._save_state("creating")
 
+    def _connect_agent(self, config: VMConfig) -> None:
+        assert self.hypervisor is not None
         # boot_timeout bounds the whole boot: a guest that hangs silently fails here, not never.
-        timeout = float(hv.boot_timeout)
+        timeout = float(self.cfg.hypervisor.boot_timeout)
         deadline = time.monotonic() + timeout
         try:
-            stream = connect(qemu.agent_endpoint(), timeout)
+            stream = connect(self.hypervisor.agent_endpoint(), timeout)
             self.agent = AgentClient(stream)
             self.agent.wait_ready(max(0.1, deadline - time.monotonic()))
         except Exception as exc:
@@ -121,13 +172,13 @@ class Sandbox:
                             f"{self._console_tail()}") from exc
         self.timings.mark("agent_ready")
 
-        storages = []
-        if config.shared_fs is not None:
-            storages.append(self._shared_storage(config.shared_fs.kind))
-        hostname = str(spec.get("hostname") or "")
-        self.agent.create_sandbox(hostname=hostname, storages=storages, sandbox_id=self.id)
-        self.timings.mark("sandbox_created")
-        self._save_state("ready")
+    def _drop_vm(self) -> None:
+        if self.agent is not None:
+            self.agent.close()
+            self.agent = None
+        if self.hypervisor is not None:
+            self.hypervisor.stop(timeout=1.0)
+            self.hypervisor = None
 
     def _shared_storage(self, kind: str) -> Any:
         from kata.protocols import agent_pb2

@@ -69,3 +69,21 @@ def guest_details(req: pb.GetGuestDetailsRequest, sys_mem: str = SYS_MEM) -> pb.
     if req.mem_hotplug_probe:
         resp.support_mem_hotplug_probe = os.path.exists(os.path.join(sys_mem, "probe"))
     return resp
+
+
+# <linux/random.h>: _IOW('R', 0x03, int[2]) — add entropy to the pool and credit it.
+_RNDADDENTROPY = 0x40085203
+
+
+def set_date_time(sec: int, usec: int) -> None:
+    """Set the guest's wall clock (CLOCK_REALTIME); a restored clone still has its template's."""
+    time.clock_settime(time.CLOCK_REALTIME, sec + usec / 1_000_000)
+
+
+def reseed_random(data: bytes) -> None:
+    """Mix host randomness into the pool and credit it, so clones of one template diverge."""
+    import fcntl
+    import struct
+
+    with open("/dev/urandom", "wb", buffering=0) as f:
+        fcntl.ioctl(f, _RNDADDENTROPY, struct.pack("ii", len(data) * 8, len(data)) + data)

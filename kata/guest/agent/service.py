@@ -208,6 +208,18 @@ class AgentService:
         online_cpu_mem(req)
         return empty_pb2.Empty()
 
+    def set_guest_date_time(self, ctx: ttrpc.Context, req: pb.SetGuestDateTimeRequest) -> empty_pb2.Empty:
+        from kata.guest.agent.guestinfo import set_date_time
+
+        set_date_time(req.sec, req.usec)
+        return empty_pb2.Empty()
+
+    def reseed_random_dev(self, ctx: ttrpc.Context, req: pb.ReseedRandomDevRequest) -> empty_pb2.Empty:
+        from kata.guest.agent.guestinfo import reseed_random
+
+        reseed_random(req.data)
+        return empty_pb2.Empty()
+
     # health -------------------------------------------------------------------------------
     def check(self, ctx: ttrpc.Context, req: hpb.CheckRequest) -> hpb.HealthCheckResponse:
         if not self._answered_check:
@@ -248,6 +260,8 @@ class AgentService:
             "UpdateRoutes": (pb.UpdateRoutesRequest, self.update_routes),
             "GetGuestDetails": (pb.GetGuestDetailsRequest, self.get_guest_details),
             "OnlineCPUMem": (pb.OnlineCPUMemRequest, self.online_cpu_mem),
+            "SetGuestDateTime": (pb.SetGuestDateTimeRequest, self.set_guest_date_time),
+            "ReseedRandomDev": (pb.ReseedRandomDevRequest, self.reseed_random_dev),
         }
         health = {
             "Check": (hpb.CheckRequest, self.check),

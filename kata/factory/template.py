@@ -1,0 +1,132 @@
+"""VM templates (Kata's factory): boot a VM once per shape, snapshot it with the agent ready, and
+start sandboxes by restoring the snapshot.
+
+A template is keyed by everything that decides what the restored VM is: the VMM, kernel and image
+files (by identity), machine, accelerator, vCPUs, memory, kernel command line and device set. What
+differs per sandbox (its id, run directory, console log and the host directory behind its 9p share)
+is left out of the key: those come from QEMU's command line at restore time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+import time
+from pathlib import Path
+
+from kata.agent.client import AgentClient
+from kata.agent.transport import connect
+from kata.core.store import locked
+from kata.errors import KataError
+from kata.hypervisor.base import SharedFs, VMConfig
+
+# Bump when the way templates are made changes (e.g. the agent's state at snapshot time).
+TEMPLATE_FORMAT = "1"
+_STATE = "state"
+
+
+class TemplateError(KataError):
+    pass
+
+
+def _file_identity(path: Path | None) -> str:
+    if path is None:
+        return "-"
+    real = path.resolve()
+    st = real.stat()
+    return f"{real}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def template_key(config: VMConfig) -> str:
+    shape = dataclasses.replace(
+        config, id="", run_dir=Path("/"), console_log=Path("/"),
+        shared_fs=dataclasses.replace(config.shared_fs, host_dir=Path("/")) if config.shared_fs else None,
+    )
+    h = hashlib.sha256(TEMPLATE_FORMAT.encode())
+    h.update(repr(shape).encode())
+    for f in (config.hypervisor_path, config.kernel, config.image, config.initrd):
+        h.update(_file_identity(f).encode())
+    return h.hexdigest()[:16]
+
+
+def templatable(config: VMConfig) -> str | None:
+    """Why ``config`` cannot come from a template, or None when it can."""
+    if config.shared_fs is not None and config.shared_fs.kind == "virtio-fs":
+        return "QEMU cannot snapshot a VM with a vhost-user-fs (virtio-fs) device"
+    if config.agent_channel == "vsock":
+        return "a restored VM would keep the template's vsock CID"
+    return None
+
+
+class TemplateStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def state_file(self, config: VMConfig) -> Path:
+        return self.root / template_key(config) / _STATE
+
+    def ensure(self, config: VMConfig, boot_timeout: float) -> tuple[Path, bool]:
+        """The snapshot for ``config``'s shape, made now if missing. Returns (path, made_now)."""
+        why = templatable(config)
+        if why:
+            raise TemplateError(f"VM cannot come from a template: {why}")
+        key = template_key(config)
+        tdir = self.root / key
+        state = tdir / _STATE
+        if state.is_file():
+            return state, False
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Concurrent first runs of one shape: one boots the template, the others wait for it.
+        with locked(self.root / f"{key}.lock"):
+            if state.is_file():
+                return state, False
+            self._make(config, tdir, boot_timeout)
+        return state, True
+
+    def _make(self, config: VMConfig, tdir: Path, boot_timeout: float) -> None:
+        from kata.hypervisor.qemu import Qemu
+
+        work = tdir / "work"
+        shutil.rmtree(work, ignore_errors=True)
+        share = work / "share"
+        share.mkdir(parents=True)
+        tconfig = dataclasses.replace(
+            config, id=f"template-{tdir.name}", run_dir=work / "vm", console_log=work / "console.log",
+            shared_fs=dataclasses.replace(config.shared_fs, host_dir=share) if config.shared_fs else None,
+        )
+        qemu = Qemu()
+        try:
+            deadline = time.monotonic() + boot_timeout
+            qemu.start(tconfig, timeout=boot_timeout)
+            try:
+                client = AgentClient(connect(qemu.agent_endpoint(), max(0.1, deadline - time.monotonic())))
+                try:
+                    client.wait_ready(max(0.1, deadline - time.monotonic()))
+                finally:
+                    client.close()
+            except KataError as exc:
+                tail = qemu.console_log_tail()
+                raise TemplateError(f"guest agent did not answer within {boot_timeout:g}s: {exc}"
+                                    + (f" (guest console: {tail})" if tail else "")) from exc
+            tmp = tdir / f".{_STATE}.{os.getpid()}"
+            qemu.save(tmp)
+            os.replace(tmp, tdir / _STATE)
+        finally:
+            qemu.stop(timeout=2.0)
+            shutil.rmtree(work, ignore_errors=True)
+
+    def list(self) -> list[tuple[str, int]]:
+        """(key, size in bytes) of each template."""
+        if not self.root.is_dir():
+            return []
+        return sorted((p.parent.name, p.stat().st_size) for p in self.root.glob(f"*/{_STATE}"))
+
+    def destroy(self) -> int:
+        n = len(self.list())
+        shutil.rmtree(self.root, ignore_errors=True)
+        return n
+
+
+__all__ = ["SharedFs", "TemplateError", "TemplateStore", "template_key", "templatable"]
