@@ -7,6 +7,7 @@ import shutil
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,6 +48,23 @@ def leftovers(cid: str) -> list[str]:
         if d.exists():
             found.append(f"directory {d}")
     return found
+
+
+def config_with(tmp_path: Path, changes: dict[str, dict[str, Any]]) -> Path:
+    """A configuration.toml: the one in effect, with some keys changed ({"hypervisor.qemu": {...}})."""
+    from kata.config import dump_config, load_config
+    from kata.config.toml_out import dumps
+
+    data = dump_config(load_config())
+    del data["meta"]
+    for section, values in changes.items():
+        table = data
+        for part in section.split("."):
+            table = table.setdefault(part, {})
+        table.update(values)
+    path = tmp_path / "configuration.toml"
+    path.write_text(dumps(data))
+    return path
 
 
 @pytest.fixture

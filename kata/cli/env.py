@@ -17,30 +17,9 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return str(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return json.dumps(str(v))  # a JSON string is a valid TOML basic string
-
-
-def _toml(table: dict[str, Any], prefix: str = "") -> list[str]:
-    lines = [f"{k} = {_toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
-    for k, v in table.items():
-        if isinstance(v, dict):
-            name = f"{prefix}.{k}" if prefix else k
-            sub = _toml(v, name)
-            if any(not isinstance(x, dict) for x in v.values()):
-                lines += ["", f"[{name}]"]
-            lines += sub
-    return lines
-
-
 def run(args: argparse.Namespace) -> int:
     from kata.config import dump_config, load_config
+    from kata.config.toml_out import dumps
 
     cfg = load_config(Path(args.config) if args.config else None)
     data = dump_config(cfg)
@@ -49,5 +28,5 @@ def run(args: argparse.Namespace) -> int:
         json.dump(data, sys.stdout, indent=2)
         print()
     else:
-        print("\n".join(_toml(data)).lstrip("\n"))
+        print(dumps(data), end="")
     return 0

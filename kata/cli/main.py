@@ -10,7 +10,7 @@ from kata import __version__
 from kata.cli import logs
 
 # One module per verb; each has add_parser(subparsers) and run(args) -> int.
-_VERBS = ("run", "check", "env", "version")
+_VERBS = ("run", "check", "env", "factory", "version")
 
 
 def build_parser() -> argparse.ArgumentParser:

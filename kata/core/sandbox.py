@@ -33,7 +33,7 @@ CacheMode = Literal["auto", "always", "never"]
 _POWEROFF_GRACE = 2.0
 
 
-def _host_memory_mib() -> int:
+def host_memory_mib() -> int:
     with open("/proc/meminfo") as f:
         for line in f:
             if line.startswith("MemTotal:"):
@@ -82,7 +82,7 @@ class Sandbox:
             if path and not Path(path).exists():
                 raise KataError(f"{what} {path} does not exist (see {self.cfg.source})")
 
-        sizing = vm_sizing(spec, hv, os.cpu_count() or 1, _host_memory_mib())
+        sizing = vm_sizing(spec, hv, os.cpu_count() or 1, host_memory_mib())
         # The probe warns once (when it is not cached) if it has to fall back to TCG.
         probe = choose_accel(Path(hv.path), Path(hv.kernel), force=cast(AccelChoice, hv.accel))
         try:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from kata.bundles import make_busybox_bundle
-from tests.conftest import leftovers, runtime_bin
+from tests.conftest import config_with, leftovers, runtime_bin
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("needs_guest")]
 
@@ -133,30 +133,18 @@ def test_missing_rootfs(tmp_path: Path, cid: str) -> None:
     _assert_clean_failure(run(bundle, cid), cid, "rootfs")
 
 
-def _config_with(tmp_path: Path, **hypervisor: str) -> Path:
-    from kata.config import load_config
-
-    src = Path(load_config().source).read_text()
-    for key, value in hypervisor.items():
-        lines = [ln for ln in src.splitlines() if not ln.strip().startswith(f"{key} ")
-                 and not ln.strip().startswith(f"{key}=")]
-        src = "\n".join(lines)
-        src = src.replace("[hypervisor.qemu]\n", f"[hypervisor.qemu]\n{key} = {value}\n", 1)
-    path = tmp_path / "configuration.toml"
-    path.write_text(src + "\n")
-    return path
-
-
 def test_unknown_hypervisor_path(tmp_path: Path, cid: str) -> None:
     bundle = make_busybox_bundle(tmp_path / "b", ["true"])
-    conf = _config_with(tmp_path, path='"/nonexistent/qemu-system-x86_64"', valid_hypervisor_paths="[]")
+    conf = config_with(tmp_path, {"hypervisor.qemu": {"path": "/nonexistent/qemu-system-x86_64",
+                                                      "valid_hypervisor_paths": []}})
     _assert_clean_failure(run(bundle, cid, "--config", str(conf)), cid, "/nonexistent/qemu")
 
 
 def test_guest_that_never_answers(tmp_path: Path, cid: str) -> None:
     bundle = make_busybox_bundle(tmp_path / "b", ["true"])
     # busybox as PID 1 instead of the agent: the VM runs, nothing ever answers on the agent channel.
-    conf = _config_with(tmp_path, kernel_params='"init=/bin/busybox"', boot_timeout="10.0")
+    conf = config_with(tmp_path, {"hypervisor.qemu": {"kernel_params": "init=/bin/busybox",
+                                                      "boot_timeout": 10.0}})
     start = time.monotonic()
     proc = run(bundle, cid, "--config", str(conf), timeout=120)
     assert time.monotonic() - start < 60

@@ -1,0 +1,42 @@
+"""Sandboxes restored from one template: each must still be its own machine (entropy, clock)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from kata.bundles import make_busybox_bundle
+from tests.conftest import config_with, leftovers, runtime_bin
+from tests.integration.test_run import run
+
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("needs_guest")]
+
+
+def test_clones_diverge_and_keep_time(tmp_path: Path) -> None:
+    bundle = make_busybox_bundle(tmp_path / "b", ["sh", "-c", "cat /proc/sys/kernel/random/uuid; date +%s"])
+    subprocess.run([runtime_bin(), "factory", "init"], check=True, capture_output=True, timeout=120)
+    outputs = []
+    for i in range(2):
+        cid = f"tpl-{i}-{tmp_path.name[-8:]}"
+        proc = run(bundle, cid)
+        assert proc.returncode == 0, proc.stderr.decode()
+        uuid, guest_time = proc.stdout.decode().split()
+        outputs.append(uuid)
+        # The clone's clock is the host's, not the template's (which was snapshotted earlier).
+        assert abs(int(guest_time) - time.time()) < 30
+        assert leftovers(cid) == []
+    # Without a reseed, two clones of one snapshot would draw the same "random" numbers.
+    assert outputs[0] != outputs[1]
+
+
+def test_cold_boot_with_virtio_fs(tmp_path: Path, cid: str) -> None:
+    """enable_template = false: a cold boot, sharing the rootfs over virtio-fs (virtiofsd)."""
+    bundle = make_busybox_bundle(tmp_path / "b", ["sh", "-c", "grep -c virtiofs /proc/mounts; echo ok"])
+    conf = config_with(tmp_path, {"factory": {"enable_template": False}})
+    proc = run(bundle, cid, "--config", str(conf))
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode().split()[-1] == "ok"
+    assert leftovers(cid) == []

@@ -1,0 +1,48 @@
+"""Template keys: what makes two VMs interchangeable, and what keeps a VM from being templated."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from kata.factory.template import templatable, template_key
+from kata.hypervisor.base import SharedFs, VMConfig
+
+
+def config(tmp_path: Path, **over: object) -> VMConfig:
+    kernel = tmp_path / "vmlinux"
+    image = tmp_path / "image"
+    for f in (kernel, image):
+        if not f.exists():
+            f.write_bytes(b"x")
+    base = VMConfig(
+        id="a", hypervisor_path=Path("/bin/sh"), kernel=kernel, image=image, initrd=None,
+        kernel_params=("console=ttyS0",), vcpus=1, max_vcpus=1, memory_mib=512, max_memory_mib=512,
+        machine_type="microvm", accel="tcg", agent_channel="virtio-serial", run_dir=tmp_path / "run-a",
+        console_log=tmp_path / "a.log", shared_fs=SharedFs("virtio-9p", tmp_path / "share-a"),
+    )
+    return dataclasses.replace(base, **over)  # type: ignore[arg-type]
+
+
+def test_per_sandbox_fields_do_not_change_the_key(tmp_path: Path) -> None:
+    a = config(tmp_path)
+    b = config(tmp_path, id="b", run_dir=tmp_path / "run-b", console_log=tmp_path / "b.log",
+               shared_fs=SharedFs("virtio-9p", tmp_path / "share-b"))
+    assert template_key(a) == template_key(b)
+
+
+def test_shape_and_assets_change_the_key(tmp_path: Path) -> None:
+    a = config(tmp_path)
+    assert template_key(a) != template_key(config(tmp_path, memory_mib=1024, max_memory_mib=1024))
+    assert template_key(a) != template_key(config(tmp_path, vcpus=2, max_vcpus=2))
+    assert template_key(a) != template_key(config(tmp_path, kernel_params=("console=ttyS0", "quiet")))
+    before = template_key(a)
+    (tmp_path / "image").write_bytes(b"a rebuilt image")
+    assert template_key(a) != before
+
+
+def test_what_cannot_be_templated(tmp_path: Path) -> None:
+    assert templatable(config(tmp_path)) is None
+    virtiofs = SharedFs("virtio-fs", tmp_path, vhost_user_socket=tmp_path / "s")
+    assert "virtio-fs" in str(templatable(config(tmp_path, shared_fs=virtiofs)))
+    assert "vsock" in str(templatable(config(tmp_path, agent_channel="vsock")))
