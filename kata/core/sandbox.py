@@ -7,6 +7,7 @@ fails); destroy() always runs to the end, step by step, also when QEMU or the ag
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -229,10 +230,18 @@ class Sandbox:
         if self.virtiofsd is not None:
             step("stop virtiofsd", self.virtiofsd.stop)
         step("unmount shared directory", self.shared.destroy)
+        step("copy guest console to the log", self._log_console)
         for d in self.paths.all_dirs():
             step(f"remove {d}", lambda d=d: shutil.rmtree(d, ignore_errors=False) if d.exists() else None)
         self.timings.mark("destroyed")
         return errors
+
+    def _log_console(self) -> None:
+        """With --debug, the guest's console (kernel and agent lines) outlives the VM in our log."""
+        if self.log.isEnabledFor(logging.DEBUG) and self.paths.console_log.exists():
+            for line in self.paths.console_log.read_text(errors="replace").splitlines():
+                if line.strip():
+                    self.log.debug(f"guest console: {line}")
 
     def require_agent(self) -> AgentClient:
         if self.agent is None:
