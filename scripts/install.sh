@@ -7,19 +7,23 @@ set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${KATA_VENV:-/opt/kata-containers/venv}
 BIN_DIR=/usr/local/bin
-PY=${PYTHON:-python3}
+# Debian's interpreter (python3-venv provides its venv/ensurepip), not whatever python3 is first on PATH
+# (a pyenv shim on a developer machine): a fresh Debian 12 host has only this one.
+PY=${PYTHON:-/usr/bin/python3}
 
 APT_PACKAGES=(
-  # the VMM and virtio-fs daemon
-  qemu-system-x86 qemu-utils
+  # the VMM and virtio-fs daemon (/usr/lib/qemu/virtiofsd is in qemu-system-common)
+  qemu-system-x86 qemu-system-common qemu-utils
   # guest kernel build (osbuilder)
   linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev dwarves kmod cpio zstd
-  # guest root filesystem build
-  erofs-utils busybox-static crun
+  # guest root filesystem build: apt-cache/apt-get download/dpkg-deb, mkfs.erofs/fsck.erofs
+  apt dpkg erofs-utils busybox-static crun
   # python environment
   python3 python3-venv python3-dev
   # host tools the tests and demo use
-  iproute2 runc util-linux procps psmisc
+  iproute2 runc util-linux procps psmisc findutils
+  # containerd-shim-runc-v2: the Go ttrpc server tests/unit/test_ttrpc_interop.py talks to
+  containerd
 )
 
 step() { printf '==> %s\n' "$*"; }
@@ -33,9 +37,21 @@ missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# The osbuilder resolves and downloads the guest's packages through apt's metadata, so it must exist
+# and be fresh (a stale list names versions the mirror no longer has) even when nothing is missing here.
+# (The lists' own mtimes are the mirror's Last-Modified, so we keep a stamp of our last update.)
+APT_STAMP=/var/lib/kata-containers/apt-update.stamp
+lists_fresh() {
+  [ -n "$(find /var/lib/apt/lists -maxdepth 1 -name '*_Packages*' -print -quit 2>/dev/null)" ] &&
+    [ -n "$(find "$APT_STAMP" -mmin -1440 2>/dev/null)" ]
+}
+if [ ${#missing[@]} -gt 0 ] || ! lists_fresh; then
+  step "apt: updating package lists"
+  apt-get update -qq
+  mkdir -p "$(dirname "$APT_STAMP")" && touch "$APT_STAMP"
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   step "apt: installing ${missing[*]}"
-  apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
