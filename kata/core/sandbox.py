@@ -152,11 +152,12 @@ class Sandbox:
 
         qemu = Qemu()
         self.hypervisor = qemu
+        self.timings.mark("vmm_launch")
         if restore_from is None:
             qemu.start(config, timeout=self.cfg.hypervisor.boot_timeout)
         else:
             qemu.restore(config, restore_from, timeout=self.cfg.hypervisor.boot_timeout)
-        self.timings.mark("vmm_launched")
+        self.timings.mark("vmm_running")
         self._save_state("creating")
 
     def _connect_agent(self, config: VMConfig) -> None:
