@@ -149,3 +149,25 @@ def test_guest_that_never_answers(tmp_path: Path, cid: str) -> None:
     proc = run(bundle, cid, "--config", str(conf), timeout=120)
     assert time.monotonic() - start < 60
     _assert_clean_failure(proc, cid, "agent")
+
+
+def test_vm_sized_from_the_spec(tmp_path: Path, cid: str) -> None:
+    """A memory limit and a CPU quota grow the VM over the defaults (Kata's static sizing)."""
+    from kata.config import load_config
+
+    default_mib = load_config().hypervisor.default_memory
+    script = ("awk '/MemTotal/ {print int($2/1024)}' /proc/meminfo; grep -c ^processor /proc/cpuinfo; "
+              "cat /sys/fs/cgroup/memory.max")
+    limit = 256 * 2**20
+    bundle = make_busybox_bundle(tmp_path / "b", ["sh", "-c", script])
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["linux"]["resources"] = {"memory": {"limit": limit}, "cpu": {"quota": 100000, "period": 100000}}
+    (bundle / "config.json").write_text(json.dumps(spec))
+    proc = run(bundle, cid)
+    assert proc.returncode == 0, proc.stderr.decode()
+    mem_mib, cpus, cgroup_max = proc.stdout.decode().split()
+    # The guest kernel keeps some memory for itself: MemTotal is a little under what QEMU gives.
+    assert int(mem_mib) > default_mib
+    assert int(cpus) == min(2, os.cpu_count() or 1)
+    assert int(cgroup_max) == limit  # the limit itself is enforced by the container's cgroup in the guest
+    assert leftovers(cid) == []
