@@ -40,12 +40,12 @@ def setup(log_path: str | None, log_format: str, debug: bool) -> logging.Logger:
         handler: logging.Handler = logging.StreamHandler(stream)
         handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
         logger.addHandler(handler)
-    elif debug:
+    else:
+        # Without a log file, warnings (e.g. the one-time fall-back to TCG) still reach the user.
         handler = logging.StreamHandler(sys.stderr)
+        handler.setLevel(logging.DEBUG if debug else logging.WARNING)
         handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
         logger.addHandler(handler)
-    else:
-        logger.addHandler(logging.NullHandler())
     return logger
 
 

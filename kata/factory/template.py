@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
 import time
@@ -23,8 +24,13 @@ from kata.errors import KataError
 from kata.hypervisor.base import SharedFs, VMConfig
 
 # Bump when the way templates are made changes (e.g. the agent's state at snapshot time).
-TEMPLATE_FORMAT = "1"
+TEMPLATE_FORMAT = "2"
 _STATE = "state"
+_META = "meta.json"
+# How long to wait, once the agent answers, for its warm-up (AgentDetails.warm) before snapshotting
+# anyway: a cold template still works, its clones only pay for the warm-up themselves.
+WARMUP_TIMEOUT = 15.0
+_WARMUP_POLL = 0.05
 
 
 class TemplateError(KataError):
@@ -39,6 +45,11 @@ def _file_identity(path: Path | None) -> str:
     return f"{real}:{st.st_size}:{st.st_mtime_ns}"
 
 
+def _asset_identities(config: VMConfig) -> dict[str, str]:
+    files = (config.hypervisor_path, config.kernel, config.image, config.initrd)
+    return {str(f): _file_identity(f) for f in files if f is not None}
+
+
 def template_key(config: VMConfig) -> str:
     shape = dataclasses.replace(
         config, id="", run_dir=Path("/"), console_log=Path("/"),
@@ -46,8 +57,8 @@ def template_key(config: VMConfig) -> str:
     )
     h = hashlib.sha256(TEMPLATE_FORMAT.encode())
     h.update(repr(shape).encode())
-    for f in (config.hypervisor_path, config.kernel, config.image, config.initrd):
-        h.update(_file_identity(f).encode())
+    for identity in _asset_identities(config).values():
+        h.update(identity.encode())
     return h.hexdigest()[:16]
 
 
@@ -58,6 +69,16 @@ def templatable(config: VMConfig) -> str | None:
     if config.agent_channel == "vsock":
         return "a restored VM would keep the template's vsock CID"
     return None
+
+
+def wait_warm(client: AgentClient, timeout: float) -> bool:
+    """Poll GetGuestDetails until the agent reports its warm-up done; False if it did not in time."""
+    deadline = time.monotonic() + timeout
+    while not client.get_guest_details(mem_block_size=False, mem_hotplug_probe=False).agent_details.warm:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(_WARMUP_POLL)
+    return True
 
 
 class TemplateStore:
@@ -83,6 +104,7 @@ class TemplateStore:
             if state.is_file():
                 return state, False
             self._make(config, tdir, boot_timeout)
+        self.prune()
         return state, True
 
     def _make(self, config: VMConfig, tdir: Path, boot_timeout: float) -> None:
@@ -104,6 +126,7 @@ class TemplateStore:
                 client = AgentClient(connect(qemu.agent_endpoint(), max(0.1, deadline - time.monotonic())))
                 try:
                     client.wait_ready(max(0.1, deadline - time.monotonic()))
+                    wait_warm(client, WARMUP_TIMEOUT)
                 finally:
                     client.close()
             except KataError as exc:
@@ -112,10 +135,26 @@ class TemplateStore:
                                     + (f" (guest console: {tail})" if tail else "")) from exc
             tmp = tdir / f".{_STATE}.{os.getpid()}"
             qemu.save(tmp)
+            # What the template was made from, so prune() can tell when a rebuilt asset orphans it.
+            (tdir / _META).write_text(json.dumps({"assets": _asset_identities(config)}))
             os.replace(tmp, tdir / _STATE)
         finally:
             qemu.stop(timeout=2.0)
             shutil.rmtree(work, ignore_errors=True)
+
+    def prune(self) -> int:
+        """Remove templates whose kernel, image or VMM has since been replaced (each holds ~60 MB)."""
+        removed = 0
+        for meta_file in self.root.glob(f"*/{_META}"):
+            try:
+                assets = json.loads(meta_file.read_text())["assets"]
+                current = {path: _file_identity(Path(path)) for path in assets}
+            except (OSError, ValueError, KeyError):
+                current, assets = {}, None  # unreadable, or an asset is gone: stale
+            if current != assets:
+                shutil.rmtree(meta_file.parent, ignore_errors=True)
+                removed += 1
+        return removed
 
     def list(self) -> list[tuple[str, int]]:
         """(key, size in bytes) of each template."""

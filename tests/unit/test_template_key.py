@@ -46,3 +46,22 @@ def test_what_cannot_be_templated(tmp_path: Path) -> None:
     virtiofs = SharedFs("virtio-fs", tmp_path, vhost_user_socket=tmp_path / "s")
     assert "virtio-fs" in str(templatable(config(tmp_path, shared_fs=virtiofs)))
     assert "vsock" in str(templatable(config(tmp_path, agent_channel="vsock")))
+
+
+def test_prune_drops_templates_of_replaced_assets(tmp_path: Path) -> None:
+    import json
+
+    from kata.factory.template import TemplateStore, _asset_identities
+
+    cfg = config(tmp_path)
+    store = TemplateStore(tmp_path / "templates")
+    for key in ("current", "stale"):
+        (store.root / key).mkdir(parents=True)
+        (store.root / key / "state").write_bytes(b"x")
+        (store.root / key / "meta.json").write_text(json.dumps({"assets": _asset_identities(cfg)}))
+    stale_meta = store.root / "stale" / "meta.json"
+    assets = json.loads(stale_meta.read_text())["assets"]
+    assets[str(cfg.image)] = "an image that has since been rebuilt"
+    stale_meta.write_text(json.dumps({"assets": assets}))
+    assert store.prune() == 1
+    assert [key for key, _ in store.list()] == ["current"]
