@@ -3,9 +3,16 @@
 # assets, then runs lint, type checks and the tests (unit and real-VM integration).
 set -euo pipefail
 cd "$(dirname "$0")"
-./scripts/install.sh
-kata-osbuilder build
 VENV=/opt/kata-containers/venv
+./scripts/install.sh
+"$VENV/bin/kata-osbuilder" build
 "$VENV/bin/ruff" check kata tests bench
 "$VENV/bin/mypy" kata
-exec "$VENV/bin/python" -m pytest -p no:cacheprovider -o console_output_style=classic "$@" tests
+# -rfEs: failures, errors and skips (with reasons) in the short summary; --durations: the time budget.
+status=0
+"$VENV/bin/python" -m pytest -p no:cacheprovider -o console_output_style=classic -rfEs --durations=15 \
+  "$@" tests || status=$?
+if [ "$status" = 5 ]; then
+  echo "run-tests.sh: pytest collected no tests (exit 5): that is a failure" >&2
+fi
+exit "$status"

@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 ./scripts/install.sh
-kata-osbuilder build
+/opt/kata-containers/venv/bin/kata-osbuilder build
 exec /opt/kata-containers/venv/bin/python -m kata.demo
