@@ -93,9 +93,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     if os.environ.get("CI") and not os.environ.get("KATA_TESTS_ALLOW_MISSING"):
         missing = ci_prerequisites_missing()
         if missing:
-            raise pytest.UsageError(
-                "CI: test prerequisites missing (tests would skip; fix scripts/install.sh): " + ", ".join(missing)
-            )
+            what = ", ".join(missing)
+            raise pytest.UsageError(f"CI: test prerequisites missing (fix scripts/install.sh): {what}")
 
 
 @pytest.fixture
