@@ -72,7 +72,9 @@ def guest_cgroups_path(container_id: str) -> str:
 def plan_container(bundle: Bundle, container_id: str) -> ContainerPlan:
     spec = copy.deepcopy(bundle.spec)  # bundle.spec is never modified
 
-    rootfs = HostShare(str(bundle.root_path), f"{container_id}/rootfs", bundle.root_readonly)
+    # Shared writable even for a read-only root: the guest runtime must still create mount points
+    # in it before it remounts the root read-only, as runc does on the host.
+    rootfs = HostShare(str(bundle.root_path), f"{container_id}/rootfs", read_only=False)
     spec["root"] = {"path": guest_path(rootfs.name), "readonly": bundle.root_readonly}
 
     shares = [rootfs]

@@ -44,6 +44,8 @@ def setup(log_path: str | None, log_format: str, debug: bool) -> logging.Logger:
         # Without a log file, warnings (e.g. the one-time fall-back to TCG) still reach the user.
         handler = logging.StreamHandler(sys.stderr)
         handler.setLevel(logging.DEBUG if debug else logging.WARNING)
+        # Errors are printed once, as the command's one-line message (see main).
+        handler.addFilter(lambda record: record.levelno < logging.ERROR)
         handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
         logger.addHandler(handler)
     return logger

@@ -173,3 +173,48 @@ def test_vm_sized_from_the_spec(tmp_path: Path, cid: str) -> None:
     assert int(cpus) == min(2, os.cpu_count() or 1)
     assert int(cgroup_max) == limit  # the limit itself is enforced by the container's cgroup in the guest
     assert leftovers(cid) == []
+
+
+def test_oci_process_semantics_in_the_guest(tmp_path: Path, cid: str) -> None:
+    """One container, many checks: user, hostname, env, cwd, rlimits, capabilities, read-only root,
+    masked and read-only paths, sysctls, bind mounts of host files."""
+    host_file = tmp_path / "greeting"
+    host_file.write_text("hello from the host\n")
+    script = "; ".join([
+        "echo user=$(id -u):$(id -g)", "echo host=$(hostname)", "echo env=$GREETING", "echo cwd=$(pwd)",
+        "echo nofile=$(ulimit -n)", "echo capeff=$(awk '/CapEff/ {print $2}' /proc/self/status)",
+        "touch /rootfs-write 2>/dev/null && echo rootfs=rw || echo rootfs=ro",
+        "echo keys=$(wc -c < /proc/keys)",
+        "echo 1 > /proc/sys/kernel/domainname 2>/dev/null && echo procsys=rw || echo procsys=ro",
+        "echo msgmax=$(cat /proc/sys/kernel/msgmax)",
+        "echo bind=$(cat /mnt/greeting)",
+    ])
+    bundle = make_busybox_bundle(tmp_path / "b", ["sh", "-c", script])
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["hostname"] = "kata-guest-host"
+    spec["root"]["readonly"] = True
+    proc_spec = spec["process"]
+    proc_spec["user"] = {"uid": 1000, "gid": 1000}
+    proc_spec["env"].append("GREETING=hi")
+    proc_spec["cwd"] = "/tmp"
+    proc_spec["rlimits"] = [{"type": "RLIMIT_NOFILE", "hard": 321, "soft": 321}]
+    proc_spec["capabilities"] = {k: ["CAP_KILL"] for k in ("bounding", "effective", "permitted")}
+    spec["linux"]["sysctl"] = {"kernel.msgmax": "12345"}  # IPC-namespaced: allowed per container
+    spec["mounts"].append({"destination": "/mnt/greeting", "type": "bind", "source": str(host_file),
+                           "options": ["rbind", "ro"]})
+    spec["mounts"].append({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["mode=1777"]})
+    (bundle / "config.json").write_text(json.dumps(spec))
+    proc = run(bundle, cid)
+    assert proc.returncode == 0, proc.stderr.decode()
+    got = dict(line.split("=", 1) for line in proc.stdout.decode().split("\n") if "=" in line)
+    assert got["user"] == "1000:1000"
+    assert got["host"] == "kata-guest-host"
+    assert got["env"] == "hi" and got["cwd"] == "/tmp"
+    assert got["nofile"] == "321"
+    assert got["capeff"] == "0000000000000000"  # a non-root user keeps no effective capabilities
+    assert got["rootfs"] == "ro"
+    assert got["keys"] == "0"  # masked: /dev/null over it
+    assert got["procsys"] == "ro"
+    assert got["msgmax"] == "12345"
+    assert got["bind"] == "hello from the host"
+    assert leftovers(cid) == []
