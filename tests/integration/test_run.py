@@ -202,7 +202,8 @@ def test_oci_process_semantics_in_the_guest(tmp_path: Path, cid: str) -> None:
     spec["linux"]["sysctl"] = {"kernel.msgmax": "12345"}  # IPC-namespaced: allowed per container
     spec["mounts"].append({"destination": "/mnt/greeting", "type": "bind", "source": str(host_file),
                            "options": ["rbind", "ro"]})
-    spec["mounts"].append({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["mode=1777"]})
+    spec["mounts"].append({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+                           "options": ["mode=1777"]})
     (bundle / "config.json").write_text(json.dumps(spec))
     proc = run(bundle, cid)
     assert proc.returncode == 0, proc.stderr.decode()
