@@ -52,12 +52,15 @@ def online_cpu_mem(req: pb.OnlineCPUMemRequest, sys_cpu: str = SYS_CPU, sys_mem:
         online_memory(sys_mem)
 
 
-def guest_details(req: pb.GetGuestDetailsRequest, sys_mem: str = SYS_MEM) -> pb.GuestDetailsResponse:
+def guest_details(
+    req: pb.GetGuestDetailsRequest, sys_mem: str = SYS_MEM, warm: bool = True
+) -> pb.GuestDetailsResponse:
     resp = pb.GuestDetailsResponse(
         agent_details=pb.AgentDetails(
             version=kata.__version__,
             init_daemon=os.getpid() == 1,
             storage_handlers=STORAGE_HANDLERS,
+            warm=warm,
         )
     )
     if req.mem_block_size:

@@ -80,19 +80,23 @@ def main() -> int:
     from kata.guest.agent.network import Network
     from kata.guest.agent.reaper import Reaper
     from kata.guest.agent.sandbox import Sandbox
+    from kata.guest.agent.warmup import Warmup
 
     reaper = Reaper()
     reaper.start()
     sandbox = Sandbox(reaper, Crun(reaper))
+    warmup = Warmup(sandbox.crun, sandbox.run_dir)
     svc = service.AgentService(
         sandbox,
         network=Network(reaper),
         power_off=power_off if is_init else None,
         mount_storage=_mount_storage if is_init else None,
         started_at=started,
+        warm=warmup.done,
     )
     server = ttrpc.Server()
     svc.register(server)
+    warmup.start()
     try:
         channel.serve(server, want_vsock=args.get("agent.channel") == "vsock")
     except Exception as e:

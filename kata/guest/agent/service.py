@@ -65,8 +65,10 @@ class AgentService:
         power_off: Callable[[], None] | None = None,
         mount_storage: Callable[[pb.Storage], None] | None = None,
         started_at: float | None = None,
+        warm: threading.Event | None = None,
     ) -> None:
         self.sandbox = sandbox
+        self.warm = warm
         self.started_at = started_at
         self._answered_check = False
         self.network = network
@@ -200,7 +202,7 @@ class AgentService:
     ) -> pb.GuestDetailsResponse:
         from kata.guest.agent.guestinfo import guest_details
 
-        return guest_details(req)
+        return guest_details(req, warm=self.warm is None or self.warm.is_set())
 
     def online_cpu_mem(self, ctx: ttrpc.Context, req: pb.OnlineCPUMemRequest) -> empty_pb2.Empty:
         from kata.guest.agent.guestinfo import online_cpu_mem

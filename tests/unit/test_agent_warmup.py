@@ -1,0 +1,69 @@
+"""The agent's warm-up: what it runs, that it always ends reported done, and how GetGuestDetails shows it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+from kata.guest.agent.crun import Crun
+from kata.guest.agent.reaper import Reaper
+from kata.guest.agent.sandbox import Sandbox
+from kata.guest.agent.service import AgentService
+from kata.guest.agent.warmup import CONTAINER_ID, Warmup
+from kata.protocols import agent_pb2 as pb
+
+
+def test_guest_details_report_warm_only_once_warmed(tmp_path: Path) -> None:
+    reaper = Reaper()
+    warm = threading.Event()
+    svc = AgentService(Sandbox(reaper, Crun(reaper), run_dir=str(tmp_path)), warm=warm)
+    req = pb.GetGuestDetailsRequest()
+    assert not svc.get_guest_details(None, req).agent_details.warm  # type: ignore[arg-type]
+    warm.set()
+    assert svc.get_guest_details(None, req).agent_details.warm  # type: ignore[arg-type]
+
+
+def test_agent_without_warmup_reports_warm(tmp_path: Path) -> None:
+    reaper = Reaper()
+    svc = AgentService(Sandbox(reaper, Crun(reaper), run_dir=str(tmp_path)))
+    assert svc.get_guest_details(None, pb.GetGuestDetailsRequest()).agent_details.warm  # type: ignore[arg-type]
+
+
+def test_failed_warmup_is_still_done(tmp_path: Path) -> None:
+    reaper = Reaper()
+    w = Warmup(Crun(reaper, binary=str(tmp_path / "no-crun")), str(tmp_path))
+    w.run()  # spawning the missing crun fails before any child exists: no reaper thread needed
+    assert w.done.is_set()
+    assert not (tmp_path / CONTAINER_ID).exists()
+
+
+def test_warmup_runs_a_container_through_crun(tmp_path: Path) -> None:
+    # A fake crun that keeps its argv and the bundle's config; run in a fresh interpreter because a
+    # running reaper calls waitpid(-1) and would steal the children of anything else in pytest.
+    fake = tmp_path / "crun"
+    fake.write_text('#!/bin/sh\necho "$@" > "$0.args"\ncp "$9/config.json" "$0.config"\n')
+    fake.chmod(0o755)
+    run_dir = tmp_path / "run"
+    code = f"""
+        from kata.guest.agent.crun import Crun
+        from kata.guest.agent.reaper import Reaper
+        from kata.guest.agent.warmup import Warmup
+        r = Reaper(); r.start()
+        w = Warmup(Crun(r, binary={str(fake)!r}), {str(run_dir)!r})
+        w.start()
+        assert w.done.wait(30)
+    """
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "warm-up done" in proc.stderr and "warn" not in proc.stderr
+    bundle = run_dir / CONTAINER_ID
+    args = (tmp_path / "crun.args").read_text().split()
+    assert args[-4:] == ["run", "--bundle", str(bundle), CONTAINER_ID]
+    spec = json.loads((tmp_path / "crun.config").read_text())
+    assert spec["root"] == {"path": "/", "readonly": True}
+    assert not bundle.exists()  # removed once crun is done
