@@ -35,25 +35,39 @@ def test_agent_without_warmup_reports_warm(tmp_path: Path) -> None:
 
 def test_failed_warmup_is_still_done(tmp_path: Path) -> None:
     reaper = Reaper()
-    w = Warmup(Crun(reaper, binary=str(tmp_path / "no-crun")), str(tmp_path))
+    w = Warmup(Sandbox(reaper, Crun(reaper, binary=str(tmp_path / "no-crun")), run_dir=str(tmp_path)))
     w.run()  # spawning the missing crun fails before any child exists: no reaper thread needed
     assert w.done.is_set()
     assert not (tmp_path / CONTAINER_ID).exists()
+
+
+def test_no_throwaway_container_once_the_host_creates_a_sandbox(tmp_path: Path) -> None:
+    reaper = Reaper()
+    fake = tmp_path / "crun"
+    fake.write_text("#!/bin/sh\ntouch \"$0.ran\"\n")
+    fake.chmod(0o755)
+    sandbox = Sandbox(reaper, Crun(reaper, binary=str(fake)), run_dir=str(tmp_path))
+    sandbox.id = "sb"  # a cold boot: the host's CreateSandbox came first
+    w = Warmup(sandbox)
+    w.run()
+    assert w.done.is_set()
+    assert not (tmp_path / "crun.ran").exists()
 
 
 def test_warmup_runs_a_container_through_crun(tmp_path: Path) -> None:
     # A fake crun that keeps its argv and the bundle's config; run in a fresh interpreter because a
     # running reaper calls waitpid(-1) and would steal the children of anything else in pytest.
     fake = tmp_path / "crun"
-    fake.write_text('#!/bin/sh\necho "$@" > "$0.args"\ncp "$9/config.json" "$0.config"\n')
+    fake.write_text('#!/bin/sh\necho "$@" > "$0.args"\ncp "${10}/config.json" "$0.config"\n')
     fake.chmod(0o755)
     run_dir = tmp_path / "run"
     code = f"""
         from kata.guest.agent.crun import Crun
         from kata.guest.agent.reaper import Reaper
+        from kata.guest.agent.sandbox import Sandbox
         from kata.guest.agent.warmup import Warmup
         r = Reaper(); r.start()
-        w = Warmup(Crun(r, binary={str(fake)!r}), {str(run_dir)!r})
+        w = Warmup(Sandbox(r, Crun(r, binary={str(fake)!r}), run_dir={str(run_dir)!r}))
         w.start()
         assert w.done.wait(30)
     """
@@ -63,7 +77,7 @@ def test_warmup_runs_a_container_through_crun(tmp_path: Path) -> None:
     assert "warm-up done" in proc.stderr and "warn" not in proc.stderr
     bundle = run_dir / CONTAINER_ID
     args = (tmp_path / "crun.args").read_text().split()
-    assert args[-4:] == ["run", "--bundle", str(bundle), CONTAINER_ID]
+    assert args[-5:] == ["run", "--no-new-keyring", "--bundle", str(bundle), CONTAINER_ID]
     spec = json.loads((tmp_path / "crun.config").read_text())
-    assert spec["root"] == {"path": "/", "readonly": True}
+    assert spec["root"]["path"] == "rootfs"
     assert not bundle.exists()  # removed once crun is done

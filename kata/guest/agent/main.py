@@ -85,7 +85,7 @@ def main() -> int:
     reaper = Reaper()
     reaper.start()
     sandbox = Sandbox(reaper, Crun(reaper))
-    warmup = Warmup(sandbox.crun, sandbox.run_dir)
+    warmup = Warmup(sandbox)
     svc = service.AgentService(
         sandbox,
         network=Network(reaper),

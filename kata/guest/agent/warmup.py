@@ -2,7 +2,8 @@
 
 The host snapshots a template VM only once this is done (it polls AgentDetails.warm), so every clone
 starts with the handlers' modules imported and crun's code and the kernel paths of a container
-start-up already paged in. On a cold boot it overlaps the host's first calls, which need the same work.
+start-up already paged in. On a cold boot the host's first calls come at once and need the same
+imports; the throwaway container is skipped then, as it would only compete with the real one.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import threading
 import time
 
 from kata.guest.agent import log
-from kata.guest.agent.crun import Crun
+from kata.guest.agent.sandbox import Sandbox
 
 # What the handlers import lazily or only on their first call.
 MODULES = (
@@ -22,11 +23,12 @@ MODULES = (
     "kata.guest.agent.stdio", "kata.guest.agent.sandbox",
 )  # fmt: skip
 
-# Ids starting with a dot are refused to the host (Sandbox.create_container): no clash possible.
+# Ids starting with a dot are refused to the host (Sandbox.create_container): no clash possible. Such a
+# name is also reserved for kernel keyrings, hence --no-new-keyring.
 CONTAINER_ID = ".kata-warmup"
 
-# A container much like the host's (same namespaces and virtual mounts), on the guest's own
-# read-only root so that it needs no share.
+# A container much like the host's (same namespaces and virtual mounts, a bind mount), on an empty
+# root in the bundle: the guest's own root cannot be one (pivot_root onto itself fails with EBUSY).
 _SPEC = {
     "ociVersion": "1.0.2",
     "process": {
@@ -35,9 +37,10 @@ _SPEC = {
         "env": ["PATH=/bin"],
         "cwd": "/",
     },
-    "root": {"path": "/", "readonly": True},
+    "root": {"path": "rootfs", "readonly": True},
     "hostname": "warmup",
     "mounts": [
+        {"destination": "/bin", "type": "bind", "source": "/bin", "options": ["rbind", "ro"]},
         {"destination": "/proc", "type": "proc", "source": "proc"},
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
         {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
@@ -48,12 +51,14 @@ _SPEC = {
         "namespaces": [{"type": t} for t in ("pid", "mount", "ipc", "uts")],
     },
 }
+# Mount points the read-only root must have already.
+_ROOT_DIRS = ("bin", "proc", "dev")
 
 
 class Warmup:
-    def __init__(self, crun: Crun, run_dir: str) -> None:
-        self.crun = crun
-        self.bundle = os.path.join(run_dir, CONTAINER_ID)
+    def __init__(self, sandbox: Sandbox) -> None:
+        self.sandbox = sandbox
+        self.bundle = os.path.join(sandbox.run_dir, CONTAINER_ID)
         self.done = threading.Event()
 
     def start(self) -> None:
@@ -64,7 +69,10 @@ class Warmup:
         try:
             for name in MODULES:
                 importlib.import_module(name)
-            self.run_container()
+            if self.sandbox.id or self.sandbox.containers:
+                log.info("warm-up: the host is already creating a sandbox, no throwaway container")
+            else:
+                self.run_container()
         except Exception as e:  # a failed warm-up only costs the first container time
             log.warn(f"warm-up: {e}")
         finally:
@@ -75,11 +83,13 @@ class Warmup:
         import json
         import shutil
 
-        os.makedirs(self.bundle, exist_ok=True)
         try:
+            for d in _ROOT_DIRS:
+                os.makedirs(os.path.join(self.bundle, "rootfs", d), exist_ok=True)
             with open(os.path.join(self.bundle, "config.json"), "w") as f:
                 json.dump(_SPEC, f)
             log_file = os.path.join(self.bundle, "crun.log")
-            self.crun.run(["run", "--bundle", self.bundle, CONTAINER_ID], log_file=log_file)
+            args = ["run", "--no-new-keyring", "--bundle", self.bundle, CONTAINER_ID]
+            self.sandbox.crun.run(args, log_file=log_file)
         finally:
             shutil.rmtree(self.bundle, ignore_errors=True)
