@@ -27,8 +27,13 @@ MODULES = (
 # name is also reserved for kernel keyrings, hence --no-new-keyring.
 CONTAINER_ID = ".kata-warmup"
 
-# A container much like the host's (same namespaces and virtual mounts, a bind mount), on an empty
-# root in the bundle: the guest's own root cannot be one (pivot_root onto itself fails with EBUSY).
+# A container like the ones engines ask for (their default namespaces, mounts, masked paths,
+# capabilities and limits, plus a bind mount), so that crun's code and the kernel's paths for all of
+# them are paged in. Its root is an empty directory in the bundle: the guest's own root cannot be
+# one (pivot_root onto itself fails with EBUSY).
+_CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
+         "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
+         "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE"]
 _SPEC = {
     "ociVersion": "1.0.2",
     "process": {
@@ -36,23 +41,37 @@ _SPEC = {
         "args": ["/bin/busybox", "true"],
         "env": ["PATH=/bin"],
         "cwd": "/",
+        "capabilities": {"bounding": _CAPS, "effective": _CAPS, "permitted": _CAPS},
+        "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+        "noNewPrivileges": True,
     },
     "root": {"path": "rootfs", "readonly": True},
     "hostname": "warmup",
     "mounts": [
         {"destination": "/bin", "type": "bind", "source": "/bin", "options": ["rbind", "ro"]},
         {"destination": "/proc", "type": "proc", "source": "proc"},
-        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
         {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
          "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+         "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+         "options": ["nosuid", "noexec", "nodev", "ro"]},
+        {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+         "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
     ],
     "linux": {
         "cgroupsPath": f"/kata/{CONTAINER_ID}",
-        "namespaces": [{"type": t} for t in ("pid", "mount", "ipc", "uts")],
+        "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")],
+        "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"],
+        "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
     },
 }
 # Mount points the read-only root must have already.
-_ROOT_DIRS = ("bin", "proc", "dev")
+_ROOT_DIRS = ("bin", "proc", "dev", "sys")
 
 
 class Warmup:
