@@ -6,7 +6,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from kata.ttrpc import frame
@@ -16,14 +15,19 @@ from kata.ttrpc.stream import Stream, socket_stream
 from kata.ttrpc.workers import WorkerPool
 
 
-@dataclass
 class Context:
-    """What a handler knows about its call. deadline is on the time.monotonic() clock, None if unbounded."""
+    """What a handler knows about its call. deadline is on the time.monotonic() clock, None if unbounded.
 
-    service: str
-    method: str
-    metadata: dict[str, str]
-    deadline: float | None
+    A plain slotted class, as are Method and frame.Frame: dataclasses costs import time in the guest.
+    """
+
+    __slots__ = ("service", "method", "metadata", "deadline")
+
+    def __init__(self, service: str, method: str, metadata: dict[str, str], deadline: float | None) -> None:
+        self.service = service
+        self.method = method
+        self.metadata = metadata
+        self.deadline = deadline
 
 
 Handler = Callable[[Context, Message], Message]
@@ -31,7 +35,6 @@ Handler = Callable[[Context, Message], Message]
 Req = TypeVar("Req", bound=Message)
 
 
-@dataclass(frozen=True)
 class Method(Generic[Req]):
     """A unary method: how to parse its request, and the handler that answers it.
 
@@ -39,8 +42,11 @@ class Method(Generic[Req]):
     and still type-check; at run time the handler gets exactly request_type.
     """
 
-    request_type: type[Req]
-    handler: Callable[[Context, Req], Message]
+    __slots__ = ("request_type", "handler")
+
+    def __init__(self, request_type: type[Req], handler: Callable[[Context, Req], Message]) -> None:
+        self.request_type = request_type
+        self.handler = handler
 
 
 class _Connection:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
+import time
 from collections.abc import Sequence
 
 from kata.guest.agent import log
@@ -45,6 +45,7 @@ class Crun:
                 out_r, out_w = os.pipe()
             fds = stdio if stdio is not None else (null, out_w if capture else null, null)
             log.debug(f"crun {' '.join(args)}")
+            began = time.monotonic()
             fut = self.reaper.spawn(self._argv(log_file, args), stdin=fds[0], stdout=fds[1], stderr=fds[2])
             out = b""
             if capture:
@@ -55,6 +56,7 @@ class Crun:
                     chunks.append(chunk)
                 out = b"".join(chunks)
             code = fut.wait(_TIMEOUT)
+            log.debug(f"crun {args[0]} exited {code} after {time.monotonic() - began:.3f}s")
             if code is None:
                 os.kill(fut.pid, 9)
                 raise CrunError(f"crun {args[0]} timed out")
@@ -69,6 +71,8 @@ class Crun:
 
 def last_error(log_file: str) -> str:
     """The last message crun wrote to its JSON log."""
+    import json  # only on failures: json's imports cost start-up time in the guest
+
     try:
         with open(log_file, "rb") as f:
             lines = f.read().splitlines()

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 import threading
-from dataclasses import dataclass, field
 from typing import Any
 
 from kata.guest.agent import log
@@ -28,23 +26,24 @@ class InvalidArgument(Exception):
     pass
 
 
-@dataclass
+# Plain classes, not dataclasses, and json imported on first use: both cost start-up time in the guest.
 class Process:
-    exec_id: str  # "" for the container's init
-    pid: int
-    exit: Exit
-    stdio: Stdio
-    terminal: bool
+    def __init__(self, *, exec_id: str, pid: int, exit: Exit, stdio: Stdio, terminal: bool) -> None:
+        self.exec_id = exec_id  # "" for the container's init
+        self.pid = pid
+        self.exit = exit
+        self.stdio = stdio
+        self.terminal = terminal
 
 
-@dataclass
 class Container:
-    id: str
-    bundle: str
-    spec: dict[str, Any]
-    init: Process | None = None
-    execs: dict[str, Process] = field(default_factory=dict)
-    started: bool = False
+    def __init__(self, *, id: str, bundle: str, spec: dict[str, Any], init: Process | None = None) -> None:
+        self.id = id
+        self.bundle = bundle
+        self.spec = spec
+        self.init = init
+        self.execs: dict[str, Process] = {}
+        self.started = False
 
     @property
     def log_file(self) -> str:
@@ -55,6 +54,15 @@ def _rmtree(path: str) -> None:
     import shutil  # only on removal: shutil's own imports cost start-up time in the guest
 
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _parse_json(data: bytes, what: str) -> Any:
+    import json
+
+    try:
+        return json.loads(data)
+    except ValueError as e:
+        raise InvalidArgument(f"{what} is not JSON: {e}") from None
 
 
 def _read_pid(path: str) -> int:
@@ -127,10 +135,7 @@ class Sandbox:
     def create_container(self, cid: str, spec_json: bytes) -> None:
         if not cid or "/" in cid or cid.startswith("."):
             raise InvalidArgument(f"invalid container id {cid!r}")
-        try:
-            spec = json.loads(spec_json)
-        except ValueError as e:
-            raise InvalidArgument(f"OCI spec of {cid!r} is not JSON: {e}") from None
+        spec = _parse_json(spec_json, f"OCI spec of {cid!r}")
         if not isinstance(spec, dict) or not isinstance(spec.get("process"), dict):
             raise InvalidArgument(f"OCI spec of {cid!r} has no process")
         bundle = os.path.join(self.run_dir, cid)
@@ -166,10 +171,7 @@ class Sandbox:
         c = self.container(cid)
         if not exec_id:
             raise InvalidArgument("exec id is empty")
-        try:
-            proc = json.loads(process_json)
-        except ValueError as e:
-            raise InvalidArgument(f"process of exec {exec_id!r} is not JSON: {e}") from None
+        proc = _parse_json(process_json, f"process of exec {exec_id!r}")
         if not isinstance(proc, dict):
             raise InvalidArgument(f"process of exec {exec_id!r} is not an object")
         with self._lock:
@@ -242,10 +244,7 @@ class Sandbox:
 
     def update(self, cid: str, resources_json: bytes) -> None:
         c = self.container(cid)
-        try:
-            json.loads(resources_json)
-        except ValueError as e:
-            raise InvalidArgument(f"resources of {cid!r} are not JSON: {e}") from None
+        _parse_json(resources_json, f"resources of {cid!r}")
         path = os.path.join(c.bundle, "resources.json")
         with open(path, "wb") as f:
             f.write(resources_json)
@@ -259,7 +258,7 @@ class Sandbox:
         if fmt not in ("", "table"):
             raise InvalidArgument(f"unknown process list format {fmt!r}")
         lines = ["PID CMD"]
-        for pid in json.loads(out or b"[]"):
+        for pid in _parse_json(out or b"[]", "crun ps output"):
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     cmd = f.read().replace(b"\0", b" ").strip().decode(errors="replace")
