@@ -55,9 +55,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-if [ ! -x "$VENV/bin/python" ]; then
-  step "python: creating $VENV"
-  "$PY" -m venv "$VENV"
+# A venv whose interpreter is gone (it was made from another python, since removed) is made again.
+if ! "$VENV/bin/python" -c pass 2>/dev/null; then
+  step "python: creating $VENV with $PY"
+  "$PY" -m venv --clear "$VENV"
 fi
 step "python: installing kata (editable) and its dependencies"
 "$VENV/bin/pip" install -q --disable-pip-version-check -e "$REPO[build,dev]"
