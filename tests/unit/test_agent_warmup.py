@@ -36,12 +36,12 @@ def test_agent_without_warmup_reports_warm(tmp_path: Path) -> None:
 def test_failed_warmup_is_still_done(tmp_path: Path) -> None:
     reaper = Reaper()
     w = Warmup(Sandbox(reaper, Crun(reaper, binary=str(tmp_path / "no-crun")), run_dir=str(tmp_path)))
-    w.run()  # spawning the missing crun fails before any child exists: no reaper thread needed
+    w.run(grace=0)  # spawning the missing crun fails before any child exists: no reaper thread needed
     assert w.done.is_set()
     assert not (tmp_path / CONTAINER_ID).exists()
 
 
-def test_no_throwaway_container_once_the_host_creates_a_sandbox(tmp_path: Path) -> None:
+def test_no_warmup_once_the_host_creates_a_sandbox(tmp_path: Path) -> None:
     reaper = Reaper()
     fake = tmp_path / "crun"
     fake.write_text("#!/bin/sh\ntouch \"$0.ran\"\n")
@@ -49,7 +49,7 @@ def test_no_throwaway_container_once_the_host_creates_a_sandbox(tmp_path: Path) 
     sandbox = Sandbox(reaper, Crun(reaper, binary=str(fake)), run_dir=str(tmp_path))
     sandbox.id = "sb"  # a cold boot: the host's CreateSandbox came first
     w = Warmup(sandbox)
-    w.run()
+    w.run(grace=0)
     assert w.done.is_set()
     assert not (tmp_path / "crun.ran").exists()
 

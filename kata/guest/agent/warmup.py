@@ -2,8 +2,8 @@
 
 The host snapshots a template VM only once this is done (it polls AgentDetails.warm), so every clone
 starts with the handlers' modules imported and crun's code and the kernel paths of a container
-start-up already paged in. On a cold boot the host's first calls come at once and need the same
-imports; the throwaway container is skipped then, as it would only compete with the real one.
+start-up already paged in. On a cold boot the host creates its sandbox at once: the warm-up then
+stands aside, as on the one vCPU it would only slow the host's calls down.
 """
 
 from __future__ import annotations
@@ -15,6 +15,10 @@ import time
 
 from kata.guest.agent import log
 from kata.guest.agent.sandbox import Sandbox
+
+# A host making a template only polls for the warm-up; one that means to run a container creates its
+# sandbox within this long of the agent serving.
+GRACE = 0.3
 
 # What the handlers import lazily or only on their first call.
 MODULES = (
@@ -83,15 +87,17 @@ class Warmup:
     def start(self) -> None:
         threading.Thread(target=self.run, name="warmup", daemon=True).start()
 
-    def run(self) -> None:
+    def run(self, grace: float = GRACE) -> None:
+        time.sleep(grace)
+        if self.sandbox.id or self.sandbox.containers:
+            log.info("warm-up skipped: the host is creating a sandbox already")
+            self.done.set()
+            return
         began = time.monotonic()
         try:
             for name in MODULES:
                 importlib.import_module(name)
-            if self.sandbox.id or self.sandbox.containers:
-                log.info("warm-up: the host is already creating a sandbox, no throwaway container")
-            else:
-                self.run_container()
+            self.run_container()
         except Exception as e:  # a failed warm-up only costs the first container time
             log.warn(f"warm-up: {e}")
         finally:
