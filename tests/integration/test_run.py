@@ -222,3 +222,25 @@ def test_oci_process_semantics_in_the_guest(tmp_path: Path, cid: str) -> None:
     assert got["msgmax"] == "12345"
     assert got["bind"] == "hello from the host"
     assert leftovers(cid) == []
+
+
+def test_qemu_dying_under_a_running_container(tmp_path: Path, cid: str) -> None:
+    """The VMM killed under a running container: `run` fails with one line and cleans up everything."""
+    bundle = make_busybox_bundle(tmp_path / "b", ["sh", "-c", "echo ready; sleep 1000"])
+    proc = subprocess.Popen([runtime_bin(), "run", "--bundle", str(bundle), cid],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"
+        qemu_pid = int((Path("/run/vc/vm") / cid / "qemu.pid").read_text())
+        os.kill(qemu_pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    lines = err.decode().strip().splitlines()
+    assert "Traceback" not in err.decode()
+    assert lines and lines[-1].startswith("kata-runtime: "), err
+    assert leftovers(cid) == []
