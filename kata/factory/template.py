@@ -50,6 +50,22 @@ def _asset_identities(config: VMConfig) -> dict[str, str]:
     return {str(f): _file_identity(f) for f in files if f is not None}
 
 
+def _lock_held(lock: Path) -> bool:
+    import fcntl
+
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def template_key(config: VMConfig) -> str:
     shape = dataclasses.replace(
         config, id="", run_dir=Path("/"), console_log=Path("/"),
@@ -138,22 +154,36 @@ class TemplateStore:
             # What the template was made from, so prune() can tell when a rebuilt asset orphans it.
             (tdir / _META).write_text(json.dumps({"assets": _asset_identities(config)}))
             os.replace(tmp, tdir / _STATE)
-        finally:
+        except BaseException:
             qemu.stop(timeout=2.0)
-            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(tdir, ignore_errors=True)  # no half-made template stays behind
+            raise
+        qemu.stop(timeout=2.0)
+        shutil.rmtree(work, ignore_errors=True)
 
     def prune(self) -> int:
-        """Remove templates whose kernel, image or VMM has since been replaced (each holds ~60 MB)."""
+        """Remove templates whose kernel, image or VMM has since been replaced (each holds ~60 MB),
+        and what failed or older makes left: directories without a state or record, stray locks.
+        Called with the lock of the template just made held; other makes hold their own lock."""
         removed = 0
-        for meta_file in self.root.glob(f"*/{_META}"):
+        if not self.root.is_dir():
+            return 0
+        for tdir in self.root.iterdir():
+            if not tdir.is_dir():
+                continue
             try:
-                assets = json.loads(meta_file.read_text())["assets"]
+                assets = json.loads((tdir / _META).read_text())["assets"]
                 current = {path: _file_identity(Path(path)) for path in assets}
+                stale = current != assets or not (tdir / _STATE).is_file()
             except (OSError, ValueError, KeyError):
-                current, assets = {}, None  # unreadable, or an asset is gone: stale
-            if current != assets:
-                shutil.rmtree(meta_file.parent, ignore_errors=True)
+                # No record, unreadable, or an asset is gone; a make in progress has its work dir.
+                stale = not (tdir / "work").exists()
+            if stale:
+                shutil.rmtree(tdir, ignore_errors=True)
                 removed += 1
+        for lock in self.root.glob("*.lock"):
+            if not (self.root / lock.stem).exists() and not _lock_held(lock):
+                lock.unlink(missing_ok=True)
         return removed
 
     def list(self) -> list[tuple[str, int]]:

@@ -63,5 +63,10 @@ def test_prune_drops_templates_of_replaced_assets(tmp_path: Path) -> None:
     assets = json.loads(stale_meta.read_text())["assets"]
     assets[str(cfg.image)] = "an image that has since been rebuilt"
     stale_meta.write_text(json.dumps({"assets": assets}))
-    assert store.prune() == 1
+    (store.root / "legacy").mkdir()  # made before templates kept a record: cannot be checked
+    (store.root / "legacy" / "state").write_bytes(b"x")
+    (store.root / "making" / "work").mkdir(parents=True)  # another process is making this one
+    (store.root / "gone.lock").touch()
+    assert store.prune() == 2
     assert [key for key, _ in store.list()] == ["current"]
+    assert (store.root / "making").is_dir() and not (store.root / "gone.lock").exists()
