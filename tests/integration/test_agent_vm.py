@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ import pytest
 
 from kata.agent.client import AgentClient, StreamEOF
 from kata.agent.transport import connect
+from kata.bundles import make_rootfs
 from kata.hypervisor.base import SharedFs, VMConfig
 from kata.hypervisor.qemu import Qemu
 from kata.osbuilder.kernel import KERNEL_PARAMS
@@ -26,7 +26,6 @@ IMAGE = GUEST_DIR / "kata-containers.img"
 QEMU = "/usr/bin/qemu-system-x86_64"
 BUSYBOX = "/bin/busybox"
 SHARED = "/run/kata-containers/shared/containers"
-APPLETS = ("sh", "cat", "echo", "sleep", "stty", "tty", "true", "ls", "ps")
 
 pytestmark = [
     pytest.mark.vm,
@@ -35,16 +34,6 @@ pytestmark = [
     pytest.mark.skipif(not os.path.exists(QEMU), reason=f"{QEMU} missing"),
     pytest.mark.skipif(not os.path.exists(BUSYBOX), reason=f"{BUSYBOX} (busybox-static) missing"),
 ]
-
-
-def make_rootfs(share: Path, cid: str) -> Path:
-    rootfs = share / cid / "rootfs"
-    for d in ("bin", "proc", "dev", "sys", "tmp", "etc"):
-        (rootfs / d).mkdir(parents=True, exist_ok=True)
-    shutil.copy2(BUSYBOX, rootfs / "bin" / "busybox")
-    for applet in APPLETS:
-        (rootfs / "bin" / applet).symlink_to("busybox")
-    return rootfs
 
 
 def spec(cid: str, args: list[str], terminal: bool = False) -> bytes:
@@ -151,7 +140,7 @@ def read_all(client: AgentClient, cid: str, exec_id: str = "", stderr: bool = Fa
 
 
 def run(client: AgentClient, vm: VM, cid: str, args: list[str], terminal: bool = False) -> None:
-    make_rootfs(vm.share, cid)
+    make_rootfs(vm.share / cid / "rootfs")
     client.create_container(container_id=cid, oci_spec_json=spec(cid, args, terminal))
 
 
