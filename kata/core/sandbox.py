@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -34,6 +36,26 @@ CacheMode = Literal["auto", "always", "never"]
 _POWEROFF_GRACE = 2.0
 
 
+def run_concurrently(calls: list[Callable[[], object]]) -> None:
+    """Run independent RPCs at once; re-raise the first failure after all have ended."""
+    errors: list[BaseException] = []
+
+    def one(call: Callable[[], object]) -> None:
+        try:
+            call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(c,), daemon=True) for c in calls[1:]]
+    for t in threads:
+        t.start()
+    one(calls[0])
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
 def host_memory_mib() -> int:
     with open("/proc/meminfo") as f:
         for line in f:
@@ -53,6 +75,7 @@ class Sandbox:
         self.virtiofsd: Any = None
         self.agent: AgentClient | None = None
         self.containers: dict[str, Any] = {}
+        self._fresh_clone = False
         self.log = logs.get()
 
     # ---- bring-up -------------------------------------------------------------------------
@@ -106,7 +129,16 @@ class Sandbox:
         if config.shared_fs is not None:
             storages.append(self._shared_storage(config.shared_fs.kind))
         hostname = str(spec.get("hostname") or "")
-        self.require_agent().create_sandbox(hostname=hostname, storages=storages, sandbox_id=self.id)
+        agent = self.require_agent()
+        calls: list[Callable[[], object]] = [
+            lambda: agent.create_sandbox(hostname=hostname, storages=storages, sandbox_id=self.id)]
+        if self._fresh_clone:
+            # A clone resumes with the template's clock and entropy pool. The three calls are
+            # independent, so they go out together on the one connection.
+            now = time.time()
+            calls.append(lambda: agent.set_guest_date_time(sec=int(now), usec=int((now % 1) * 1e6)))
+            calls.append(lambda: agent.reseed_random_dev(data=os.urandom(64)))
+        run_concurrently(calls)
         self.timings.mark("sandbox_created")
         self._save_state("ready")
 
@@ -141,11 +173,7 @@ class Sandbox:
         self.timings.mark("template_made" if made else "template_found")
         self._launch(config, restore_from=state)
         self._connect_agent(config)
-        agent = self.require_agent()
-        # The clone resumes with the template's clock and entropy pool.
-        now = time.time()
-        agent.set_guest_date_time(sec=int(now), usec=int((now % 1) * 1_000_000))
-        agent.reseed_random_dev(data=os.urandom(64))
+        self._fresh_clone = True
 
     def _launch(self, config: VMConfig, restore_from: Path | None) -> None:
         from kata.hypervisor.qemu import Qemu
