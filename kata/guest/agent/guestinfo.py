@@ -74,8 +74,10 @@ def guest_details(
     return resp
 
 
-# <linux/random.h>: _IOW('R', 0x03, int[2]) — add entropy to the pool and credit it.
+# <linux/random.h>: _IOW('R', 0x03, int[2]) — add entropy to the pool and credit it;
+# _IO('R', 0x07) — reseed the CRNG from the pool now.
 _RNDADDENTROPY = 0x40085203
+_RNDRESEEDCRNG = 0x5207
 
 
 def set_date_time(sec: int, usec: int) -> None:
@@ -90,3 +92,6 @@ def reseed_random(data: bytes) -> None:
 
     with open("/dev/urandom", "wb", buffering=0) as f:
         fcntl.ioctl(f, _RNDADDENTROPY, struct.pack("ii", len(data) * 8, len(data)) + data)
+        # Once initialised, the CRNG reseeds from the pool only every so often: without this, clones
+        # restored within that interval still draw the same numbers.
+        fcntl.ioctl(f, _RNDRESEEDCRNG)

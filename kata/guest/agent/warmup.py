@@ -12,9 +12,11 @@ import importlib
 import os
 import threading
 import time
+from typing import Any
 
 from kata.guest.agent import log
 from kata.guest.agent.sandbox import Sandbox
+from kata.oci.default_spec import default_spec
 
 # A host making a template only polls for the warm-up; one that means to run a container creates its
 # sandbox within this long of the agent serving.
@@ -35,45 +37,21 @@ CONTAINER_ID = ".kata-warmup"
 # capabilities and limits, plus a bind mount), so that crun's code and the kernel's paths for all of
 # them are paged in. Its root is an empty directory in the bundle: the guest's own root cannot be
 # one (pivot_root onto itself fails with EBUSY).
-_CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
-         "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
-         "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE"]
-_SPEC = {
-    "ociVersion": "1.0.2",
-    "process": {
-        "user": {"uid": 0, "gid": 0},
-        "args": ["/bin/busybox", "true"],
-        "env": ["PATH=/bin"],
-        "cwd": "/",
-        "capabilities": {"bounding": _CAPS, "effective": _CAPS, "permitted": _CAPS},
-        "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
-        "noNewPrivileges": True,
-    },
-    "root": {"path": "rootfs", "readonly": True},
-    "hostname": "warmup",
-    "mounts": [
-        {"destination": "/bin", "type": "bind", "source": "/bin", "options": ["rbind", "ro"]},
-        {"destination": "/proc", "type": "proc", "source": "proc"},
-        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
-        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
-        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
-         "options": ["nosuid", "noexec", "nodev"]},
-        {"destination": "/sys", "type": "sysfs", "source": "sysfs",
-         "options": ["nosuid", "noexec", "nodev", "ro"]},
-        {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
-         "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
-    ],
-    "linux": {
-        "cgroupsPath": f"/kata/{CONTAINER_ID}",
-        "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")],
-        "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"],
-        "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
-    },
-}
+
+
+def _spec() -> dict[str, Any]:
+    spec = default_spec(["/bin/busybox", "true"], hostname="warmup")
+    spec["process"]["env"] = ["PATH=/bin"]
+    spec["root"] = {"path": "rootfs", "readonly": True}
+    bind = {"destination": "/bin", "type": "bind", "source": "/bin", "options": ["rbind", "ro"]}
+    spec["mounts"].insert(0, bind)
+    linux = spec["linux"]
+    linux["cgroupsPath"] = f"/kata/{CONTAINER_ID}"
+    # Guest containers share the VM's network (specconv drops the network namespace).
+    linux["namespaces"] = [ns for ns in linux["namespaces"] if ns["type"] != "network"]
+    return spec
+
+
 # Mount points the read-only root must have already.
 _ROOT_DIRS = ("bin", "proc", "dev", "sys")
 
@@ -112,7 +90,7 @@ class Warmup:
             for d in _ROOT_DIRS:
                 os.makedirs(os.path.join(self.bundle, "rootfs", d), exist_ok=True)
             with open(os.path.join(self.bundle, "config.json"), "w") as f:
-                json.dump(_SPEC, f)
+                json.dump(_spec(), f)
             log_file = os.path.join(self.bundle, "crun.log")
             args = ["run", "--no-new-keyring", "--bundle", self.bundle, CONTAINER_ID]
             self.sandbox.crun.run(args, log_file=log_file)
