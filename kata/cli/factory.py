@@ -29,9 +29,9 @@ def _default_vm_config(args: argparse.Namespace) -> Any:
     sizing = vm_sizing({}, hv, os.cpu_count() or 1, host_memory_mib())
     accel = choose_accel(Path(hv.path), Path(hv.kernel), force=hv.accel).accel  # type: ignore[arg-type]
     channel = vm.agent_channel(cfg.agent.agent_channel, vm.vsock_available())
-    shared = "virtio-9p" if hv.shared_fs != "none" else "none"
     config = vm.build_vm_config("factory", hv, sizing, SandboxPaths("factory"), accel, channel,
-                                tuple(KERNEL_PARAMS), args.debug or cfg.agent.enable_debug, shared)
+                                tuple(KERNEL_PARAMS), args.debug or cfg.agent.enable_debug,
+                                from_template=True)
     return cfg, config
 
 

@@ -114,11 +114,10 @@ class Sandbox:
         except ValueError as exc:
             raise KataError(str(exc)) from exc
         debug = debug or self.cfg.agent.enable_debug
+        # vsock clones would keep their template's CID: those VMs boot cold.
         use_template = self.cfg.factory.enable_template and channel == "virtio-serial"
-        # A template cannot carry a vhost-user-fs device (QEMU 7.2), so its clones share over 9p.
-        shared_kind = "virtio-9p" if use_template and hv.shared_fs != "none" else hv.shared_fs
         config = vm.build_vm_config(self.id, hv, sizing, self.paths, probe.accel, channel,
-                                    tuple(KERNEL_PARAMS), debug, shared_kind)
+                                    tuple(KERNEL_PARAMS), debug, from_template=use_template)
         self.timings.mark("config")
         if use_template:
             self._restore_from_template(config)
@@ -142,7 +141,7 @@ class Sandbox:
         self.timings.mark("sandbox_created")
         self._save_state("ready")
 
-    def _boot_cold(self, config: VMConfig) -> None:
+    def _start_virtiofsd(self, config: VMConfig) -> None:
         from kata.fs_share.virtiofsd import Virtiofsd
 
         hv = self.cfg.hypervisor
@@ -153,6 +152,9 @@ class Sandbox:
                 extra_args=tuple(hv.virtio_fs_extra_args), log_file=self.paths.vm_dir / "virtiofsd.log")
             self.virtiofsd.start(timeout=5.0)
             self.timings.mark("virtiofsd_ready")
+
+    def _boot_cold(self, config: VMConfig) -> None:
+        self._start_virtiofsd(config)
         # A rare boot hangs silently (FACTS.md): one more try is safe, nothing has run in the guest yet.
         for attempt in (1, 2):
             self._launch(config, restore_from=None)
@@ -171,11 +173,15 @@ class Sandbox:
         store = TemplateStore(Path(self.cfg.factory.template_path))
         state, made = store.ensure(config, self.cfg.hypervisor.boot_timeout)
         self.timings.mark("template_made" if made else "template_found")
-        self._launch(config, restore_from=state)
+        self._start_virtiofsd(config)
+        hypervisor = self._launch(config, restore_from=state)
+        if config.shared_fs is not None and config.shared_fs.hotplug:
+            hypervisor.attach_shared_fs(config.shared_fs)
+            self.timings.mark("shared_fs_attached")
         self._connect_agent(config)
         self._fresh_clone = True
 
-    def _launch(self, config: VMConfig, restore_from: Path | None) -> None:
+    def _launch(self, config: VMConfig, restore_from: Path | None) -> Hypervisor:
         from kata.hypervisor.qemu import Qemu
 
         qemu = Qemu()
@@ -187,6 +193,7 @@ class Sandbox:
             qemu.restore(config, restore_from, timeout=self.cfg.hypervisor.boot_timeout)
         self.timings.mark("vmm_running")
         self._save_state("creating")
+        return qemu
 
     def _connect_agent(self, config: VMConfig) -> None:
         assert self.hypervisor is not None

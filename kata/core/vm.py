@@ -34,18 +34,18 @@ def vsock_available() -> bool:
 
 def build_vm_config(sid: str, hv: HypervisorConfig, sizing: VMSizing, paths: SandboxPaths,
                     accel: Literal["kvm", "tcg"], channel: Literal["vsock", "virtio-serial"],
-                    base_params: tuple[str, ...], debug: bool, shared_fs: str | None = None) -> VMConfig:
-    """``shared_fs`` overrides the configured kind (a VM made from a template must use 9p)."""
+                    base_params: tuple[str, ...], debug: bool, from_template: bool = False) -> VMConfig:
+    """``from_template``: the VM is restored from a snapshot, so a virtio-fs share is hot-added."""
     params = list(base_params) + list(ROOT_PARAMS)
     params.append(f"agent.channel={'vsock' if channel == 'vsock' else 'serial'}")
     if debug:
         params.append("agent.log=debug")
     params += shlex.split(hv.kernel_params or "")
     shared: SharedFs | None = None
-    kind = shared_fs or hv.shared_fs
-    if kind == "virtio-fs":
-        shared = SharedFs("virtio-fs", paths.shared_dir, SHARED_FS_TAG, paths.virtiofsd_socket)
-    elif kind == "virtio-9p":
+    if hv.shared_fs == "virtio-fs":
+        shared = SharedFs("virtio-fs", paths.shared_dir, SHARED_FS_TAG, paths.virtiofsd_socket,
+                          hotplug=from_template)
+    elif hv.shared_fs == "virtio-9p":
         shared = SharedFs("virtio-9p", paths.shared_dir, SHARED_FS_TAG)
     return VMConfig(
         id=sid,

@@ -4,7 +4,8 @@ start sandboxes by restoring the snapshot.
 A template is keyed by everything that decides what the restored VM is: the VMM, kernel and image
 files (by identity), machine, accelerator, vCPUs, memory, kernel command line and device set. What
 differs per sandbox (its id, run directory, console log and the host directory behind its 9p share)
-is left out of the key: those come from QEMU's command line at restore time.
+is left out of the key: those come from QEMU's command line at restore time. A virtio-fs share is
+hot-added to each clone after the restore, since QEMU cannot snapshot a vhost-user-fs device.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def _lock_held(lock: Path) -> bool:
 def template_key(config: VMConfig) -> str:
     shape = dataclasses.replace(
         config, id="", run_dir=Path("/"), console_log=Path("/"),
-        shared_fs=dataclasses.replace(config.shared_fs, host_dir=Path("/")) if config.shared_fs else None,
+        shared_fs=(dataclasses.replace(config.shared_fs, host_dir=Path("/"), vhost_user_socket=None)
+                   if config.shared_fs else None),
     )
     h = hashlib.sha256(TEMPLATE_FORMAT.encode())
     h.update(repr(shape).encode())
@@ -80,8 +82,9 @@ def template_key(config: VMConfig) -> str:
 
 def templatable(config: VMConfig) -> str | None:
     """Why ``config`` cannot come from a template, or None when it can."""
-    if config.shared_fs is not None and config.shared_fs.kind == "virtio-fs":
-        return "QEMU cannot snapshot a VM with a vhost-user-fs (virtio-fs) device"
+    fs = config.shared_fs
+    if fs is not None and fs.kind == "virtio-fs" and not fs.hotplug:
+        return "QEMU cannot snapshot a VM with a vhost-user-fs (virtio-fs) device: it must be hot-added"
     if config.agent_channel == "vsock":
         return "a restored VM would keep the template's vsock CID"
     return None
@@ -132,7 +135,9 @@ class TemplateStore:
         share.mkdir(parents=True)
         tconfig = dataclasses.replace(
             config, id=f"template-{tdir.name}", run_dir=work / "vm", console_log=work / "console.log",
-            shared_fs=dataclasses.replace(config.shared_fs, host_dir=share) if config.shared_fs else None,
+            shared_fs=(dataclasses.replace(config.shared_fs, host_dir=share,
+                                           vhost_user_socket=work / "vfs.sock")
+                       if config.shared_fs else None),
         )
         qemu = Qemu()
         try:

@@ -28,6 +28,10 @@ class SharedFs:
     tag: str = "kataShared"
     # virtio-fs only: the vhost-user socket of the virtiofsd serving host_dir.
     vhost_user_socket: Path | None = None
+    # virtio-fs only: the device is added after start (attach_shared_fs), into a PCIe root port the
+    # VM is given for it. A VM with a vhost-user-fs device cannot be snapshotted (QEMU 7.2), so VMs
+    # made from a template get theirs this way.
+    hotplug: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,10 @@ class Hypervisor(abc.ABC):
     @abc.abstractmethod
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the VM; idempotent; kills the VMM if it does not go in time."""
+
+    @abc.abstractmethod
+    def attach_shared_fs(self, fs: SharedFs) -> None:
+        """Hot-add the shared-fs device of a VM started with ``fs.hotplug`` (e.g. after a restore)."""
 
     @abc.abstractmethod
     def pause(self) -> None: ...

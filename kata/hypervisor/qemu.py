@@ -12,8 +12,8 @@ from pathlib import Path
 from kata.agent.endpoint import AgentEndpoint
 
 from . import daemon
-from .base import Hypervisor, HypervisorError, VMConfig
-from .qemu_argv import RunPaths, Vsock, build_argv, hotplug_capable
+from .base import Hypervisor, HypervisorError, SharedFs, VMConfig
+from .qemu_argv import FS_ROOT_PORT, RunPaths, Vsock, build_argv, hotplug_capable
 from .qmp import Qmp, main_loop_ready
 from .vsock import reserve_cid
 
@@ -208,6 +208,15 @@ class Qemu(Hypervisor):
         return daemon.log_tail(self._paths.log_file) if self._paths is not None else ""
 
     # -- QMP operations ------------------------------------------------------------------------
+
+    def attach_shared_fs(self, fs: SharedFs) -> None:
+        if fs.kind != "virtio-fs" or not fs.hotplug or fs.vhost_user_socket is None:
+            raise HypervisorError("only a hot-pluggable virtio-fs share can be attached")
+        qmp = self._monitor()
+        qmp.run("chardev-add", id="vfs", backend={"type": "socket", "data": {
+            "addr": {"type": "unix", "data": {"path": str(fs.vhost_user_socket)}}, "server": False}})
+        qmp.run("device_add", driver="vhost-user-fs-pci", id="vfs0", chardev="vfs", tag=fs.tag,
+                bus=FS_ROOT_PORT)
 
     def pause(self) -> None:
         self._monitor().run("stop")

@@ -56,6 +56,10 @@ def hotplug_capable(machine: str) -> bool:
     return machine in ("q35", "pc")
 
 
+# The PCIe root port a hot-added virtio-fs device goes into.
+FS_ROOT_PORT = "fsport"
+
+
 def kernel_cmdline(config: VMConfig, vsock: bool) -> str:
     """The driver's own parameters (they follow from how it wires devices), then the caller's.
 
@@ -68,6 +72,11 @@ def kernel_cmdline(config: VMConfig, vsock: bool) -> str:
         own += ["root=/dev/vda", "rootfstype=erofs", "ro"]
     if vsock:
         own.append("agent.channel=vsock")
+    fs = config.shared_fs
+    if fs is not None and fs.kind == "virtio-fs" and fs.hotplug and config.machine_type == "microvm":
+        # microvm's ACPI tables do not hand PCIe hotplug to the OS: without this the kernel never
+        # notices the virtio-fs device added after a restore.
+        own.append("pcie_ports=native")
     if config.accel == "tcg" and config.machine_type == "microvm":
         # microvm has no PIT/HPET/PM timer to calibrate the TSC against; under TCG the guest then
         # marks the TSC unstable and most boots hang. TCG's TSC is the host's, so its rate is known.
@@ -112,6 +121,10 @@ def build_argv(config: VMConfig, vsock: Vsock | None = None, incoming: Path | No
     if virtio_fs:
         # vhost-user needs guest RAM in shared memory; memory-backend= works on microvm and q35/pc alike.
         machine += ",memory-backend=mem"
+    fs_hotplug = virtio_fs and fs is not None and fs.hotplug
+    if fs_hotplug and mmio:
+        # microvm has PCIe only on request: the hot-added vhost-user-fs-pci needs a root port.
+        machine += ",pcie=on"
 
     argv = [
         str(config.hypervisor_path),
@@ -173,7 +186,9 @@ def build_argv(config: VMConfig, vsock: Vsock | None = None, incoming: Path | No
             "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_SERIAL_PORT_NAME}",
         ]  # fmt: skip
 
-    if fs is not None:
+    if fs_hotplug:
+        argv += ["-device", f"pcie-root-port,id={FS_ROOT_PORT},bus=pcie.0,chassis=1,slot=0"]
+    elif fs is not None:
         if fs.kind == "virtio-fs":
             argv += [
                 "-chardev", f"socket,id=vfs,path={fs.vhost_user_socket}",

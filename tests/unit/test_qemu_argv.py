@@ -157,3 +157,16 @@ def test_restore_reads_state_through_exec() -> None:
     argv = build_argv(config(extra_args=("-S",)), incoming=Path("/run/state file"))
     assert option(argv, "-incoming") == ["exec:cat '/run/state file'"]
     assert argv[-1] == "-S"
+
+
+def test_hot_added_virtio_fs_gets_a_root_port_not_a_device() -> None:
+    from kata.hypervisor.base import SharedFs
+
+    fs = SharedFs("virtio-fs", Path("/share"), vhost_user_socket=Path("/run/vfs.sock"), hotplug=True)
+    argv = build_argv(config(shared_fs=fs))
+    machine = option(argv, "-machine")[0]
+    assert "pcie=on" in machine and "memory-backend=mem" in machine
+    devices = option(argv, "-device")
+    assert any(d.startswith("pcie-root-port,id=fsport") for d in devices)
+    assert not any("vhost-user-fs" in d for d in devices)
+    assert "pcie_ports=native" in kernel_cmdline(config(shared_fs=fs), vsock=False).split()

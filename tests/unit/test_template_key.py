@@ -29,6 +29,9 @@ def test_per_sandbox_fields_do_not_change_the_key(tmp_path: Path) -> None:
     b = config(tmp_path, id="b", run_dir=tmp_path / "run-b", console_log=tmp_path / "b.log",
                shared_fs=SharedFs("virtio-9p", tmp_path / "share-b"))
     assert template_key(a) == template_key(b)
+    fs_a = SharedFs("virtio-fs", tmp_path / "a", vhost_user_socket=tmp_path / "a.sock", hotplug=True)
+    fs_b = SharedFs("virtio-fs", tmp_path / "b", vhost_user_socket=tmp_path / "b.sock", hotplug=True)
+    assert template_key(config(tmp_path, shared_fs=fs_a)) == template_key(config(tmp_path, shared_fs=fs_b))
 
 
 def test_shape_and_assets_change_the_key(tmp_path: Path) -> None:
@@ -45,6 +48,8 @@ def test_what_cannot_be_templated(tmp_path: Path) -> None:
     assert templatable(config(tmp_path)) is None
     virtiofs = SharedFs("virtio-fs", tmp_path, vhost_user_socket=tmp_path / "s")
     assert "virtio-fs" in str(templatable(config(tmp_path, shared_fs=virtiofs)))
+    hot_added = SharedFs("virtio-fs", tmp_path, vhost_user_socket=tmp_path / "s", hotplug=True)
+    assert templatable(config(tmp_path, shared_fs=hot_added)) is None
     assert "vsock" in str(templatable(config(tmp_path, agent_channel="vsock")))
 
 

@@ -117,5 +117,28 @@ def mount_storage(driver: str, source: str, fstype: str, options: Iterable[str],
     if not fstype:
         raise ValueError(f"storage {source!r}: no fstype for driver {driver!r}")
     os.makedirs(mount_point, exist_ok=True)
-    mount(source, mount_point, fstype, flags, data)
+    if fstype == "virtiofs":
+        _mount_when_present(source, mount_point, fstype, flags, data)
+    else:
+        mount(source, mount_point, fstype, flags, data)
     log.info(f"mounted {driver} {source} on {mount_point}")
+
+
+# A virtio-fs device hot-added to a VM restored from a template shows up a little after the host's
+# device_add returns (PCIe hotplug in the guest); until then its tag is unknown (EINVAL/ENOENT).
+VIRTIOFS_APPEAR_TIMEOUT = 10.0
+
+
+def _mount_when_present(source: str, target: str, fstype: str, flags: int, data: str) -> None:
+    import errno
+    import time
+
+    deadline = time.monotonic() + VIRTIOFS_APPEAR_TIMEOUT
+    while True:
+        try:
+            mount(source, target, fstype, flags, data)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.ENOENT) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.01)
