@@ -22,12 +22,12 @@ def _echo(ctx: Context, req: StringValue) -> StringValue:
     return req
 
 
-def _socketpair() -> tuple[Stream, Stream]:
+def socket_pair() -> tuple[Stream, Stream]:
     a, b = socket.socketpair()
     return socket_stream(a), socket_stream(b)
 
 
-def _pipes() -> tuple[Stream, Stream]:
+def pipe_pair() -> tuple[Stream, Stream]:
     c2s_r, c2s_w = os.pipe()
     s2c_r, s2c_w = os.pipe()
     return fd_stream(s2c_r, c2s_w), fd_stream(c2s_r, s2c_w)
@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=5000)
     parser.add_argument("--threads", type=int, nargs="*", default=[1, 8])
     args = parser.parse_args()
-    for name, pair in (("socketpair", _socketpair), ("pipes", _pipes)):
+    for name, pair in (("socketpair", socket_pair), ("pipes", pipe_pair)):
         for threads in args.threads:
             print(f"{name:10} threads={threads:<3} {run(pair, args.calls, threads)}")
 

@@ -28,6 +28,7 @@ from kata.ttrpc import (
     fd_stream,
     socket_stream,
 )
+from kata.ttrpc.bench import pipe_pair, socket_pair
 from kata.ttrpc.frame import (
     FLAG_REMOTE_CLOSED,
     FLAG_REMOTE_OPEN,
@@ -42,17 +43,6 @@ from kata.ttrpc.frame import (
 pytestmark = pytest.mark.timeout(30)
 
 SERVICE = "test.Echo"
-
-
-def socket_pair() -> tuple[Stream, Stream]:
-    a, b = socket.socketpair()
-    return socket_stream(a), socket_stream(b)
-
-
-def pipe_pair() -> tuple[Stream, Stream]:
-    c2s_r, c2s_w = os.pipe()
-    s2c_r, s2c_w = os.pipe()
-    return fd_stream(s2c_r, c2s_w), fd_stream(c2s_r, s2c_w)
 
 
 def pty_pair() -> tuple[Stream, Stream]:

@@ -208,12 +208,7 @@ class Sandbox:
         except CrunError as e:
             # A container whose create half-failed may be unknown to crun: kill what we know.
             log.warn(f"remove {cid}: {e}")
-            for p in [c.init, *c.execs.values()]:
-                if p is not None and not p.exit.done():
-                    try:
-                        os.kill(p.pid, 9)
-                    except ProcessLookupError:
-                        pass
+            _kill_processes(c)
         for p in [c.init, *c.execs.values()]:
             if p is not None:
                 p.exit.wait(timeout or 10.0)
@@ -227,12 +222,7 @@ class Sandbox:
         with self._lock:
             containers = list(self.containers.values())
         for c in containers:
-            for p in [c.init, *c.execs.values()]:
-                if p is not None and not p.exit.done():
-                    try:
-                        os.kill(p.pid, 9)
-                    except ProcessLookupError:
-                        pass
+            _kill_processes(c)
 
     def pause(self, cid: str) -> None:
         c = self.container(cid)
@@ -275,3 +265,13 @@ class Sandbox:
                 if line.startswith("0::"):
                     return "/sys/fs/cgroup" + line[3:].strip()
         raise NotFound(f"container {cid!r} has no cgroup v2 membership")
+
+
+def _kill_processes(c: Container) -> None:
+    """SIGKILL every process of ``c`` still running (its init and execs)."""
+    for p in [c.init, *c.execs.values()]:
+        if p is not None and not p.exit.done():
+            try:
+                os.kill(p.pid, 9)
+            except ProcessLookupError:
+                pass
