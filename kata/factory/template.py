@@ -133,13 +133,17 @@ class TemplateStore:
         shutil.rmtree(work, ignore_errors=True)
         share = work / "share"
         share.mkdir(parents=True)
+        # Sockets go where every VM's do (beside the sandbox's run dir): a unix socket path has
+        # 108 bytes at most, and template_path may be long.
+        run_dir = config.run_dir.parent / f"template-{tdir.name}"
         tconfig = dataclasses.replace(
-            config, id=f"template-{tdir.name}", run_dir=work / "vm", console_log=work / "console.log",
+            config, id=f"template-{tdir.name}", run_dir=run_dir, console_log=work / "console.log",
             shared_fs=(dataclasses.replace(config.shared_fs, host_dir=share,
                                            vhost_user_socket=work / "vfs.sock")
                        if config.shared_fs else None),
         )
         qemu = Qemu()
+        made = False
         try:
             deadline = time.monotonic() + boot_timeout
             qemu.start(tconfig, timeout=boot_timeout)
@@ -159,12 +163,12 @@ class TemplateStore:
             # What the template was made from, so prune() can tell when a rebuilt asset orphans it.
             (tdir / _META).write_text(json.dumps({"assets": _asset_identities(config)}))
             os.replace(tmp, tdir / _STATE)
-        except BaseException:
+            made = True
+        finally:
             qemu.stop(timeout=2.0)
-            shutil.rmtree(tdir, ignore_errors=True)  # no half-made template stays behind
-            raise
-        qemu.stop(timeout=2.0)
-        shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            # A failed make leaves nothing behind; a good one keeps only its state and record.
+            shutil.rmtree(work if made else tdir, ignore_errors=True)
 
     def prune(self) -> int:
         """Remove templates whose kernel, image or VMM has since been replaced (each holds ~60 MB),

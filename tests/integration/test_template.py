@@ -54,3 +54,27 @@ def test_cold_boot_with_virtio_fs(tmp_path: Path, cid: str) -> None:
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout.decode().split()[0] == "virtiofs"
     assert leftovers(cid) == []
+
+
+def test_concurrent_first_runs_share_one_template(tmp_path: Path) -> None:
+    """Two first runs of a VM shape at once: one makes the template, the other waits for it."""
+    store = tmp_path / "templates"
+    conf = config_with(tmp_path, {"factory": {"template_path": str(store)}})
+    bundle = make_busybox_bundle(tmp_path / "b", ["echo", "hi"])
+    cids = [f"conc-{i}-{tmp_path.name[-8:]}" for i in range(2)]
+    procs = [subprocess.Popen([runtime_bin(), "--config", str(conf), "run", "--bundle", str(bundle), c],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for c in cids]
+    try:
+        results = [p.communicate(timeout=180) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (out, err) in zip(procs, results, strict=True):
+        assert p.returncode == 0, err.decode()
+        assert out == b"hi\n"
+    assert len([d for d in store.iterdir() if d.is_dir()]) == 1
+    for c in cids:
+        assert leftovers(c) == []

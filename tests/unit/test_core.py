@@ -123,3 +123,18 @@ def test_cli_log_json_records_the_error(tmp_path: Path) -> None:
     assert proc.returncode != 0
     line = json.loads(log.read_text().splitlines()[-1])
     assert line["level"] == "error" and "x" in line["msg"] and line["time"]
+
+
+def test_cli_check_reports_host_facts() -> None:
+    proc = _cli("check", "--json", "--no-probe")
+    facts = json.loads(proc.stdout)
+    assert set(facts) >= {"dev_kvm", "kvm_module", "qemu", "virtiofsd", "vhost_vsock", "agent_channel",
+                          "problems"}
+    assert facts["agent_channel"] == ("vsock" if facts["vhost_vsock"] else "virtio-serial")
+    assert proc.returncode == (1 if facts["problems"] else 0)
+
+
+def test_cli_version() -> None:
+    proc = _cli("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("kata-runtime")
+    assert "OCI specs" in _cli("version").stdout
