@@ -24,11 +24,18 @@ _NOT_FORWARDED = {signal.SIGCHLD, signal.SIGWINCH, signal.SIGURG, signal.SIGKILL
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("run", help="create and run a container in its own VM")
     p.add_argument("--bundle", "-b", default=".", help="path to the OCI bundle")
-    p.add_argument("--pid-file", default=None, help="accepted; the process lives in the guest")
+    p.add_argument("--pid-file", default=None,
+                   help="write the pid of the process that stands for the container on the host")
     p.add_argument("--no-pivot", action="store_true", help="accepted for runc compatibility")
     p.add_argument("--no-new-keyring", action="store_true", help="accepted for runc compatibility")
     p.add_argument("container_id")
     p.set_defaults(func=run)
+
+
+def _write_pid_file(path: Path, pid: int) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(str(pid))
+    os.replace(tmp, path)
 
 
 def _winsize(fd: int) -> tuple[int, int] | None:
@@ -75,6 +82,10 @@ def run(args: argparse.Namespace) -> int:
         relay = StdioRelay(sandbox.require_agent(), cid, "", stdin_fd, 1, 2, container.terminal)
         relay.start()
         container.start()
+        if args.pid_file:
+            # The container's process lives in the guest; on the host this process lives exactly as
+            # long as it, relays its signals and exits with its status, so it stands for it.
+            _write_pid_file(Path(args.pid_file), os.getpid())
 
         if container.terminal and stdin_fd is not None and os.isatty(stdin_fd):
             saved_tty = termios.tcgetattr(stdin_fd)

@@ -87,13 +87,16 @@ def test_terminal_on_a_pty(tmp_path: Path, cid: str) -> None:
 def test_signal_reaches_the_container(tmp_path: Path, cid: str) -> None:
     script = "trap 'echo got-term; exit 42' TERM; echo ready; while true; do sleep 0.1; done"
     bundle = make_busybox_bundle(tmp_path / "b", ["sh", "-c", script])
-    proc = subprocess.Popen([runtime_bin(), "run", "--bundle", str(bundle), cid],
+    pid_file = tmp_path / "container.pid"
+    proc = subprocess.Popen([runtime_bin(), "run", "--pid-file", str(pid_file), "--bundle", str(bundle), cid],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()  # the container is running once it prints
         assert line == b"ready\n", proc.stderr.read() if proc.stderr else b""
-        proc.send_signal(signal.SIGTERM)
+        # The pid file names the host process that stands for the container: signalling it works.
+        assert int(pid_file.read_text()) == proc.pid
+        os.kill(int(pid_file.read_text()), signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
