@@ -22,7 +22,7 @@ SCRIPT = (
 
 def main() -> int:
     host_boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    print(f"host kernel:      {platform.release()}")
+    print(f"host kernel:       {platform.release()}")
     print(f"host boot_id:      {host_boot_id}")
     runtime = shutil.which("kata-runtime") or f"{sys.prefix}/bin/kata-runtime"
     with tempfile.TemporaryDirectory(prefix="kata-demo-") as tmp:
