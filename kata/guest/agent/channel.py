@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import socket
 import time
 
@@ -11,8 +12,10 @@ from kata.agent.endpoint import AGENT_SERIAL_PORT_NAME, AGENT_VSOCK_PORT
 from kata.guest.agent import log
 
 VIRTIO_PORTS = "/sys/class/virtio-ports"
-# How often to look again for a host client on a virtio-serial port (reads are EOF until one connects).
+# How often to look again for a host client on a virtio-serial port (reads are EOF until one connects)
+# when the port cannot signal its host's arrival; and the safety net when it can.
 RECONNECT_POLL = 0.01
+IDLE_POLL = 0.5
 
 
 def find_serial_port(name: str = AGENT_SERIAL_PORT_NAME, sys_dir: str = VIRTIO_PORTS) -> str | None:
@@ -49,13 +52,56 @@ def vsock_listener(port: int = AGENT_VSOCK_PORT) -> socket.socket | None:
 
 
 def serve_serial(server: ttrpc.Server, path: str) -> None:
-    """Serve the port forever: each host connection is one serve(); between them reads are EOF."""
+    """Serve the port forever: each host connection is one serve(); between them reads are EOF.
+
+    Polling for the next host would keep an idle guest busy (a read every few milliseconds, under
+    emulation too); the port raises SIGIO when its host side opens, so wait for that, with a slow
+    poll behind it in case a signal is missed.
+    """
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    wake = _sigio_pipe(fd)
     stream = ttrpc.fd_stream(fd)
     log.info(f"serving on virtio-serial {path}")
     while True:
         server.serve(stream)
-        time.sleep(RECONNECT_POLL)
+        if wake is None:
+            time.sleep(RECONNECT_POLL)
+            continue
+        select.select([wake], [], [], IDLE_POLL)
+        try:
+            while os.read(wake, 64):
+                pass
+        except BlockingIOError:
+            pass
+
+
+def _sigio_pipe(fd: int) -> int | None:
+    """The read end of a pipe that gets a byte on each SIGIO from ``fd`` (call from the main thread).
+
+    The handler only writes to a non-blocking pipe: a handler that took a lock (threading.Event.set)
+    could interrupt the main thread while it holds that same lock, and hang the agent.
+    """
+    import fcntl
+    import signal
+
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def on_sigio(_sig: int, _frame: object) -> None:
+        try:
+            os.write(w, b"x")
+        except BlockingIOError:
+            pass  # a wake-up is pending already
+
+    try:
+        signal.signal(signal.SIGIO, on_sigio)
+        fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC)
+    except (OSError, ValueError) as e:
+        log.warn(f"no SIGIO from the agent port, polling for the host instead: {e}")
+        os.close(r)
+        os.close(w)
+        return None
+    return r
 
 
 def serve(server: ttrpc.Server, want_vsock: bool, wait_port: float = 10.0) -> None:
