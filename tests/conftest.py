@@ -27,6 +27,15 @@ def guest_assets_missing() -> str | None:
     return None
 
 
+def process_gone(pid: int) -> bool:
+    """The process has exited (a zombie counts: it no longer runs)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat[stat.rindex(")") + 2] == "Z"
+
+
 def leftovers(cid: str) -> list[str]:
     """Anything a sandbox called `cid` left on the host: processes, mounts, state directories."""
     found = []

@@ -22,6 +22,7 @@ from kata.hypervisor.base import HypervisorError, SharedFs, VMConfig
 from kata.hypervisor.host import find_virtiofsd, host_capabilities
 from kata.hypervisor.qemu import Qemu
 from kata.hypervisor.qemu_argv import RunPaths
+from tests.conftest import process_gone as gone
 
 QEMU = Path("/usr/bin/qemu-system-x86_64")
 KERNEL = Path("/usr/share/kata-containers/vmlinux.container")
@@ -127,14 +128,6 @@ def read_until(sock_path: Path, marker: bytes, timeout: float) -> tuple[bytes, f
     if marker not in data:
         raise AssertionError(f"no {marker!r} from the guest within {timeout}s; got {data[-200:]!r}")
     return data, first
-
-
-def gone(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat[stat.rindex(")") + 2] == "Z"
 
 
 # -- failures before the guest runs (no kernel needed) -------------------------------------------

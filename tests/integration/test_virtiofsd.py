@@ -10,6 +10,7 @@ import pytest
 
 from kata.fs_share import Virtiofsd, VirtiofsdError, choose_kind
 from kata.hypervisor.host import find_virtiofsd
+from tests.conftest import process_gone as gone
 
 BINARY = find_virtiofsd()
 needs_virtiofsd = pytest.mark.skipif(BINARY is None, reason="no virtiofsd binary on this host")
@@ -21,14 +22,6 @@ from pathlib import Path
 from kata.fs_share import Virtiofsd
 Virtiofsd(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), cache="never").start(timeout=5)
 """
-
-
-def gone(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat[stat.rindex(")") + 2] == "Z"
 
 
 @needs_virtiofsd

@@ -244,7 +244,8 @@ def test_oversized_request_and_response_fail_only_that_call(setup: Setup) -> Non
     assert echo(setup.client, "ok") == "ok"
 
 
-def test_peer_close_fails_calls_in_flight_promptly(setup: Setup) -> None:
+def start_blocked_call(setup: Setup) -> tuple[threading.Thread, list[BaseException]]:
+    """A call that stays in the server's Block handler; returns its thread and where its error goes."""
     errors: list[BaseException] = []
 
     def blocked() -> None:
@@ -257,6 +258,11 @@ def test_peer_close_fails_calls_in_flight_promptly(setup: Setup) -> None:
     t.start()
     while "block" not in setup.calls.started:
         time.sleep(0.01)
+    return t, errors
+
+
+def test_peer_close_fails_calls_in_flight_promptly(setup: Setup) -> None:
+    t, errors = start_blocked_call(setup)
     t0 = time.monotonic()
     setup.server.shutdown()  # closes the server's end of the stream
     t.join(5)
@@ -269,18 +275,7 @@ def test_peer_close_fails_calls_in_flight_promptly(setup: Setup) -> None:
 
 
 def test_client_close_fails_calls_in_flight(setup: Setup) -> None:
-    errors: list[BaseException] = []
-
-    def blocked() -> None:
-        try:
-            setup.client.call(SERVICE, "Block", Empty(), Empty)
-        except BaseException as exc:
-            errors.append(exc)
-
-    t = threading.Thread(target=blocked)
-    t.start()
-    while "block" not in setup.calls.started:
-        time.sleep(0.01)
+    t, errors = start_blocked_call(setup)
     setup.client.close()
     t.join(5)
     assert not t.is_alive() and isinstance(errors[0], ConnectionClosed)
