@@ -10,7 +10,7 @@ from pathlib import Path
 from kata.osbuilder import kernel
 from kata.osbuilder.debian import PackageError
 from kata.osbuilder.image import ErofsOptions, ImageError
-from kata.osbuilder.install import IMAGE_LINK, KERNEL_LINK, installed_target, link_atomically
+from kata.osbuilder.install import IMAGE_LINK, KERNEL_LINK, installed_target, link_atomically, prune_others
 from kata.osbuilder.progress import Progress
 from kata.osbuilder.rootfs import RootfsError, RootfsSpec, build_rootfs, resolve_inputs
 from kata.osbuilder.wheel import WheelError
@@ -71,6 +71,10 @@ def build(args: argparse.Namespace) -> int:
             link_atomically(out / IMAGE_LINK, image)
         size = image.stat().st_size / 2**20
         progress.note(f"rootfs: {out / IMAGE_LINK} -> {image.name} ({size:.1f} MiB)")
+        old = prune_others(image, "kata-containers-*.img")
+        old += prune_others(cache / f"rootfs-base-{inputs.base_hash}", "rootfs-base-*")
+        if old:
+            progress.note(f"removed older builds: {', '.join(sorted(old))}")
     return 0
 
 

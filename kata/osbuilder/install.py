@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 KERNEL_LINK = "vmlinux.container"
@@ -23,3 +24,20 @@ def installed_target(link: Path) -> Path | None:
         return None
     target = link.parent / os.readlink(link)
     return target if target.exists() else None
+
+
+def prune_others(current: Path, pattern: str) -> list[str]:
+    """Remove the siblings of ``current`` that match ``pattern`` (older builds of the same asset).
+
+    Each guest-code change makes a new ~50 MB image; without this they pile up. A VM still running
+    from a removed image keeps its open file, and templates made from it are pruned with it.
+    """
+    removed = []
+    for other in current.parent.glob(pattern):
+        if other != current and not other.is_symlink():
+            if other.is_dir():
+                shutil.rmtree(other, ignore_errors=True)
+            else:
+                other.unlink(missing_ok=True)
+            removed.append(other.name)
+    return removed

@@ -96,3 +96,17 @@ def test_guest_code_files_sorted_and_skips(tmp_path: Path) -> None:
         (tmp_path / rel).write_text("")
     spec = RootfsSpec(guest_code=("kata/__init__.py", "kata/protocols"))
     assert [r for r, _ in guest_code_files(spec, tmp_path)] == ["kata/__init__.py", "kata/protocols/a_pb2.py"]
+
+
+def test_prune_others_keeps_the_current_build_and_the_links(tmp_path: Path) -> None:
+    from kata.osbuilder.install import link_atomically, prune_others
+
+    current = tmp_path / "kata-containers-new.img"
+    for name in ("kata-containers-new.img", "kata-containers-old1.img", "kata-containers-old2.img",
+                 "vmlinux-abc"):
+        (tmp_path / name).write_bytes(b"x")
+    link_atomically(tmp_path / "kata-containers.img", current)
+    assert sorted(prune_others(current, "kata-containers-*.img")) == [
+        "kata-containers-old1.img", "kata-containers-old2.img"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "kata-containers-new.img", "kata-containers.img", "vmlinux-abc"]
