@@ -12,5 +12,4 @@ class KataError(Exception):
     """A failure explained in one line for the user."""
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    return (KataError, TimeoutError)
+USER_ERRORS: tuple[type[BaseException], ...] = (KataError, TimeoutError)

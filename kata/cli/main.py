@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from kata import __version__
 from kata.cli import logs
+from kata.errors import USER_ERRORS
 
 # One module per verb; each has add_parser(subparsers) and run(args) -> int.
 _VERBS = ("run", "check", "env", "factory", "version")
@@ -51,18 +52,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except Exception as exc:  # every failure is one line for the user; details go to the log
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if not _is_user_error(exc):
+        if not isinstance(exc, USER_ERRORS):
             msg = f"internal error: {type(exc).__name__}: {msg}"
             log.debug("traceback", exc_info=True)
         log.error(msg)
         print(f"kata-runtime: {msg}", file=sys.stderr)
         return 1
-
-
-def _is_user_error(exc: BaseException) -> bool:
-    from kata.errors import user_errors
-
-    return isinstance(exc, user_errors())
 
 
 if __name__ == "__main__":

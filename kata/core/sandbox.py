@@ -18,7 +18,6 @@ from typing import Any, Literal, cast
 
 from kata.agent.client import AgentClient
 from kata.agent.transport import connect
-from kata.cli import logs
 from kata.config import RuntimeConfig
 from kata.core import vm
 from kata.core.paths import SandboxPaths
@@ -76,7 +75,7 @@ class Sandbox:
         self.agent: AgentClient | None = None
         self.containers: dict[str, Any] = {}
         self._fresh_clone = False
-        self.log = logs.get()
+        self.log = logging.getLogger(__name__)  # a child of the CLI's "kata" logger
 
     # ---- bring-up -------------------------------------------------------------------------
     @classmethod

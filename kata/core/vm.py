@@ -9,14 +9,13 @@ import shlex
 from pathlib import Path
 from typing import Literal
 
-from kata.agent.endpoint import AGENT_SERIAL_PORT_NAME
 from kata.config import HypervisorConfig
 from kata.core.paths import SandboxPaths
 from kata.hypervisor.base import SharedFs, VMConfig
 from kata.specconv import VMSizing
 
-# The driver mounts the image as root; the agent is PID 1.
-ROOT_PARAMS = ("init=/usr/bin/kata-agent",)
+# The driver mounts the image as root and names the agent channel; the agent is PID 1.
+AGENT_INIT_PARAM = "init=/usr/bin/kata-agent"
 SHARED_FS_TAG = "kataShared"
 
 
@@ -36,8 +35,7 @@ def build_vm_config(sid: str, hv: HypervisorConfig, sizing: VMSizing, paths: San
                     accel: Literal["kvm", "tcg"], channel: Literal["vsock", "virtio-serial"],
                     base_params: tuple[str, ...], debug: bool, from_template: bool = False) -> VMConfig:
     """``from_template``: the VM is restored from a snapshot, so a virtio-fs share is hot-added."""
-    params = list(base_params) + list(ROOT_PARAMS)
-    params.append(f"agent.channel={'vsock' if channel == 'vsock' else 'serial'}")
+    params = [*base_params, AGENT_INIT_PARAM]
     if debug:
         params.append("agent.log=debug")
     params += shlex.split(hv.kernel_params or "")
@@ -66,5 +64,3 @@ def build_vm_config(sid: str, hv: HypervisorConfig, sizing: VMSizing, paths: San
         shared_fs=shared,
     )
 
-
-__all__ = ["AGENT_SERIAL_PORT_NAME", "build_vm_config", "agent_channel", "vsock_available"]

@@ -22,7 +22,7 @@ from kata.agent.client import AgentClient
 from kata.agent.transport import connect
 from kata.core.store import locked
 from kata.errors import KataError
-from kata.hypervisor.base import SharedFs, VMConfig
+from kata.hypervisor.base import VMConfig
 
 # Bump when the way templates are made changes (e.g. the agent's state at snapshot time).
 TEMPLATE_FORMAT = "2"
@@ -207,4 +207,4 @@ class TemplateStore:
         return n
 
 
-__all__ = ["SharedFs", "TemplateError", "TemplateStore", "template_key", "templatable"]
+__all__ = ["TemplateError", "TemplateStore", "template_key", "templatable"]
