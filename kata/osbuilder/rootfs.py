@@ -78,7 +78,8 @@ class RootfsSpec:
     # Source-tree paths of our guest code (files, or directories copied with their .py files).
     guest_code: tuple[str, ...] = (
         "kata/__init__.py", "kata/ttrpc", "kata/protocols", "kata/agent/__init__.py",
-        "kata/agent/endpoint.py", "kata/oci/__init__.py", "kata/oci/default_spec.py", "kata/guest",
+        "kata/agent/endpoint.py", "kata/oci/__init__.py", "kata/oci/default_spec.py",
+        "kata/utils/__init__.py", "kata/utils/mount.py", "kata/guest",
     )  # fmt: skip
     guest_code_skip: tuple[str, ...] = ("kata/protocols/build.py",)
     site_dir: str = "usr/lib/kata-agent"

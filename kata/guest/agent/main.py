@@ -50,7 +50,7 @@ def process_start_time() -> float:
 
 
 def power_off() -> None:
-    from kata.guest.agent.mounts import libc
+    from kata.utils.mount import libc
 
     log.info("powering off")
     os.sync()

@@ -1,35 +1,27 @@
-"""mount(2) through libc, the PID 1 filesystems, and the storages the host asks for."""
+"""The PID 1 filesystems and the storages the host asks for (mount(2) itself: kata.utils.mount)."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 from collections.abc import Iterable
 
 from kata.guest.agent import log
-
-MS_RDONLY = 1
-MS_NOSUID = 2
-MS_NODEV = 4
-MS_NOEXEC = 8
-MS_REMOUNT = 32
-MS_BIND = 4096
-MS_REC = 16384
+from kata.utils.mount import (
+    MS_BIND,
+    MS_NODEV,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_RDONLY,
+    MS_REC,
+    MS_REMOUNT,
+    mount,
+)
 
 _FLAGS = {
     "ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC,
     "remount": MS_REMOUNT, "bind": MS_BIND, "rbind": MS_BIND | MS_REC,
 }
 _NO_FLAGS = {"rw", "suid", "dev", "exec", "defaults"}
-
-libc = ctypes.CDLL(None, use_errno=True)
-
-
-def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
-    if libc.mount(source.encode(), target.encode(), fstype.encode(), ctypes.c_ulong(flags),
-                   data.encode() if data else None) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount {fstype} {source} on {target}: {os.strerror(err)}")
 
 
 def split_options(options: Iterable[str]) -> tuple[int, str]:
