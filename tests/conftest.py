@@ -27,6 +27,17 @@ def guest_assets_missing() -> str | None:
     return None
 
 
+def minimal_spec(**overrides: Any) -> dict[str, Any]:
+    """The smallest config.json the loader accepts, with top-level keys replaced by ``overrides``."""
+    spec: dict[str, Any] = {
+        "ociVersion": "1.0.2",
+        "process": {"args": ["/bin/true"], "cwd": "/"},
+        "root": {"path": "rootfs"},
+    }
+    spec.update(overrides)
+    return spec
+
+
 def process_gone(pid: int) -> bool:
     """The process has exited (a zombie counts: it no longer runs)."""
     try:

@@ -17,6 +17,7 @@ from kata.agent.transport import connect
 from kata.bundles import make_rootfs
 from kata.hypervisor.base import SharedFs, VMConfig
 from kata.hypervisor.qemu import Qemu
+from kata.oci.default_spec import default_spec
 from kata.osbuilder.kernel import KERNEL_PARAMS
 from kata.protocols import agent_pb2 as pb
 
@@ -37,28 +38,12 @@ pytestmark = [
 
 
 def spec(cid: str, args: list[str], terminal: bool = False) -> bytes:
-    doc = {
-        "ociVersion": "1.0.2",
-        "process": {
-            "terminal": terminal,
-            "user": {"uid": 0, "gid": 0},
-            "args": args,
-            "env": ["PATH=/bin", "TERM=xterm"],
-            "cwd": "/",
-        },
-        "root": {"path": f"{SHARED}/{cid}/rootfs", "readonly": False},
-        "hostname": cid,
-        "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
-            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
-        ],
-        "linux": {
-            "cgroupsPath": f"/kata/{cid}",
-            "namespaces": [{"type": t} for t in ("pid", "mount", "ipc", "uts")],
-        },
-    }
+    """The guest spec the host would send: the default spec, root on the share, the VM's network."""
+    doc = default_spec(args, terminal, hostname=cid)
+    doc["process"]["env"] = ["PATH=/bin", "TERM=xterm"]
+    doc["root"] = {"path": f"{SHARED}/{cid}/rootfs", "readonly": False}
+    doc["linux"]["cgroupsPath"] = f"/kata/{cid}"
+    doc["linux"]["namespaces"] = [ns for ns in doc["linux"]["namespaces"] if ns["type"] != "network"]
     return json.dumps(doc).encode()
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -35,8 +37,20 @@ def test_store_is_atomic_and_readable(tmp_path: Path) -> None:
     write_json(f, {"state": "ready", "n": 1})
     assert read_json(f) == {"state": "ready", "n": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temp file left
-    with locked(tmp_path / "lock"), locked(tmp_path / "other"):
-        pass
+    lock = tmp_path / "lock"
+    with locked(lock):
+        # Another open file description (as another process would have) cannot take it meanwhile.
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released on leaving the block
+    finally:
+        os.close(fd)
 
 
 def test_agent_channel_choice() -> None:

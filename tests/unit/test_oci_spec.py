@@ -19,6 +19,7 @@ from kata.oci.spec import (
     load_process,
     parse_process,
 )
+from tests.conftest import minimal_spec
 
 REFERENCE = Path("/work/shared/reference")
 
@@ -38,16 +39,6 @@ def make_bundle(tmp_path: Path, spec: dict[str, Any], rootfs: str = "rootfs") ->
         root["path"] = str(bundle / rootfs)
     (bundle / "config.json").write_text(json.dumps(spec))
     return bundle
-
-
-def minimal_spec(**overrides: Any) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "ociVersion": "1.0.2",
-        "process": {"args": ["/bin/true"], "cwd": "/"},
-        "root": {"path": "rootfs"},
-    }
-    spec.update(overrides)
-    return spec
 
 
 @pytest.mark.parametrize(

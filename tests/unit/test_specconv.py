@@ -20,6 +20,7 @@ from kata.specconv import (
     plan_container,
     vm_sizing,
 )
+from tests.conftest import minimal_spec as minimal
 
 REFERENCE = Path("/work/shared/reference")
 BUNDLE = Path("/run/containerd/io.containerd.runtime.v2.task/default/c1")
@@ -36,16 +37,6 @@ def reference(name: str) -> dict[str, Any]:
 def bundle_of(spec: dict[str, Any], path: Path = BUNDLE) -> Bundle:
     # plan_container does no I/O, so a Bundle need not point at real files.
     return Bundle(path=path, spec=spec)
-
-
-def minimal(**extra: Any) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "ociVersion": "1.0.2",
-        "process": {"args": ["true"], "cwd": "/"},
-        "root": {"path": "rootfs"},
-    }
-    spec.update(extra)
-    return spec
 
 
 def mount_by_dest(spec: dict[str, Any], dest: str) -> dict[str, Any]:
