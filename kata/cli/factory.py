@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,21 +16,11 @@ def add_parser(sub: Any) -> None:
 def _default_vm_config(args: argparse.Namespace) -> Any:
     """The VM a container with no limits gets: the template `init` prepares ahead of the first run."""
     from kata.config import load_config
-    from kata.core import vm
     from kata.core.paths import SandboxPaths
-    from kata.core.sandbox import host_memory_mib
-    from kata.hypervisor.accel import choose_accel
-    from kata.osbuilder.kernel import KERNEL_PARAMS
-    from kata.specconv import vm_sizing
+    from kata.core.sandbox import plan_vm
 
     cfg = load_config(Path(args.config) if args.config else None)
-    hv = cfg.hypervisor
-    sizing = vm_sizing({}, hv, os.cpu_count() or 1, host_memory_mib())
-    accel = choose_accel(Path(hv.path), Path(hv.kernel), force=hv.accel).accel  # type: ignore[arg-type]
-    channel = vm.agent_channel(cfg.agent.agent_channel, vm.vsock_available())
-    config = vm.build_vm_config("factory", hv, sizing, SandboxPaths("factory"), accel, channel,
-                                tuple(KERNEL_PARAMS), args.debug or cfg.agent.enable_debug,
-                                from_template=True)
+    config, _ = plan_vm(cfg, "factory", {}, SandboxPaths("factory"), args.debug)
     return cfg, config
 
 

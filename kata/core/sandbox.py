@@ -35,6 +35,28 @@ CacheMode = Literal["auto", "always", "never"]
 _POWEROFF_GRACE = 2.0
 
 
+def plan_vm(cfg: RuntimeConfig, sid: str, spec: dict[str, Any], paths: SandboxPaths,
+            debug: bool) -> tuple[VMConfig, bool]:
+    """The VM for a sandbox, and whether it comes from a template: sized from ``spec``, with the
+    accelerator and agent channel this host allows."""
+    from kata.hypervisor.accel import choose_accel
+    from kata.osbuilder.kernel import KERNEL_PARAMS
+
+    hv = cfg.hypervisor
+    sizing = vm_sizing(spec, hv, os.cpu_count() or 1, host_memory_mib())
+    # The probe warns once (when it is not cached) if it has to fall back to TCG.
+    probe = choose_accel(Path(hv.path), Path(hv.kernel), force=cast(AccelChoice, hv.accel))
+    try:
+        channel = vm.agent_channel(cfg.agent.agent_channel, vm.vsock_available())
+    except ValueError as exc:
+        raise KataError(str(exc)) from exc
+    # vsock clones would keep their template's CID: those VMs boot cold.
+    use_template = cfg.factory.enable_template and channel == "virtio-serial"
+    config = vm.build_vm_config(sid, hv, sizing, paths, probe.accel, channel, tuple(KERNEL_PARAMS),
+                                debug or cfg.agent.enable_debug, from_template=use_template)
+    return config, use_template
+
+
 def run_concurrently(calls: list[Callable[[], object]]) -> None:
     """Run independent RPCs at once; re-raise the first failure after all have ended."""
     errors: list[BaseException] = []
@@ -93,9 +115,6 @@ class Sandbox:
         return sb
 
     def _bring_up(self, spec: dict[str, Any], debug: bool) -> None:
-        from kata.hypervisor.accel import choose_accel
-        from kata.osbuilder.kernel import KERNEL_PARAMS
-
         hv = self.cfg.hypervisor
         for d in self.paths.all_dirs():
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -105,18 +124,7 @@ class Sandbox:
             if path and not Path(path).exists():
                 raise KataError(f"{what} {path} does not exist (see {self.cfg.source})")
 
-        sizing = vm_sizing(spec, hv, os.cpu_count() or 1, host_memory_mib())
-        # The probe warns once (when it is not cached) if it has to fall back to TCG.
-        probe = choose_accel(Path(hv.path), Path(hv.kernel), force=cast(AccelChoice, hv.accel))
-        try:
-            channel = vm.agent_channel(self.cfg.agent.agent_channel, vm.vsock_available())
-        except ValueError as exc:
-            raise KataError(str(exc)) from exc
-        debug = debug or self.cfg.agent.enable_debug
-        # vsock clones would keep their template's CID: those VMs boot cold.
-        use_template = self.cfg.factory.enable_template and channel == "virtio-serial"
-        config = vm.build_vm_config(self.id, hv, sizing, self.paths, probe.accel, channel,
-                                    tuple(KERNEL_PARAMS), debug, from_template=use_template)
+        config, use_template = plan_vm(self.cfg, self.id, spec, self.paths, debug)
         self.timings.mark("config")
         if use_template:
             self._restore_from_template(config)
