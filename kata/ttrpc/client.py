@@ -62,10 +62,25 @@ class Client:
         metadata: Mapping[str, str] | None = None,
     ) -> M:
         """Call service/method and wait for its response (or the timeout, in seconds)."""
+        payload = self.call_raw(service, method, request.SerializeToString(), timeout, metadata)
+        try:
+            return response_type.FromString(payload)  # type: ignore[attr-defined,no-any-return]
+        except Exception as exc:  # protobuf's DecodeError, or ours
+            raise TTRPCError(Code.INTERNAL, f"{service}/{method}: cannot decode response: {exc}") from exc
+
+    def call_raw(
+        self,
+        service: str,
+        method: str,
+        payload: bytes,
+        timeout: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> bytes:
+        """call() on serialized messages: what a proxy forwards, or a caller without generated code."""
         deadline = None if timeout is None else time.monotonic() + timeout
         if timeout is not None and timeout <= 0:
             raise TTRPCError(Code.DEADLINE_EXCEEDED, f"{service}/{method}: timeout {timeout}s already over")
-        envelope = Request(service=service, method=method, payload=request.SerializeToString())
+        envelope = Request(service=service, method=method, payload=payload)
         if timeout is not None:
             envelope.timeout_nano = max(1, int(timeout * 1e9))
         if metadata:
@@ -105,10 +120,7 @@ class Client:
 
         if pending.error is not None:
             raise pending.error
-        try:
-            return response_type.FromString(pending.payload)
-        except DecodeError as exc:
-            raise TTRPCError(Code.INTERNAL, f"{service}/{method}: cannot decode response: {exc}") from exc
+        return pending.payload
 
     def close(self) -> None:
         """Fail calls in flight with ConnectionClosed and close the stream; safe to call twice."""
@@ -165,7 +177,7 @@ class Client:
                 except DecodeError as exc:
                     self._complete(f.stream_id, error=TTRPCError(Code.INTERNAL, f"malformed response: {exc}"))
                     continue
-                if response.HasField("status") and response.status.code != Code.OK:
+                if response.status is not None and response.status.code != Code.OK:
                     self._complete(f.stream_id, error=error_from_status(response.status))
                 else:
                     self._complete(f.stream_id, payload=response.payload)

@@ -31,6 +31,8 @@ class Context:
 
 
 Handler = Callable[[Context, Message], Message]
+# Serves every service that has no registered methods, on serialized payloads: a forwarding proxy.
+RawHandler = Callable[[Context, bytes], bytes]
 
 Req = TypeVar("Req", bound=Message)
 
@@ -84,6 +86,7 @@ class Server:
 
     def __init__(self, max_workers: int = 32) -> None:
         self._services: dict[str, dict[str, Method[Any]]] = {}
+        self._fallback: RawHandler | None = None
         self._pool = WorkerPool(max_workers, "ttrpc-handler")
         self._lock = threading.Lock()
         self._connections: set[_Connection] = set()
@@ -94,6 +97,10 @@ class Server:
         """Add (or replace) a service; its full name is what clients send, e.g. "grpc.AgentService"."""
         with self._lock:
             self._services[name] = dict(methods)
+
+    def set_fallback(self, handler: RawHandler) -> None:
+        """Answer calls to unregistered services with ``handler`` (payload in, payload out)."""
+        self._fallback = handler
 
     def serve(self, stream: Stream) -> None:
         """Serve one stream until EOF or shutdown().
@@ -211,6 +218,9 @@ class Server:
         """The serialized Response for req; raises TTRPCError (or anything a handler raises)."""
         name = f"{req.service}/{req.method}"
         methods = self._services.get(req.service)
+        if methods is None and self._fallback is not None:
+            ctx = Context(req.service, req.method, {kv.key: kv.value for kv in req.metadata}, deadline)
+            return self._response(name, self._fallback(ctx, req.payload), deadline)
         if methods is None:
             raise TTRPCError(Code.UNIMPLEMENTED, f"service {req.service} not implemented")
         method = methods.get(req.method)
@@ -223,16 +233,19 @@ class Server:
             raise TTRPCError(Code.DEADLINE_EXCEEDED, f"{name}: deadline expired before start")
         try:
             request = method.request_type.FromString(req.payload)
-        except DecodeError as exc:
+        except Exception as exc:  # protobuf's DecodeError: the payload is not this method's message
             raise TTRPCError(Code.INVALID_ARGUMENT, f"{name}: bad request: {exc}") from exc
         ctx = Context(req.service, req.method, {kv.key: kv.value for kv in req.metadata}, deadline)
         result = method.handler(ctx, request)
+        if not hasattr(result, "SerializeToString"):
+            raise TTRPCError(Code.INTERNAL, f"{name}: handler returned {type(result).__name__}")
+        return self._response(name, result.SerializeToString(), deadline)
+
+    @staticmethod
+    def _response(name: str, payload: bytes, deadline: float | None) -> bytes:
         if deadline is not None and time.monotonic() >= deadline:
             raise TTRPCError(Code.DEADLINE_EXCEEDED, f"{name}: deadline exceeded")
-        if not isinstance(result, Message):
-            raise TTRPCError(Code.INTERNAL, f"{name}: handler returned {type(result).__name__}")
-        ok = Status(code=int(Code.OK))
-        data = Response(status=ok, payload=result.SerializeToString()).SerializeToString()
+        data = Response(status=Status(code=int(Code.OK)), payload=payload).SerializeToString()
         if len(data) > frame.MAX_MESSAGE_SIZE:
             raise TTRPCError(
                 Code.RESOURCE_EXHAUSTED,
