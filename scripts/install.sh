@@ -24,6 +24,9 @@ APT_PACKAGES=(
   iproute2 runc util-linux procps psmisc findutils
   # containerd-shim-runc-v2: the Go ttrpc server tests/unit/test_ttrpc_interop.py talks to
   containerd
+  # end-to-end tests and benchmarks with a real dockerd (kata-runtime as a Docker runtime) and CNI
+  # networking; skopeo and umoci build the busybox test image without a registry (kata/images.py)
+  docker.io containernetworking-plugins skopeo umoci
 )
 
 step() { printf '==> %s\n' "$*"; }

@@ -99,7 +99,9 @@ def ci_prerequisites_missing() -> list[str]:
     for path in ("/usr/bin/qemu-system-x86_64", "/bin/busybox"):
         if not Path(path).exists():
             missing.append(path)
-    for tool in ("mkfs.erofs", "fsck.erofs", "cpio", "apt-get", "dpkg-deb", "containerd-shim-runc-v2"):
+    for tool in ("mkfs.erofs", "fsck.erofs", "cpio", "apt-get", "dpkg-deb", "containerd-shim-runc-v2",
+                 # the real daemons and the busybox image of tests/integration/conftest.py
+                 "containerd", "ctr", "runc", "dockerd", "docker", "skopeo", "umoci"):
         if shutil.which(tool) is None:
             missing.append(tool)
     from kata.hypervisor.host import find_virtiofsd

@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""kata-runtime against runc as Docker runtimes, in one run, on a private containerd and dockerd
+(kata.devtools.daemons) with the locally built busybox image:
+
+- `docker run --rm IMAGE true`: wall time, median of N;
+- `docker exec C true` into a `docker run -d IMAGE sleep 1000` container: wall time, median of N;
+- the PSS of the process Docker knows as the container's (`docker inspect -f '{{.State.Pid}}'`, the
+  pid in the runtime's --pid-file): the container's own process for runc, kata's host monitor for kata.
+
+    python bench/docker_vs_runc.py [--runs N] [--json FILE] [--kata PATH] [--kata-arg ARG ...]
+
+Prints a table with the kata/runc ratios and the targets of issue 3, then one JSON line. A runtime that
+fails is reported with its error (the others are still measured) and makes the exit status 1.
+Figures are medians; this machine is noisy, so read them as orders of magnitude.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kata.devtools.daemons import DaemonError, Dockerd, Runtime, docker_daemons, kata_runtime_path  # noqa: E402
+from kata.errors import KataError  # noqa: E402
+
+RUNTIMES = ("runc", "kata")
+# issue 3's targets on this machine under TCG
+TARGET_RUN_RATIO = 8.0
+TARGET_EXEC_RATIO = 5.0
+TARGET_PSS_MB = 12.0
+
+
+class RuntimeFailed(Exception):
+    pass
+
+
+def docker_ok(d: Dockerd, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    try:
+        proc = d.run(*args, timeout=timeout)
+    except DaemonError as e:
+        raise RuntimeFailed(str(e)) from e
+    if proc.returncode != 0:
+        # The daemon's answer, not the CLI's later noise ("error waiting for container: context canceled").
+        lines = [ln for ln in proc.stderr.strip().splitlines() if not ln.startswith("WARNING")]
+        errors = [ln for ln in lines if "Error response from daemon" in ln] or lines[-1:]
+        detail = errors[0] if errors else "(no error output)"
+        raise RuntimeFailed(f"`docker {' '.join(args[:4])} ...` exited {proc.returncode}: {detail}")
+    return proc
+
+
+def timed(d: Dockerd, *args: str, timeout: float) -> float:
+    t0 = time.monotonic()
+    docker_ok(d, *args, timeout=timeout)
+    return time.monotonic() - t0
+
+
+def pss_kib(pid: int) -> int | None:
+    """Sum of Pss in /proc/PID/smaps_rollup, in KiB."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def bench_runtime(d: Dockerd, runtime: str, runs: int, timeout: float) -> dict[str, Any]:
+    image = d.image
+    res: dict[str, Any] = {}
+    # One untimed run first: the first container of a runtime may pay for one-time work (kata's VM template).
+    res["warmup_s"] = timed(d, "run", "--rm", "--runtime", runtime, image, "true", timeout=timeout)
+    res["run_s"] = [timed(d, "run", "--rm", "--runtime", runtime, image, "true", timeout=timeout)
+                    for _ in range(runs)]
+    res["run_median_s"] = statistics.median(res["run_s"])
+    name = f"bench-{runtime}-{uuid.uuid4().hex[:8]}"
+    docker_ok(d, "run", "-d", "--name", name, "--runtime", runtime, image, "sleep", "1000", timeout=timeout)
+    try:
+        pid = int(docker_ok(d, "inspect", "-f", "{{.State.Pid}}", name, timeout=60).stdout)
+        res["pid"] = pid
+        try:
+            res["pid_comm"] = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            res["pid_comm"] = None
+        res["pss_kib"] = pss_kib(pid)
+        res["exec_s"] = [timed(d, "exec", name, "true", timeout=timeout) for _ in range(runs)]
+        res["exec_median_s"] = statistics.median(res["exec_s"])
+        res["pss_kib_after_exec"] = pss_kib(pid)
+    finally:
+        d.run("rm", "-f", name, timeout=timeout)
+    return res
+
+
+def ratio(results: dict[str, dict[str, Any]], key: str) -> float | None:
+    kata, runc = results.get("kata", {}), results.get("runc", {})
+    if key in kata and key in runc and runc[key]:
+        return float(kata[key]) / float(runc[key])
+    return None
+
+
+def fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    width = int(spec.split(".")[0])
+    return (format(value, spec) + suffix) if value is not None else "-".rjust(width) + " " * len(suffix)
+
+
+def report(results: dict[str, dict[str, Any]], runs: int) -> dict[str, float | None]:
+    ratios = {"run": ratio(results, "run_median_s"), "exec": ratio(results, "exec_median_s")}
+    mb = {rt: (r["pss_kib"] / 1024 if r.get("pss_kib") is not None else None) for rt, r in results.items()}
+    rows = [("docker run --rm true (s)", "run_median_s", "9.3f", ratios["run"], f"<= {TARGET_RUN_RATIO:g}x"),
+            ("docker exec C true (s)", "exec_median_s", "9.3f", ratios["exec"], f"<= {TARGET_EXEC_RATIO:g}x")]
+    print(f"medians of {runs} runs; the container's host process is the pid `docker inspect` reports")
+    print(f"{'':32s} {'runc':>9s} {'kata':>9s} {'kata/runc':>10s}  target")
+    for label, key, spec, rat, target in rows:
+        print(f"{label:32s} {fmt(results['runc'].get(key), spec)} {fmt(results['kata'].get(key), spec)} "
+              f"{fmt(rat, '9.1f', 'x')}  {target}")
+    pss = f"{fmt(mb.get('runc'), '9.2f')} {fmt(mb.get('kata'), '9.2f')}"
+    print(f"{'container host process PSS (MB)':32s} {pss} {'':10s}  kata < {TARGET_PSS_MB:g} MB")
+    for rt in RUNTIMES:
+        r = results[rt]
+        if "error" in r:
+            print(f"{rt}: FAILED: {r['error']}")
+        else:
+            print(f"{rt}: first run {r['warmup_s']:.3f} s; host process {r.get('pid')} ({r.get('pid_comm')})")
+    return ratios
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--json", type=Path, default=None, help="also write the results to this file")
+    ap.add_argument("--kata", default=kata_runtime_path(), help="the kata-runtime binary")
+    ap.add_argument("--kata-arg", action="append", default=[], help="extra argument for kata-runtime")
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds for each docker command")
+    args = ap.parse_args()
+
+    results: dict[str, dict[str, Any]] = {}
+    t0 = time.monotonic()
+    try:
+        with docker_daemons(runtimes={"kata": Runtime(args.kata, tuple(args.kata_arg))}) as d:
+            startup = time.monotonic() - t0
+            for rt in RUNTIMES:
+                try:
+                    results[rt] = bench_runtime(d, rt, args.runs, args.timeout)
+                except RuntimeFailed as e:
+                    results[rt] = {"error": str(e)}
+    except KataError as e:
+        print(f"docker_vs_runc: {e}", file=sys.stderr)
+        return 1
+    print(f"containerd + dockerd started and the image loaded in {startup:.2f} s")
+    ratios = report(results, args.runs)
+    out = {"bench": "docker_vs_runc", "runs": args.runs, "daemons_start_s": round(startup, 3),
+           "kata_runtime": args.kata, "ratios": ratios, **results}
+    print(json.dumps(out))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+    return 1 if any("error" in r for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

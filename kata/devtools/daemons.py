@@ -1,0 +1,523 @@
+"""A real containerd and dockerd for end-to-end tests and benchmarks, each private to its caller.
+
+Every daemon keeps its state, sockets, configuration and log under its own short directory in /run
+(``/run/ktc-XXXXXXXX`` for containerd, ``/run/ktd-XXXXXXXX`` for dockerd): unix socket paths are limited
+to 108 bytes, and dockerd's exec-root ends up in every runtime's ``--root``. Nothing is installed as a
+service and no host-wide configuration is written. ``stop()`` removes the containers, ends the daemon and
+every shim and container process it started, unmounts what it mounted under its directory and removes
+the directory; ``leftovers()`` lists whatever survived.
+
+    with docker_daemons(runtimes={"kata": Runtime(kata_runtime_path())}) as docker:
+        docker.run("run", "--rm", "--runtime", "kata", docker.image, "echo", "hi")
+
+A directory whose owner (the process that made it) is dead is swept at the next start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from kata.errors import KataError
+from kata.images import IMAGE_NAME, IMAGE_REF, busybox_docker_archive, busybox_oci_archive
+from kata.utils.mount import mounts_under, unmount
+
+RUN_DIR = Path("/run")
+CONTAINERD_PREFIX = "ktc-"
+DOCKERD_PREFIX = "ktd-"
+# Debian's docker.io puts its client beside the daemon's package; a newer client earlier on PATH
+# (some hosts have one in /usr/local/bin) would talk to dockerd 20.10 through API negotiation instead.
+DOCKER_CLIENT = "/usr/bin/docker"
+_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class DaemonError(KataError):
+    """A test daemon could not be started or driven."""
+
+
+def kata_runtime_path() -> str:
+    return shutil.which("kata-runtime") or "/usr/local/bin/kata-runtime"
+
+
+def docker_client() -> str | None:
+    return DOCKER_CLIENT if os.access(DOCKER_CLIENT, os.X_OK) else shutil.which("docker")
+
+
+def missing_tools() -> list[str]:
+    """The commands the daemons need that are not installed (scripts/install.sh provides them)."""
+    tools = ("containerd", "ctr", "containerd-shim-runc-v2", "runc", "dockerd", "skopeo", "umoci")
+    missing = [t for t in tools if shutil.which(t, path=_env()["PATH"]) is None]
+    if docker_client() is None:
+        missing.append("docker")
+    return missing
+
+
+# --- processes --------------------------------------------------------------------------------------
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()  # fields from the state (3rd) on
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie has exited: it only waits for its parent to reap it)."""
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
+
+
+def _start_time(pid: int) -> str | None:
+    fields = _stat_fields(pid)
+    return fields[19] if fields else None  # field 22, starttime
+
+
+def _process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every running process."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        fields = _stat_fields(pid)
+        if fields is None or fields[0] in ("Z", "X"):
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        table[pid] = (int(fields[1]), cmd.strip())
+    return table
+
+
+def _naming(text: str, table: Mapping[int, tuple[int, str]]) -> set[int]:
+    """Processes whose command line contains ``text`` (our own process excepted)."""
+    return {pid for pid, (_, cmd) in table.items() if text in cmd and pid != os.getpid()}
+
+
+def _with_descendants(roots: Iterable[int], table: Mapping[int, tuple[int, str]]) -> set[int]:
+    found = set(roots)
+    grew = True
+    while grew:
+        more = {pid for pid, (ppid, _) in table.items() if ppid in found and pid not in found}
+        found |= more
+        grew = bool(more)
+    return found
+
+
+def _kill(pids: Iterable[int], timeout: float = 10.0) -> None:
+    pids = {p for p in pids if p != os.getpid()}
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    _wait_for(lambda: not any(_alive(p) for p in pids), timeout)
+
+
+def _wait_for(done: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if done():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+def _end(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM, then SIGKILL if the process is still there after ``timeout`` seconds; reaped either way."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def _tail(path: Path, lines: int = 3) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(text[-lines:])
+
+
+# --- private directories ----------------------------------------------------------------------------
+
+def _owner_mark() -> str:
+    return f"{os.getpid()} {_start_time(os.getpid())}\n"
+
+
+def _owner_alive(base: Path) -> bool:
+    try:
+        pid_s, start = (base / "owner").read_text().split()
+    except (OSError, ValueError):
+        # Being made right now (its owner not written yet): a minute's grace.
+        try:
+            return time.time() - base.stat().st_mtime < 60
+        except OSError:
+            return False
+    return _start_time(int(pid_s)) == start
+
+
+def _make_dir(prefix: str) -> Path:
+    sweep_stale()
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir=RUN_DIR))
+    (base / "owner").write_text(_owner_mark())
+    return base
+
+
+def _release_dir(base: Path) -> list[str]:
+    """Unmount everything under ``base`` and remove it; what could not be done."""
+    problems = []
+    for _ in range(3):  # a detached mount can uncover one below it
+        points = mounts_under(str(base))
+        if not points:
+            break
+        for point in points:
+            try:
+                unmount(point)
+            except OSError as e:
+                problems.append(str(e))
+    shutil.rmtree(base, ignore_errors=True)
+    if base.exists():
+        problems.append(f"could not remove {base}")
+    return problems
+
+
+def _dir_leftovers(base: Path, pids: Iterable[int]) -> list[str]:
+    found = []
+    table = _process_table()
+    for pid in sorted(_naming(str(base), table) | {p for p in pids if p in table}):
+        found.append(f"process {pid}: {table[pid][1][:160]}")
+    found += [f"mount {p}" for p in mounts_under(str(base))]
+    if base.exists():
+        found.append(f"directory {base}")
+    return found
+
+
+def sweep_stale() -> list[Path]:
+    """Remove the daemons' directories whose owner died without stopping them, with what runs there."""
+    swept = []
+    for base in sorted(RUN_DIR.glob("kt[cd]-*")):
+        if not base.is_dir() or _owner_alive(base):
+            continue
+        table = _process_table()
+        _kill(_with_descendants(_naming(str(base), table), table))
+        _release_dir(base)
+        swept.append(base)
+    return swept
+
+
+def _run(cmd: Sequence[str], timeout: float, input: str | None, env: Mapping[str, str]
+         ) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(list(cmd), input=input, stdin=None if input is not None else subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=timeout, env=dict(env))
+    except subprocess.TimeoutExpired as e:
+        raise DaemonError(f"`{' '.join(cmd[:6])} ...` did not finish in {timeout:g} s") from e
+    except FileNotFoundError as e:
+        raise DaemonError(f"{cmd[0]} not found: install it (scripts/install.sh)") from e
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DOCKER_", "CONTAINERD_"))}
+    env["PATH"] = env.get("PATH", _PATH) + ":" + _PATH
+    env.update(extra)
+    return env
+
+
+# --- containerd -------------------------------------------------------------------------------------
+
+class Containerd:
+    """``containerd --config FILE`` with root, state, sockets and log under /run/ktc-XXXXXXXX."""
+
+    image = IMAGE_REF  # the name `import_image` gives the busybox image
+
+    def __init__(self, cri: bool = False) -> None:
+        self.cri = cri
+        self._base: Path | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._pids: set[int] = set()  # shims and their children, as last seen at stop
+
+    @property
+    def base(self) -> Path:
+        """The daemon's directory (it exists from start() to stop())."""
+        if self._base is None:
+            raise DaemonError(f"{type(self).__name__} was not started")
+        return self._base
+
+    @property
+    def socket(self) -> Path:
+        return self.base / "c.sock"
+
+    @property
+    def log(self) -> Path:
+        return self.base / "containerd.log"
+
+    def config(self) -> str:
+        b = self.base
+        disabled = "" if self.cri else '"io.containerd.grpc.v1.cri"'
+        return (f'version = 2\nroot = "{b}/root"\nstate = "{b}/state"\ntemp = "{b}/tmp"\n'
+                f"disabled_plugins = [{disabled}]\n"
+                f'[grpc]\n  address = "{self.socket}"\n[ttrpc]\n  address = "{b}/c.ttrpc"\n'
+                f'[debug]\n  level = "info"\n'
+                # The opt plugin would otherwise create /opt/containerd.
+                f'[plugins."io.containerd.internal.v1.opt"]\n  path = "{b}/opt"\n')
+
+    def start(self, timeout: float = 30.0) -> Containerd:
+        self._base = _make_dir(CONTAINERD_PREFIX)
+        (self.base / "tmp").mkdir()
+        config = self.base / "config.toml"
+        config.write_text(self.config())
+        with open(self.log, "wb") as log:
+            try:
+                self.proc = subprocess.Popen(["containerd", "--config", str(config)], stdout=log, stderr=log,
+                                             stdin=subprocess.DEVNULL, env=_env(), start_new_session=True)
+            except FileNotFoundError as e:
+                _release_dir(self.base)
+                raise DaemonError("containerd not found: install it (scripts/install.sh)") from e
+
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                return True
+            return self.socket.exists() and self.ctr("version", timeout=10).returncode == 0
+
+        if not _wait_for(ready, timeout, 0.02) or self.proc.poll() is not None:
+            status = "exited" if self.proc.poll() is not None else f"not ready after {timeout:g} s"
+            detail = _tail(self.log)
+            self.stop()
+            raise DaemonError(f"containerd {status}: {detail}")
+        return self
+
+    def ctr(self, *args: str, namespace: str = "default", timeout: float = 120.0,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """``ctr -a SOCK -n NAMESPACE ARGS...``; the caller checks the status."""
+        return _run(["ctr", "-a", str(self.socket), "-n", namespace, *args], timeout, input, _env())
+
+    def import_image(self, archive: Path | None = None, namespace: str = "default") -> str:
+        """Import the busybox image (or ``archive``); the name it is known by."""
+        proc = self.ctr("images", "import", str(archive or busybox_oci_archive()), namespace=namespace)
+        if proc.returncode != 0:
+            raise DaemonError(f"ctr images import failed: {proc.stderr.strip()}")
+        return self.image
+
+    def _shims(self) -> set[int]:
+        table = _process_table()
+        return _with_descendants(_naming(f"-address {self.socket}", table), table)
+
+    def _remove_tasks(self, timeout: float) -> None:
+        """Kill and delete every task and container, so the shims clean up after them as they would."""
+        deadline = time.monotonic() + timeout
+        spaces = self.ctr("namespaces", "ls", "-q", timeout=10)
+        for ns in spaces.stdout.split() if spaces.returncode == 0 else []:
+            tasks = self.ctr("tasks", "ls", "-q", namespace=ns, timeout=10)
+            for task in tasks.stdout.split() if tasks.returncode == 0 else []:
+                left = max(deadline - time.monotonic(), 1.0)
+                with contextlib.suppress(DaemonError):
+                    self.ctr("tasks", "delete", "--force", task, namespace=ns, timeout=left)
+            containers = self.ctr("containers", "ls", "-q", namespace=ns, timeout=10)
+            for c in containers.stdout.split() if containers.returncode == 0 else []:
+                with contextlib.suppress(DaemonError):
+                    self.ctr("containers", "delete", c, namespace=ns, timeout=10)
+
+    def stop(self, timeout: float = 120.0) -> None:
+        """Remove tasks and containers (within ``timeout``), end containerd (SIGTERM, SIGKILL after 30 s),
+        kill the shims and their processes that remain, unmount and remove the directory."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            with contextlib.suppress(DaemonError):
+                self._remove_tasks(timeout)
+        self._pids = self._shims()
+        _end(self.proc, 30.0)
+        # Shims outlive containerd by design; ours name our socket in their -address argument.
+        self._pids |= self._shims()
+        _kill(self._pids)
+        self.proc = None
+        problems = _release_dir(self.base)
+        if problems:
+            raise DaemonError(f"containerd cleanup: {'; '.join(problems)}")
+
+    def leftovers(self) -> list[str]:
+        """Processes, mounts and files of this daemon that are still there."""
+        return _dir_leftovers(self._base, self._pids) if self._base else []
+
+    def __enter__(self) -> Containerd:
+        return self if self.proc is not None else self.start()
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+# --- dockerd ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Runtime:
+    """An OCI runtime for daemon.json's "runtimes": a runc-compatible binary and its extra arguments."""
+
+    path: str
+    args: tuple[str, ...] = field(default_factory=tuple)
+
+
+class Dockerd:
+    """``dockerd`` on a given Containerd, with data-root, exec-root, socket and log under /run/ktd-XXXXXXXX,
+    no networking (``--bridge=none``, no iptables), and the runtimes given in its daemon.json."""
+
+    image = IMAGE_NAME
+
+    def __init__(self, containerd: Containerd, runtimes: Mapping[str, Runtime] | None = None,
+                 default_runtime: str | None = None) -> None:
+        self.containerd = containerd
+        self.runtimes = dict(runtimes or {})
+        self.default_runtime = default_runtime
+        self._base: Path | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.client = docker_client() or "docker"
+
+    @property
+    def base(self) -> Path:
+        """The daemon's directory (it exists from start() to stop())."""
+        if self._base is None:
+            raise DaemonError(f"{type(self).__name__} was not started")
+        return self._base
+
+    @property
+    def socket(self) -> Path:
+        return self.base / "d.sock"
+
+    @property
+    def host(self) -> str:
+        return f"unix://{self.socket}"
+
+    @property
+    def exec_root(self) -> Path:
+        return self.base / "x"
+
+    @property
+    def data_root(self) -> Path:
+        return self.base / "data"
+
+    @property
+    def log(self) -> Path:
+        return self.base / "dockerd.log"
+
+    def daemon_json(self) -> dict[str, object]:
+        runtimes: dict[str, object] = {}
+        for name, rt in self.runtimes.items():
+            runtimes[name] = {"path": rt.path, **({"runtimeArgs": list(rt.args)} if rt.args else {})}
+        # dockerd 20.10 would otherwise create /etc/docker/key.json
+        config: dict[str, object] = {"runtimes": runtimes, "deprecated-key-path": str(self.base / "key.json")}
+        if self.default_runtime:
+            config["default-runtime"] = self.default_runtime
+        return config
+
+    def argv(self) -> list[str]:
+        b = self.base
+        return ["dockerd", "--config-file", str(b / "daemon.json"), "--pidfile", str(b / "dockerd.pid"),
+                "--data-root", str(self.data_root), "--exec-root", str(self.exec_root),
+                "-H", self.host, "--containerd", str(self.containerd.socket),
+                # no networking yet, and no change to the host's iptables or ip_forward
+                "--iptables=false", "--ip-forward=false", "--ip-masq=false", "--bridge=none",
+                "--userland-proxy=false"]
+
+    def _client_env(self) -> dict[str, str]:
+        return _env(DOCKER_CONFIG=str(self.base / "client"))  # not ~/.docker
+
+    def start(self, timeout: float = 60.0) -> Dockerd:
+        if self.containerd.proc is None:
+            raise DaemonError("dockerd needs a running containerd")
+        self._base = _make_dir(DOCKERD_PREFIX)
+        (self.base / "daemon.json").write_text(json.dumps(self.daemon_json(), indent=1))
+        with open(self.log, "wb") as log:
+            try:
+                self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                             env=_env(), start_new_session=True)
+            except FileNotFoundError as e:
+                _release_dir(self.base)
+                raise DaemonError("dockerd not found: install docker.io (scripts/install.sh)") from e
+
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                return True
+            return self.socket.exists() and self.run("info", timeout=10).returncode == 0
+
+        if not _wait_for(ready, timeout, 0.05) or self.proc.poll() is not None:
+            status = "exited" if self.proc.poll() is not None else f"not ready after {timeout:g} s"
+            detail = _tail(self.log)
+            self.stop()
+            raise DaemonError(f"dockerd {status}: {detail}")
+        return self
+
+    def run(self, *args: str, timeout: float = 120.0, input: str | None = None
+            ) -> subprocess.CompletedProcess[str]:
+        """``docker -H unix://SOCK ARGS...``; the caller checks the status."""
+        return _run([self.client, "-H", self.host, *args], timeout, input, self._client_env())
+
+    def load_image(self, archive: Path | None = None) -> str:
+        """``docker load`` the busybox image (or ``archive``); the name it is known by."""
+        proc = self.run("load", "-i", str(archive or busybox_docker_archive()))
+        if proc.returncode != 0:
+            raise DaemonError(f"docker load failed: {proc.stderr.strip()}")
+        return self.image
+
+    def container_ids(self) -> list[str]:
+        proc = self.run("ps", "-aq", "--no-trunc", timeout=30)
+        return proc.stdout.split() if proc.returncode == 0 else []
+
+    def stop(self, timeout: float = 120.0) -> None:
+        """``docker rm -f`` every container (within ``timeout``), end dockerd (SIGTERM, SIGKILL after 30 s),
+        unmount and remove the directory. Its containerd is left running: stop it after."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            ids = self.container_ids()
+            if ids:
+                with contextlib.suppress(DaemonError):
+                    self.run("rm", "-f", *ids, timeout=timeout)
+        _end(self.proc, 30.0)
+        self.proc = None
+        problems = _release_dir(self.base)  # dockerd leaves overlay and netns mounts behind
+        if problems:
+            raise DaemonError(f"dockerd cleanup: {'; '.join(problems)}")
+
+    def leftovers(self) -> list[str]:
+        return _dir_leftovers(self._base, ()) if self._base else []
+
+    def __enter__(self) -> Dockerd:
+        return self if self.proc is not None else self.start()
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def containerd_daemon(import_image: bool = True, cri: bool = False) -> Iterator[Containerd]:
+    """A running Containerd with the busybox image in namespace "default"; stopped on exit."""
+    with Containerd(cri=cri) as containerd:
+        if import_image:
+            containerd.import_image()
+        yield containerd
+
+
+@contextlib.contextmanager
+def docker_daemons(runtimes: Mapping[str, Runtime] | None = None, default_runtime: str | None = None,
+                   load_image: bool = True) -> Iterator[Dockerd]:
+    """A running Dockerd (on its own Containerd) with the busybox image loaded; both stopped on exit."""
+    with Containerd() as containerd, Dockerd(containerd, runtimes, default_runtime) as dockerd:
+        if load_image:
+            dockerd.load_image()
+        yield dockerd

@@ -1,0 +1,70 @@
+"""A real containerd and dockerd for the end-to-end tests, with the locally built busybox image.
+
+    def test_something(docker):                  # module-scoped Dockerd
+        proc = docker.run("run", "--rm", "--runtime", "kata", docker.image, "echo", "hi", timeout=120)
+        assert proc.stdout == "hi\\n"
+
+    def test_other(containerd):                  # module-scoped Containerd, image in namespace "default"
+        proc = containerd.ctr("run", "--rm", containerd.image, "some-id", "echo", "hi")
+
+`docker` has the runtime "kata" (kata-runtime, from PATH) beside runc in its daemon.json; a test module
+sets extra arguments for it with a module-level ``KATA_RUNTIME_ARGS = ("--debug", ...)``. Teardown
+removes every container, stops the daemons, and fails if a process, mount or directory of theirs is left.
+
+dockerd runs without networking (``--bridge=none``) and leaves the host's ip_forward alone, so a
+``docker run`` without ``--network none`` gets a netns with only loopback and prints "WARNING: IPv4
+forwarding is disabled. Networking will not work." on stderr: pass ``--network none`` to compare stderr.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from kata.devtools.daemons import (
+    Containerd,
+    Dockerd,
+    Runtime,
+    containerd_daemon,
+    docker_daemons,
+    kata_runtime_path,
+    missing_tools,
+)
+
+
+def daemons_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "containerd and dockerd tests need root"
+    missing = missing_tools()
+    if missing:
+        return f"containerd/dockerd tests need {', '.join(missing)} (scripts/install.sh installs them)"
+    return None
+
+
+def _fail_on_leftovers(*daemons: Containerd | Dockerd) -> None:
+    left = [item for d in daemons for item in d.leftovers()]
+    if left:
+        pytest.fail("daemon teardown left: " + "; ".join(left))
+
+
+@pytest.fixture(scope="module")
+def docker(request: pytest.FixtureRequest) -> Iterator[Dockerd]:
+    reason = daemons_unavailable()
+    if reason:
+        pytest.skip(reason)
+    args = tuple(getattr(request.module, "KATA_RUNTIME_ARGS", ()))
+    with docker_daemons(runtimes={"kata": Runtime(kata_runtime_path(), args)}) as dockerd:
+        yield dockerd
+    _fail_on_leftovers(dockerd, dockerd.containerd)
+
+
+@pytest.fixture(scope="module")
+def containerd() -> Iterator[Containerd]:
+    reason = daemons_unavailable()
+    if reason:
+        pytest.skip(reason)
+    with containerd_daemon() as daemon:
+        yield daemon
+    _fail_on_leftovers(daemon)
