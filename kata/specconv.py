@@ -59,6 +59,7 @@ class VMSizing:
     vcpus: int
     max_vcpus: int
     memory_mib: int
+    max_memory_mib: int = 0  # what hotplug may grow it to (0: memory_mib, no growth)
 
 
 def guest_path(share_name: str) -> str:
@@ -165,4 +166,6 @@ def vm_sizing(spec: dict[str, Any], hv: HypervisorConfig, host_cpus: int, host_m
     # More than the host has cannot be backed; QEMU would start and the host would swap or OOM.
     if host_memory_mib > 0:
         memory = min(memory, host_memory_mib)
-    return VMSizing(vcpus=vcpus, max_vcpus=max_vcpus, memory_mib=memory)
+    # Kata: memory may be hot-added up to the host's size (plus memory_offset).
+    max_memory = max(memory, host_memory_mib + hv.memory_offset)
+    return VMSizing(vcpus=vcpus, max_vcpus=max_vcpus, memory_mib=memory, max_memory_mib=max_memory)

@@ -205,6 +205,7 @@ class AgentClient:
     def reseed_random_dev(self, *, data: bytes) -> Empty:
         return self._call("ReseedRandomDev", pb.ReseedRandomDevRequest(data=data), Empty)
 
-    def online_cpu_mem(self, *, wait: bool = False, nb_cpus: int = 0, cpu_only: bool = False) -> Empty:
-        req = pb.OnlineCPUMemRequest(wait=wait, nb_cpus=nb_cpus, cpu_only=cpu_only)
+    def online_cpu_mem(self, *, wait: bool = False, nb_cpus: int = 0, cpu_only: bool = False,
+                       mem_mib: int = 0) -> Empty:
+        req = pb.OnlineCPUMemRequest(wait=wait, nb_cpus=nb_cpus, cpu_only=cpu_only, mem_mib=mem_mib)
         return self._call("OnlineCPUMem", req, Empty)

@@ -10,8 +10,9 @@ from kata import __version__
 from kata.cli import logs
 from kata.errors import USER_ERRORS
 
-# One module per verb; each has add_parser(subparsers) and run(args) -> int.
-_VERBS = ("run", "check", "env", "factory", "version")
+# Each module adds its verbs with add_parser(subparsers); a verb's parser sets func(args) -> int.
+_VERB_MODULES = ("lifecycle", "exec", "inspect", "update", "spec", "features", "check", "env", "factory",
+                 "version")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", metavar="COMMAND")
     import importlib
 
-    for verb in _VERBS:
-        importlib.import_module(f"kata.cli.{verb}").add_parser(sub)
+    for module in _VERB_MODULES:
+        importlib.import_module(f"kata.cli.{module}").add_parser(sub)
     return p
 
 

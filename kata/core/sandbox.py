@@ -114,6 +114,34 @@ class Sandbox:
             raise
         return sb
 
+    @classmethod
+    def attach(cls, sid: str, cfg: RuntimeConfig) -> Sandbox:
+        """The sandbox another process created, to inspect, resize or destroy it; no agent
+        connection (the one who holds it, if any, is the container's monitor)."""
+        from kata.fs_share.virtiofsd import Virtiofsd
+        from kata.hypervisor.qemu import Qemu
+
+        sb = cls(sid, cfg)
+        if not sb.paths.state_dir.exists():
+            raise KataError(f"sandbox {sid} does not exist")
+        try:
+            sb.hypervisor = Qemu.attach(sb.paths.vm_dir)
+        except HypervisorError:
+            sb.hypervisor = None  # never launched, or already stopped
+        if sb.paths.virtiofsd_socket.with_name(sb.paths.virtiofsd_socket.name + ".pid").exists():
+            sb.virtiofsd = Virtiofsd.attach(Path(cfg.hypervisor.virtio_fs_daemon), sb.paths.virtiofsd_socket,
+                                            sb.paths.shared_dir)
+        return sb
+
+    def release(self) -> None:
+        """Close our agent connection and VMM handles and leave the VM running: another process
+        (the container's monitor) connects next, as the port takes one client at a time."""
+        if self.agent is not None:
+            self.agent.close()
+            self.agent = None
+        if self.hypervisor is not None:
+            self.hypervisor.release()
+
     def _bring_up(self, spec: dict[str, Any], debug: bool) -> None:
         hv = self.cfg.hypervisor
         for d in self.paths.all_dirs():

@@ -55,7 +55,7 @@ def build_vm_config(sid: str, hv: HypervisorConfig, sizing: VMSizing, paths: San
         vcpus=sizing.vcpus,
         max_vcpus=sizing.max_vcpus,
         memory_mib=sizing.memory_mib,
-        max_memory_mib=sizing.memory_mib,
+        max_memory_mib=max(sizing.memory_mib, sizing.max_memory_mib),
         machine_type=hv.machine_type,
         accel=accel,
         agent_channel=channel,

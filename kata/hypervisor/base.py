@@ -83,6 +83,13 @@ class Hypervisor(abc.ABC):
     def save(self, path: Path) -> None:
         """Snapshot the paused VM's device and memory state into ``path``."""
 
+    def release(self) -> None:  # noqa: B027 - most drivers hold nothing
+        """Drop this process's handles on the VM (e.g. a QMP session) and leave it running."""
+
+    def memory_mib(self) -> int:
+        """The guest's memory now: what it booted with plus what was hot-added."""
+        raise HypervisorError(f"{type(self).__name__} cannot report its memory")
+
     @abc.abstractmethod
     def hotplug_memory(self, size_mib: int) -> int:
         """Add memory; returns the MiB actually added."""

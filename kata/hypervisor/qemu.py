@@ -164,6 +164,11 @@ class Qemu(Hypervisor):
             daemon.terminate(proc, timeout)
         self._cleanup()
 
+    def release(self) -> None:
+        if self._qmp is not None:
+            self._qmp.close()
+            self._qmp = None
+
     def _cleanup(self) -> None:
         if self._qmp is not None:
             self._qmp.close()
@@ -248,6 +253,13 @@ class Qemu(Hypervisor):
             qmp.run("device_add", driver=cpu["type"], id=ident, **props)
             added += 1
         return added
+
+    def memory_mib(self) -> int:
+        state = self._require()
+        if not hotplug_capable(state.machine_type):
+            return state.memory_mib
+        dimms = [d for d in self._monitor().run("query-memory-devices") if d.get("type") == "dimm"]
+        return state.memory_mib + (sum(int(d["data"]["size"]) for d in dimms) >> 20)
 
     def hotplug_memory(self, size_mib: int) -> int:
         state = self._require()

@@ -267,11 +267,11 @@ def resources(
 
 def test_sizing_defaults_for_reference_specs() -> None:
     for name in ("docker-create-config.json", "ctr-create-config.json"):
-        assert vm_sizing(reference(name), HV, 2, 24000) == VMSizing(1, 2, 512)
+        assert vm_sizing(reference(name), HV, 2, 24000) == VMSizing(1, 2, 512, 24000)
 
 
 def test_sizing_missing_linux_section() -> None:
-    assert vm_sizing(minimal(), HV, 2, 24000) == VMSizing(1, 2, 512)
+    assert vm_sizing(minimal(), HV, 2, 24000) == VMSizing(1, 2, 512, 24000)
 
 
 def test_sizing_docker_memory_64m_cpus_half() -> None:
@@ -284,8 +284,10 @@ def test_sizing_docker_memory_64m_cpus_half() -> None:
             }
         }
     }
-    assert vm_sizing(spec, HV, 2, 24000) == VMSizing(vcpus=2, max_vcpus=2, memory_mib=576)
-    assert vm_sizing(spec, HV, 8, 24000) == VMSizing(vcpus=2, max_vcpus=8, memory_mib=576)
+    assert vm_sizing(spec, HV, 2, 24000) == VMSizing(vcpus=2, max_vcpus=2, memory_mib=576,
+                                                         max_memory_mib=24000)
+    assert vm_sizing(spec, HV, 8, 24000) == VMSizing(vcpus=2, max_vcpus=8, memory_mib=576,
+                                                         max_memory_mib=24000)
 
 
 @pytest.mark.parametrize(
@@ -342,7 +344,7 @@ def test_sizing_vcpu_rules(
 
 def test_sizing_quota_capped_by_configured_max() -> None:
     s = vm_sizing(resources(quota=300000, period=100000), hv(default_maxvcpus=2), 8, 24000)
-    assert s == VMSizing(2, 2, 512)
+    assert s == VMSizing(2, 2, 512, 24000)
 
 
 def test_sizing_memory_defaults() -> None:

@@ -50,6 +50,23 @@ def online_cpu_mem(req: pb.OnlineCPUMemRequest, sys_cpu: str = SYS_CPU, sys_mem:
         done += online_cpus(sys_cpu)
     if not req.cpu_only:
         online_memory(sys_mem)
+        while req.wait and req.mem_mib and _short_of(sys_mem, req.mem_mib) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            online_memory(sys_mem)
+
+
+def _short_of(sys_mem: str, want_mib: int) -> bool:
+    """Less than want_mib online, give or take a block (sizes need not be multiples of one)."""
+    try:
+        with open(os.path.join(sys_mem, "block_size_bytes")) as f:
+            block = int(f.read().strip(), 16)
+    except (OSError, ValueError):
+        return False
+    count = 0
+    for path in glob.glob(os.path.join(sys_mem, "memory[0-9]*", "state")):
+        with open(path) as f:
+            count += f.read().strip() == "online"
+    return (count + 1) * block < want_mib << 20
 
 
 def guest_details(

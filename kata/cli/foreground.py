@@ -1,0 +1,70 @@
+"""Running a container process in the foreground (`run`, and `exec` without --detach): the caller's
+terminal is put in raw mode and handed to the monitor, signals sent to us go to the monitor (which
+forwards them into the guest), and we end with the monitor's status."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import termios
+import tty
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from kata.monitor import _NOT_FORWARDED
+
+
+@contextmanager
+def raw_terminal(enabled: bool) -> Iterator[None]:
+    """The caller's terminal in raw mode while a tty process runs: the guest's pty does the
+    line discipline, so ours must pass every byte through."""
+    saved = None
+    if enabled and os.isatty(0):
+        saved = termios.tcgetattr(0)
+        tty.setraw(0)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            # The monitor held the terminal's foreground: take it back first (ignoring SIGTTOU,
+            # which a background process gets for both calls).
+            old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+            try:
+                os.tcsetpgrp(0, os.getpgrp())
+                termios.tcsetattr(0, termios.TCSADRAIN, saved)
+            except OSError:
+                pass
+            finally:
+                signal.signal(signal.SIGTTOU, old)
+
+
+def wait(proc: subprocess.Popen[bytes], on_signal: Callable[[int], None] | None = None) -> int:
+    """Forward our signals to the monitor until it exits; its exit status, as a shell would give it."""
+    def forward(signum: int, _frame: Any) -> None:
+        if on_signal is not None:
+            on_signal(signum)
+        try:
+            os.kill(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {}
+    for s in signal.Signals:
+        if s not in _NOT_FORWARDED or s == signal.SIGWINCH:
+            try:
+                previous[s] = signal.signal(s, forward)
+            except (OSError, ValueError):
+                pass
+    try:
+        while True:
+            try:
+                code = proc.wait()
+                break
+            except InterruptedError:
+                continue
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    return code if code >= 0 else 128 - code

@@ -1,0 +1,303 @@
+"""The host process that stands for one container process in the guest (the pid in `--pid-file`).
+
+Started by `kata-runtime create` (role "init") or `exec` (role "exec"). It lives exactly as long as
+the guest process and exits with its status (128+N for a death by signal N, 255 when the VM is gone),
+relays the process's stdio (the inherited descriptors, or a pty handed out on the console socket),
+and forwards the signals it receives to the process. containerd's shim and Docker wait on it.
+
+The init monitor also holds the sandbox's only agent connection (a virtio-serial port takes one
+client) and forwards every other runtime call to it through a ttrpc proxy socket.
+
+It is started as `python -S -m kata.monitor` and imports no protobuf: there is one per container
+process, so its memory counts for density. The parent sends its configuration as one JSON line on
+the control socket (`--control-fd`) and reads back "ok" or "error <message>".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import termios
+import threading
+import time
+import tty
+from typing import Any
+
+from kata import ttrpc
+from kata.agent.endpoint import AgentEndpoint
+from kata.agent.lite import LiteAgent, StreamEnded
+from kata.agent.transport import connect
+
+# What the monitor exits with when the guest (or the connection to it) is gone: Kata's choice.
+VM_GONE_STATUS = 255
+_CHUNK = 64 * 1024
+# runc forwards every signal but these to the container.
+_NOT_FORWARDED = {signal.SIGCHLD, signal.SIGWINCH, signal.SIGURG, signal.SIGKILL, signal.SIGSTOP,
+                  signal.SIGPIPE, signal.SIGTTIN, signal.SIGTTOU, signal.SIGTSTP}
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+def winsize(fd: int) -> tuple[int, int] | None:
+    try:
+        cols, rows = os.get_terminal_size(fd)
+        return rows, cols
+    except OSError:
+        return None
+
+
+class Monitor:
+    def __init__(self, conf: dict[str, Any]) -> None:
+        self.conf = conf
+        self.cid: str = conf["cid"]
+        self.exec_id: str = conf.get("exec_id", "")
+        self.terminal = bool(conf.get("terminal"))
+        self.agent: LiteAgent | None = None
+        self.server: ttrpc.Server | None = None
+        self.tty_fd: int | None = None  # the host pty's slave, or our own terminal in the foreground
+        self.outputs: list[threading.Thread] = []
+        self.signals: list[int] = []
+        self.signal_ready = threading.Semaphore(0)
+
+    # ---- bring-up --------------------------------------------------------------------------
+    def connect(self) -> None:
+        if self.conf.get("agent"):
+            endpoint = AgentEndpoint(**self.conf["agent"])
+            stream = connect(endpoint, 10.0)
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(10.0)
+            sock.connect(self.conf["proxy"])
+            sock.settimeout(None)
+            stream = ttrpc.socket_stream(sock)
+        self.agent = LiteAgent(ttrpc.Client(stream))
+        if self.conf.get("agent"):
+            self._wait_ready(10.0)
+
+    def _wait_ready(self, timeout: float) -> None:
+        """The guest may take a moment to see the new host connection: a first request can be lost."""
+        assert self.agent is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.agent.check(min(0.5, max(0.05, deadline - time.monotonic())))
+                return
+            except ttrpc.TTRPCError as exc:
+                if exc.code != ttrpc.Code.DEADLINE_EXCEEDED or time.monotonic() > deadline:
+                    raise
+
+    def serve_proxy(self) -> None:
+        """Forward every call on the proxy socket to the agent, as it is."""
+        assert self.agent is not None
+        client = self.agent.client
+
+        def forward(ctx: ttrpc.Context, payload: bytes) -> bytes:
+            left = None if ctx.deadline is None else max(0.001, ctx.deadline - time.monotonic())
+            return client.call_raw(ctx.service, ctx.method, payload, left, ctx.metadata or None)
+
+        path = self.conf["proxy"]
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        os.chmod(path, 0o600)
+        listener.listen(64)
+        self.server = ttrpc.Server(max_workers=256)
+        self.server.set_fallback(forward)
+        threading.Thread(target=self.server.serve_listener, args=(listener,), daemon=True).start()
+
+    def open_terminal(self) -> None:
+        """A tty process: hand a host pty's master to the console socket and relay its slave, or,
+        in the foreground, relay our own stdio (the caller's terminal)."""
+        path = self.conf.get("console_socket")
+        if not path:
+            self.tty_fd = 0 if _fd_open(0) else None
+            return
+        master, slave = os.openpty()
+        tty.setraw(slave)  # the guest's pty does the line discipline; this one must pass bytes through
+        if not self.conf.get("foreground"):
+            import fcntl
+
+            fcntl.ioctl(slave, termios.TIOCSCTTY, 0)  # so that a resize on the master signals us
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(10.0)
+            sock.connect(path)
+            socket.send_fds(sock, [os.ttyname(slave).encode()], [master])
+        finally:
+            sock.close()
+            os.close(master)
+        self.tty_fd = slave
+
+    def start_relay(self) -> None:
+        if self.terminal:
+            out = self.tty_fd if self.conf.get("console_socket") else 1
+            targets = [("stdout", out)]
+            stdin = self.tty_fd
+        else:
+            targets = [("stdout", 1), ("stderr", 2)]
+            stdin = 0 if _fd_open(0) else None
+        for stream, fd in targets:
+            if fd is not None and _fd_open(fd):
+                t = threading.Thread(target=self._pump_out, args=(stream, fd), daemon=True)
+                t.start()
+                self.outputs.append(t)
+        if stdin is not None:
+            threading.Thread(target=self._pump_in, args=(stdin,), daemon=True).start()
+
+    def _pump_out(self, stream: str, fd: int) -> None:
+        assert self.agent is not None
+        while True:
+            try:
+                data = self.agent.read(stream, self.cid, self.exec_id, _CHUNK)
+                if data:
+                    _write_all(fd, data)
+            except (StreamEnded, OSError, ttrpc.TTRPCError):
+                return
+
+    def _pump_in(self, fd: int) -> None:
+        assert self.agent is not None
+        while True:
+            try:
+                data = os.read(fd, _CHUNK)
+            except OSError:
+                data = b""
+            try:
+                if not data:
+                    if not self.terminal:  # a pty has no EOF to pass on; its output may continue
+                        self.agent.close_stdin(self.cid, self.exec_id)
+                    return
+                self.agent.write_stdin(self.cid, self.exec_id, data)
+            except ttrpc.TTRPCError:
+                return
+
+    # ---- signals ---------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        # The handler only queues: an RPC must not run inside a signal handler.
+        def queue(signum: int, _frame: Any) -> None:
+            self.signals.append(signum)
+            self.signal_ready.release()
+
+        for s in signal.Signals:
+            if s not in _NOT_FORWARDED:
+                try:
+                    signal.signal(s, queue)
+                except (OSError, ValueError):
+                    pass
+        if self.terminal:
+            signal.signal(signal.SIGWINCH, queue)
+        threading.Thread(target=self._forward_signals, daemon=True).start()
+
+    def _forward_signals(self) -> None:
+        assert self.agent is not None
+        while True:
+            self.signal_ready.acquire()
+            signum = self.signals.pop(0)
+            try:
+                if signum == signal.SIGWINCH:
+                    self.resize()
+                else:
+                    self.agent.signal(self.cid, self.exec_id, signum)
+            except ttrpc.TTRPCError:
+                pass
+
+    def resize(self) -> None:
+        size = winsize(self.tty_fd) if self.tty_fd is not None else None
+        if size and self.agent is not None:
+            self.agent.resize(self.cid, self.exec_id, *size)
+
+    # ---- the life of the process -----------------------------------------------------------
+    def wait(self) -> int:
+        assert self.agent is not None
+        result: list[int] = []
+
+        def waiter() -> None:
+            try:
+                result.append(self.agent.wait(self.cid, self.exec_id))  # type: ignore[union-attr]
+            except ttrpc.TTRPCError:
+                result.append(VM_GONE_STATUS)
+
+        w = threading.Thread(target=waiter, daemon=True)
+        w.start()
+        while w.is_alive():
+            w.join(0.5)  # short joins keep the main thread free to run signal handlers
+        for t in self.outputs:
+            t.join(10.0)
+        return result[0]
+
+
+def _reply(control: socket.socket, text: str) -> None:
+    try:
+        control.sendall(text.encode() + b"\n")
+    except OSError:
+        pass  # the parent gave up waiting; our exit status still tells
+
+
+def run(control: socket.socket) -> int:
+    conf = json.loads(control.makefile("rb").readline() or b"{}")
+    mon = Monitor(conf)
+    try:
+        if conf.get("foreground"):
+            # Our own process group, in the terminal's foreground: a Ctrl-C reaches us once (we
+            # forward it), not also our caller (which would forward it a second time).
+            os.setpgid(0, 0)
+            if os.isatty(0):
+                signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+                os.tcsetpgrp(0, os.getpgrp())
+                signal.signal(signal.SIGTTOU, signal.SIG_DFL)
+        else:
+            os.setsid()  # detached from the caller's terminal and session
+        mon.connect()
+        assert mon.agent is not None
+        if conf["role"] == "init":
+            mon.serve_proxy()
+        if mon.terminal:
+            mon.open_terminal()
+        if conf["role"] == "exec":
+            mon.agent.exec_process(mon.cid, mon.exec_id, json.dumps(conf["process"]).encode())
+        mon.install_signal_handlers()
+        mon.start_relay()
+        if mon.terminal and conf.get("foreground"):
+            mon.resize()
+    except Exception as exc:  # everything the parent must report: one line
+        _reply(control, f"error {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        return VM_GONE_STATUS
+    _reply(control, "ok")
+    control.close()
+    status = mon.wait()
+    if mon.server is not None:
+        mon.server.shutdown()
+        try:
+            os.unlink(conf["proxy"])
+        except OSError:
+            pass
+    return status
+
+
+def main() -> None:
+    # argv: --control-fd N -- LABEL... (the label only tells `ps` readers what this stands for)
+    control = socket.socket(fileno=int(sys.argv[2]))
+    status = run(control)
+    sys.stdout.flush()
+    os._exit(status & 0xFF if status >= 0 else VM_GONE_STATUS)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""runc semantics on VMs: container records under --root, the lifecycle operations, and their monitors."""

@@ -1,0 +1,313 @@
+"""The runc lifecycle on VMs: what `create`, `start`, `kill`, `delete`, `exec`, `pause`, `resume` and
+`update` do, with runc's state rules and wording. One container per sandbox (VM), named alike.
+
+`create` boots the VM, creates the container in it and hands the agent connection to the init
+monitor, which stands for the container's process on the host from then on; every later command
+reaches the agent through that monitor's proxy socket.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from kata.agent.client import AgentClient
+from kata.config import RuntimeConfig, apply_annotations, load_config
+from kata.core.paths import SandboxPaths, validate_id
+from kata.errors import KataError
+from kata.hypervisor.daemon import ProcessId, signal_process, wait_exit
+from kata.oci.spec import Bundle, load_bundle
+from kata.runtime import monitor_proc
+from kata.runtime.records import ContainerRecord, ContainerStore, now_rfc3339
+
+log = logging.getLogger("kata.runtime")
+
+
+class StateError(KataError):
+    """The command does not apply in the container's current state (runc's wording)."""
+
+
+def proxy_socket(cid: str) -> Path:
+    return SandboxPaths(cid).vm_dir / "agent-proxy.sock"
+
+
+@contextmanager
+def agent_of(rec: ContainerRecord, timeout: float = 60.0) -> Iterator[AgentClient]:
+    """The agent, through the container's monitor."""
+    import socket
+
+    from kata import ttrpc
+
+    if rec.current_status() == "stopped":
+        raise StateError("container not running")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(5.0)
+        sock.connect(str(proxy_socket(rec.id)))
+        sock.settimeout(None)
+    except OSError as exc:
+        sock.close()
+        raise StateError(f"container {rec.id}: its monitor does not answer: {exc.strerror or exc}") from exc
+    client = AgentClient(ttrpc.socket_stream(sock), timeout=timeout)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def _config_of(rec: ContainerRecord) -> RuntimeConfig:
+    cfg = load_config(Path(rec.config) if rec.config else None)
+    return apply_annotations(cfg, rec.annotations)
+
+
+def _hooks(spec: dict[str, Any], kind: str, state: dict[str, Any], fatal: bool) -> None:
+    from kata.oci.hooks import run_hooks
+
+    run_hooks(spec, kind, state, fatal=fatal, log=log)
+
+
+def _enter_network_namespace(bundle: Bundle) -> None:
+    """The VMM and the monitor live in the container's network namespace (see kata.utils.netns)."""
+    from kata.utils import netns
+
+    for ns in bundle.namespaces:
+        if ns.type == "network":
+            if ns.path:
+                netns.enter(ns.path)
+            else:
+                netns.unshare()
+            return
+
+
+# ---- create ---------------------------------------------------------------------------------
+def create(store: ContainerStore, cid: str, bundle_dir: Path, *, config_path: Path | None,
+           console_socket: str | None, debug: bool, foreground: bool = False) -> tuple[ContainerRecord,
+                                                                                       subprocess.Popen[bytes]]:
+    """Bring up the VM and the container in it, in runc's "created" state, with its monitor."""
+    from kata.core.container import Container
+    from kata.core.sandbox import Sandbox
+
+    validate_id(cid)
+    bundle = load_bundle(bundle_dir.resolve())
+    cfg = apply_annotations(load_config(config_path), bundle.annotations)
+    terminal = bool(bundle.spec.get("process", {}).get("terminal", False))
+    if terminal and not console_socket and not foreground:
+        raise KataError("cannot allocate tty if runc will detach without setting console socket")
+    store.reserve(cid)
+    rec = ContainerRecord(id=cid, bundle=str(bundle.path), rootfs=str(bundle.root_path),
+                          created=now_rfc3339(),
+                          config=str(cfg.source), annotations=dict(bundle.annotations), status="creating",
+                          owner="root" if os.geteuid() == 0 else str(os.geteuid()))
+    sandbox: Sandbox | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        store.save(rec)
+        _enter_network_namespace(bundle)
+        sandbox = Sandbox.create(cid, cfg, bundle.spec, debug=debug)
+        Container(sandbox, cid, bundle).create()
+        assert sandbox.hypervisor is not None
+        agent_ep = sandbox.hypervisor.agent_endpoint()
+        sandbox.release()
+        conf = {"role": "init", "cid": cid, "agent": agent_ep._asdict(), "proxy": str(proxy_socket(cid)),
+                "terminal": terminal, "console_socket": console_socket, "foreground": foreground}
+        args = [str(a) for a in bundle.spec.get("process", {}).get("args", [])]
+        proc, ident = monitor_proc.spawn(conf, [cid, *args])
+        rec.pid, rec.pid_start, rec.status = ident.pid, ident.start_time, "created"
+        store.save(rec)
+        state = dict(rec.oci_state(), status="creating")
+        for kind in ("prestart", "createRuntime", "createContainer"):
+            _hooks(bundle.spec, kind, state, fatal=True)
+        return rec, proc
+    except BaseException:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if sandbox is not None:
+            sandbox.destroy()
+        store.remove(cid)
+        raise
+
+
+# ---- start, kill, pause, resume -------------------------------------------------------------
+def start(store: ContainerStore, cid: str) -> None:
+    with store.locked(cid) as rec:
+        status = rec.current_status()
+        if status == "stopped":
+            raise StateError("cannot start a container that has stopped")
+        if status != "created":
+            raise StateError("cannot start an already running container")
+        bundle = load_bundle(Path(rec.bundle), require_process=False)
+        _hooks(bundle.spec, "startContainer", rec.oci_state(), fatal=True)
+        with agent_of(rec) as agent:
+            agent.start_container(container_id=cid)
+        rec.status = "running"
+        store.save(rec)
+        # The spec: a poststart hook's failure is logged, and the lifecycle goes on.
+        _hooks(bundle.spec, "poststart", rec.oci_state(), fatal=False)
+
+
+def kill(store: ContainerStore, cid: str, signum: int, all_processes: bool = False) -> None:
+    rec = store.load(cid)
+    if rec.current_status() == "stopped":
+        raise StateError("container not running")
+    with agent_of(rec) as agent:
+        agent.signal_process(container_id=cid, exec_id="", signal=signum)
+        if all_processes:
+            for exec_id in rec.live_execs():
+                try:
+                    agent.signal_process(container_id=cid, exec_id=exec_id, signal=signum)
+                except KataError as exc:
+                    log.debug(f"kill --all: exec {exec_id}: {exc}")
+
+
+def pause(store: ContainerStore, cid: str) -> None:
+    with store.locked(cid) as rec:
+        status = rec.current_status()
+        if status != "running":
+            raise StateError("container not running" if status in ("stopped", "created")
+                             else f"container already {status}")
+        with agent_of(rec) as agent:
+            agent.pause_container(container_id=cid)
+        rec.status = "paused"
+        store.save(rec)
+
+
+def resume(store: ContainerStore, cid: str) -> None:
+    with store.locked(cid) as rec:
+        if rec.current_status() != "paused":
+            raise StateError("container not paused")
+        with agent_of(rec) as agent:
+            agent.resume_container(container_id=cid)
+        rec.status = "running"
+        store.save(rec)
+
+
+# ---- delete ---------------------------------------------------------------------------------
+def delete(store: ContainerStore, cid: str, force: bool) -> None:
+    """runc's rules: a running or paused container needs --force; --force of an unknown id is fine."""
+    from kata.runtime.records import ContainerNotFound
+
+    try:
+        with store.locked(cid) as rec:
+            status = rec.current_status()
+            if status in ("running", "paused") and not force:
+                raise StateError(f"cannot delete container {cid} that is not stopped: {status}")
+            _destroy(rec)
+            store.remove(cid)
+    except ContainerNotFound:
+        if not force:
+            raise
+        _destroy_leftovers(cid)
+
+
+def _destroy(rec: ContainerRecord) -> None:
+    """End the monitors and the VM with everything around it, then the poststop hooks."""
+    from kata.core.sandbox import Sandbox
+
+    monitor = rec.monitor()
+    for proc in [*rec.live_execs().values(), *([monitor] if monitor else [])]:
+        # As runc's --force: SIGKILL, so whoever waits on the monitor sees a death by signal 9.
+        signal_process(proc, signal.SIGKILL)
+        wait_exit(proc, 5.0)
+    try:
+        Sandbox.attach(rec.id, _config_of(rec)).destroy()
+    except KataError as exc:
+        log.debug(f"delete {rec.id}: {exc}")
+    _hooks(_spec_or_empty(rec), "poststop", dict(rec.oci_state(), status="stopped", pid=0), fatal=False)
+
+
+def _spec_or_empty(rec: ContainerRecord) -> dict[str, Any]:
+    try:
+        return load_bundle(Path(rec.bundle), require_process=False).spec
+    except KataError:
+        return {}  # the bundle may be gone by now (the caller removed it): no hooks to run then
+
+
+def _destroy_leftovers(cid: str) -> None:
+    """A sandbox without a record (a create that was killed half-way): tear down what exists."""
+    from kata.core.sandbox import Sandbox
+
+    if SandboxPaths(cid).state_dir.exists():
+        try:
+            Sandbox.attach(cid, load_config(None)).destroy()
+        except KataError as exc:
+            log.debug(f"delete {cid}: {exc}")
+
+
+# ---- exec -----------------------------------------------------------------------------------
+def exec_process(store: ContainerStore, cid: str, process: dict[str, Any], *, console_socket: str | None,
+                 foreground: bool) -> tuple[subprocess.Popen[bytes], ProcessId]:
+    """Start ``process`` in the container, with a monitor that stands for it."""
+    rec = store.load(cid)
+    status = rec.current_status()
+    if status == "paused":
+        raise StateError("cannot exec in a paused container")
+    if status != "running":
+        raise StateError("cannot exec in a stopped container" if status == "stopped"
+                         else f"cannot exec in a {status} container")
+    terminal = bool(process.get("terminal"))
+    if terminal and not console_socket and not foreground:
+        raise KataError("cannot allocate tty if runc will detach without setting console socket")
+    exec_id = secrets.token_hex(8)
+    conf = {"role": "exec", "cid": cid, "exec_id": exec_id, "proxy": str(proxy_socket(cid)),
+            "terminal": terminal, "console_socket": console_socket, "foreground": foreground,
+            "process": process}
+    proc, ident = monitor_proc.spawn(conf, [cid, *[str(a) for a in process.get("args", [])]])
+    with store.locked(cid) as rec:
+        rec.execs = {k: [p.pid, p.start_time] for k, p in rec.live_execs().items()}
+        rec.execs[exec_id] = [ident.pid, ident.start_time]
+        store.save(rec)
+    return proc, ident
+
+
+# ---- update ---------------------------------------------------------------------------------
+def update(store: ContainerStore, cid: str, resources: dict[str, Any]) -> None:
+    """New limits for the container; the VM grows by hotplug first when they would not fit."""
+    from kata.core.sandbox import Sandbox
+
+    rec = store.load(cid)
+    if rec.current_status() == "stopped":
+        raise StateError("container not running")
+    sandbox = Sandbox.attach(cid, _config_of(rec))
+    try:
+        with agent_of(rec) as agent:
+            grown = _grow_vm(sandbox, agent, resources)
+            if grown:
+                agent.online_cpu_mem(wait=True, mem_mib=grown)
+            agent.update_container(container_id=cid, resources_json=json.dumps(resources).encode())
+    finally:
+        sandbox.release()
+
+
+def _grow_vm(sandbox: Any, agent: AgentClient, resources: dict[str, Any]) -> int:
+    """The VM was sized as the configured default plus the container's limit (see vm_sizing):
+    a larger limit gets the difference hot-added, as Kata does. Returns the VM's new size in MiB,
+    0 when it did not grow."""
+    limit = (resources.get("memory") or {}).get("limit")
+    if sandbox.hypervisor is None or not limit or limit <= 0:
+        return 0
+    want = sandbox.cfg.hypervisor.default_memory + -(-int(limit) // (1024 * 1024))
+    have = sandbox.hypervisor.memory_mib()
+    if want > have:
+        from kata.hypervisor.base import HypervisorError
+
+        # The guest adds memory in whole blocks (128 MiB on x86): a smaller DIMM would stay unused.
+        block_mib = max(1, agent.get_guest_details(mem_hotplug_probe=False).mem_block_size_bytes >> 20)
+        want = have + -(-(want - have) // block_mib) * block_mib
+        try:
+            sandbox.hypervisor.hotplug_memory(want - have)
+        except HypervisorError as exc:
+            # The limit still applies in the guest; the VM's own size caps it sooner.
+            log.warning(f"container {sandbox.id}: the VM cannot grow to {want} MiB: {exc}")
+            return 0
+        log.info(f"container {sandbox.id}: VM memory grown from {have} to {want} MiB")
+        return want
+    return 0

@@ -1,0 +1,138 @@
+"""Container state under `--root`, as runc keeps it: one directory per container, written atomically,
+locked per container so that racing commands (containerd runs `delete` and `delete --force` from two
+processes) each see a whole state and act once."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from kata.core.store import read_json, write_json
+from kata.errors import KataError
+from kata.hypervisor.daemon import ProcessId
+
+DEFAULT_ROOT = Path("/run/kata-runtime")
+
+
+class ContainerNotFound(KataError):
+    """runc's wording, which containerd matches on."""
+
+    def __init__(self, cid: str) -> None:
+        super().__init__(f"container {cid} does not exist")
+
+
+class ContainerExists(KataError):
+    def __init__(self, cid: str) -> None:
+        super().__init__(f"container with id exists: {cid}")
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass
+class ContainerRecord:
+    id: str
+    bundle: str
+    rootfs: str
+    created: str
+    config: str  # the configuration.toml in effect, so later commands use the same one
+    annotations: dict[str, str] = field(default_factory=dict)
+    status: str = "created"  # as last set: created, running or paused; "stopped" is derived
+    pid: int = 0  # the monitor standing for the container's process
+    pid_start: int = 0
+    owner: str = ""
+    execs: dict[str, list[int]] = field(default_factory=dict)  # exec id -> [pid, start time]
+
+    def monitor(self) -> ProcessId | None:
+        return ProcessId(self.pid, self.pid_start) if self.pid else None
+
+    def current_status(self) -> str:
+        """The status runc would report: a container whose process is gone is stopped."""
+        mon = self.monitor()
+        if self.status == "creating":
+            return "creating"
+        if mon is None or not mon.is_alive():
+            return "stopped"
+        return self.status
+
+    def live_execs(self) -> dict[str, ProcessId]:
+        found = {}
+        for exec_id, (pid, start) in self.execs.items():
+            proc = ProcessId(pid, start)
+            if proc.is_alive():
+                found[exec_id] = proc
+        return found
+
+    def oci_state(self) -> dict[str, Any]:
+        """The state document hooks read on stdin and `state` prints (runc's field names)."""
+        status = self.current_status()
+        return {"ociVersion": "1.0.2", "id": self.id, "status": status,
+                "pid": self.pid if status != "stopped" else 0, "bundle": self.bundle,
+                "annotations": self.annotations}
+
+
+class ContainerStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def dir(self, cid: str) -> Path:
+        return self.root / cid
+
+    def _file(self, cid: str) -> Path:
+        return self.dir(cid) / "state.json"
+
+    def reserve(self, cid: str) -> None:
+        """Claim the id: fails if a container (even a half-created one) has it."""
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o711)
+        try:
+            self.dir(cid).mkdir(mode=0o711)
+        except FileExistsError:
+            raise ContainerExists(cid) from None
+
+    def save(self, rec: ContainerRecord) -> None:
+        write_json(self._file(rec.id), asdict(rec))
+
+    def load(self, cid: str) -> ContainerRecord:
+        try:
+            data = read_json(self._file(cid))
+            return ContainerRecord(**data)
+        except FileNotFoundError:
+            raise ContainerNotFound(cid) from None
+        except (OSError, ValueError, TypeError) as exc:
+            raise KataError(f"container {cid}: unreadable state: {exc}") from exc
+
+    @contextmanager
+    def locked(self, cid: str) -> Iterator[ContainerRecord]:
+        """The record, read under the container's exclusive lock. The lock is on the directory
+        itself, so that a delete that removed it makes a waiting command see "does not exist"."""
+        try:
+            fd = os.open(self.dir(cid), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ContainerNotFound(cid) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield self.load(cid)  # after the wait: the state may have changed, or be gone
+        finally:
+            os.close(fd)
+
+    def remove(self, cid: str) -> None:
+        shutil.rmtree(self.dir(cid), ignore_errors=True)
+
+    def list(self) -> list[ContainerRecord]:
+        if not self.root.is_dir():
+            return []
+        found = []
+        for entry in sorted(self.root.iterdir()):
+            try:
+                found.append(self.load(entry.name))
+            except KataError:
+                continue  # being created or deleted right now
+        return found

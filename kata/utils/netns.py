@@ -1,0 +1,41 @@
+"""Network namespaces for the calling thread: join one by path, or make a new one.
+
+The VMM and the container's monitor run in the container's network namespace, as Kata's do: a
+prestart hook (Docker's libnetwork-setkey) finds it through the monitor's pid, and the network
+mirroring later finds the endpoints to mirror there. Python 3.11 has no os.setns/os.unshare.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+from kata.errors import KataError
+from kata.utils.mount import libc
+
+CLONE_NEWNET = 0x40000000
+
+
+class NetnsError(KataError):
+    pass
+
+
+def enter(path: str) -> None:
+    """Join the network namespace at ``path`` (a /proc/PID/ns/net or a bind-mounted netns)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise NetnsError(f"network namespace {path}: {exc.strerror}") from exc
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise NetnsError(f"joining network namespace {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def unshare() -> None:
+    """Move the calling thread (and the processes it starts from now on) into a new network namespace."""
+    if libc.unshare(CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise NetnsError(f"creating a network namespace: {os.strerror(err)}")

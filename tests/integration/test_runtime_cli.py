@@ -1,0 +1,319 @@
+"""kata-runtime driven as runc is: `--root --log --log-format json`, create/start/state/exec/ps/pause/
+resume/kill/delete, hooks, a console socket, sizing and update. Real VMs; one VM serves many checks."""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kata.bundles import make_busybox_bundle
+from tests.conftest import config_with, leftovers, process_gone, runtime_bin
+
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("needs_guest")]
+
+TIMEOUT = 120
+
+
+class Runtime:
+    """kata-runtime with runc's global flags, as containerd's shim passes them."""
+
+    def __init__(self, root: Path, log: Path) -> None:
+        self.root = root
+        self.log = log
+
+    def __call__(self, *args: str, check: bool = True, input: bytes = b"", cwd: Path | None = None,
+                 timeout: float = TIMEOUT) -> subprocess.CompletedProcess[bytes]:
+        """Run it to its exit. Its output goes through files: a process it leaves running (a
+        detached exec's monitor) keeps them open, as it would keep pipes, which we would wait on."""
+        argv = [runtime_bin(), "--root", str(self.root), "--log", str(self.log), "--log-format", "json",
+                *args]
+        out, err = (self.log.with_name(f"cmd.{n}") for n in ("out", "err"))
+        with open(out, "wb") as o, open(err, "wb") as e:
+            code = subprocess.run(argv, input=input, stdout=o, stderr=e, timeout=timeout, cwd=cwd).returncode
+        proc = subprocess.CompletedProcess(argv, code, out.read_bytes(), err.read_bytes())
+        if check:
+            assert proc.returncode == 0, f"{args}: {proc.stderr.decode()}"
+        assert b"Traceback" not in proc.stderr, proc.stderr.decode()
+        return proc
+
+    def state(self, cid: str) -> dict[str, Any]:
+        return dict(json.loads(self("state", cid).stdout))
+
+    def last_error(self) -> dict[str, Any]:
+        lines = [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
+        return [entry for entry in lines if entry["level"] == "error"][-1]
+
+
+@pytest.fixture
+def rt(tmp_path: Path) -> Runtime:
+    return Runtime(tmp_path / "root", tmp_path / "log.json")
+
+
+def wait_gone(pid: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not process_gone(pid):
+        assert time.monotonic() < deadline, f"process {pid} still runs"
+        time.sleep(0.05)
+
+
+def all_leftovers(cid: str, rt: Runtime) -> list[str]:
+    found = leftovers(cid)
+    if (rt.root / cid).exists():
+        found.append(f"state {rt.root / cid}")
+    return found
+
+
+@pytest.fixture
+def running(tmp_path: Path, rt: Runtime, cid: str) -> Iterator[tuple[str, Path]]:
+    """A detached container with its stdout in a file: `sleep` until killed."""
+    script = "trap 'echo got-term; exit 42' TERM; echo started; while true; do sleep 0.2; done"
+    bundle = make_busybox_bundle(tmp_path / "b", ["sh", "-c", script])
+    out = tmp_path / "out"
+    # As with runc, the container's process keeps the descriptors create got: files, not pipes we
+    # would wait on for EOF.
+    with open(out, "wb") as f, open(tmp_path / "err", "wb") as err:
+        proc = subprocess.run([runtime_bin(), "--root", str(rt.root), "create", "--pid-file",
+                               str(tmp_path / "init.pid"), cid], cwd=bundle, stdin=subprocess.DEVNULL,
+                              stdout=f, stderr=err, timeout=TIMEOUT)
+    assert proc.returncode == 0, (tmp_path / "err").read_text()
+    try:
+        yield cid, tmp_path
+    finally:
+        rt("delete", "--force", cid, check=False)
+        assert all_leftovers(cid, rt) == []
+
+
+def test_lifecycle_like_runc(rt: Runtime, running: tuple[str, Path]) -> None:
+    cid, tmp = running
+    pid = int((tmp / "init.pid").read_text())
+    st = rt.state(cid)
+    assert st["status"] == "created" and st["pid"] == pid and st["id"] == cid
+    assert Path(st["bundle"]) == tmp / "b"
+    # The monitor lives in a network namespace of its own, as the container's process would.
+    assert os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
+
+    rt("start", cid)
+    assert rt.state(cid)["status"] == "running"
+    # A second start is refused as runc refuses it.
+    again = rt("start", cid, check=False)
+    assert again.returncode != 0 and b"running" in again.stderr
+
+    # exec in the foreground: output and exit status.
+    ex = rt("exec", cid, "sh", "-c", "echo from-exec; exit 7", check=False)
+    assert ex.returncode == 7 and ex.stdout == b"from-exec\n", ex.stderr.decode()
+    # exec --process FILE --detach --pid-file, as Docker does: the pid names the exec's monitor.
+    (tmp / "p.json").write_text(json.dumps({"args": ["sleep", "30"], "cwd": "/", "env": ["PATH=/bin"],
+                                            "user": {"uid": 0, "gid": 0}}))
+    rt("exec", "--process", str(tmp / "p.json"), "--detach", "--pid-file", str(tmp / "e.pid"), cid)
+    exec_pid = int((tmp / "e.pid").read_text())
+    assert not process_gone(exec_pid)
+    assert sorted(json.loads(rt("ps", "--format", "json", cid).stdout)) == sorted([pid, exec_pid])
+    table = rt("ps", cid).stdout.decode()
+    assert "sleep 30" in table and "PID" in table
+
+    rt("pause", cid)
+    assert rt.state(cid)["status"] == "paused"
+    assert rt("exec", cid, "true", check=False).returncode != 0
+    rt("resume", cid)
+    assert rt.state(cid)["status"] == "running"
+
+    listing = json.loads(rt("list", "--format", "json").stdout)
+    assert [c["id"] for c in listing] == [cid] and listing[0]["status"] == "running"
+    stats = json.loads(rt("events", "--stats", cid).stdout)
+    assert stats["type"] == "stats" and stats["data"]["pids"]["current"] >= 2
+
+    # delete without --force refuses a running container, in runc's words, in the JSON log too.
+    refused = rt("delete", cid, check=False)
+    assert refused.returncode != 0
+    assert "cannot delete container" in rt.last_error()["msg"] and "not stopped" in rt.last_error()["msg"]
+
+    # kill by name: the trap runs in the guest and the monitor exits with the container's status.
+    rt("kill", cid, "TERM")
+    wait_gone(pid)
+    wait_gone(exec_pid)  # its container's init is gone, and with it the exec
+    assert rt.state(cid)["status"] == "stopped"
+    assert (tmp / "out").read_bytes() == b"started\ngot-term\n"
+    assert rt("kill", cid, "9", check=False).returncode != 0
+    rt("delete", cid)
+    assert rt("state", cid, check=False).returncode != 0
+
+
+def test_delete_races_with_delete_force(rt: Runtime, running: tuple[str, Path]) -> None:
+    """containerd runs `delete` and `delete --force` from two processes once the container stopped:
+    one deletes it, the other finds nothing (in words containerd takes as "already gone")."""
+    cid, tmp = running
+    rt("start", cid)
+    rt("kill", cid, "KILL")
+    wait_gone(int((tmp / "init.pid").read_text()))
+    argv = [runtime_bin(), "--root", str(rt.root), "delete"]
+    procs = [subprocess.Popen([*argv, *flags, cid], stderr=subprocess.PIPE) for flags in ([], ["--force"])]
+    results = [(p.wait(timeout=TIMEOUT), p.stderr.read().decode() if p.stderr else "") for p in procs]
+    assert results[1] == (0, ""), results
+    assert results[0][0] == 0 or "does not exist" in results[0][1], results
+    assert all_leftovers(cid, rt) == []
+
+
+def test_unknown_ids_and_bad_bundles(tmp_path: Path, rt: Runtime, cid: str) -> None:
+    for verb in (["state"], ["start"], ["kill"], ["delete"], ["pause"], ["exec"], ["ps"]):
+        args = [*verb, cid] + (["true"] if verb == ["exec"] else [])
+        proc = rt(*args, check=False)
+        err = proc.stderr.decode()
+        assert proc.returncode != 0 and "does not exist" in err and len(err.strip().splitlines()) == 1, err
+    assert "does not exist" in rt.last_error()["msg"]
+    rt("delete", "--force", cid)  # runc: --force of an unknown container is not an error
+
+    bundle = make_busybox_bundle(tmp_path / "b", ["true"])
+    (bundle / "config.json").write_text('{"ociVersion": "1.0.2", "process": ')
+    bad = rt("create", "--bundle", str(bundle), cid, check=False)
+    assert bad.returncode != 0 and "config.json" in bad.stderr.decode()
+    assert all_leftovers(cid, rt) == []
+    bad_id = rt("create", "--bundle", str(bundle), "../x", check=False)
+    assert bad_id.returncode != 0 and "invalid id" in bad_id.stderr.decode()
+
+
+def test_hooks_run_in_order_with_the_state(tmp_path: Path, rt: Runtime, cid: str) -> None:
+    record = tmp_path / "hooks.log"
+    script = tmp_path / "hook.sh"
+    # Each hook appends its name and the state it read; it also checks the pid's network namespace.
+    script.write_text(f"#!/bin/sh\necho \"$1 $(cat)\" >> {record}\n")
+    script.chmod(0o755)
+    bundle = make_busybox_bundle(tmp_path / "b", ["sh", "-c", "exit 0"])
+    spec = json.loads((bundle / "config.json").read_text())
+    kinds = ["prestart", "createRuntime", "createContainer", "startContainer", "poststart", "poststop"]
+    spec["hooks"] = {k: [{"path": str(script), "args": ["hook", k]}] for k in kinds}
+    (bundle / "config.json").write_text(json.dumps(spec))
+    rt("create", "--bundle", str(bundle), "--pid-file", str(tmp_path / "pid"), cid)
+    rt("start", cid)
+    wait_gone(int((tmp_path / "pid").read_text()))
+    rt("delete", cid)
+    lines = record.read_text().splitlines()
+    assert [ln.split(" ", 1)[0] for ln in lines] == kinds
+    states = {ln.split(" ", 1)[0]: json.loads(ln.split(" ", 1)[1]) for ln in lines}
+    assert states["prestart"]["status"] == "creating" and states["prestart"]["id"] == cid
+    assert states["prestart"]["pid"] == int((tmp_path / "pid").read_text())
+    assert states["poststart"]["status"] == "running"
+    assert states["poststop"]["status"] == "stopped"
+    assert all_leftovers(cid, rt) == []
+
+
+def test_failing_prestart_hook_fails_create_and_cleans_up(tmp_path: Path, rt: Runtime, cid: str) -> None:
+    bundle = make_busybox_bundle(tmp_path / "b", ["true"])
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["hooks"] = {"prestart": [{"path": "/bin/sh", "args": ["sh", "-c", "echo nope >&2; exit 3"]}]}
+    (bundle / "config.json").write_text(json.dumps(spec))
+    proc = rt("create", "--bundle", str(bundle), cid, check=False)
+    assert proc.returncode != 0 and "prestart" in proc.stderr.decode()
+    assert all_leftovers(cid, rt) == []
+
+
+def _receive_pty(listener: socket.socket) -> int:
+    conn, _ = listener.accept()
+    with conn:
+        fds = array.array("i")
+        _, anc, _, _ = conn.recvmsg(1024, socket.CMSG_SPACE(fds.itemsize))
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[: fds.itemsize])
+    assert fds, "no descriptor on the console socket"
+    return fds[0]
+
+
+def _read_until(fd: int, needle: bytes, timeout: float = 30.0) -> bytes:
+    import select
+
+    got = b""
+    deadline = time.monotonic() + timeout
+    while needle not in got:
+        left = deadline - time.monotonic()
+        assert left > 0, got
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            got += chunk
+    return got
+
+
+def test_console_socket_tty_with_resize(tmp_path: Path, rt: Runtime, cid: str) -> None:
+    bundle = make_busybox_bundle(tmp_path / "b", ["sh"], terminal=True)
+    sock_path = str(tmp_path / "console.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(sock_path)
+    listener.listen(1)
+    try:
+        with open(tmp_path / "err", "wb") as err:
+            argv = [runtime_bin(), "--root", str(rt.root), "create", "--bundle", str(bundle),
+                    "--console-socket", sock_path, "--pid-file", str(tmp_path / "pid"), cid]
+            creator = subprocess.Popen(argv,
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+        listener.settimeout(TIMEOUT)
+        master = _receive_pty(listener)
+        assert creator.wait(timeout=TIMEOUT) == 0, (tmp_path / "err").read_text()
+        rt("start", cid)
+        import fcntl
+        import struct
+        import termios
+
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 111, 0, 0))
+        time.sleep(0.5)  # the resize travels as SIGWINCH to the monitor, then to the guest
+        os.write(master, b"stty size; tty; exit 5\n")
+        out = _read_until(master, b"/dev/pts")
+        assert b"33 111" in out, out
+        wait_gone(int((tmp_path / "pid").read_text()))
+        os.close(master)
+        rt("delete", cid)
+    finally:
+        listener.close()
+        rt("delete", "--force", cid, check=False)
+    assert all_leftovers(cid, rt) == []
+
+
+def test_memory_limit_sizes_the_vm_and_update_grows_it(tmp_path: Path, rt: Runtime, cid: str) -> None:
+    """q35, where memory can be hot-added (microvm cannot: there `update` only sets the limit)."""
+    from kata.config import load_config
+
+    default_mib = load_config().hypervisor.default_memory
+    bundle = make_busybox_bundle(tmp_path / "b", ["sleep", "1000"])
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["linux"]["resources"] = {"memory": {"limit": 64 * 2**20}}
+    (bundle / "config.json").write_text(json.dumps(spec))
+    conf = config_with(tmp_path, {"hypervisor.qemu": {"machine_type": "q35"}})
+    rt("--config", str(conf), "create", "--bundle", str(bundle), cid)
+    try:
+        rt("start", cid)
+        probe = "cat /sys/fs/cgroup/memory.max; awk '/MemTotal/ {print int($2/1024)}' /proc/meminfo"
+        cg, total = rt("exec", cid, "sh", "-c", probe).stdout.split()
+        assert int(cg) == 64 * 2**20 and int(total) > default_mib
+        rt("update", "--memory", "512m", cid)
+        cg2, total2 = rt("exec", cid, "sh", "-c", probe).stdout.split()
+        assert int(cg2) == 512 * 2**20
+        assert int(total2) >= default_mib + 512 - 64, (total, total2)  # the VM grew by hotplug
+    finally:
+        rt("delete", "--force", cid, check=False)
+    assert all_leftovers(cid, rt) == []
+
+
+def test_run_detach_then_kill(tmp_path: Path, rt: Runtime, cid: str) -> None:
+    bundle = make_busybox_bundle(tmp_path / "b", ["sleep", "1000"])
+    rt("run", "--detach", "--bundle", str(bundle), "--pid-file", str(tmp_path / "pid"), cid)
+    pid = int((tmp_path / "pid").read_text())
+    assert rt.state(cid)["status"] == "running"
+    os.kill(pid, signal.SIGKILL)  # the monitor killed: the container counts as stopped
+    wait_gone(pid)
+    assert rt.state(cid)["status"] == "stopped"
+    rt("delete", cid)
+    assert all_leftovers(cid, rt) == []
