@@ -144,6 +144,10 @@ class Monitor:
         finally:
             sock.close()
             os.close(master)
+        # The pty is the process's stdio now, as with runc: what we inherited must close, or a caller
+        # that reads our parent's output to EOF (containerd's shim does) would wait for us forever.
+        for fd in (0, 1, 2):
+            os.dup2(slave, fd)
         self.tty_fd = slave
 
     def start_relay(self) -> None:

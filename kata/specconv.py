@@ -119,12 +119,22 @@ def plan_container(bundle: Bundle, container_id: str) -> ContainerPlan:
     return ContainerPlan(guest_spec=spec, shares=tuple(shares))
 
 
+GUEST_NETNS = {"type": "network", "path": "/proc/1/ns/net"}
+
+
 def _convert_linux(linux: dict[str, Any], container_id: str) -> None:
     if "namespaces" in linux:
-        # The guest creates fresh namespaces: host paths mean nothing there. The network namespace
-        # goes entirely, since the container shares the VM's network, which mirrors the host netns.
-        kept = [ns for ns in linux["namespaces"] if ns.get("type") != "network"]
-        linux["namespaces"] = [{"type": ns["type"]} for ns in kept]
+        # The guest creates fresh namespaces: host paths mean nothing there. The container's network
+        # is the VM's own (it mirrors the host netns), so a network namespace becomes the guest's
+        # initial one, named by path: crun then accepts the spec's net.* sysctls (Docker always sets
+        # one), which act on this pod's VM alone.
+        linux["namespaces"] = [GUEST_NETNS if ns.get("type") == "network" else {"type": ns["type"]}
+                               for ns in linux["namespaces"]]
+        # The guest is cgroup v2, where runtimes give each container its own cgroup namespace (a
+        # v1 host's spec, e.g. Docker's, asks for none): /sys/fs/cgroup then shows the container's
+        # own cgroup and its limits, not the guest's root.
+        if not any(ns["type"] == "cgroup" for ns in linux["namespaces"]):
+            linux["namespaces"].append({"type": "cgroup"})
     # Device nodes named by host major/minor; the guest's devices are its own.
     linux.pop("devices", None)
     linux["cgroupsPath"] = guest_cgroups_path(container_id)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -43,8 +44,24 @@ def daemons_unavailable() -> str | None:
     return None
 
 
-def _fail_on_leftovers(*daemons: Containerd | Dockerd) -> None:
+def _kata_sandboxes() -> set[str]:
+    """Sandboxes kata-runtime has on the host now, and the monitors that stand for containers."""
+    base = Path("/run/vc/sbs")
+    found = {f"sandbox {p.name}" for p in base.iterdir()} if base.is_dir() else set()
+    for pid in os.listdir("/proc"):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"kata.monitor" in cmd:
+            found.add(f"monitor {pid}")
+    return found
+
+
+def _fail_on_leftovers(*daemons: Containerd | Dockerd, kata_before: set[str] | None = None) -> None:
     left = [item for d in daemons for item in d.leftovers()]
+    if kata_before is not None:
+        left += sorted(_kata_sandboxes() - kata_before)
     if left:
         pytest.fail("daemon teardown left: " + "; ".join(left))
 
@@ -55,9 +72,10 @@ def docker(request: pytest.FixtureRequest) -> Iterator[Dockerd]:
     if reason:
         pytest.skip(reason)
     args = tuple(getattr(request.module, "KATA_RUNTIME_ARGS", ()))
+    before = _kata_sandboxes()
     with docker_daemons(runtimes={"kata": Runtime(kata_runtime_path(), args)}) as dockerd:
         yield dockerd
-    _fail_on_leftovers(dockerd, dockerd.containerd)
+    _fail_on_leftovers(dockerd, dockerd.containerd, kata_before=before)
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +83,7 @@ def containerd() -> Iterator[Containerd]:
     reason = daemons_unavailable()
     if reason:
         pytest.skip(reason)
+    before = _kata_sandboxes()
     with containerd_daemon() as daemon:
         yield daemon
-    _fail_on_leftovers(daemon)
+    _fail_on_leftovers(daemon, kata_before=before)

@@ -81,12 +81,12 @@ def running(tmp_path: Path, rt: Runtime, cid: str) -> Iterator[tuple[str, Path]]
     out = tmp_path / "out"
     # As with runc, the container's process keeps the descriptors create got: files, not pipes we
     # would wait on for EOF.
-    with open(out, "wb") as f, open(tmp_path / "err", "wb") as err:
-        proc = subprocess.run([runtime_bin(), "--root", str(rt.root), "create", "--pid-file",
-                               str(tmp_path / "init.pid"), cid], cwd=bundle, stdin=subprocess.DEVNULL,
-                              stdout=f, stderr=err, timeout=TIMEOUT)
-    assert proc.returncode == 0, (tmp_path / "err").read_text()
     try:
+        with open(out, "wb") as f, open(tmp_path / "err", "wb") as err:
+            proc = subprocess.run([runtime_bin(), "--root", str(rt.root), "create", "--pid-file",
+                                   str(tmp_path / "init.pid"), cid], cwd=bundle, stdin=subprocess.DEVNULL,
+                                  stdout=f, stderr=err, timeout=TIMEOUT)
+        assert proc.returncode == 0, (tmp_path / "err").read_text()
         yield cid, tmp_path
     finally:
         rt("delete", "--force", cid, check=False)

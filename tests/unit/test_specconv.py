@@ -78,7 +78,7 @@ def test_docker_reference() -> None:
     assert len(g["mounts"]) == len(spec["mounts"])
 
     linux = g["linux"]
-    assert [ns["type"] for ns in linux["namespaces"]] == ["mount", "uts", "pid", "ipc"]
+    assert [ns["type"] for ns in linux["namespaces"]] == ["mount", "network", "uts", "pid", "ipc", "cgroup"]
     assert linux["cgroupsPath"] == "/kata/c1"
     assert linux["seccomp"] == spec["linux"]["seccomp"]
     assert linux["sysctl"] == spec["linux"]["sysctl"]
@@ -106,7 +106,8 @@ def test_ctr_reference_relative_root_and_no_binds() -> None:
     assert g["linux"]["maskedPaths"] == spec["linux"]["maskedPaths"]
     assert g["linux"]["readonlyPaths"] == spec["linux"]["readonlyPaths"]
     assert g["linux"]["cgroupsPath"] == "/kata/w-rm"
-    assert "network" not in [ns["type"] for ns in g["linux"]["namespaces"]]
+    assert [ns for ns in g["linux"]["namespaces"] if ns["type"] == "network"] == [
+        {"type": "network", "path": "/proc/1/ns/net"}]
 
 
 # --- plan_container edge cases ---
@@ -225,7 +226,8 @@ def test_host_only_parts_dropped() -> None:
     assert spec == original
     assert "hooks" not in g
     linux = g["linux"]
-    assert linux["namespaces"] == [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}]
+    assert linux["namespaces"] == [{"type": "pid"}, {"type": "network", "path": "/proc/1/ns/net"},
+                                   {"type": "ipc"}, {"type": "uts"}, {"type": "cgroup"}]
     assert "devices" not in linux
     assert linux["resources"] == original["linux"]["resources"]  # cgroup device rules stay
     assert linux["cgroupsPath"] == "/kata/c1"
