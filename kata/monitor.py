@@ -255,7 +255,10 @@ def _reply(control: socket.socket, text: str) -> None:
 
 
 def run(control: socket.socket) -> int:
-    conf = json.loads(control.makefile("rb").readline() or b"{}")
+    line = control.makefile("rb").readline()
+    if not line:
+        return 0  # started ahead of time, then not needed: the create failed
+    conf = json.loads(line)
     mon = Monitor(conf)
     try:
         if conf.get("foreground"):

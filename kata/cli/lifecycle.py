@@ -87,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
     """create + start; in the foreground, wait for the process and delete the container after."""
     from kata.cli import foreground
     from kata.core.paths import validate_id
+    from kata.errors import KataError
+    from kata.monitor import VM_GONE_STATUS
     from kata.oci.spec import load_bundle
     from kata.runtime import operations
 
@@ -104,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
             if args.detach:
                 return 0
             status = foreground.wait(proc)
+            if status == VM_GONE_STATUS and not operations.vm_running(st, args.container_id):
+                raise KataError(f"container {args.container_id}: its VM stopped under it")
         finally:
             if not args.detach and not args.keep:
                 operations.delete(st, args.container_id, force=True)

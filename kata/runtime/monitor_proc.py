@@ -22,34 +22,51 @@ class MonitorError(KataError):
     pass
 
 
+class PendingMonitor:
+    """A monitor started ahead of time: Python's start-up overlaps the VM's, and the monitor waits
+    for its configuration. It inherits our stdio, which it relays."""
+
+    def __init__(self, label: list[str]) -> None:
+        """``label`` ends its argv, so that `ps` shows which container and command it stands for."""
+        self._control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = dict(os.environ, PYTHONPATH=_PACKAGE_PARENT)
+        env.pop("PYTHONSTARTUP", None)
+        argv = [sys.executable, "-S", "-m", "kata.monitor", "--control-fd", str(theirs.fileno()), "--",
+                *label]
+        try:
+            self.proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), env=env, close_fds=True)
+        except OSError as exc:
+            self._control.close()
+            raise MonitorError(f"cannot start the container's monitor: {exc}") from exc
+        finally:
+            theirs.close()
+
+    def configure(self, conf: dict[str, Any], timeout: float = 60.0) -> ProcessId:
+        """Hand over the work and wait for "ok"; the monitor runs on its own from then on."""
+        try:
+            self._control.sendall(json.dumps(conf).encode() + b"\n")
+            self._control.settimeout(timeout)
+            reply = self._control.makefile("rb").readline().decode(errors="replace").strip()
+        except OSError as exc:
+            reply = f"error no answer: {exc}"
+        finally:
+            self._control.close()
+        ident = ProcessId.of(self.proc.pid)
+        if reply != "ok" or ident is None:
+            self.cancel()
+            why = reply.removeprefix("error ").strip() or f"it exited with status {self.proc.returncode}"
+            raise MonitorError(f"container monitor failed: {why}")
+        return ident
+
+    def cancel(self) -> None:
+        self._control.close()  # an unconfigured monitor exits when its control socket closes
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
 def spawn(conf: dict[str, Any], label: list[str], timeout: float = 60.0) -> tuple[subprocess.Popen[bytes],
                                                                                   ProcessId]:
-    """Start a monitor with ``conf`` and wait for its "ok". It inherits our stdio, which it relays.
-
-    ``label`` ends its argv, so that `ps` shows which container and command it stands for."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    env = dict(os.environ, PYTHONPATH=_PACKAGE_PARENT)
-    env.pop("PYTHONSTARTUP", None)
-    argv = [sys.executable, "-S", "-m", "kata.monitor", "--control-fd", str(theirs.fileno()), "--", *label]
-    try:
-        proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), env=env, close_fds=True)
-    except OSError as exc:
-        raise MonitorError(f"cannot start the container's monitor: {exc}") from exc
-    finally:
-        theirs.close()
-    try:
-        ours.sendall(json.dumps(conf).encode() + b"\n")
-        ours.settimeout(timeout)
-        reply = ours.makefile("rb").readline().decode(errors="replace").strip()
-    except OSError as exc:
-        reply = f"error no answer: {exc}"
-    finally:
-        ours.close()
-    ident = ProcessId.of(proc.pid)
-    if reply != "ok" or ident is None:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        why = reply.removeprefix("error ").strip() or f"it exited with status {proc.returncode}"
-        raise MonitorError(f"container monitor failed: {why}")
-    return proc, ident
+    """Start a monitor with ``conf`` and wait until it has taken over."""
+    pending = PendingMonitor(label)
+    return pending.proc, pending.configure(conf, timeout)

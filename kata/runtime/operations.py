@@ -94,7 +94,9 @@ def create(store: ContainerStore, cid: str, bundle_dir: Path, *, config_path: Pa
     """Bring up the VM and the container in it, in runc's "created" state, with its monitor."""
     from kata.core.container import Container
     from kata.core.sandbox import Sandbox
+    from kata.core.timings import Timings
 
+    timings = Timings()
     validate_id(cid)
     bundle = load_bundle(bundle_dir.resolve())
     cfg = apply_annotations(load_config(config_path), bundle.annotations)
@@ -107,29 +109,32 @@ def create(store: ContainerStore, cid: str, bundle_dir: Path, *, config_path: Pa
                           config=str(cfg.source), annotations=dict(bundle.annotations), status="creating",
                           owner="root" if os.geteuid() == 0 else str(os.geteuid()))
     sandbox: Sandbox | None = None
-    proc: subprocess.Popen[bytes] | None = None
+    monitor: monitor_proc.PendingMonitor | None = None
     try:
         store.save(rec)
         _enter_network_namespace(bundle)
-        sandbox = Sandbox.create(cid, cfg, bundle.spec, debug=debug)
+        args = [str(a) for a in bundle.spec.get("process", {}).get("args", [])]
+        monitor = monitor_proc.PendingMonitor([cid, *args])
+        sandbox = Sandbox.create(cid, cfg, bundle.spec, debug=debug, timings=timings)
         Container(sandbox, cid, bundle).create()
         assert sandbox.hypervisor is not None
         agent_ep = sandbox.hypervisor.agent_endpoint()
         sandbox.release()
         conf = {"role": "init", "cid": cid, "agent": agent_ep._asdict(), "proxy": str(proxy_socket(cid)),
                 "terminal": terminal, "console_socket": console_socket, "foreground": foreground}
-        args = [str(a) for a in bundle.spec.get("process", {}).get("args", [])]
-        proc, ident = monitor_proc.spawn(conf, [cid, *args])
+        ident = monitor.configure(conf)
+        timings.mark("monitor_ready")
         rec.pid, rec.pid_start, rec.status = ident.pid, ident.start_time, "created"
         store.save(rec)
         state = dict(rec.oci_state(), status="creating")
         for kind in ("prestart", "createRuntime", "createContainer"):
             _hooks(bundle.spec, kind, state, fatal=True)
-        return rec, proc
+        timings.mark("hooks_done")
+        log.debug(f"create timings {timings.as_json()}")
+        return rec, monitor.proc
     except BaseException:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        if monitor is not None:
+            monitor.cancel()
         if sandbox is not None:
             sandbox.destroy()
         store.remove(cid)
@@ -240,6 +245,16 @@ def _destroy_leftovers(cid: str) -> None:
             Sandbox.attach(cid, load_config(None)).destroy()
         except KataError as exc:
             log.debug(f"delete {cid}: {exc}")
+
+
+def vm_running(store: ContainerStore, cid: str) -> bool:
+    from kata.core.sandbox import Sandbox
+
+    try:
+        hyp = Sandbox.attach(cid, _config_of(store.load(cid))).hypervisor
+    except KataError:
+        return False
+    return hyp is not None and hyp.is_running()
 
 
 # ---- exec -----------------------------------------------------------------------------------

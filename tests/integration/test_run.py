@@ -84,7 +84,8 @@ def test_terminal_on_a_pty(tmp_path: Path, cid: str) -> None:
     assert leftovers(cid) == []
 
 
-def test_signal_reaches_the_container(tmp_path: Path, cid: str) -> None:
+@pytest.mark.parametrize("target", ["monitor", "run"])
+def test_signal_reaches_the_container(tmp_path: Path, cid: str, target: str) -> None:
     script = "trap 'echo got-term; exit 42' TERM; echo ready; while true; do sleep 0.1; done"
     bundle = make_busybox_bundle(tmp_path / "b", ["sh", "-c", script])
     pid_file = tmp_path / "container.pid"
@@ -94,9 +95,11 @@ def test_signal_reaches_the_container(tmp_path: Path, cid: str) -> None:
         assert proc.stdout is not None
         line = proc.stdout.readline()  # the container is running once it prints
         assert line == b"ready\n", proc.stderr.read() if proc.stderr else b""
-        # The pid file names the host process that stands for the container: signalling it works.
-        assert int(pid_file.read_text()) == proc.pid
-        os.kill(int(pid_file.read_text()), signal.SIGTERM)
+        # The pid file names the host process that stands for the container (its monitor, a child of
+        # `run`): signalling it reaches the container, and so does signalling `run` itself.
+        monitor = int(pid_file.read_text())
+        assert monitor != proc.pid and f"PPid:\t{proc.pid}\n" in Path(f"/proc/{monitor}/status").read_text()
+        os.kill(monitor if target == "monitor" else proc.pid, signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
