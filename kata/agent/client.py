@@ -42,6 +42,14 @@ class AgentClient:
         self._client = ttrpc.Client(stream)
         self.timeout = timeout
 
+    @classmethod
+    def over(cls, client: ttrpc.Client, timeout: float | None = 60.0) -> AgentClient:
+        """The typed API on a ttrpc connection that is already open."""
+        agent = cls.__new__(cls)
+        agent._client = client
+        agent.timeout = timeout
+        return agent
+
     def close(self) -> None:
         self._client.close()
 

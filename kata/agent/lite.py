@@ -8,12 +8,23 @@ tests/unit/test_agent_lite.py checks every encoding here against the generated c
 from __future__ import annotations
 
 from kata import ttrpc
+from kata.errors import KataError
 from kata.ttrpc import wire
 
 AGENT = "grpc.AgentService"
 HEALTH = "grpc.Health"
 # The agent's answer to a read once the stream has ended (see kata.agent.client.EOF_CODE).
 EOF_CODE = ttrpc.Code.OUT_OF_RANGE
+
+
+class AgentCallError(ttrpc.TTRPCError, KataError):
+    """A call failed: a ttrpc status (``code``) that reads as one line for the user."""
+
+    def __init__(self, method: str, error: ttrpc.TTRPCError) -> None:
+        super().__init__(error.code, f"agent {method}: {error.message}")
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class StreamEnded(Exception):
@@ -28,7 +39,11 @@ class LiteAgent:
         self.timeout = timeout
 
     def _call(self, method: str, payload: bytes, timeout: float | None = -1.0, service: str = AGENT) -> bytes:
-        return self.client.call_raw(service, method, payload, self.timeout if timeout == -1.0 else timeout)
+        deadline = self.timeout if timeout == -1.0 else timeout
+        try:
+            return self.client.call_raw(service, method, payload, deadline)
+        except ttrpc.TTRPCError as exc:
+            raise AgentCallError(method, exc) from None
 
     def check(self, timeout: float) -> None:
         self._call("Check", b"", timeout, HEALTH)

@@ -11,23 +11,28 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import signal
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kata.agent.client import AgentClient
-from kata.config import RuntimeConfig, apply_annotations, load_config
-from kata.core.paths import SandboxPaths, validate_id
+from kata.core.paths import SandboxPaths
 from kata.errors import KataError
 from kata.hypervisor.daemon import ProcessId, signal_process, wait_exit
-from kata.oci.spec import Bundle, load_bundle
-from kata.runtime import monitor_proc
 from kata.runtime.records import ContainerRecord, ContainerStore, now_rfc3339
 
+if TYPE_CHECKING:
+    import subprocess
+
+    from kata import ttrpc
+    from kata.agent.client import AgentClient
+    from kata.agent.lite import LiteAgent
+    from kata.config import RuntimeConfig
+    from kata.oci.spec import Bundle
+
+# Heavier modules (the agent's protobuf API, the configuration, the sandbox) are imported where they
+# are used: every runc verb is a new process, and most need none of them.
 log = logging.getLogger("kata.runtime")
 
 
@@ -39,9 +44,8 @@ def proxy_socket(cid: str) -> Path:
     return SandboxPaths(cid).vm_dir / "agent-proxy.sock"
 
 
-@contextmanager
-def agent_of(rec: ContainerRecord, timeout: float = 60.0) -> Iterator[AgentClient]:
-    """The agent, through the container's monitor."""
+def _proxy_client(rec: ContainerRecord) -> ttrpc.Client:
+    """A ttrpc connection to the agent, through the container's monitor."""
     import socket
 
     from kata import ttrpc
@@ -56,19 +60,45 @@ def agent_of(rec: ContainerRecord, timeout: float = 60.0) -> Iterator[AgentClien
     except OSError as exc:
         sock.close()
         raise StateError(f"container {rec.id}: its monitor does not answer: {exc.strerror or exc}") from exc
-    client = AgentClient(ttrpc.socket_stream(sock), timeout=timeout)
+    return ttrpc.Client(ttrpc.socket_stream(sock))
+
+
+@contextmanager
+def agent_of(rec: ContainerRecord, timeout: float = 60.0) -> Iterator[AgentClient]:
+    """The agent's typed API, through the container's monitor."""
+    from kata.agent.client import AgentClient
+
+    client = AgentClient.over(_proxy_client(rec), timeout=timeout)
     try:
         yield client
     finally:
         client.close()
 
 
+@contextmanager
+def lite_agent_of(rec: ContainerRecord) -> Iterator[LiteAgent]:
+    """The few calls of kata.agent.lite, for the verbs on Docker's hot path (start, kill): they skip
+    loading the protobuf runtime, a good part of a short command's time."""
+    from kata.agent.lite import LiteAgent
+
+    client = _proxy_client(rec)
+    try:
+        yield LiteAgent(client)
+    finally:
+        client.close()
+
+
 def _config_of(rec: ContainerRecord) -> RuntimeConfig:
+    from kata.config import apply_annotations, load_config
+
     cfg = load_config(Path(rec.config) if rec.config else None)
     return apply_annotations(cfg, rec.annotations)
 
 
 def _hooks(spec: dict[str, Any], kind: str, state: dict[str, Any], fatal: bool) -> None:
+    hooks = spec.get("hooks")
+    if not isinstance(hooks, dict) or not hooks.get(kind):
+        return
     from kata.oci.hooks import run_hooks
 
     run_hooks(spec, kind, state, fatal=fatal, log=log)
@@ -92,9 +122,13 @@ def create(store: ContainerStore, cid: str, bundle_dir: Path, *, config_path: Pa
            console_socket: str | None, debug: bool, foreground: bool = False) -> tuple[ContainerRecord,
                                                                                        subprocess.Popen[bytes]]:
     """Bring up the VM and the container in it, in runc's "created" state, with its monitor."""
+    from kata.config import apply_annotations, load_config
     from kata.core.container import Container
+    from kata.core.paths import validate_id
     from kata.core.sandbox import Sandbox
     from kata.core.timings import Timings
+    from kata.oci.spec import load_bundle
+    from kata.runtime import monitor_proc
 
     timings = Timings()
     validate_id(cid)
@@ -149,27 +183,29 @@ def start(store: ContainerStore, cid: str) -> None:
             raise StateError("cannot start a container that has stopped")
         if status != "created":
             raise StateError("cannot start an already running container")
-        bundle = load_bundle(Path(rec.bundle), require_process=False)
-        _hooks(bundle.spec, "startContainer", rec.oci_state(), fatal=True)
-        with agent_of(rec) as agent:
-            agent.start_container(container_id=cid)
+        spec = _spec_or_empty(rec)
+        _hooks(spec, "startContainer", rec.oci_state(), fatal=True)
+        with lite_agent_of(rec) as agent:
+            agent.start_container(cid)
         rec.status = "running"
         store.save(rec)
         # The spec: a poststart hook's failure is logged, and the lifecycle goes on.
-        _hooks(bundle.spec, "poststart", rec.oci_state(), fatal=False)
+        _hooks(spec, "poststart", rec.oci_state(), fatal=False)
 
 
 def kill(store: ContainerStore, cid: str, signum: int, all_processes: bool = False) -> None:
     rec = store.load(cid)
     if rec.current_status() == "stopped":
         raise StateError("container not running")
-    with agent_of(rec) as agent:
-        agent.signal_process(container_id=cid, exec_id="", signal=signum)
+    from kata import ttrpc
+
+    with lite_agent_of(rec) as agent:
+        agent.signal(cid, "", signum)
         if all_processes:
             for exec_id in rec.live_execs():
                 try:
-                    agent.signal_process(container_id=cid, exec_id=exec_id, signal=signum)
-                except KataError as exc:
+                    agent.signal(cid, exec_id, signum)
+                except ttrpc.TTRPCError as exc:
                     log.debug(f"kill --all: exec {exec_id}: {exc}")
 
 
@@ -230,21 +266,26 @@ def _destroy(rec: ContainerRecord) -> None:
 
 
 def _spec_or_empty(rec: ContainerRecord) -> dict[str, Any]:
+    """The config.json create validated, for its hooks; read again as is (it was checked then)."""
     try:
-        return load_bundle(Path(rec.bundle), require_process=False).spec
-    except KataError:
+        with open(Path(rec.bundle) / "config.json") as f:
+            spec = json.load(f)
+    except (OSError, ValueError):
         return {}  # the bundle may be gone by now (the caller removed it): no hooks to run then
+    return spec if isinstance(spec, dict) else {}
 
 
 def _destroy_leftovers(cid: str) -> None:
     """A sandbox without a record (a create that was killed half-way): tear down what exists."""
+    if not SandboxPaths(cid).state_dir.exists():
+        return
+    from kata.config import load_config
     from kata.core.sandbox import Sandbox
 
-    if SandboxPaths(cid).state_dir.exists():
-        try:
-            Sandbox.attach(cid, load_config(None)).destroy()
-        except KataError as exc:
-            log.debug(f"delete {cid}: {exc}")
+    try:
+        Sandbox.attach(cid, load_config(None)).destroy()
+    except KataError as exc:
+        log.debug(f"delete {cid}: {exc}")
 
 
 def vm_running(store: ContainerStore, cid: str) -> bool:
@@ -271,6 +312,10 @@ def exec_process(store: ContainerStore, cid: str, process: dict[str, Any], *, co
     terminal = bool(process.get("terminal"))
     if terminal and not console_socket and not foreground:
         raise KataError("cannot allocate tty if runc will detach without setting console socket")
+    import secrets
+
+    from kata.runtime import monitor_proc
+
     exec_id = secrets.token_hex(8)
     conf = {"role": "exec", "cid": cid, "exec_id": exec_id, "proxy": str(proxy_socket(cid)),
             "terminal": terminal, "console_socket": console_socket, "foreground": foreground,
