@@ -14,19 +14,21 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
-from kata.agent.client import AgentClient
-from kata.agent.transport import connect
-from kata.config import RuntimeConfig
-from kata.core import vm
 from kata.core.paths import SandboxPaths
 from kata.core.store import write_json
 from kata.core.timings import Timings
 from kata.errors import KataError
 from kata.fs_share.shared_dir import SharedDir
 from kata.hypervisor.base import Hypervisor, HypervisorError, VMConfig
-from kata.specconv import GUEST_SHARED_DIR, vm_sizing
+
+if TYPE_CHECKING:
+    from kata.agent.client import AgentClient
+    from kata.config import RuntimeConfig
+
+# The bring-up's modules (the agent's protobuf API, VM planning) are imported where they are used:
+# `delete` only attaches to the VM and tears it down, and should not pay for them.
 
 AccelChoice = Literal["auto", "kvm", "tcg"]
 CacheMode = Literal["auto", "always", "never"]
@@ -39,8 +41,10 @@ def plan_vm(cfg: RuntimeConfig, sid: str, spec: dict[str, Any], paths: SandboxPa
             debug: bool) -> tuple[VMConfig, bool]:
     """The VM for a sandbox, and whether it comes from a template: sized from ``spec``, with the
     accelerator and agent channel this host allows."""
+    from kata.core import vm
     from kata.hypervisor.accel import choose_accel
     from kata.osbuilder.kernel import KERNEL_PARAMS
+    from kata.specconv import vm_sizing
 
     hv = cfg.hypervisor
     sizing = vm_sizing(spec, hv, os.cpu_count() or 1, host_memory_mib())
@@ -236,6 +240,9 @@ class Sandbox:
         timeout = float(self.cfg.hypervisor.boot_timeout)
         deadline = time.monotonic() + timeout
         try:
+            from kata.agent.client import AgentClient
+            from kata.agent.transport import connect
+
             stream = connect(self.hypervisor.agent_endpoint(), timeout)
             self.agent = AgentClient(stream)
             self.agent.wait_ready(max(0.1, deadline - time.monotonic()))
@@ -253,7 +260,9 @@ class Sandbox:
             self.hypervisor = None
 
     def _shared_storage(self, kind: str) -> Any:
+        from kata.core import vm
         from kata.protocols import agent_pb2
+        from kata.specconv import GUEST_SHARED_DIR
 
         if kind == "virtio-fs":
             return agent_pb2.Storage(driver="virtio-fs", source=vm.SHARED_FS_TAG, fstype="virtiofs",
@@ -290,6 +299,7 @@ class Sandbox:
                 errors.append(f"{what}: {exc}")
                 self.log.warning(f"cleanup of sandbox {self.id}: {what}: {exc}")
 
+        had_agent = self.agent is not None
         if self.agent is not None:
             agent = self.agent
             step("destroy sandbox in guest", lambda: agent.destroy_sandbox(timeout=_POWEROFF_GRACE))
@@ -297,7 +307,10 @@ class Sandbox:
             self.agent = None
         if self.hypervisor is not None:
             hyp = self.hypervisor
-            step("stop VM", lambda: hyp.stop(timeout=_POWEROFF_GRACE))
+            # Without the agent (it powers the guest off) nothing in the guest needs a grace period:
+            # the root is read-only and files live on the host, behind the shared filesystem.
+            grace = _POWEROFF_GRACE if had_agent else 0.0
+            step("stop VM", lambda: hyp.stop(timeout=grace))
         if self.virtiofsd is not None:
             step("stop virtiofsd", self.virtiofsd.stop)
         step("unmount shared directory", self.shared.destroy)
