@@ -38,6 +38,19 @@ def test_run_rm_with_output_and_exit_codes(docker: Dockerd) -> None:
     uname = docker.run("run", "--rm", *KATA, docker.image, "uname", "-r", timeout=TIMEOUT)
     host = open("/proc/sys/kernel/osrelease").read().strip()
     assert uname.returncode == 0 and uname.stdout.strip() != host
+    # A missing command is "not found" (127) to Docker, as with runc.
+    missing = docker.run("run", "--rm", *KATA, docker.image, "no-such-command", timeout=TIMEOUT)
+    assert missing.returncode == 127 and "executable file not found" in missing.stderr, missing.stderr
+
+
+def test_default_network_goes_through_the_setkey_hook(docker: Dockerd) -> None:
+    """Without --network none, Docker's libnetwork-setkey prestart hook configures the namespace of
+    the pid it is given (the monitor's, not the host's); the container sees loopback up, as under runc."""
+    probe = ["cat", "/sys/class/net/lo/flags"]
+    kata = docker.run("run", "--rm", "--runtime", "kata", docker.image, *probe, timeout=TIMEOUT)
+    runc = docker.run("run", "--rm", docker.image, *probe, timeout=TIMEOUT)
+    assert kata.returncode == 0, kata.stderr
+    assert kata.stdout == runc.stdout == "0x9\n"
 
 
 def test_tty_and_piped_stdin(docker: Dockerd) -> None:

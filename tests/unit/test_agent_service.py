@@ -151,3 +151,11 @@ def test_unknown_exec_is_not_found(agent: tuple[AgentClient, Sandbox]) -> None:
     assert err.value.code == ttrpc.Code.NOT_FOUND
     for fd in fds:
         os.close(fd)
+
+
+def test_crun_errors_in_runc_words() -> None:
+    from kata.guest.agent.crun import runc_wording
+
+    crun = "executable file `nonexistentcmd` not found in $PATH: No such file or directory"
+    assert runc_wording(crun) == 'exec: "nonexistentcmd": executable file not found in $PATH'
+    assert runc_wording("mount failed: EBUSY") == "mount failed: EBUSY"

@@ -61,7 +61,7 @@ class Crun:
                 os.kill(fut.pid, 9)
                 raise CrunError(f"crun {args[0]} timed out")
             if code != 0:
-                raise CrunError(f"crun {args[0]} failed ({code}): {last_error(log_file)}")
+                raise CrunError(f"crun {args[0]} failed ({code}): {runc_wording(last_error(log_file))}")
             return out
         finally:
             for fd in (null, out_r, out_w):
@@ -85,6 +85,19 @@ def last_error(log_file: str) -> str:
             if raw.strip():
                 return raw.decode(errors="replace")
     return "no message"
+
+
+def runc_wording(message: str) -> str:
+    """crun's message for a missing executable, worded as runc's: Docker and containerd read that
+    wording to report "command not found" (exit status 127) rather than a runtime failure."""
+    import re
+
+    m = re.search(r"executable file `(.*)` not found in \$PATH", message)
+    if m:
+        return f'exec: "{m.group(1)}": executable file not found in $PATH'
+    if "open executable" in message and "Permission denied" in message:
+        return f"{message} (permission denied)"
+    return message
 
 
 class ConsoleSocket:

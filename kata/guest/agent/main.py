@@ -77,10 +77,16 @@ def main() -> int:
     from kata import ttrpc
     from kata.guest.agent import channel, service
     from kata.guest.agent.crun import Crun
-    from kata.guest.agent.network import Network
+    from kata.guest.agent.network import Network, loopback_up
     from kata.guest.agent.reaper import Reaper
     from kata.guest.agent.sandbox import Sandbox
     from kata.guest.agent.warmup import Warmup
+
+    if is_init:
+        try:
+            loopback_up()
+        except OSError as exc:
+            log.warn(f"loopback: {exc}")
 
     reaper = Reaper()
     reaper.start()
