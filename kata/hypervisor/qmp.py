@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .base import HypervisorError
-
-if TYPE_CHECKING:
-    from qemu.qmp.legacy import QEMUMonitorProtocol
 
 COMMAND_TIMEOUT = 30.0
 
@@ -20,8 +18,7 @@ def main_loop_ready(path: Path, timeout: float) -> bool:
 
     The greeting alone proves nothing: QMP I/O lives in its own thread, which greets clients while
     the main thread is still loading the kernel (and may yet fail). Commands run on the main loop.
-    A raw exchange costs far less than a qemu.qmp handshake (no event loop), and QEMU accepts a new
-    client after we hang up.
+    QEMU accepts a new client after we hang up.
     """
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -40,32 +37,63 @@ def main_loop_ready(path: Path, timeout: float) -> bool:
 
 
 class Qmp:
+    """A synchronous QMP client: one JSON object per line each way; events are skipped.
+
+    Our own rather than qemu.qmp's: that one runs an asyncio loop (about 60 ms to import, a thread,
+    and a destructor that can fail at interpreter exit), which a few commands do not need.
+    """
+
     def __init__(self, path: Path) -> None:
         self._path = path
-        self._mon: QEMUMonitorProtocol | None = None
+        self._sock: socket.socket | None = None
+        self._reader: Any = None
+        self._next_id = 0
 
-    def _monitor(self) -> QEMUMonitorProtocol:
-        if self._mon is None:
-            # Imported here: qemu.qmp pulls in asyncio (~60 ms), which start/stop never need.
-            from qemu.qmp import QMPError
-            from qemu.qmp.legacy import QEMUMonitorProtocol
+    def _connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(COMMAND_TIMEOUT)
+            sock.connect(str(self._path))
+            self._sock, self._reader = sock, sock.makefile("rb")
+            self._read()  # the greeting
+            self._exchange("qmp_capabilities", {})
+        except (OSError, ValueError, HypervisorError) as exc:
+            self.close()
+            sock.close()
+            raise HypervisorError(f"cannot connect to QMP at {self._path}: {exc}") from exc
 
-            mon = QEMUMonitorProtocol(str(self._path))
-            try:
-                mon.connect(negotiate=True)
-            except (QMPError, OSError) as exc:
-                raise HypervisorError(f"cannot connect to QMP at {self._path}: {exc}") from exc
-            mon.settimeout(COMMAND_TIMEOUT)
-            self._mon = mon
-        return self._mon
+    def _read(self) -> dict[str, Any]:
+        line = self._reader.readline()
+        if not line:
+            raise HypervisorError("QMP connection closed by QEMU")
+        msg = json.loads(line)
+        if not isinstance(msg, dict):
+            raise HypervisorError(f"unexpected QMP message {line[:80]!r}")
+        return msg
+
+    def _exchange(self, command: str, args: dict[str, Any]) -> Any:
+        assert self._sock is not None
+        self._next_id += 1
+        ident = f"k{self._next_id}"
+        request: dict[str, Any] = {"execute": command, "id": ident}
+        if args:
+            request["arguments"] = args
+        self._sock.sendall(json.dumps(request).encode() + b"\n")
+        while True:
+            msg = self._read()
+            if msg.get("id") != ident:
+                continue  # an event, or the greeting's leftovers
+            if "error" in msg:
+                raise HypervisorError(str(msg["error"].get("desc", msg["error"])))
+            return msg.get("return")
 
     def run(self, command: str, **args: Any) -> Any:
-        from qemu.qmp import QMPError
-
         try:
-            return self._monitor().cmd(command, **args)
-        except (QMPError, OSError, TimeoutError) as exc:
-            # ExecuteError's text is QEMU's own one-line description.
+            if self._sock is None:
+                self._connect()
+            return self._exchange(command, args)
+        except (OSError, ValueError, HypervisorError) as exc:
+            # QEMU's error text is its own one-line description.
             raise HypervisorError(f"QMP {command} failed: {str(exc).strip() or type(exc).__name__}") from exc
 
     def wait_migration(self, timeout: float) -> None:
@@ -83,11 +111,9 @@ class Qmp:
             time.sleep(0.01)
 
     def close(self) -> None:
-        if self._mon is not None:
-            from qemu.qmp import QMPError
-
-            try:
-                self._mon.close()
-            except (QMPError, OSError):
-                pass  # QEMU is usually gone by now
-            self._mon = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
