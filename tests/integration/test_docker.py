@@ -108,12 +108,15 @@ def test_kill_rm_force_and_memory_limit(docker: Dockerd) -> None:
     finally:
         docker.run("rm", "-f", "kk", "kr", timeout=TIMEOUT)
 
-    mem = docker.run("run", "--rm", "--memory", "256m", *KATA, docker.image, "sh", "-c",
-                     "cat /sys/fs/cgroup/memory.max; awk '/MemTotal/ {print int($2/1024)}' /proc/meminfo",
-                     timeout=TIMEOUT)
+    # --memory and --cpus size the VM, and the container sees its limits through its cgroup;
+    # --init (docker-init, bind-mounted from the host) runs as PID 1 in the guest container.
+    probe = ("cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/cpu.max; cat /proc/1/comm; "
+             "awk '/MemTotal/ {print int($2/1024)}' /proc/meminfo")
+    mem = docker.run("run", "--rm", "--init", "--memory", "256m", "--cpus", "0.5", *KATA, docker.image,
+                     "sh", "-c", probe, timeout=TIMEOUT)
     assert mem.returncode == 0, mem.stderr
-    limit, total_mib = mem.stdout.split()
-    assert int(limit) == 256 * 2**20
+    limit, quota, period, init, total_mib = mem.stdout.split()
+    assert int(limit) == 256 * 2**20 and (quota, period) == ("50000", "100000") and init == "docker-init"
     assert int(total_mib) > 256  # the VM was sized for the limit on top of its default
 
 
