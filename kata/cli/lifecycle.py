@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,21 @@ def write_pid_file(path: str, pid: int) -> None:
     tmp = target.with_name(f".{target.name}.tmp")
     tmp.write_text(str(pid))
     os.replace(tmp, target)
+
+
+@contextmanager
+def aborting_on_termination() -> Iterator[None]:
+    """SIGINT, SIGTERM or SIGHUP during a bring-up abort it and its cleanup runs; their default
+    action would end us at once and leave the VM behind."""
+    def abort(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, abort) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _config(args: argparse.Namespace) -> Path | None:
@@ -75,9 +93,10 @@ def add_parser(sub: Any) -> None:
 def create(args: argparse.Namespace) -> int:
     from kata.runtime import operations
 
-    rec, _proc = operations.create(store(args), args.container_id, Path(args.bundle),
-                                   config_path=_config(args), console_socket=args.console_socket,
-                                   debug=args.debug)
+    with aborting_on_termination():
+        rec, _proc = operations.create(store(args), args.container_id, Path(args.bundle),
+                                       config_path=_config(args), console_socket=args.console_socket,
+                                       debug=args.debug)
     if args.pid_file:
         write_pid_file(args.pid_file, rec.pid)
     return 0
@@ -96,9 +115,10 @@ def run(args: argparse.Namespace) -> int:
     st = store(args)
     terminal = bool(load_bundle(Path(args.bundle).resolve()).spec.get("process", {}).get("terminal"))
     with foreground.raw_terminal(terminal and not args.detach and not args.console_socket):
-        rec, proc = operations.create(st, args.container_id, Path(args.bundle), config_path=_config(args),
-                                      console_socket=args.console_socket, debug=args.debug,
-                                      foreground=not args.detach)
+        with aborting_on_termination():
+            rec, proc = operations.create(st, args.container_id, Path(args.bundle), config_path=_config(args),
+                                          console_socket=args.console_socket, debug=args.debug,
+                                          foreground=not args.detach)
         try:
             if args.pid_file:
                 write_pid_file(args.pid_file, rec.pid)

@@ -317,3 +317,19 @@ def test_run_detach_then_kill(tmp_path: Path, rt: Runtime, cid: str) -> None:
     assert rt.state(cid)["status"] == "stopped"
     rt("delete", cid)
     assert all_leftovers(cid, rt) == []
+
+
+def test_create_terminated_half_way_leaves_nothing(tmp_path: Path, rt: Runtime, cid: str) -> None:
+    """containerd kills a create that takes too long: the VM being brought up goes with it."""
+    bundle = make_busybox_bundle(tmp_path / "b", ["true"])
+    with open(tmp_path / "err", "wb") as err:
+        argv = [runtime_bin(), "--root", str(rt.root), "create", "--bundle", str(bundle), cid]
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + TIMEOUT
+        while not (Path("/run/vc/vm") / cid / "qemu.pid").exists():  # the VM is on its way up
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "err").read_text()
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=TIMEOUT) != 0
+    assert "Traceback" not in (tmp_path / "err").read_text()
+    assert all_leftovers(cid, rt) == []
