@@ -60,24 +60,47 @@ def process_from_args(spec_process: dict[str, Any], args: argparse.Namespace) ->
     return proc
 
 
+def _label(args: argparse.Namespace) -> list[str]:
+    """What the monitor's argv shows (`ps`, `docker top`): the container and the command."""
+    import json
+
+    command = args.command
+    if args.process:
+        try:
+            with open(args.process) as f:
+                command = json.load(f).get("args") or []
+        except (OSError, ValueError, AttributeError):
+            command = []  # load_process reports it properly below
+    return [args.container_id, *[str(a) for a in command]]
+
+
 def run(args: argparse.Namespace) -> int:
     from kata.cli import foreground
-    from kata.oci.spec import load_bundle, load_process
+    from kata.oci.spec import load_process
     from kata.runtime import operations
+    from kata.runtime.monitor_proc import PendingMonitor
 
     st = store(args)
-    if args.process:
-        process = load_process(Path(args.process))
-    else:
-        rec = st.load(args.container_id)
-        spec = load_bundle(Path(rec.bundle), require_process=False).spec
-        process = process_from_args(spec.get("process") or {"cwd": "/"}, args)
+    # Started first: its Python start-up overlaps our checks and the process's preparation.
+    monitor = PendingMonitor(_label(args))
+    try:
+        if args.process:
+            process = load_process(Path(args.process))
+        else:
+            from kata.oci.spec import load_bundle
+
+            rec = st.load(args.container_id)
+            spec = load_bundle(Path(rec.bundle), require_process=False).spec
+            process = process_from_args(spec.get("process") or {"cwd": "/"}, args)
+    except BaseException:
+        monitor.cancel()
+        raise
     fg = not args.detach
     with foreground.raw_terminal(bool(process.get("terminal")) and fg and not args.console_socket):
-        proc, ident = operations.exec_process(st, args.container_id, process,
-                                              console_socket=args.console_socket, foreground=fg)
+        ident = operations.exec_process(st, args.container_id, process, console_socket=args.console_socket,
+                                        foreground=fg, monitor=monitor)
         if args.pid_file:
             write_pid_file(args.pid_file, ident.pid)
         if args.detach:
             return 0
-        return foreground.wait(proc)
+        return foreground.wait(monitor.proc)

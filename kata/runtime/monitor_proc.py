@@ -63,10 +63,3 @@ class PendingMonitor:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
-
-
-def spawn(conf: dict[str, Any], label: list[str], timeout: float = 60.0) -> tuple[subprocess.Popen[bytes],
-                                                                                  ProcessId]:
-    """Start a monitor with ``conf`` and wait until it has taken over."""
-    pending = PendingMonitor(label)
-    return pending.proc, pending.configure(conf, timeout)

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from kata.agent.lite import LiteAgent
     from kata.config import RuntimeConfig
     from kata.oci.spec import Bundle
+    from kata.runtime.monitor_proc import PendingMonitor
 
 # Heavier modules (the agent's protobuf API, the configuration, the sandbox) are imported where they
 # are used: every runc verb is a new process, and most need none of them.
@@ -300,32 +301,35 @@ def vm_running(store: ContainerStore, cid: str) -> bool:
 
 # ---- exec -----------------------------------------------------------------------------------
 def exec_process(store: ContainerStore, cid: str, process: dict[str, Any], *, console_socket: str | None,
-                 foreground: bool) -> tuple[subprocess.Popen[bytes], ProcessId]:
-    """Start ``process`` in the container, with a monitor that stands for it."""
-    rec = store.load(cid)
-    status = rec.current_status()
-    if status == "paused":
-        raise StateError("cannot exec in a paused container")
-    if status != "running":
-        raise StateError("cannot exec in a stopped container" if status == "stopped"
-                         else f"cannot exec in a {status} container")
-    terminal = bool(process.get("terminal"))
-    if terminal and not console_socket and not foreground:
-        raise KataError("cannot allocate tty if runc will detach without setting console socket")
+                 foreground: bool, monitor: PendingMonitor) -> ProcessId:
+    """Start ``process`` in the container, with ``monitor`` (started ahead, so that Python's start-up
+    overlaps this work) standing for it."""
     import secrets
 
-    from kata.runtime import monitor_proc
-
+    try:
+        rec = store.load(cid)
+        status = rec.current_status()
+        if status == "paused":
+            raise StateError("cannot exec in a paused container")
+        if status != "running":
+            raise StateError("cannot exec in a stopped container" if status == "stopped"
+                             else f"cannot exec in a {status} container")
+        terminal = bool(process.get("terminal"))
+        if terminal and not console_socket and not foreground:
+            raise KataError("cannot allocate tty if runc will detach without setting console socket")
+    except BaseException:
+        monitor.cancel()
+        raise
     exec_id = secrets.token_hex(8)
     conf = {"role": "exec", "cid": cid, "exec_id": exec_id, "proxy": str(proxy_socket(cid)),
             "terminal": terminal, "console_socket": console_socket, "foreground": foreground,
             "process": process}
-    proc, ident = monitor_proc.spawn(conf, [cid, *[str(a) for a in process.get("args", [])]])
+    ident = monitor.configure(conf)
     with store.locked(cid) as rec:
         rec.execs = {k: [p.pid, p.start_time] for k, p in rec.live_execs().items()}
         rec.execs[exec_id] = [ident.pid, ident.start_time]
         store.save(rec)
-    return proc, ident
+    return ident
 
 
 # ---- update ---------------------------------------------------------------------------------
