@@ -333,3 +333,38 @@ def test_create_terminated_half_way_leaves_nothing(tmp_path: Path, rt: Runtime, 
         assert proc.wait(timeout=TIMEOUT) != 0
     assert "Traceback" not in (tmp_path / "err").read_text()
     assert all_leftovers(cid, rt) == []
+
+
+def test_spec_events_kill_all_and_list(tmp_path: Path, rt: Runtime, cid: str) -> None:
+    """A bundle from `kata-runtime spec`, `events` as a stream, `kill --all`, and `list`'s table."""
+    bundle = make_busybox_bundle(tmp_path / "b", ["true"])
+    (bundle / "config.json").unlink()
+    rt("spec", "--bundle", str(bundle))
+    assert rt("spec", "--bundle", str(bundle), check=False).returncode != 0  # it will not overwrite
+    spec = json.loads((bundle / "config.json").read_text())
+    assert spec["process"]["args"] == ["sh"] and spec["process"]["terminal"] is True
+    spec["process"].update(args=["sleep", "1000"], terminal=False)
+    (bundle / "config.json").write_text(json.dumps(spec))
+    features = json.loads(rt("features").stdout)
+    assert "prestart" in features["hooks"] and features["ociVersionMax"]
+
+    rt("create", "--bundle", str(bundle), "--pid-file", str(tmp_path / "pid"), cid)
+    try:
+        rt("start", cid)
+        events = subprocess.Popen([runtime_bin(), "--root", str(rt.root), "events", "--interval", "1s", cid],
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        try:
+            assert events.stdout is not None
+            first, second = (json.loads(events.stdout.readline()) for _ in range(2))
+            assert first["type"] == second["type"] == "stats" and first["id"] == cid
+        finally:
+            events.kill()
+            events.wait()
+        rt("kill", "--all", cid, "KILL")
+        wait_gone(int((tmp_path / "pid").read_text()))
+        table = rt("list").stdout.decode().splitlines()
+        assert table[0].split() == ["ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER"]
+        assert table[1].split()[:3] == [cid, "0", "stopped"]
+    finally:
+        rt("delete", "--force", cid, check=False)
+    assert all_leftovers(cid, rt) == []
