@@ -290,6 +290,9 @@ def run(control: socket.socket) -> int:
     control.close()
     status = mon.wait()
     if mon.server is not None:
+        # The container's other processes died with it: their monitors, connected through us, get
+        # their statuses before the agent connection goes (briefly: we stand for a process that ended).
+        mon.server.wait_idle(1.0)
         mon.server.shutdown()
         try:
             os.unlink(conf["proxy"])

@@ -148,6 +148,17 @@ class Server:
             with self._lock:
                 self._listeners.discard(listener)
 
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no stream is being served; False if some still were after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if not self._connections:
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+
     def shutdown(self) -> None:
         """Stop accepting, close every served stream and stop the workers (running handlers finish)."""
         with self._lock:

@@ -137,10 +137,15 @@ def test_lifecycle_like_runc(rt: Runtime, running: tuple[str, Path]) -> None:
     assert refused.returncode != 0
     assert "cannot delete container" in rt.last_error()["msg"] and "not stopped" in rt.last_error()["msg"]
 
+    # An exec in the foreground, to see what it reports when the container's init ends under it.
+    fg_exec = subprocess.Popen([runtime_bin(), "--root", str(rt.root), "exec", cid, "sleep", "100"],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)
     # kill by name: the trap runs in the guest and the monitor exits with the container's status.
     rt("kill", cid, "TERM")
     wait_gone(pid)
     wait_gone(exec_pid)  # its container's init is gone, and with it the exec
+    assert fg_exec.wait(timeout=30) == 137  # killed with the container's pid namespace, as with runc
     assert rt.state(cid)["status"] == "stopped"
     assert (tmp / "out").read_bytes() == b"started\ngot-term\n"
     assert rt("kill", cid, "9", check=False).returncode != 0

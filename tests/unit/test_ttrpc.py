@@ -467,3 +467,31 @@ def test_serve_listener_accepts_many_connections_until_shutdown(tmp_path: object
             echo(c, "gone")
         c.close()
     listener.close()
+
+
+def test_fallback_forwards_raw_payloads_and_wait_idle() -> None:
+    """A proxy: unregistered services go to the fallback on serialized payloads, errors included;
+    wait_idle tells when no client is connected any more."""
+    server = Server()
+
+    def forward(ctx: Context, payload: bytes) -> bytes:
+        if ctx.method == "Fail":
+            raise TTRPCError(Code.NOT_FOUND, "no such thing")
+        return StringValue(value=f"{ctx.service}/{ctx.method}:{StringValue.FromString(payload).value}"
+                           ).SerializeToString()
+
+    server.set_fallback(forward)
+    a, b = socket_pair()
+    threading.Thread(target=server.serve, args=(a,), daemon=True).start()
+    client = Client(b)
+    try:
+        reply = client.call_raw("any.Service", "Echo", StringValue(value="x").SerializeToString(), timeout=5)
+        assert StringValue.FromString(reply).value == "any.Service/Echo:x"
+        with pytest.raises(TTRPCError) as err:
+            client.call_raw("any.Service", "Fail", b"", timeout=5)
+        assert err.value.code == Code.NOT_FOUND
+        assert server.wait_idle(0.1) is False
+    finally:
+        client.close()
+    assert server.wait_idle(5.0) is True
+    server.shutdown()
