@@ -7,6 +7,7 @@ fails); destroy() always runs to the end, step by step, also when QEMU or the ag
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -212,6 +213,10 @@ class Sandbox:
         store = TemplateStore(Path(self.cfg.factory.template_path))
         state, made = store.ensure(config, self.cfg.hypervisor.boot_timeout)
         self.timings.mark("template_made" if made else "template_found")
+        memory = self.paths.vm_dir / "memory"
+        if store.clone_memory(state, memory):  # in the VM's run dir: it goes with the VM
+            config = dataclasses.replace(config, memory_file=memory)
+            self.timings.mark("memory_copied")
         self._start_virtiofsd(config)
         hypervisor = self._launch(config, restore_from=state)
         if config.shared_fs is not None and config.shared_fs.hotplug:

@@ -25,9 +25,13 @@ from kata.errors import KataError
 from kata.hypervisor.base import VMConfig
 
 # Bump when the way templates are made changes (e.g. the agent's state at snapshot time).
-TEMPLATE_FORMAT = "2"
+TEMPLATE_FORMAT = "3"
 _STATE = "state"
 _META = "meta.json"
+# A virtio-fs template's guest RAM (its VM maps it shared, so the snapshot leaves RAM out). Each
+# clone maps a sparse copy of it: only the ~60 MB the template wrote, where restoring RAM from the
+# migration stream into shared memory would fill every page of the guest's size.
+MEMORY = "memory"
 # How long to wait, once the agent answers, for its warm-up (AgentDetails.warm) before snapshotting
 # anyway: a cold template still works, its clones only pay for the warm-up themselves.
 WARMUP_TIMEOUT = 15.0
@@ -67,9 +71,29 @@ def _lock_held(lock: Path) -> bool:
         os.close(fd)
 
 
+def sparse_copy(src: Path, dest: Path) -> None:
+    """Copy only the data regions of ``src`` (SEEK_DATA/SEEK_HOLE): holes stay holes, unallocated."""
+    with open(src, "rb") as fin, open(dest, "wb") as fout:
+        size = os.fstat(fin.fileno()).st_size
+        fout.truncate(size)
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fin.fileno(), pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: nothing but a hole up to the end
+                break
+            end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
+            while start < end:
+                n = os.copy_file_range(fin.fileno(), fout.fileno(), end - start, start, start)
+                if n <= 0:
+                    raise OSError(f"copy of {src} stopped at {start}")
+                start += n
+            pos = end
+
+
 def template_key(config: VMConfig) -> str:
     shape = dataclasses.replace(
-        config, id="", run_dir=Path("/"), console_log=Path("/"),
+        config, id="", run_dir=Path("/"), console_log=Path("/"), memory_file=None,
         shared_fs=(dataclasses.replace(config.shared_fs, host_dir=Path("/"), vhost_user_socket=None)
                    if config.shared_fs else None),
     )
@@ -136,8 +160,10 @@ class TemplateStore:
         # Sockets go where every VM's do (beside the sandbox's run dir): a unix socket path has
         # 108 bytes at most, and template_path may be long.
         run_dir = config.run_dir.parent / f"template-{tdir.name}"
+        virtio_fs = config.shared_fs is not None and config.shared_fs.kind == "virtio-fs"
         tconfig = dataclasses.replace(
             config, id=f"template-{tdir.name}", run_dir=run_dir, console_log=work / "console.log",
+            memory_file=tdir / MEMORY if virtio_fs else None,
             shared_fs=(dataclasses.replace(config.shared_fs, host_dir=share,
                                            vhost_user_socket=work / "vfs.sock")
                        if config.shared_fs else None),
@@ -169,6 +195,16 @@ class TemplateStore:
             shutil.rmtree(run_dir, ignore_errors=True)
             # A failed make leaves nothing behind; a good one keeps only its state and record.
             shutil.rmtree(work if made else tdir, ignore_errors=True)
+
+    @staticmethod
+    def clone_memory(state: Path, dest: Path) -> bool:
+        """Give a clone its own copy of the template's RAM at ``dest``, if the template keeps RAM in
+        a file; False when it does not (its RAM is in the state)."""
+        src = state.parent / MEMORY
+        if not src.exists():
+            return False
+        sparse_copy(src, dest)
+        return True
 
     def prune(self) -> int:
         """Remove templates whose kernel, image or VMM has since been replaced (each holds ~60 MB),

@@ -53,6 +53,9 @@ class VMConfig:
     console_log: Path
     shared_fs: SharedFs | None = None
     extra_args: tuple[str, ...] = field(default=())
+    # Guest RAM in this file, mapped shared (virtio-fs needs shared RAM): a template's memory, or a
+    # clone's own copy of it. None: in an anonymous memfd (virtio-fs) or private memory.
+    memory_file: Path | None = None
 
 
 class Hypervisor(abc.ABC):

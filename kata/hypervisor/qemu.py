@@ -13,7 +13,7 @@ from kata.agent.endpoint import AgentEndpoint
 
 from . import daemon
 from .base import Hypervisor, HypervisorError, SharedFs, VMConfig
-from .qemu_argv import FS_ROOT_PORT, RunPaths, Vsock, build_argv, hotplug_capable
+from .qemu_argv import FS_ROOT_PORT, RunPaths, Vsock, build_argv, file_backed_ram, hotplug_capable
 from .qmp import Qmp, main_loop_ready
 from .vsock import reserve_cid
 
@@ -33,6 +33,7 @@ class QemuState:
     memory_mib: int
     max_memory_mib: int
     shared_memory: bool  # guest RAM is on a shared memfd (virtio-fs): hotplugged RAM must be too
+    memory_file: str = ""  # guest RAM is this file's shared mapping: snapshots leave it out
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
@@ -78,6 +79,10 @@ class Qemu(Hypervisor):
         deadline = time.monotonic() + timeout
         self._launch(config, timeout, incoming=state_file)
         try:
+            if file_backed_ram(config):
+                # RAM comes from the file QEMU mapped; the state file holds the devices' state.
+                self._ignore_shared_ram()
+                self._monitor().run("migrate-incoming", uri=f"exec:cat {shlex.quote(str(state_file))}")
             # The incoming migration runs after the main loop starts; the VM comes up paused.
             while (status := self.status()) == "inmigrate":
                 if time.monotonic() > deadline:
@@ -132,6 +137,7 @@ class Qemu(Hypervisor):
             memory_mib=config.memory_mib,
             max_memory_mib=config.max_memory_mib,
             shared_memory=fs is not None and fs.kind == "virtio-fs",
+            memory_file=str(config.memory_file) if file_backed_ram(config) else "",
         )
         # Written before waiting, so that a crashed caller still leaves enough to clean up.
         self._state.save(paths.state_file)
@@ -233,8 +239,15 @@ class Qemu(Hypervisor):
         """QEMU's run state: "running", "paused", "inmigrate", "postmigrate", …"""
         return str(self._monitor().run("query-status")["status"])
 
+    def _ignore_shared_ram(self) -> None:
+        self._monitor().run("migrate-set-capabilities",
+                            capabilities=[{"capability": "x-ignore-shared", "state": True}])
+
     def save(self, path: Path) -> None:
+        """Write the VM's state to ``path``; with a memory file, RAM stays in that file instead."""
         qmp = self._monitor()
+        if self._require().memory_file:
+            self._ignore_shared_ram()
         qmp.run("stop")
         path.parent.mkdir(parents=True, exist_ok=True)
         qmp.run("migrate", uri=f"exec:cat > {shlex.quote(str(path))}")

@@ -100,6 +100,12 @@ def validate(config: VMConfig) -> None:
         raise HypervisorError("virtio-fs shared directory needs the virtiofsd socket (vhost_user_socket)")
 
 
+def file_backed_ram(config: VMConfig) -> bool:
+    """Guest RAM lives in config.memory_file, so a snapshot leaves it out (x-ignore-shared)."""
+    fs = config.shared_fs
+    return config.memory_file is not None and fs is not None and fs.kind == "virtio-fs"
+
+
 def build_argv(config: VMConfig, vsock: Vsock | None = None, incoming: Path | None = None) -> list[str]:
     """The full QEMU argv; ``vsock`` is required when ``config.agent_channel == "vsock"``.
 
@@ -151,7 +157,10 @@ def build_argv(config: VMConfig, vsock: Vsock | None = None, incoming: Path | No
     if hotplug and config.max_memory_mib > config.memory_mib:
         memory += f",slots={MEMORY_SLOTS},maxmem={config.max_memory_mib}M"
     argv += ["-m", memory]
-    if virtio_fs:
+    if virtio_fs and config.memory_file is not None:
+        argv += ["-object", f"memory-backend-file,id=mem,size={config.memory_mib}M,"
+                            f"mem-path={config.memory_file},share=on"]
+    elif virtio_fs:
         argv += ["-object", f"memory-backend-memfd,id=mem,size={config.memory_mib}M,share=on"]
 
     argv += [
@@ -201,7 +210,10 @@ def build_argv(config: VMConfig, vsock: Vsock | None = None, incoming: Path | No
                 "-device", f"{dev('virtio-9p')},fsdev=fs9p,mount_tag={fs.tag}",
             ]  # fmt: skip
 
-    if incoming is not None:
+    if incoming is not None and file_backed_ram(config):
+        # Guest RAM is already in its file: the state is loaded once x-ignore-shared is set (QMP).
+        argv += ["-incoming", "defer"]
+    elif incoming is not None:
         argv += ["-incoming", f"exec:cat {shlex.quote(str(incoming))}"]
     argv += list(config.extra_args)
     return argv

@@ -78,3 +78,30 @@ def test_concurrent_first_runs_share_one_template(tmp_path: Path) -> None:
     assert len([d for d in store.iterdir() if d.is_dir()]) == 1
     for c in cids:
         assert leftovers(c) == []
+
+
+def test_a_clone_holds_only_the_memory_it_uses(tmp_path: Path) -> None:
+    """A virtio-fs clone maps its own sparse copy of the template's RAM: QEMU's resident memory is
+    what the guest touched, not its whole size (restoring RAM into shared memory would fill it)."""
+    from kata.config import load_config
+
+    guest_mib = load_config().hypervisor.default_memory
+    cid = f"tpl-mem-{tmp_path.name[-8:]}"
+    root = tmp_path / "root"
+    bundle = make_busybox_bundle(tmp_path / "b", ["sleep", "1000"])
+    cli = [runtime_bin(), "--root", str(root)]
+    with open(tmp_path / "out", "wb") as out:
+        subprocess.run([*cli, "create", "--bundle", str(bundle), cid], check=True, stdout=out, stderr=out,
+                       stdin=subprocess.DEVNULL, timeout=120)
+    try:
+        subprocess.run([*cli, "start", cid], check=True, capture_output=True, timeout=60)
+        memory = Path("/run/vc/vm") / cid / "memory"
+        allocated_mib = memory.stat().st_blocks * 512 >> 20
+        assert memory.stat().st_size >> 20 == guest_mib and allocated_mib < guest_mib // 2
+        qemu = int((Path("/run/vc/vm") / cid / "qemu.pid").read_text().split()[0])
+        rollup = Path(f"/proc/{qemu}/smaps_rollup").read_text().splitlines()
+        rss_kib = next(int(line.split()[1]) for line in rollup if line.startswith("Rss:"))
+        assert rss_kib >> 10 < guest_mib // 2, f"QEMU holds {rss_kib >> 10} MiB of a {guest_mib} MiB guest"
+    finally:
+        subprocess.run([*cli, "delete", "--force", cid], capture_output=True, timeout=60)
+    assert leftovers(cid) == []
