@@ -187,7 +187,8 @@ class TemplateStore:
             tmp = tdir / f".{_STATE}.{os.getpid()}"
             qemu.save(tmp)
             # What the template was made from, so prune() can tell when a rebuilt asset orphans it.
-            (tdir / _META).write_text(json.dumps({"assets": _asset_identities(config)}))
+            (tdir / _META).write_text(json.dumps({"assets": _asset_identities(config),
+                                                  "format": TEMPLATE_FORMAT}))
             os.replace(tmp, tdir / _STATE)
             made = True
         finally:
@@ -207,7 +208,8 @@ class TemplateStore:
         return True
 
     def prune(self) -> int:
-        """Remove templates whose kernel, image or VMM has since been replaced (each holds ~60 MB),
+        """Remove templates whose kernel, image or VMM has since been replaced (each holds ~60-80 MB),
+        or whose layout is older than this runtime's,
         and what failed or older makes left: directories without a state or record, stray locks.
         Called with the lock of the template just made held; other makes hold their own lock."""
         removed = 0
@@ -217,9 +219,12 @@ class TemplateStore:
             if not tdir.is_dir():
                 continue
             try:
-                assets = json.loads((tdir / _META).read_text())["assets"]
+                meta = json.loads((tdir / _META).read_text())
+                assets = meta["assets"]
                 current = {path: _file_identity(Path(path)) for path in assets}
-                stale = current != assets or not (tdir / _STATE).is_file()
+                # A template of an older layout (the runtime was upgraded) is never used again.
+                stale = (current != assets or meta.get("format") != TEMPLATE_FORMAT
+                         or not (tdir / _STATE).is_file())
             except (OSError, ValueError, KeyError):
                 # No record, unreadable, or an asset is gone; a make in progress has its work dir.
                 stale = not (tdir / "work").exists()

@@ -56,22 +56,24 @@ def test_what_cannot_be_templated(tmp_path: Path) -> None:
 def test_prune_drops_templates_of_replaced_assets(tmp_path: Path) -> None:
     import json
 
-    from kata.factory.template import TemplateStore, _asset_identities
+    from kata.factory.template import TEMPLATE_FORMAT, TemplateStore, _asset_identities
 
     cfg = config(tmp_path)
     store = TemplateStore(tmp_path / "templates")
-    for key in ("current", "stale"):
+    for key in ("current", "stale", "old-layout"):
         (store.root / key).mkdir(parents=True)
         (store.root / key / "state").write_bytes(b"x")
-        (store.root / key / "meta.json").write_text(json.dumps({"assets": _asset_identities(cfg)}))
+        meta = {"assets": _asset_identities(cfg), "format": TEMPLATE_FORMAT}
+        (store.root / key / "meta.json").write_text(json.dumps(meta))
     stale_meta = store.root / "stale" / "meta.json"
     assets = json.loads(stale_meta.read_text())["assets"]
     assets[str(cfg.image)] = "an image that has since been rebuilt"
-    stale_meta.write_text(json.dumps({"assets": assets}))
+    stale_meta.write_text(json.dumps({"assets": assets, "format": TEMPLATE_FORMAT}))
+    (store.root / "old-layout" / "meta.json").write_text(json.dumps({"assets": _asset_identities(cfg)}))
     (store.root / "legacy").mkdir()  # made before templates kept a record: cannot be checked
     (store.root / "legacy" / "state").write_bytes(b"x")
     (store.root / "making" / "work").mkdir(parents=True)  # another process is making this one
     (store.root / "gone.lock").touch()
-    assert store.prune() == 2
+    assert store.prune() == 3
     assert [key for key, _ in store.list()] == ["current"]
     assert (store.root / "making").is_dir() and not (store.root / "gone.lock").exists()
