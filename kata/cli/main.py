@@ -13,9 +13,32 @@ from kata.errors import USER_ERRORS
 # Each module adds its verbs with add_parser(subparsers); a verb's parser sets func(args) -> int.
 _VERB_MODULES = ("lifecycle", "exec", "inspect", "update", "spec", "features", "check", "env", "factory",
                  "version")
+# Which module has each verb: a command loads only its own module (containerd runs one kata-runtime
+# per step, so every millisecond of start-up counts), help and unknown verbs load them all.
+_MODULE_OF = {
+    **dict.fromkeys(("create", "run", "start", "kill", "delete", "pause", "resume"), "lifecycle"),
+    **dict.fromkeys(("state", "list", "ps", "events"), "inspect"),
+    "exec": "exec", "update": "update", "spec": "spec", "features": "features", "check": "check",
+    "kata-check": "check", "env": "env", "factory": "factory", "version": "version",
+}
+# Global options that take a value (as a separate word), to find the verb after them.
+_VALUED_OPTIONS = {"--root", "--log", "--log-format", "--config", "--kata-config", "--criu"}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _verb_modules(argv: Sequence[str]) -> tuple[str, ...]:
+    words = iter(argv)
+    for word in words:
+        if word in _VALUED_OPTIONS:
+            next(words, None)
+        elif word in ("-h", "--help"):
+            break
+        elif not word.startswith("-"):
+            module = _MODULE_OF.get(word)
+            return (module,) if module else _VERB_MODULES
+    return _VERB_MODULES
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kata-runtime",
                                 description="OCI runtime that runs containers in lightweight VMs")
     p.add_argument("--root", default="/run/kata-runtime", help="root directory for container state")
@@ -29,13 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", metavar="COMMAND")
     import importlib
 
-    for module in _VERB_MODULES:
+    for module in _VERB_MODULES if argv is None else _verb_modules(argv):
         importlib.import_module(f"kata.cli.{module}").add_parser(sub)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.version and not args.verb:
         print(f"kata-runtime  : {__version__}")
