@@ -182,8 +182,10 @@ def start(store: ContainerStore, cid: str) -> None:
         status = rec.current_status()
         if status == "stopped":
             raise StateError("cannot start a container that has stopped")
-        if status != "created":
+        if status == "running":
             raise StateError("cannot start an already running container")
+        if status != "created":
+            raise StateError(f"cannot start a container in the {status} state")
         spec = _spec_or_empty(rec)
         _hooks(spec, "startContainer", rec.oci_state(), fatal=True)
         with lite_agent_of(rec) as agent:
@@ -211,14 +213,16 @@ def kill(store: ContainerStore, cid: str, signum: int, all_processes: bool = Fal
 
 
 def pause(store: ContainerStore, cid: str) -> None:
+    """runc pauses a created container as well as a running one; resume brings back either."""
     with store.locked(cid) as rec:
         status = rec.current_status()
-        if status != "running":
-            raise StateError("container not running" if status in ("stopped", "created")
-                             else f"container already {status}")
+        if status == "stopped":
+            raise StateError("container not running")
+        if status == "paused":
+            raise StateError("container already paused")
         with agent_of(rec) as agent:
             agent.pause_container(container_id=cid)
-        rec.status = "paused"
+        rec.paused_from, rec.status = status, "paused"
         store.save(rec)
 
 
@@ -228,7 +232,7 @@ def resume(store: ContainerStore, cid: str) -> None:
             raise StateError("container not paused")
         with agent_of(rec) as agent:
             agent.resume_container(container_id=cid)
-        rec.status = "running"
+        rec.status = rec.paused_from or "running"
         store.save(rec)
 
 

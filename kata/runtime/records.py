@@ -50,6 +50,7 @@ class ContainerRecord:
     pid_start: int = 0
     owner: str = ""
     execs: dict[str, list[int]] = field(default_factory=dict)  # exec id -> [pid, start time]
+    paused_from: str = ""  # the status resume returns to
 
     def monitor(self) -> ProcessId | None:
         return ProcessId(self.pid, self.pid_start) if self.pid else None

@@ -102,6 +102,13 @@ def test_lifecycle_like_runc(rt: Runtime, running: tuple[str, Path]) -> None:
     # The monitor lives in a network namespace of its own, as the container's process would.
     assert os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
 
+    # runc pauses a created container too; resume brings it back to created.
+    rt("pause", cid)
+    assert rt.state(cid)["status"] == "paused"
+    assert b"paused state" in rt("start", cid, check=False).stderr
+    rt("resume", cid)
+    assert rt.state(cid)["status"] == "created"
+
     rt("start", cid)
     assert rt.state(cid)["status"] == "running"
     # A second start is refused as runc refuses it.
