@@ -32,21 +32,8 @@ class Container:
         self.sandbox.containers[self.id] = self
         self.sandbox.timings.mark("container_created")
 
-    def start(self) -> None:
-        self.sandbox.require_agent().start_container(container_id=self.id)
-        self.sandbox.timings.mark("container_started")
-
-    def signal(self, signum: int, exec_id: str = INIT_EXEC_ID) -> None:
-        self.sandbox.require_agent().signal_process(container_id=self.id, exec_id=exec_id, signal=signum)
-
-    def wait(self, exec_id: str = INIT_EXEC_ID) -> int:
-        resp = self.sandbox.require_agent().wait_process(container_id=self.id, exec_id=exec_id)
-        self.sandbox.timings.mark("container_exited")
-        return int(resp.status)
-
-    def resize(self, rows: int, cols: int, exec_id: str = INIT_EXEC_ID) -> None:
-        self.sandbox.require_agent().tty_win_resize(container_id=self.id, exec_id=exec_id,
-                                                    row=rows, column=cols)
+    # Starting, signalling and waiting go through the container's monitor (kata.monitor), which
+    # holds the agent connection from `create` on.
 
     def remove(self) -> None:
         self.sandbox.require_agent().remove_container(container_id=self.id)
