@@ -240,6 +240,28 @@ def _env(**extra: str) -> dict[str, str]:
 
 # --- containerd -------------------------------------------------------------------------------------
 
+def _launch(name: str, argv: list[str], log_path: Path, base: Path, hint: str) -> subprocess.Popen[bytes]:
+    """Start a daemon in its own session with its output in log_path; its directory goes if it cannot."""
+    with open(log_path, "wb") as log:
+        try:
+            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=_env(),
+                                    start_new_session=True)
+        except FileNotFoundError as e:
+            _release_dir(base)
+            raise DaemonError(f"{name} not found: {hint}") from e
+
+
+def _await_ready(name: str, proc: subprocess.Popen[bytes], log_path: Path, stop: Callable[[], None],
+                 timeout: float, interval: float, answers: Callable[[], bool]) -> None:
+    """Wait until the daemon answers; stop it and fail with its log's tail if it exits or never does."""
+    done = _wait_for(lambda: proc.poll() is not None or answers(), timeout, interval)
+    if not done or proc.poll() is not None:
+        status = "exited" if proc.poll() is not None else f"not ready after {timeout:g} s"
+        detail = _tail(log_path)
+        stop()
+        raise DaemonError(f"{name} {status}: {detail}")
+
+
 class Containerd:
     """``containerd --config FILE`` with root, state, sockets and log under /run/ktc-XXXXXXXX."""
 
@@ -281,24 +303,10 @@ class Containerd:
         (self.base / "tmp").mkdir()
         config = self.base / "config.toml"
         config.write_text(self.config())
-        with open(self.log, "wb") as log:
-            try:
-                self.proc = subprocess.Popen(["containerd", "--config", str(config)], stdout=log, stderr=log,
-                                             stdin=subprocess.DEVNULL, env=_env(), start_new_session=True)
-            except FileNotFoundError as e:
-                _release_dir(self.base)
-                raise DaemonError("containerd not found: install it (scripts/install.sh)") from e
-
-        def ready() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                return True
-            return self.socket.exists() and self.ctr("version", timeout=10).returncode == 0
-
-        if not _wait_for(ready, timeout, 0.02) or self.proc.poll() is not None:
-            status = "exited" if self.proc.poll() is not None else f"not ready after {timeout:g} s"
-            detail = _tail(self.log)
-            self.stop()
-            raise DaemonError(f"containerd {status}: {detail}")
+        self.proc = _launch("containerd", ["containerd", "--config", str(config)], self.log, self.base,
+                            "install it (scripts/install.sh)")
+        _await_ready("containerd", self.proc, self.log, self.stop, timeout, 0.02,
+                     lambda: self.socket.exists() and self.ctr("version", timeout=10).returncode == 0)
         return self
 
     def ctr(self, *args: str, namespace: str = "default", timeout: float = 120.0,
@@ -441,24 +449,10 @@ class Dockerd:
             raise DaemonError("dockerd needs a running containerd")
         self._base = _make_dir(DOCKERD_PREFIX)
         (self.base / "daemon.json").write_text(json.dumps(self.daemon_json(), indent=1))
-        with open(self.log, "wb") as log:
-            try:
-                self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                             env=_env(), start_new_session=True)
-            except FileNotFoundError as e:
-                _release_dir(self.base)
-                raise DaemonError("dockerd not found: install docker.io (scripts/install.sh)") from e
-
-        def ready() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                return True
-            return self.socket.exists() and self.run("info", timeout=10).returncode == 0
-
-        if not _wait_for(ready, timeout, 0.05) or self.proc.poll() is not None:
-            status = "exited" if self.proc.poll() is not None else f"not ready after {timeout:g} s"
-            detail = _tail(self.log)
-            self.stop()
-            raise DaemonError(f"dockerd {status}: {detail}")
+        self.proc = _launch("dockerd", self.argv(), self.log, self.base,
+                            "install docker.io (scripts/install.sh)")
+        _await_ready("dockerd", self.proc, self.log, self.stop, timeout, 0.05,
+                     lambda: self.socket.exists() and self.run("info", timeout=10).returncode == 0)
         return self
 
     def run(self, *args: str, timeout: float = 120.0, input: str | None = None
