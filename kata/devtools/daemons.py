@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from kata.errors import KataError
 from kata.images import IMAGE_NAME, IMAGE_REF, busybox_docker_archive, busybox_oci_archive
@@ -262,7 +263,34 @@ def _await_ready(name: str, proc: subprocess.Popen[bytes], log_path: Path, stop:
         raise DaemonError(f"{name} {status}: {detail}")
 
 
-class Containerd:
+class _Daemon:
+    """What both daemons share: a private directory, the process, and use as a context manager."""
+
+    _base: Path | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base(self) -> Path:
+        """The daemon's directory (it exists from start() to stop())."""
+        if self._base is None:
+            raise DaemonError(f"{type(self).__name__} was not started")
+        return self._base
+
+    def start(self, timeout: float = 30.0) -> Self:
+        raise NotImplementedError
+
+    def stop(self, timeout: float = 120.0) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self if self.proc is not None else self.start()
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+class Containerd(_Daemon):
     """``containerd --config FILE`` with root, state, sockets and log under /run/ktc-XXXXXXXX."""
 
     image = IMAGE_REF  # the name `import_image` gives the busybox image
@@ -272,13 +300,6 @@ class Containerd:
         self._base: Path | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self._pids: set[int] = set()  # shims and their children, as last seen at stop
-
-    @property
-    def base(self) -> Path:
-        """The daemon's directory (it exists from start() to stop())."""
-        if self._base is None:
-            raise DaemonError(f"{type(self).__name__} was not started")
-        return self._base
 
     @property
     def socket(self) -> Path:
@@ -298,7 +319,7 @@ class Containerd:
                 # The opt plugin would otherwise create /opt/containerd.
                 f'[plugins."io.containerd.internal.v1.opt"]\n  path = "{b}/opt"\n')
 
-    def start(self, timeout: float = 30.0) -> Containerd:
+    def start(self, timeout: float = 30.0) -> Self:
         self._base = _make_dir(CONTAINERD_PREFIX)
         (self.base / "tmp").mkdir()
         config = self.base / "config.toml"
@@ -362,12 +383,6 @@ class Containerd:
         """Processes, mounts and files of this daemon that are still there."""
         return _dir_leftovers(self._base, self._pids) if self._base else []
 
-    def __enter__(self) -> Containerd:
-        return self if self.proc is not None else self.start()
-
-    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
 
 # --- dockerd ----------------------------------------------------------------------------------------
@@ -380,7 +395,7 @@ class Runtime:
     args: tuple[str, ...] = field(default_factory=tuple)
 
 
-class Dockerd:
+class Dockerd(_Daemon):
     """``dockerd`` on a given Containerd, with data-root, exec-root, socket and log under /run/ktd-XXXXXXXX,
     no networking (``--bridge=none``, no iptables), and the runtimes given in its daemon.json."""
 
@@ -394,13 +409,6 @@ class Dockerd:
         self._base: Path | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.client = docker_client() or "docker"
-
-    @property
-    def base(self) -> Path:
-        """The daemon's directory (it exists from start() to stop())."""
-        if self._base is None:
-            raise DaemonError(f"{type(self).__name__} was not started")
-        return self._base
 
     @property
     def socket(self) -> Path:
@@ -444,7 +452,7 @@ class Dockerd:
     def _client_env(self) -> dict[str, str]:
         return _env(DOCKER_CONFIG=str(self.base / "client"))  # not ~/.docker
 
-    def start(self, timeout: float = 60.0) -> Dockerd:
+    def start(self, timeout: float = 60.0) -> Self:
         if self.containerd.proc is None:
             raise DaemonError("dockerd needs a running containerd")
         self._base = _make_dir(DOCKERD_PREFIX)
@@ -490,12 +498,6 @@ class Dockerd:
     def leftovers(self) -> list[str]:
         return _dir_leftovers(self._base, ()) if self._base else []
 
-    def __enter__(self) -> Dockerd:
-        return self if self.proc is not None else self.start()
-
-    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
 
 @contextlib.contextmanager
