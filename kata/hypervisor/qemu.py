@@ -13,7 +13,15 @@ from kata.agent.endpoint import AgentEndpoint
 
 from . import daemon
 from .base import Hypervisor, HypervisorError, SharedFs, VMConfig
-from .qemu_argv import FS_ROOT_PORT, RunPaths, Vsock, build_argv, file_backed_ram, hotplug_capable
+from .qemu_argv import (
+    FS_ROOT_PORT,
+    NIC_ROOT_PORTS,
+    RunPaths,
+    Vsock,
+    build_argv,
+    file_backed_ram,
+    hotplug_capable,
+)
 from .qmp import Qmp, main_loop_ready
 from .vsock import reserve_cid
 
@@ -228,6 +236,27 @@ class Qemu(Hypervisor):
             "addr": {"type": "unix", "data": {"path": str(fs.vhost_user_socket)}}, "server": False}})
         qmp.run("device_add", driver="vhost-user-fs-pci", id="vfs0", chardev="vfs", tag=fs.tag,
                 bus=FS_ROOT_PORT)
+
+    def hotplug_nic(self, index: int, tap: str, mac: str, mtu: int, queues: int = 1) -> None:
+        """Add virtio-net device ``index`` on the existing tap device ``tap`` (in QEMU's network
+        namespace), with the guest-side MAC ``mac``; vhost where /dev/vhost-net exists."""
+        if index >= len(NIC_ROOT_PORTS):
+            raise HypervisorError(f"no free root port for network interface {index}")
+        qmp = self._monitor()
+        netdev: dict[str, object] = {"type": "tap", "id": f"net{index}", "ifname": tap, "script": "no",
+                                     "downscript": "no", "vhost": os.path.exists("/dev/vhost-net")}
+        if queues > 1:
+            netdev["queues"] = queues
+        qmp.run("netdev_add", **netdev)
+        device: dict[str, object] = {"driver": "virtio-net-pci", "id": f"nic{index}", "netdev": f"net{index}",
+                                     "mac": mac, "bus": NIC_ROOT_PORTS[index], "host_mtu": mtu}
+        if queues > 1:
+            device.update(mq=True, vectors=2 * queues + 2)
+        try:
+            qmp.run("device_add", **device)
+        except HypervisorError:
+            qmp.run("netdev_del", id=f"net{index}")
+            raise
 
     def pause(self) -> None:
         self._monitor().run("stop")

@@ -58,6 +58,9 @@ def hotplug_capable(machine: str) -> bool:
 
 # The PCIe root port a hot-added virtio-fs device goes into.
 FS_ROOT_PORT = "fsport"
+# Root ports for network interfaces hot-added at start: Docker connects a container's network only
+# after create (its prestart hook), when the VM already runs.
+NIC_ROOT_PORTS = ("netport0", "netport1", "netport2", "netport3")
 
 
 def kernel_cmdline(config: VMConfig, vsock: bool) -> str:
@@ -197,6 +200,8 @@ def build_argv(config: VMConfig, vsock: Vsock | None = None, incoming: Path | No
 
     if fs_hotplug:
         argv += ["-device", f"pcie-root-port,id={FS_ROOT_PORT},bus=pcie.0,chassis=1,slot=0"]
+        for n, port in enumerate(NIC_ROOT_PORTS, start=2):
+            argv += ["-device", f"pcie-root-port,id={port},bus=pcie.0,chassis={n},slot=0"]
     elif fs is not None:
         if fs.kind == "virtio-fs":
             argv += [
