@@ -105,17 +105,21 @@ def _hooks(spec: dict[str, Any], kind: str, state: dict[str, Any], fatal: bool) 
     run_hooks(spec, kind, state, fatal=fatal, log=log)
 
 
-def _enter_network_namespace(bundle: Bundle) -> None:
-    """The VMM and the monitor live in the container's network namespace (see kata.utils.netns)."""
+def _enter_network_namespace(bundle: Bundle, pin_at: Path) -> tuple[str, bool]:
+    """Move into the container's network namespace, where the VMM and the monitor live (see
+    kata.utils.netns). A new one is pinned at ``pin_at``, so that `start` and `delete` find it
+    after the processes in it are gone. Returns (its path, whether we pinned it)."""
     from kata.utils import netns
 
     for ns in bundle.namespaces:
         if ns.type == "network":
             if ns.path:
                 netns.enter(ns.path)
-            else:
-                netns.unshare()
-            return
+                return ns.path, False
+            netns.unshare()
+            netns.pin(str(pin_at))
+            return str(pin_at), True
+    return "", False
 
 
 # ---- create ---------------------------------------------------------------------------------
@@ -147,7 +151,8 @@ def create(store: ContainerStore, cid: str, bundle_dir: Path, *, config_path: Pa
     monitor: monitor_proc.PendingMonitor | None = None
     try:
         store.save(rec)
-        _enter_network_namespace(bundle)
+        rec.netns, rec.netns_pinned = _enter_network_namespace(bundle, store.dir(cid) / "netns")
+        store.save(rec)
         args = [str(a) for a in bundle.spec.get("process", {}).get("args", [])]
         monitor = monitor_proc.PendingMonitor([cid, *args])
         sandbox = Sandbox.create(cid, cfg, bundle.spec, debug=debug, timings=timings)
@@ -172,6 +177,10 @@ def create(store: ContainerStore, cid: str, bundle_dir: Path, *, config_path: Pa
             monitor.cancel()
         if sandbox is not None:
             sandbox.destroy()
+        if rec.netns_pinned:
+            from kata.utils import netns
+
+            netns.unpin(rec.netns)
         store.remove(cid)
         raise
 
@@ -268,6 +277,10 @@ def _destroy(rec: ContainerRecord) -> None:
     except KataError as exc:
         log.debug(f"delete {rec.id}: {exc}")
     _hooks(_spec_or_empty(rec), "poststop", dict(rec.oci_state(), status="stopped", pid=0), fatal=False)
+    if rec.netns_pinned:
+        from kata.utils import netns
+
+        netns.unpin(rec.netns)
 
 
 def _spec_or_empty(rec: ContainerRecord) -> dict[str, Any]:

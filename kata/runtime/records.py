@@ -51,6 +51,8 @@ class ContainerRecord:
     owner: str = ""
     execs: dict[str, list[int]] = field(default_factory=dict)  # exec id -> [pid, start time]
     paused_from: str = ""  # the status resume returns to
+    netns: str = ""  # the container's network namespace, where its VMM and monitor live
+    netns_pinned: bool = False  # we made it and pinned it at `netns`: delete unpins it
 
     def monitor(self) -> ProcessId | None:
         return ProcessId(self.pid, self.pid_start) if self.pid else None

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 
 from kata.errors import KataError
-from kata.utils.mount import libc
+from kata.utils.mount import MS_BIND, MountError, libc, mount, unmount
 
 CLONE_NEWNET = 0x40000000
 
@@ -39,3 +40,24 @@ def unshare() -> None:
     if libc.unshare(CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise NetnsError(f"creating a network namespace: {os.strerror(err)}")
+
+
+def pin(path: str) -> None:
+    """Keep the calling thread's network namespace alive at ``path`` (a bind mount, as `ip netns`
+    makes), so that later commands can enter it after the processes in it have gone."""
+    with open(path, "w"):
+        pass
+    try:
+        mount(f"/proc/self/task/{threading.get_native_id()}/ns/net", path, None, MS_BIND)
+    except MountError as exc:
+        os.unlink(path)
+        raise NetnsError(f"pinning the network namespace at {path}: {exc.strerror}") from exc
+
+
+def unpin(path: str) -> None:
+    """Undo pin(); the namespace ends once nothing else holds it."""
+    unmount(path)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
