@@ -197,12 +197,25 @@ def start(store: ContainerStore, cid: str) -> None:
             raise StateError(f"cannot start a container in the {status} state")
         spec = _spec_or_empty(rec)
         _hooks(spec, "startContainer", rec.oci_state(), fatal=True)
+        _mirror_network(store, rec)
         with lite_agent_of(rec) as agent:
             agent.start_container(cid)
         rec.status = "running"
         store.save(rec)
         # The spec: a poststart hook's failure is logged, and the lifecycle goes on.
         _hooks(spec, "poststart", rec.oci_state(), fatal=False)
+
+
+def _mirror_network(store: ContainerStore, rec: ContainerRecord) -> None:
+    """The interfaces Docker's (or CNI's) setup left in the container's namespace go into the VM."""
+    from kata.runtime import networking
+
+    if not rec.netns or not networking.may_have_endpoints(rec.pid):
+        return
+    with agent_of(rec) as agent:
+        made = networking.mirror(rec.netns, SandboxPaths(rec.id).vm_dir, agent)
+    rec.network = [list(pair) for pair in made]
+    store.save(rec)
 
 
 def kill(store: ContainerStore, cid: str, signum: int, all_processes: bool = False) -> None:
@@ -276,6 +289,10 @@ def _destroy(rec: ContainerRecord) -> None:
         Sandbox.attach(rec.id, _config_of(rec)).destroy()
     except KataError as exc:
         log.debug(f"delete {rec.id}: {exc}")
+    if rec.network:
+        from kata.runtime import networking
+
+        networking.unmirror(rec.netns, rec.network)
     _hooks(_spec_or_empty(rec), "poststop", dict(rec.oci_state(), status="stopped", pid=0), fatal=False)
     if rec.netns_pinned:
         from kata.utils import netns

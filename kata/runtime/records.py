@@ -53,6 +53,7 @@ class ContainerRecord:
     paused_from: str = ""  # the status resume returns to
     netns: str = ""  # the container's network namespace, where its VMM and monitor live
     netns_pinned: bool = False  # we made it and pinned it at `netns`: delete unpins it
+    network: list[list[str]] = field(default_factory=list)  # [interface, tap] mirrored into the VM
 
     def monitor(self) -> ProcessId | None:
         return ProcessId(self.pid, self.pid_start) if self.pid else None

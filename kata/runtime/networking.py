@@ -1,0 +1,105 @@
+"""The container's network namespace mirrored into its VM at `start` (Kata's tcfilter model): for
+each interface there, a tap with traffic mirrored both ways by tc, a virtio-net device hot-added on
+it with the interface's MAC, and the guest interface configured like the original (addresses, MTU,
+routes). At `start`, because Docker connects its network through a prestart hook, after create.
+
+Only the shape and order live here; netlink and tc are kata.network's, hotplug the hypervisor's.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kata.agent.client import AgentClient
+    from kata.network.endpoints import Endpoint
+
+log = logging.getLogger("kata.runtime")
+
+# Interfaces every new namespace may have that are not the container's network: the kernel's
+# fallback tunnel devices (present when their drivers are loaded).
+_NOT_ENDPOINTS = frozenset({"lo", "sit0", "tunl0", "ip6tnl0", "ip6gre0", "gre0", "gretap0", "erspan0",
+                            "ip_vti0", "ip6_vti0"})
+_NIC_TIMEOUT = 10.0
+
+
+def may_have_endpoints(pid: int) -> bool:
+    """Whether the network namespace of ``pid`` has an interface to mirror: a read of /proc, so that a
+    container without networking does not pay for netlink at start."""
+    try:
+        with open(f"/proc/{pid}/net/dev") as f:
+            lines = f.readlines()[2:]
+    except OSError:
+        return False
+    return any(line.split(":", 1)[0].strip() not in _NOT_ENDPOINTS for line in lines)
+
+
+def mirror(netns: str, vm_dir: Any, agent: AgentClient) -> list[tuple[str, str]]:
+    """Mirror every endpoint of ``netns`` into the VM; returns the (interface, tap) pairs made."""
+    from kata.hypervisor.qemu import Qemu
+    from kata.network import endpoints, tcfilter
+
+    found = endpoints.discover(netns)
+    made: list[tuple[str, str]] = []
+    if not found:
+        return made
+    hyp = Qemu.attach(vm_dir)
+    try:
+        for index, ep in enumerate(found):
+            tap = tcfilter.tap_name(index)
+            tcfilter.create_tap(netns, tap, ep.mtu)
+            made.append((ep.name, tap))
+            tcfilter.connect(netns, ep.name, tap)
+            hyp.hotplug_nic(index, tap, ep.mac, ep.mtu)
+            _configure(agent, ep)
+            log.info(f"network: {ep.name} ({ep.mac}) mirrored into the VM through {tap}")
+        _routes(agent, found)
+    except BaseException:
+        unmirror(netns, made)
+        raise
+    finally:
+        hyp.release()
+    return made
+
+
+def _configure(agent: AgentClient, ep: Endpoint) -> None:
+    from kata.agent.client import AgentError
+    from kata.protocols import agent_pb2 as pb
+
+    iface = pb.Interface(name=ep.name, hw_addr=ep.mac, mtu=ep.mtu, ip_addresses=[
+        pb.IPAddress(family=pb.v6 if family == 6 else pb.v4, address=address, mask=str(prefix))
+        for family, address, prefix in ep.addresses])
+    deadline = time.monotonic() + _NIC_TIMEOUT
+    while True:
+        try:
+            agent.update_interface(interface=iface)
+            return
+        except AgentError:
+            # Until the guest has handled the PCIe hotplug, no link has that MAC.
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _routes(agent: AgentClient, found: list[Endpoint]) -> None:
+    from kata.protocols import agent_pb2 as pb
+
+    routes = [pb.Route(dest=r.dest, gateway=r.gateway, device=r.device, source=r.source, scope=r.scope,
+                       family=pb.v6 if r.family == 6 else pb.v4)
+              for ep in found for r in ep.routes]
+    if routes:
+        agent.update_routes(routes=routes)
+
+
+def unmirror(netns: str, made: list[tuple[str, str]] | list[list[str]]) -> None:
+    """Remove the taps and tc filters (the namespace may already be gone: nothing to do then)."""
+    from kata.network import tcfilter
+
+    for name, tap in made:
+        try:
+            tcfilter.disconnect(netns, name, tap)
+            tcfilter.delete_link(netns, tap)
+        except Exception as exc:  # noqa: BLE001 - keep removing the others
+            log.warning(f"network: removing {tap} for {name}: {exc}")
