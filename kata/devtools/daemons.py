@@ -402,7 +402,9 @@ class Dockerd(_Daemon):
     image = IMAGE_NAME
 
     def __init__(self, containerd: Containerd, runtimes: Mapping[str, Runtime] | None = None,
-                 default_runtime: str | None = None) -> None:
+                 default_runtime: str | None = None, netns: str | None = None) -> None:
+        """``netns``: run dockerd, with its default bridge networking, in this `ip netns` namespace."""
+        self.netns = netns
         self.containerd = containerd
         self.runtimes = dict(runtimes or {})
         self.default_runtime = default_runtime
@@ -442,12 +444,16 @@ class Dockerd(_Daemon):
 
     def argv(self) -> list[str]:
         b = self.base
-        return ["dockerd", "--config-file", str(b / "daemon.json"), "--pidfile", str(b / "dockerd.pid"),
+        argv = ["dockerd", "--config-file", str(b / "daemon.json"), "--pidfile", str(b / "dockerd.pid"),
                 "--data-root", str(self.data_root), "--exec-root", str(self.exec_root),
-                "-H", self.host, "--containerd", str(self.containerd.socket),
-                # no networking yet, and no change to the host's iptables or ip_forward
-                "--iptables=false", "--ip-forward=false", "--ip-masq=false", "--bridge=none",
-                "--userland-proxy=false"]
+                "-H", self.host, "--containerd", str(self.containerd.socket)]
+        if self.netns is None:
+            # no networking, and no change to the host's iptables or ip_forward
+            return argv + ["--iptables=false", "--ip-forward=false", "--ip-masq=false", "--bridge=none",
+                           "--userland-proxy=false"]
+        # Docker's default bridge, its iptables rules and ip_forward all inside a namespace of the
+        # caller's (nsenter: `ip netns exec` would remount /sys and hide the cgroup mounts).
+        return ["nsenter", f"--net=/run/netns/{self.netns}", *argv]
 
     def _client_env(self) -> dict[str, str]:
         return _env(DOCKER_CONFIG=str(self.base / "client"))  # not ~/.docker
@@ -511,9 +517,9 @@ def containerd_daemon(import_image: bool = True, cri: bool = False) -> Iterator[
 
 @contextlib.contextmanager
 def docker_daemons(runtimes: Mapping[str, Runtime] | None = None, default_runtime: str | None = None,
-                   load_image: bool = True) -> Iterator[Dockerd]:
+                   load_image: bool = True, netns: str | None = None) -> Iterator[Dockerd]:
     """A running Dockerd (on its own Containerd) with the busybox image loaded; both stopped on exit."""
-    with Containerd() as containerd, Dockerd(containerd, runtimes, default_runtime) as dockerd:
+    with Containerd() as containerd, Dockerd(containerd, runtimes, default_runtime, netns) as dockerd:
         if load_image:
             dockerd.load_image()
         yield dockerd

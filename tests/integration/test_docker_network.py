@@ -1,0 +1,80 @@
+"""Docker's default bridge with `--runtime kata`: dockerd runs in a network namespace the test makes,
+and the VM container gets Docker's IP and MAC, reaches a server on the host side, and serves a
+published port."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kata.devtools.daemons import Dockerd, Runtime, docker_daemons, kata_runtime_path
+from tests.integration.conftest import _fail_on_leftovers, _kata_sandboxes, daemons_unavailable
+
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("needs_guest")]
+
+TIMEOUT = 180
+
+
+def in_ns(ns: str, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["nsenter", f"--net=/run/netns/{ns}", *cmd], capture_output=True, text=True,
+                          check=check, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def bridged() -> Iterator[tuple[Dockerd, str]]:
+    reason = daemons_unavailable()
+    if reason:
+        pytest.skip(reason)
+    ns = f"kd-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    before = _kata_sandboxes()
+    try:
+        in_ns(ns, "ip", "link", "set", "lo", "up")
+        with docker_daemons(runtimes={"kata": Runtime(kata_runtime_path(), ())}, netns=ns) as dockerd:
+            yield dockerd, ns
+        _fail_on_leftovers(dockerd, dockerd.containerd, kata_before=before)
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def test_container_has_dockers_address_and_reaches_the_host_side(bridged: tuple[Dockerd, str],
+                                                                  tmp_path: Path) -> None:
+    docker, ns = bridged
+    # A server on the host side of the bridge (docker0's address in dockerd's namespace).
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "hello").write_text("from the host side\n")
+    server = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", "/bin/busybox", "httpd", "-f",
+                               "-p", "172.17.0.1:18081", "-h", str(www)])
+    run = docker.run("run", "-d", "--name", "kn", "-p", "18080:8080", "--runtime", "kata", docker.image,
+                     "httpd", "-f", "-p", "8080", "-h", "/etc", timeout=TIMEOUT)
+    try:
+        assert run.returncode == 0, run.stderr
+        settings = json.loads(docker.run("inspect", "kn", timeout=30).stdout)[0]["NetworkSettings"]
+        ip, mac = settings["IPAddress"], settings["MacAddress"]
+        probe = "cat /sys/class/net/eth0/address; ip -4 -o addr show eth0"
+        inside = docker.run("exec", "kn", "sh", "-c", probe, timeout=TIMEOUT)
+        assert inside.stdout.startswith(mac) and f"{ip}/16" in inside.stdout, inside.stdout + inside.stderr
+        # The container reaches the host side...
+        got = docker.run("exec", "kn", "wget", "-q", "-O", "-", "http://172.17.0.1:18081/hello",
+                         timeout=TIMEOUT)
+        assert got.stdout == "from the host side\n", got.stderr
+        # ...and the host side reaches the published port (Docker's proxy, then the VM).
+        deadline = time.monotonic() + 30
+        while True:
+            fetched = in_ns(ns, "/bin/busybox", "wget", "-q", "-O", "-", "http://127.0.0.1:18080/passwd",
+                            check=False)
+            if fetched.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert fetched.stdout.startswith("root:"), fetched.stderr
+    finally:
+        server.kill()
+        server.wait()
+        docker.run("rm", "-f", "kn", timeout=TIMEOUT)
