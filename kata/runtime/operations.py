@@ -105,6 +105,20 @@ def _hooks(spec: dict[str, Any], kind: str, state: dict[str, Any], fatal: bool) 
     run_hooks(spec, kind, state, fatal=fatal, log=log)
 
 
+def _host_network(bundle: Bundle) -> bool:
+    """No network namespace, or the one we run in (Docker's --net=host names its own by path)."""
+    ns = next((n for n in bundle.namespaces if n.type == "network"), None)
+    if ns is None:
+        return True
+    if not ns.path:
+        return False
+    try:
+        theirs, ours = os.stat(ns.path), os.stat("/proc/self/ns/net")
+    except OSError as exc:
+        raise KataError(f"network namespace {ns.path}: {exc.strerror}") from exc
+    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+
+
 def _enter_network_namespace(bundle: Bundle, pin_at: Path) -> tuple[str, bool]:
     """Move into the container's network namespace, where the VMM and the monitor live (see
     kata.utils.netns). A new one is pinned at ``pin_at``, so that `start` and `delete` find it
@@ -142,6 +156,10 @@ def create(store: ContainerStore, cid: str, bundle_dir: Path, *, config_path: Pa
     terminal = bool(bundle.spec.get("process", {}).get("terminal", False))
     if terminal and not console_socket and not foreground:
         raise KataError("cannot allocate tty if runc will detach without setting console socket")
+    if _host_network(bundle):
+        # Kata's documented limitation: the host's interfaces cannot be mirrored into a VM.
+        raise KataError("host networking is not supported: the container runs in a VM, which cannot "
+                        "share the host's network namespace")
     store.reserve(cid)
     rec = ContainerRecord(id=cid, bundle=str(bundle.path), rootfs=str(bundle.root_path),
                           created=now_rfc3339(),

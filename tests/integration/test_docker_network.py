@@ -78,3 +78,41 @@ def test_container_has_dockers_address_and_reaches_the_host_side(bridged: tuple[
         server.kill()
         server.wait()
         docker.run("rm", "-f", "kn", timeout=TIMEOUT)
+
+
+# A one-name DNS server: answers A queries for NAME with ADDRESS, and NXDOMAIN otherwise.
+DNS_SERVER = """
+import socket, struct, sys
+name, address = sys.argv[1].encode(), socket.inet_aton(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("172.17.0.1", 53))
+while True:
+    q, peer = s.recvfrom(512)
+    labels, i = [], 12
+    while q[i]:
+        labels.append(q[i + 1:i + 1 + q[i]]); i += 1 + q[i]
+    question = q[12:i + 5]
+    qtype = struct.unpack("!H", q[i + 1:i + 3])[0]
+    known = b".".join(labels).lower() == name
+    found = known and qtype == 1
+    flags = 0x8180 if known else 0x8183  # the name exists (with no AAAA), or NXDOMAIN
+    head = q[:2] + struct.pack("!HHHHH", flags, 1, 1 if found else 0, 0, 0)
+    answer = (b"\\xc0\\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + address) if found else b""
+    s.sendto(head + question + answer, peer)
+"""
+
+
+def test_names_resolve_through_dockers_resolv_conf(bridged: tuple[Dockerd, str]) -> None:
+    import sys
+
+    docker, ns = bridged
+    server = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-c", DNS_SERVER,
+                               "kata-test.example", "10.1.2.3"])
+    try:
+        proc = docker.run("run", "--rm", "--dns", "172.17.0.1", "--runtime", "kata", docker.image, "sh", "-c",
+                          "cat /etc/resolv.conf; nslookup kata-test.example", timeout=TIMEOUT)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "nameserver 172.17.0.1" in proc.stdout and "10.1.2.3" in proc.stdout, proc.stdout
+    finally:
+        server.kill()
+        server.wait()
