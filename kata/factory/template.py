@@ -25,7 +25,7 @@ from kata.errors import KataError
 from kata.hypervisor.base import VMConfig
 
 # Bump when the way templates are made changes (e.g. the agent's state at snapshot time).
-TEMPLATE_FORMAT = "3"
+TEMPLATE_FORMAT = "4"
 _STATE = "state"
 _META = "meta.json"
 # A virtio-fs template's guest RAM (its VM maps it shared, so the snapshot leaves RAM out). Each
@@ -91,16 +91,33 @@ def sparse_copy(src: Path, dest: Path) -> None:
             pos = end
 
 
-def template_key(config: VMConfig) -> str:
-    shape = dataclasses.replace(
+def _shape(config: VMConfig) -> VMConfig:
+    """The config without what differs between sandboxes of one shape."""
+    return dataclasses.replace(
         config, id="", run_dir=Path("/"), console_log=Path("/"), memory_file=None,
-        shared_fs=(dataclasses.replace(config.shared_fs, host_dir=Path("/"), vhost_user_socket=None)
+        shared_fs=(dataclasses.replace(config.shared_fs, host_dir=Path("/"), vhost_user_socket=Path("/"))
                    if config.shared_fs else None),
     )
+
+
+def shape_digest(config: VMConfig) -> str:
+    """The VM's shape and assets, without the command line they give."""
     h = hashlib.sha256(TEMPLATE_FORMAT.encode())
-    h.update(repr(shape).encode())
+    h.update(repr(_shape(config)).encode())
     for identity in _asset_identities(config).values():
         h.update(identity.encode())
+    return h.hexdigest()[:16]
+
+
+def template_key(config: VMConfig) -> str:
+    """What makes two VMs interchangeable: their shape and assets, and the QEMU command line they
+    give (a new device in the argv, which a snapshot would not have, means a new template)."""
+    from kata.hypervisor.qemu_argv import build_argv
+
+    h = hashlib.sha256(shape_digest(config).encode())
+    shape = _shape(config)
+    if shape.agent_channel != "vsock":  # vsock VMs are never templated (and need a cid for an argv)
+        h.update("\0".join(build_argv(shape)).encode())
     return h.hexdigest()[:16]
 
 
@@ -147,7 +164,7 @@ class TemplateStore:
             if state.is_file():
                 return state, False
             self._make(config, tdir, boot_timeout)
-        self.prune()
+        self.prune(replacing=(shape_digest(config), key))
         return state, True
 
     def _make(self, config: VMConfig, tdir: Path, boot_timeout: float) -> None:
@@ -188,7 +205,8 @@ class TemplateStore:
             qemu.save(tmp)
             # What the template was made from, so prune() can tell when a rebuilt asset orphans it.
             (tdir / _META).write_text(json.dumps({"assets": _asset_identities(config),
-                                                  "format": TEMPLATE_FORMAT}))
+                                                  "format": TEMPLATE_FORMAT,
+                                                  "shape": shape_digest(config)}))
             os.replace(tmp, tdir / _STATE)
             made = True
         finally:
@@ -207,9 +225,10 @@ class TemplateStore:
         sparse_copy(src, dest)
         return True
 
-    def prune(self) -> int:
+    def prune(self, replacing: tuple[str, str] | None = None) -> int:
         """Remove templates whose kernel, image or VMM has since been replaced (each holds ~60-80 MB),
-        or whose layout is older than this runtime's,
+        or whose layout is older than this runtime's, or that ``replacing`` (shape digest, key: the
+        template just made) supersedes because the command line for that shape changed,
         and what failed or older makes left: directories without a state or record, stray locks.
         Called with the lock of the template just made held; other makes hold their own lock."""
         removed = 0
@@ -224,7 +243,10 @@ class TemplateStore:
                 current = {path: _file_identity(Path(path)) for path in assets}
                 # A template of an older layout (the runtime was upgraded) is never used again.
                 stale = (current != assets or meta.get("format") != TEMPLATE_FORMAT
-                         or not (tdir / _STATE).is_file())
+                         or not (tdir / _STATE).is_file()
+                         # The same shape made again under another key: its command line changed.
+                         or (replacing is not None and meta.get("shape") == replacing[0]
+                             and tdir.name != replacing[1]))
             except (OSError, ValueError, KeyError):
                 # No record, unreadable, or an asset is gone; a make in progress has its work dir.
                 stale = not (tdir / "work").exists()

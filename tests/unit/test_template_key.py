@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pytest
+
 from kata.factory.template import templatable, template_key
 from kata.hypervisor.base import SharedFs, VMConfig
 
@@ -56,14 +58,15 @@ def test_what_cannot_be_templated(tmp_path: Path) -> None:
 def test_prune_drops_templates_of_replaced_assets(tmp_path: Path) -> None:
     import json
 
-    from kata.factory.template import TEMPLATE_FORMAT, TemplateStore, _asset_identities
+    from kata.factory.template import TEMPLATE_FORMAT, TemplateStore, _asset_identities, shape_digest
 
     cfg = config(tmp_path)
     store = TemplateStore(tmp_path / "templates")
-    for key in ("current", "stale", "old-layout"):
+    for key in ("current", "stale", "old-layout", "old-argv", "other-shape"):
         (store.root / key).mkdir(parents=True)
         (store.root / key / "state").write_bytes(b"x")
-        meta = {"assets": _asset_identities(cfg), "format": TEMPLATE_FORMAT}
+        shape = shape_digest(cfg) if key != "other-shape" else "another shape"
+        meta = {"assets": _asset_identities(cfg), "format": TEMPLATE_FORMAT, "shape": shape}
         (store.root / key / "meta.json").write_text(json.dumps(meta))
     stale_meta = store.root / "stale" / "meta.json"
     assets = json.loads(stale_meta.read_text())["assets"]
@@ -74,6 +77,23 @@ def test_prune_drops_templates_of_replaced_assets(tmp_path: Path) -> None:
     (store.root / "legacy" / "state").write_bytes(b"x")
     (store.root / "making" / "work").mkdir(parents=True)  # another process is making this one
     (store.root / "gone.lock").touch()
-    assert store.prune() == 3
-    assert [key for key, _ in store.list()] == ["current"]
+    # "current" was just made: "old-argv" is the same shape under the key of an older command line.
+    assert store.prune(replacing=(shape_digest(cfg), "current")) == 4
+    assert [key for key, _ in store.list()] == ["current", "other-shape"]
     assert (store.root / "making").is_dir() and not (store.root / "gone.lock").exists()
+
+
+def test_a_new_device_in_the_command_line_changes_the_key(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A snapshot holds the devices it was made with: another argv (say, a new root port) needs a
+    new template, or the restore would fail."""
+    from kata.hypervisor import qemu_argv
+
+    cfg = config(tmp_path)
+    before = template_key(cfg)
+    real = qemu_argv.build_argv
+    monkeypatch.setattr(qemu_argv, "build_argv",
+                        lambda c, *a, **k: [*real(c, *a, **k), "-device", "pcie-root-port,id=extra"])
+    assert template_key(cfg) != before
+    monkeypatch.undo()
+    assert template_key(cfg) == before
