@@ -42,6 +42,7 @@ class QemuState:
     max_memory_mib: int
     shared_memory: bool  # guest RAM is on a shared memfd (virtio-fs): hotplugged RAM must be too
     memory_file: str = ""  # guest RAM is this file's shared mapping: snapshots leave it out
+    vcpus: int = 1  # at launch (hot-added ones are not counted)
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
@@ -146,6 +147,7 @@ class Qemu(Hypervisor):
             max_memory_mib=config.max_memory_mib,
             shared_memory=fs is not None and fs.kind == "virtio-fs",
             memory_file=str(config.memory_file) if file_backed_ram(config) else "",
+            vcpus=config.vcpus,
         )
         # Written before waiting, so that a crashed caller still leaves enough to clean up.
         self._state.save(paths.state_file)
@@ -236,6 +238,11 @@ class Qemu(Hypervisor):
             "addr": {"type": "unix", "data": {"path": str(fs.vhost_user_socket)}}, "server": False}})
         qmp.run("device_add", driver="vhost-user-fs-pci", id="vfs0", chardev="vfs", tag=fs.tag,
                 bus=FS_ROOT_PORT)
+
+    def nic_queues(self) -> int:
+        """Queue pairs a hot-added NIC gets: one per vCPU, as Kata does (the guest's virtio-net uses
+        as many as it has CPUs)."""
+        return max(1, self._require().vcpus)
 
     def hotplug_nic(self, index: int, tap: str, mac: str, mtu: int, queues: int = 1) -> None:
         """Add virtio-net device ``index`` on the existing tap device ``tap`` (in QEMU's network

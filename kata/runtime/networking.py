@@ -46,13 +46,14 @@ def mirror(netns: str, vm_dir: Any, agent: AgentClient) -> list[tuple[str, str]]
     if not found:
         return made
     hyp = Qemu.attach(vm_dir)
+    queues = hyp.nic_queues()
     try:
         for index, ep in enumerate(found):
             tap = tcfilter.tap_name(index)
-            tcfilter.create_tap(netns, tap, ep.mtu)
+            tcfilter.create_tap(netns, tap, ep.mtu, multi_queue=queues > 1)
             made.append((ep.name, tap))
             tcfilter.connect(netns, ep.name, tap)
-            hyp.hotplug_nic(index, tap, ep.mac, ep.mtu)
+            hyp.hotplug_nic(index, tap, ep.mac, ep.mtu, queues=queues)
             _configure(agent, ep)
             log.info(f"network: {ep.name} ({ep.mac}) mirrored into the VM through {tap}")
         _routes(agent, found)

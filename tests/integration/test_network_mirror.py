@@ -46,11 +46,12 @@ def peer_netns() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
+@pytest.mark.parametrize("vcpus", [1, 2])
 def test_the_namespace_is_mirrored_into_the_vm_at_start(tmp_path: Path, netns: str, peer_netns: str,
-                                                        cid: str) -> None:
+                                                        cid: str, vcpus: int) -> None:
     """A veth in the container's namespace (its peer in another, as a bridge would be): at start the
-    VM gets an interface with its MAC, addresses and routes, traffic flows both ways through the tc
-    mirroring, and delete leaves the namespace as it found it."""
+    VM gets an interface with its MAC, addresses and routes (and a queue pair per vCPU), traffic flows
+    both ways through the tc mirroring, and delete leaves the namespace as it found it."""
     in_ns(netns, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "kpeer")
     in_ns(netns, "ip", "link", "set", "kpeer", "netns", f"/run/netns/{peer_netns}")
     in_ns(netns, "ip", "addr", "add", "10.88.0.2/24", "dev", "eth0")
@@ -64,6 +65,8 @@ def test_the_namespace_is_mirrored_into_the_vm_at_start(tmp_path: Path, netns: s
     spec = json.loads((bundle / "config.json").read_text())
     spec["linux"]["namespaces"] = [ns for ns in spec["linux"]["namespaces"] if ns["type"] != "network"]
     spec["linux"]["namespaces"].append({"type": "network", "path": f"/run/netns/{netns}"})
+    if vcpus > 1:  # a CPU quota adds vCPUs over the default one
+        spec["linux"]["resources"] = {"cpu": {"quota": 100000 * (vcpus - 1), "period": 100000}}
     (bundle / "config.json").write_text(json.dumps(spec))
     cli = [runtime_bin(), "--root", str(tmp_path / "root")]
     with open(tmp_path / "out", "wb") as out:
@@ -72,6 +75,9 @@ def test_the_namespace_is_mirrored_into_the_vm_at_start(tmp_path: Path, netns: s
     try:
         started = subprocess.run([*cli, "start", cid], capture_output=True, text=True, timeout=TIMEOUT)
         assert started.returncode == 0, started.stderr
+        queues = subprocess.run([*cli, "exec", cid, "ls", "/sys/class/net/eth0/queues"], capture_output=True,
+                                text=True, timeout=TIMEOUT).stdout.split()
+        assert sorted(q for q in queues if q.startswith("rx-")) == [f"rx-{i}" for i in range(vcpus)], queues
         probe = "cat /sys/class/net/eth0/address; ip -4 addr show eth0; ip route"
         inside = subprocess.run([*cli, "exec", cid, "sh", "-c", probe], capture_output=True, text=True,
                                 timeout=TIMEOUT)
