@@ -110,7 +110,7 @@ def measure(d: Dockerd, runtime: str, seconds: float, connects: int) -> dict[str
     receiver.start()
     try:
         d.run("run", "--rm", "--runtime", runtime, d.image, "sh", "-c",
-              f"dd if=/dev/zero bs=65536 2>/dev/null | nc {HOST_SIDE} {PORT_OUT}", timeout=180)
+              f"nc {HOST_SIDE} {PORT_OUT} < /dev/zero", timeout=180)
     finally:
         receiver.join(seconds + 60)
         server.close()
