@@ -48,7 +48,7 @@ def state(args: argparse.Namespace) -> int:
 
 
 def list_containers(args: argparse.Namespace) -> int:
-    from kata.cli.tables import print_table
+    from kata.cli.tables import list_table
 
     records = store(args).list()
     if args.quiet:
@@ -57,9 +57,7 @@ def list_containers(args: argparse.Namespace) -> int:
     elif args.format == "json":
         print(json.dumps([full_state(rec) for rec in records]))
     else:
-        rows = [[r.id, str(r.oci_state()["pid"]), r.current_status(), r.bundle, r.created, r.owner]
-                for r in records]
-        print_table(["ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER"], rows)
+        sys.stdout.write(list_table(full_state(rec) for rec in records))
     return 0
 
 
@@ -121,19 +119,17 @@ def stats_event(rec: ContainerRecord) -> dict[str, Any]:
 
 
 def events(args: argparse.Namespace) -> int:
+    from kata.errors import KataError
+
     st = store(args)
     interval = _interval(args.interval)
     while True:
         rec = st.load(args.container_id)
         if rec.current_status() == "stopped":
-            return 0 if not args.stats else _stopped(rec)
+            if args.stats:
+                raise KataError(f"container {rec.id} is not running")
+            return 0  # the stream ends with the container
         print(json.dumps(stats_event(rec)), flush=True)
         if args.stats:
             return 0
         time.sleep(interval)
-
-
-def _stopped(rec: ContainerRecord) -> int:
-    from kata.errors import KataError
-
-    raise KataError(f"container {rec.id} is not running")

@@ -1,4 +1,4 @@
-"""runc's human-readable output: tab-aligned tables (`list`), `ps` filtering, and timestamps.
+"""runc's human-readable output: tab-aligned tables (`list`).
 
 runc aligns with Go's text/tabwriter.NewWriter(out, 12, 1, 3, ' ', 0): a tab-terminated cell is padded
 with spaces to its column's width, which is the widest cell of the column's block plus 3, but at
@@ -7,10 +7,8 @@ least 12; a line's last cell (after its last tab) is written as is.
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Collection, Iterable, Mapping, Sequence
-from datetime import UTC, datetime
-from typing import Any, TextIO
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 LIST_HEADER = ("ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER")
 
@@ -58,43 +56,9 @@ def format_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str
     return tabwrite(text)
 
 
-def print_table(header: Sequence[str], rows: Iterable[Sequence[object]], file: TextIO | None = None) -> None:
-    """Write format_table(header, rows) to ``file`` (stdout), as runc's tabwriter.Flush does."""
-    (file or sys.stdout).write(format_table(header, rows))
-
-
 def list_table(containers: Iterable[Mapping[str, Any]]) -> str:
     """`runc list` (table format) from runc's containerState dicts (`runc list --format json` items)."""
     return format_table(LIST_HEADER, (
         (c["id"], c.get("pid", 0), c["status"], c.get("bundle", ""), c.get("created", ""), c.get("owner", ""))
         for c in containers
     ))
-
-
-def filter_ps_output(output: str, pids: Collection[int]) -> str:
-    """`runc ps` (table format): the header of ``output`` (from ps(1)) and the lines whose PID is in
-    ``pids``. ValueError in runc's words when the header has no PID column or a PID is not a number."""
-    lines = output.split("\n")
-    titles = lines[0].split()
-    if "PID" not in titles:
-        raise ValueError("couldn't find PID field in ps output")
-    index = titles.index("PID")
-    kept = [lines[0]]
-    for line in lines[1:]:
-        if not line:
-            continue
-        field = line.split()[index]
-        if not field.isascii() or not field.isdigit():
-            raise ValueError(f'unable to parse pid: strconv.Atoi: parsing "{field}": invalid syntax')
-        if int(field) in pids:
-            kept.append(line)
-    return "".join(line + "\n" for line in kept)
-
-
-def rfc3339nano(epoch_ns: int) -> str:
-    """Go's time.Time.Format(time.RFC3339Nano) in UTC, the `created` of `runc state` and `runc list`:
-    nanoseconds with trailing zeros dropped (and no dot at all for a whole second), then "Z"."""
-    seconds, nanos = divmod(epoch_ns, 1_000_000_000)
-    stamp = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    fraction = f"{nanos:09d}".rstrip("0")
-    return f"{stamp}.{fraction}Z" if fraction else f"{stamp}Z"

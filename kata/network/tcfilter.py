@@ -9,15 +9,9 @@ side sees the same MAC and addresses as the veth had; the tap's own MAC never re
 from __future__ import annotations
 
 import errno
-import fcntl
-import os
-import struct
-import threading
-from collections.abc import Callable
 from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netns import setns
 from pyroute2.protocols import ETH_P_ALL
 
 from kata.network import rtnl
@@ -27,11 +21,6 @@ OWN_TAP_ALIAS = "kata-tap"
 INGRESS = 0xFFFF0000  # "ffff:", the ingress qdisc's handle and its filters' parent
 _FLOWID = 0x10001  # "1:1": pyroute2's u32 requires a classid; the mirred action decides, not the class
 
-TUNSETIFF = 0x400454CA
-IFF_TAP = 0x0002
-IFF_NO_PI = 0x1000
-IFF_VNET_HDR = 0x4000
-IFF_MULTI_QUEUE = 0x0100
 
 # What deleting something already gone answers: no such device, qdisc or filter.
 _GONE = frozenset({errno.ENODEV, errno.ENOENT, errno.EINVAL})
@@ -48,12 +37,13 @@ def create_tap(
     """Create a persistent tap `name` in `ns`, up, with `mtu` (and `mac`), marked as ours.
 
     Persistent (TUNSETPERSIST): it outlives the fd used to create it, so QEMU must open it by name
-    (`-netdev tap,ifname=NAME,script=no,downscript=no`, QEMU running in `ns`), or be handed fds from
-    open_tap(). It is deleted explicitly with delete_link(); it also goes when its namespace is
-    destroyed. `multi_queue` must match how QEMU opens it (queues > 1), else TUNSETIFF fails.
+    (`-netdev tap,ifname=NAME,script=no,downscript=no`, QEMU running in `ns`), or be handed fds
+    opened with TUNSETIFF on that name. It is deleted explicitly with delete_link(); it also goes
+    when its namespace is destroyed. `multi_queue` must match how QEMU opens it (queues > 1), else
+    TUNSETIFF fails.
     """
     with rtnl(ns) as ipr:
-        # Whoever attaches (QEMU, open_tap) sets NO_PI/VNET_HDR again with its TUNSETIFF; only
+        # Whoever attaches (QEMU) sets NO_PI/VNET_HDR again with its TUNSETIFF; only
         # MULTI_QUEUE is fixed at creation.
         flags = {"no_pi": True, "one_queue": False, "vnet_hdr": False, "multi_queue": multi_queue}
         ipr.link("add", ifname=name, kind="tuntap", mode="tap", ifr=flags)
@@ -109,45 +99,6 @@ def disconnect(ns: str | None, veth_name: str, tap_name: str) -> None:
                     _del_ingress(ipr, index)
     except FileNotFoundError:
         pass
-
-
-def open_tap(ns: str | None, name: str, vnet_hdr: bool = False, multi_queue: bool = False) -> int:
-    """Attach to the existing tap `name` in `ns` and return its fd (raw Ethernet frames, no PI header).
-
-    /dev/net/tun resolves the name in the namespace of the thread that opens it, so the open runs
-    in a short-lived thread that has entered `ns` (setns changes only the calling thread's netns).
-    """
-    flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0) | (IFF_MULTI_QUEUE if multi_queue else 0)
-
-    def attach() -> int:
-        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
-        try:
-            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), flags))
-        except OSError:
-            os.close(fd)
-            raise
-        return fd
-
-    return attach() if ns is None else _in_netns(ns, attach)
-
-
-def _in_netns(ns: str, fn: Callable[[], int]) -> int:
-    result: list[int] = []
-    error: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            setns(ns, flags=0)
-            result.append(fn())
-        except BaseException as e:  # re-raised in the caller's thread
-            error.append(e)
-
-    thread = threading.Thread(target=run, name=f"netns:{ns}")
-    thread.start()
-    thread.join()
-    if error:
-        raise error[0]
-    return result[0]
 
 
 def _index(ipr: Any, name: str) -> int:

@@ -9,11 +9,10 @@ runc's. A 0 or "" means "leave as is", as it does for runc's cgroup drivers.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from kata.errors import KataError
@@ -95,7 +94,7 @@ def resources_from_args(ns: argparse.Namespace, read_stdin: Callable[[], str]) -
     """The LinuxResources an `update` asks for, from ``ns`` (built by add_update_arguments).
 
     ``read_stdin`` returns standard input's text, for `--resources -`. Only fields that were asked
-    for appear; merge them with update_resources.
+    for appear (the guest's `crun update` changes just those).
     """
     source = getattr(ns, "resources", "") or ""
     if source:
@@ -138,39 +137,6 @@ def parse_resources_json(text: str) -> dict[str, Any]:
                 raise ResourcesError(f"json: cannot unmarshal {kind} into Go struct field "
                                      f"{struct}.{section}.{name} of type {go_type}")
     return data
-
-
-def update_resources(current: Mapping[str, Any] | None, update: Mapping[str, Any]) -> dict[str, Any]:
-    """``current`` (the container's LinuxResources) with the fields `runc update` applies from ``update``.
-
-    Unset, 0 and "" fields leave the current value, as they do in runc's cgroup drivers; kernel
-    memory is ignored with a warning; a memory limit of -1 without a swap value makes swap -1 too
-    (runc's cgroup v1 compatibility: "unlimited" means memory and swap). Devices and the other
-    sections are never changed by `update`.
-    """
-    result: dict[str, Any] = copy.deepcopy(dict(current or {}))
-    for section, (_, fields) in _FIELDS.items():
-        values = update.get(section)
-        if not isinstance(values, Mapping):
-            continue
-        for name in fields:
-            value = values.get(name)
-            if value is None or value == 0 or value == "":
-                continue
-            if (section, name) in _IGNORED:
-                _log.warning("Kernel memory settings are ignored and will be removed")
-                continue
-            target = result.get(section)
-            if not isinstance(target, dict):
-                target = result[section] = {}
-            target[name] = value
-    memory = update.get("memory")
-    if isinstance(memory, Mapping) and memory.get("limit") == -1 and not memory.get("swap"):
-        result.setdefault("memory", {})["swap"] = -1
-    unified = update.get("unified")
-    if isinstance(unified, Mapping) and unified:
-        result["unified"] = {**(result.get("unified") or {}), **unified}
-    return result
 
 
 def _from_flags(ns: argparse.Namespace) -> dict[str, Any]:

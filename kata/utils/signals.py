@@ -47,7 +47,6 @@ _SIGNALS: tuple[tuple[int, str, str], ...] = (
 )
 
 SIGNAL_NUMBERS: dict[str, int] = {name: num for num, name, _ in _SIGNALS}
-_NAMES: dict[int, str] = {num: name for num, name, _ in _SIGNALS}
 _DESCRIPTIONS: dict[int, str] = {num: desc for num, _, desc in _SIGNALS}
 
 # Go's strconv.Atoi: optional sign, ASCII decimal digits only (no spaces, no underscores).
@@ -80,11 +79,6 @@ def parse_signal(raw: str) -> int:
         return SIGNAL_NUMBERS[name]
     except KeyError:
         raise ValueError(f"unknown signal {go_quote(raw)}") from None
-
-
-def signal_name(num: int) -> str:
-    """"SIGKILL" for 9; "signal 40" for a number without a name (as Go prints it)."""
-    return _NAMES.get(num, f"signal {num}")
 
 
 def describe_signal(num: int) -> str:

@@ -6,12 +6,14 @@ peer side, where the other ends of the veths live), and removes both whatever ha
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 import shutil
 import socket
 import struct
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,13 +22,47 @@ from dataclasses import dataclass
 import pytest
 from pyroute2.netns import create_socket
 
+from kata.devtools.netns import temporary_netns
 from kata.network.endpoints import Endpoint, Neighbour, Route, discover
-from kata.network.tcfilter import connect, create_tap, delete_link, disconnect, open_tap, tap_name
+from kata.network.tcfilter import connect, create_tap, delete_link, disconnect, tap_name
+from kata.utils import netns
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not (shutil.which("ip") and shutil.which("tc") and os.path.exists("/dev/net/tun")),
     reason="needs root, iproute2 and /dev/net/tun",
 )
+
+
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+
+
+def open_tap(ns: str, name: str) -> int:
+    """Attach to the tap `name` of namespace `ns`, as QEMU does: an fd of raw Ethernet frames.
+    /dev/net/tun finds the name in the opening thread's namespace, so a thread joins `ns` to open it."""
+    result: list[int] = []
+    error: list[BaseException] = []
+
+    def attach() -> None:
+        try:
+            netns.enter(f"/run/netns/{ns}")
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+            try:
+                fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI))
+            except OSError:
+                os.close(fd)
+                raise
+            result.append(fd)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            error.append(exc)
+
+    t = threading.Thread(target=attach)
+    t.start()
+    t.join()
+    if error:
+        raise error[0]
+    return result[0]
 
 
 def sh(*args: str) -> str:
@@ -55,16 +91,10 @@ class Pair:
 
 @pytest.fixture
 def pair() -> Iterator[Pair]:
-    tag = f"kt-{uuid.uuid4().hex[:8]}"
-    pair = Pair(f"{tag}-c", f"{tag}-p")
-    try:
-        sh("ip", "netns", "add", pair.c)
-        sh("ip", "netns", "add", pair.p)
-        yield pair
-    finally:
-        for ns in (pair.c, pair.p):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        assert tag not in netns_list()
+    with temporary_netns("kt") as c, temporary_netns("kp") as p:
+        yield Pair(c, p)
+    listed = netns_list()
+    assert c not in listed and p not in listed
 
 
 def index_of(pair: Pair, name: str) -> int:

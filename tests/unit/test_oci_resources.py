@@ -17,7 +17,6 @@ from kata.oci.resources import (
     parse_resources_json,
     ram_in_bytes,
     resources_from_args,
-    update_resources,
 )
 
 
@@ -164,54 +163,3 @@ def test_malformed_json() -> None:
 def test_null_fields_are_accepted() -> None:
     assert parse_resources_json('{"memory": null, "cpu": {"shares": null}}') == {"memory": None,
                                                                                  "cpu": {"shares": None}}
-
-
-CURRENT: dict[str, Any] = {
-    "devices": [{"allow": False, "access": "rwm"}],
-    "memory": {"limit": 512 << 20, "swap": 1 << 30, "disableOOMKiller": False},
-    "cpu": {"shares": 1024, "quota": 50000, "period": 100000, "cpus": "0-3"},
-    "pids": {"limit": 50},
-}
-
-
-def test_merge_changes_only_what_was_asked() -> None:
-    got = update_resources(CURRENT, {"memory": {"limit": 1 << 30}, "cpu": {"quota": 200000}})
-    assert got["memory"] == {"limit": 1 << 30, "swap": 1 << 30, "disableOOMKiller": False}
-    assert got["cpu"] == {"shares": 1024, "quota": 200000, "period": 100000, "cpus": "0-3"}
-    assert got["devices"] == CURRENT["devices"] and got["pids"] == {"limit": 50}
-    assert CURRENT["memory"]["limit"] == 512 << 20  # the input is not modified
-
-
-def test_zero_and_empty_leave_values_alone() -> None:
-    update = {"memory": {"limit": 0, "swap": None}, "cpu": {"shares": 0, "cpus": ""}, "pids": {"limit": 0},
-              "blockIO": {"weight": 0}}
-    assert update_resources(CURRENT, update) == CURRENT
-
-
-def test_unlimited_memory_unlimits_swap_too() -> None:
-    got = update_resources(CURRENT, {"memory": {"limit": -1}})
-    assert got["memory"]["limit"] == -1 and got["memory"]["swap"] == -1
-    got = update_resources(CURRENT, {"memory": {"limit": -1, "swap": 2 << 30}})
-    assert got["memory"]["swap"] == 2 << 30
-
-
-def test_merge_into_nothing() -> None:
-    assert update_resources(None, {"cpu": {"cpus": "1"}, "blockIO": {"weight": 300}}) == {
-        "cpu": {"cpus": "1"}, "blockIO": {"weight": 300}}
-
-
-def test_devices_and_kernel_memory_are_never_updated(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="kata.oci.resources"):
-        got = update_resources(CURRENT, {"devices": [], "memory": {"kernel": 1 << 20}})
-    assert got == CURRENT
-    assert caplog.records
-
-
-def test_unified_is_merged() -> None:
-    got = update_resources({"unified": {"memory.high": "1"}}, {"unified": {"memory.max": "2"}})
-    assert got == {"unified": {"memory.high": "1", "memory.max": "2"}}
-
-
-def test_flags_then_merge_end_to_end() -> None:
-    got = update_resources(CURRENT, from_flags("--memory", "1g", "--cpuset-cpus", "1"))
-    assert got["memory"]["limit"] == 1 << 30 and got["cpu"]["cpus"] == "1"
