@@ -47,21 +47,16 @@ def proxy_socket(cid: str) -> Path:
 
 def _proxy_client(rec: ContainerRecord) -> ttrpc.Client:
     """A ttrpc connection to the agent, through the container's monitor."""
-    import socket
-
     from kata import ttrpc
+    from kata.agent.endpoint import AgentEndpoint
+    from kata.agent.transport import TransportError, connect
 
     if rec.current_status() == "stopped":
         raise StateError("container not running")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.settimeout(5.0)
-        sock.connect(str(proxy_socket(rec.id)))
-        sock.settimeout(None)
-    except OSError as exc:
-        sock.close()
-        raise StateError(f"container {rec.id}: its monitor does not answer: {exc.strerror or exc}") from exc
-    return ttrpc.Client(ttrpc.socket_stream(sock))
+        return ttrpc.Client(connect(AgentEndpoint("serial", path=str(proxy_socket(rec.id))), 5.0))
+    except TransportError as exc:
+        raise StateError(f"container {rec.id}: its monitor does not answer: {exc}") from exc
 
 
 @contextmanager
@@ -69,7 +64,7 @@ def agent_of(rec: ContainerRecord, timeout: float = 60.0) -> Iterator[AgentClien
     """The agent's typed API, through the container's monitor."""
     from kata.agent.client import AgentClient
 
-    client = AgentClient.over(_proxy_client(rec), timeout=timeout)
+    client = AgentClient(_proxy_client(rec), timeout=timeout)
     try:
         yield client
     finally:
@@ -96,12 +91,16 @@ def _config_of(rec: ContainerRecord) -> RuntimeConfig:
     return apply_annotations(cfg, rec.annotations)
 
 
-def _hooks(spec: dict[str, Any], kind: str, state: dict[str, Any], fatal: bool) -> None:
+def _hooks(spec: dict[str, Any], kind: str, rec: ContainerRecord, status: str, fatal: bool) -> None:
+    """Run the spec's ``kind`` hooks with the state runc gives them (``status``, and the pid of the
+    process standing for the container while there is one)."""
     hooks = spec.get("hooks")
     if not isinstance(hooks, dict) or not hooks.get(kind):
         return
-    from kata.oci.hooks import run_hooks
+    from kata.oci.hooks import run_hooks, state_for_hooks
 
+    pid = rec.pid if status != "stopped" else 0
+    state = state_for_hooks(rec.id, status, rec.bundle, pid=pid, annotations=rec.annotations)
     run_hooks(spec, kind, state, fatal=fatal, log=log)
 
 
@@ -184,9 +183,8 @@ def create(store: ContainerStore, cid: str, bundle_dir: Path, *, config_path: Pa
         timings.mark("monitor_ready")
         rec.pid, rec.pid_start, rec.status = ident.pid, ident.start_time, "created"
         store.save(rec)
-        state = dict(rec.oci_state(), status="creating")
         for kind in ("prestart", "createRuntime", "createContainer"):
-            _hooks(bundle.spec, kind, state, fatal=True)
+            _hooks(bundle.spec, kind, rec, "creating", fatal=True)
         timings.mark("hooks_done")
         log.debug(f"timings {timings.as_json()}")  # bench/run_vs_runc.py reads this line
         return rec, monitor.proc
@@ -214,14 +212,14 @@ def start(store: ContainerStore, cid: str) -> None:
         if status != "created":
             raise StateError(f"cannot start a container in the {status} state")
         spec = _spec_or_empty(rec)
-        _hooks(spec, "startContainer", rec.oci_state(), fatal=True)
+        _hooks(spec, "startContainer", rec, "created", fatal=True)
         _mirror_network(store, rec)
         with lite_agent_of(rec) as agent:
             agent.start_container(cid)
         rec.status = "running"
         store.save(rec)
         # The spec: a poststart hook's failure is logged, and the lifecycle goes on.
-        _hooks(spec, "poststart", rec.oci_state(), fatal=False)
+        _hooks(spec, "poststart", rec, "running", fatal=False)
 
 
 def _mirror_network(store: ContainerStore, rec: ContainerRecord) -> None:
@@ -311,7 +309,7 @@ def _destroy(rec: ContainerRecord) -> None:
         from kata.runtime import networking
 
         networking.unmirror(rec.netns, rec.network)
-    _hooks(_spec_or_empty(rec), "poststop", dict(rec.oci_state(), status="stopped", pid=0), fatal=False)
+    _hooks(_spec_or_empty(rec), "poststop", rec, "stopped", fatal=False)
     if rec.netns_pinned:
         from kata.utils import netns
 
