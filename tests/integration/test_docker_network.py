@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from kata.devtools.daemons import Dockerd, Runtime, docker_daemons, kata_runtime_path
+from kata.devtools.netns import in_netns, temporary_netns
 from tests.integration.conftest import _fail_on_leftovers, _kata_sandboxes, daemons_unavailable
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("needs_guest")]
@@ -21,26 +21,16 @@ pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("needs_guest")]
 TIMEOUT = 180
 
 
-def in_ns(ns: str, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["nsenter", f"--net=/run/netns/{ns}", *cmd], capture_output=True, text=True,
-                          check=check, timeout=60)
-
-
 @pytest.fixture(scope="module")
 def bridged() -> Iterator[tuple[Dockerd, str]]:
     reason = daemons_unavailable()
     if reason:
         pytest.skip(reason)
-    ns = f"kd-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
     before = _kata_sandboxes()
-    try:
-        in_ns(ns, "ip", "link", "set", "lo", "up")
+    with temporary_netns("kd") as ns:
         with docker_daemons(runtimes={"kata": Runtime(kata_runtime_path(), ())}, netns=ns) as dockerd:
             yield dockerd, ns
         _fail_on_leftovers(dockerd, dockerd.containerd, kata_before=before)
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
 def test_container_has_dockers_address_and_reaches_the_host_side(bridged: tuple[Dockerd, str],
@@ -68,7 +58,7 @@ def test_container_has_dockers_address_and_reaches_the_host_side(bridged: tuple[
         # ...and the host side reaches the published port (Docker's proxy, then the VM).
         deadline = time.monotonic() + 30
         while True:
-            fetched = in_ns(ns, "/bin/busybox", "wget", "-q", "-O", "-", "http://127.0.0.1:18080/passwd",
+            fetched = in_netns(ns, "/bin/busybox", "wget", "-q", "-O", "-", "http://127.0.0.1:18080/passwd",
                             check=False)
             if fetched.returncode == 0 or time.monotonic() > deadline:
                 break

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from kata.bundles import make_busybox_bundle
+from kata.devtools.netns import in_netns, temporary_netns
 from tests.conftest import leftovers, runtime_bin
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("needs_guest")]
@@ -21,29 +21,15 @@ TIMEOUT = 120
 
 @pytest.fixture
 def netns() -> Iterator[str]:
-    name = f"kt-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
+    with temporary_netns("kt") as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
     assert name not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-
-
-def in_ns(ns: str, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    # nsenter rather than `ip netns exec`, which remounts /sys (FACTS.md).
-    return subprocess.run(["nsenter", f"--net=/run/netns/{ns}", *cmd], capture_output=True, text=True,
-                          check=check, timeout=30)
 
 
 @pytest.fixture
 def peer_netns() -> Iterator[str]:
-    name = f"kp-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
+    with temporary_netns("kp") as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 @pytest.mark.parametrize("vcpus", [1, 2])
@@ -52,14 +38,14 @@ def test_the_namespace_is_mirrored_into_the_vm_at_start(tmp_path: Path, netns: s
     """A veth in the container's namespace (its peer in another, as a bridge would be): at start the
     VM gets an interface with its MAC, addresses and routes (and a queue pair per vCPU), traffic flows
     both ways through the tc mirroring, and delete leaves the namespace as it found it."""
-    in_ns(netns, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "kpeer")
-    in_ns(netns, "ip", "link", "set", "kpeer", "netns", f"/run/netns/{peer_netns}")
-    in_ns(netns, "ip", "addr", "add", "10.88.0.2/24", "dev", "eth0")
-    in_ns(netns, "ip", "link", "set", "eth0", "up")
-    in_ns(netns, "ip", "route", "add", "default", "via", "10.88.0.1")
-    in_ns(peer_netns, "ip", "addr", "add", "10.88.0.1/24", "dev", "kpeer")
-    in_ns(peer_netns, "ip", "link", "set", "kpeer", "up")
-    mac = in_ns(netns, "ip", "-o", "link", "show", "eth0").stdout.split("link/ether ")[1].split()[0]
+    in_netns(netns, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "kpeer")
+    in_netns(netns, "ip", "link", "set", "kpeer", "netns", f"/run/netns/{peer_netns}")
+    in_netns(netns, "ip", "addr", "add", "10.88.0.2/24", "dev", "eth0")
+    in_netns(netns, "ip", "link", "set", "eth0", "up")
+    in_netns(netns, "ip", "route", "add", "default", "via", "10.88.0.1")
+    in_netns(peer_netns, "ip", "addr", "add", "10.88.0.1/24", "dev", "kpeer")
+    in_netns(peer_netns, "ip", "link", "set", "kpeer", "up")
+    mac = in_netns(netns, "ip", "-o", "link", "show", "eth0").stdout.split("link/ether ")[1].split()[0]
 
     bundle = make_busybox_bundle(tmp_path / "b", ["sleep", "1000"])
     spec = json.loads((bundle / "config.json").read_text())
@@ -83,7 +69,7 @@ def test_the_namespace_is_mirrored_into_the_vm_at_start(tmp_path: Path, netns: s
                                 timeout=TIMEOUT)
         assert inside.stdout.startswith(mac), inside.stdout + inside.stderr
         assert "10.88.0.2/24" in inside.stdout and "default via 10.88.0.1" in inside.stdout
-        ping = in_ns(peer_netns, "/bin/busybox", "ping", "-c", "2", "-W", "10", "10.88.0.2", check=False)
+        ping = in_netns(peer_netns, "/bin/busybox", "ping", "-c", "2", "-W", "10", "10.88.0.2", check=False)
         assert ping.returncode == 0, ping.stdout + ping.stderr
         out_ping = subprocess.run([*cli, "exec", cid, "ping", "-c", "2", "-W", "10", "10.88.0.1"],
                                   capture_output=True, text=True, timeout=TIMEOUT)
@@ -91,9 +77,9 @@ def test_the_namespace_is_mirrored_into_the_vm_at_start(tmp_path: Path, netns: s
     finally:
         subprocess.run([*cli, "delete", "--force", cid], capture_output=True, timeout=TIMEOUT)
     assert leftovers(cid) == []
-    links = in_ns(netns, "ip", "-o", "link").stdout
+    links = in_netns(netns, "ip", "-o", "link").stdout
     assert "tap0_kata" not in links and "eth0" in links
-    assert in_ns(netns, "tc", "qdisc", "show", "dev", "eth0", "ingress").stdout.strip() == ""
+    assert in_netns(netns, "tc", "qdisc", "show", "dev", "eth0", "ingress").stdout.strip() == ""
 
 
 @pytest.mark.parametrize("network", [None, "/proc/self/ns/net"])

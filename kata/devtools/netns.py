@@ -1,0 +1,30 @@
+"""Named network namespaces (`ip netns`) for tests and benchmarks: made, used, always removed."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import uuid
+from collections.abc import Iterator
+
+NETNS_DIR = "/run/netns"
+
+
+@contextlib.contextmanager
+def temporary_netns(prefix: str) -> Iterator[str]:
+    """A fresh namespace named PREFIX-<random>, its loopback up; deleted on exit."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        in_netns(name, "ip", "link", "set", "lo", "up")
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def in_netns(name: str, *cmd: str, check: bool = True,
+             timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` in the namespace: nsenter rather than `ip netns exec`, which remounts /sys and
+    hides the cgroup mounts (FACTS.md)."""
+    return subprocess.run(["nsenter", f"--net={NETNS_DIR}/{name}", *cmd], capture_output=True, text=True,
+                          check=check, timeout=timeout)
