@@ -35,7 +35,7 @@ from kata.agent.transport import connect
 VM_GONE_STATUS = 255
 _CHUNK = 64 * 1024
 # runc forwards every signal but these to the container.
-_NOT_FORWARDED = {signal.SIGCHLD, signal.SIGWINCH, signal.SIGURG, signal.SIGKILL, signal.SIGSTOP,
+NOT_FORWARDED = {signal.SIGCHLD, signal.SIGWINCH, signal.SIGURG, signal.SIGKILL, signal.SIGSTOP,
                   signal.SIGPIPE, signal.SIGTTIN, signal.SIGTTOU, signal.SIGTSTP}
 
 
@@ -76,16 +76,10 @@ class Monitor:
 
     # ---- bring-up --------------------------------------------------------------------------
     def connect(self) -> None:
-        if self.conf.get("agent"):
-            endpoint = AgentEndpoint(**self.conf["agent"])
-            stream = connect(endpoint, 10.0)
-        else:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(10.0)
-            sock.connect(self.conf["proxy"])
-            sock.settimeout(None)
-            stream = ttrpc.socket_stream(sock)
-        self.agent = LiteAgent(ttrpc.Client(stream))
+        # The agent's own channel, or (an exec's monitor) the init monitor's proxy: a unix socket too.
+        endpoint = (AgentEndpoint(**self.conf["agent"]) if self.conf.get("agent")
+                    else AgentEndpoint("serial", path=self.conf["proxy"]))
+        self.agent = LiteAgent(ttrpc.Client(connect(endpoint, 10.0)))
         if self.conf.get("agent"):
             self._wait_ready(10.0)
 
@@ -200,7 +194,7 @@ class Monitor:
             self.signal_ready.release()
 
         for s in signal.Signals:
-            if s not in _NOT_FORWARDED:
+            if s not in NOT_FORWARDED:
                 try:
                     signal.signal(s, queue)
                 except (OSError, ValueError):

@@ -38,17 +38,10 @@ class StreamEOF(Exception):
 
 
 class AgentClient:
-    def __init__(self, stream: ttrpc.Stream, timeout: float | None = 60.0) -> None:
-        self._client = ttrpc.Client(stream)
+    def __init__(self, conn: ttrpc.Stream | ttrpc.Client, timeout: float | None = 60.0) -> None:
+        """On a stream to the agent, or on a ttrpc connection already open (e.g. a monitor's proxy)."""
+        self._client = conn if isinstance(conn, ttrpc.Client) else ttrpc.Client(conn)
         self.timeout = timeout
-
-    @classmethod
-    def over(cls, client: ttrpc.Client, timeout: float | None = 60.0) -> AgentClient:
-        """The typed API on a ttrpc connection that is already open."""
-        agent = cls.__new__(cls)
-        agent._client = client
-        agent.timeout = timeout
-        return agent
 
     def close(self) -> None:
         self._client.close()

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from kata.monitor import _NOT_FORWARDED
+from kata.monitor import NOT_FORWARDED
 
 
 @contextmanager
@@ -52,7 +52,7 @@ def wait(proc: subprocess.Popen[bytes], on_signal: Callable[[int], None] | None 
 
     previous = {}
     for s in signal.Signals:
-        if s not in _NOT_FORWARDED or s == signal.SIGWINCH:
+        if s not in NOT_FORWARDED or s == signal.SIGWINCH:
             try:
                 previous[s] = signal.signal(s, forward)
             except (OSError, ValueError):
