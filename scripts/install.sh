@@ -24,6 +24,8 @@ APT_PACKAGES=(
   iproute2 runc util-linux procps psmisc findutils
   # containerd-shim-runc-v2: the Go ttrpc server tests/unit/test_ttrpc_interop.py talks to
   containerd
+  # containerd's .proto files (task API, events, cgroup metrics) for containerd-shim-kata-v2's code
+  golang-github-containerd-containerd-dev golang-github-containerd-cgroups-dev
   # end-to-end tests and benchmarks with a real dockerd (kata-runtime as a Docker runtime) and CNI
   # networking; skopeo and umoci build the busybox test image without a registry (kata/images.py)
   docker.io containernetworking-plugins skopeo umoci

@@ -81,7 +81,10 @@ class RootfsSpec:
         "kata/agent/endpoint.py", "kata/oci/__init__.py", "kata/oci/default_spec.py",
         "kata/utils/__init__.py", "kata/utils/mount.py", "kata/guest",
     )  # fmt: skip
-    guest_code_skip: tuple[str, ...] = ("kata/protocols/build.py",)
+    # Files, or directories skipped whole: the host's build tools and containerd's and CRI's APIs.
+    guest_code_skip: tuple[str, ...] = ("kata/protocols/build.py", "kata/protocols/containerd_protos.py",
+                                        "kata/protocols/containerd", "kata/protocols/cgroups",
+                                        "kata/protocols/cri")
     site_dir: str = "usr/lib/kata-agent"
     mount_points: tuple[str, ...] = ("proc", "sys", "dev", "run", "tmp", "mnt", "root", "var/tmp", "etc")
     erofs: ErofsOptions = field(default_factory=ErofsOptions)
@@ -132,7 +135,7 @@ def guest_code_files(spec: RootfsSpec, src_root: Path) -> list[tuple[str, Path]]
             raise RootfsError(f"guest code path {entry} does not exist in {src_root}")
         for p in found:
             rel = p.relative_to(src_root).as_posix()
-            if rel not in spec.guest_code_skip:
+            if not any(rel == s or rel.startswith(s + "/") for s in spec.guest_code_skip):
                 files[rel] = p
     return sorted(files.items())
 

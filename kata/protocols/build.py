@@ -22,6 +22,9 @@ def generate() -> list[Path]:
     import grpc_tools
     from grpc_tools import protoc  # build-time only dependency
 
+    from kata.protocols import containerd_protos
+
+    containerd_protos.stage()
     wkt_include = Path(grpc_tools.__file__).parent / "_proto"
     files = proto_files()
     args = [
@@ -34,8 +37,10 @@ def generate() -> list[Path]:
     ]
     if protoc.main(args) != 0:
         raise RuntimeError("protoc failed for " + ", ".join(str(f) for f in files))
-    for d in {f.parent for f in files}:
-        (d / "__init__.py").touch(exist_ok=True)
+    for f in files:
+        # Every directory down to the file is a package (setuptools only finds those).
+        for d in f.relative_to(PACKAGE_DIR).parents:
+            (PACKAGE_DIR / d / "__init__.py").touch(exist_ok=True)
     return files
 
 
