@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -28,7 +27,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kata.devtools.daemons import DaemonError, Dockerd, Runtime, docker_daemons, kata_runtime_path  # noqa: E402
+from bench.benchlib import RuntimeFailed, checked, fmt, pss_kib, ratio, timed  # noqa: E402
+from kata.devtools.daemons import Dockerd, Runtime, docker_daemons, kata_runtime_path  # noqa: E402
 from kata.errors import KataError  # noqa: E402
 
 RUNTIMES = ("runc", "kata")
@@ -38,77 +38,30 @@ TARGET_EXEC_RATIO = 5.0
 TARGET_PSS_MB = 12.0
 
 
-class RuntimeFailed(Exception):
-    pass
-
-
-def docker_ok(d: Dockerd, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    try:
-        proc = d.run(*args, timeout=timeout)
-    except DaemonError as e:
-        raise RuntimeFailed(str(e)) from e
-    if proc.returncode != 0:
-        # The daemon's answer, not the CLI's later noise ("error waiting for container: context canceled").
-        lines = [ln for ln in proc.stderr.strip().splitlines() if not ln.startswith("WARNING")]
-        errors = [ln for ln in lines if "Error response from daemon" in ln] or lines[-1:]
-        detail = errors[0] if errors else "(no error output)"
-        raise RuntimeFailed(f"`docker {' '.join(args[:4])} ...` exited {proc.returncode}: {detail}")
-    return proc
-
-
-def timed(d: Dockerd, *args: str, timeout: float) -> float:
-    t0 = time.monotonic()
-    docker_ok(d, *args, timeout=timeout)
-    return time.monotonic() - t0
-
-
-def pss_kib(pid: int) -> int | None:
-    """Sum of Pss in /proc/PID/smaps_rollup, in KiB."""
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def bench_runtime(d: Dockerd, runtime: str, runs: int, timeout: float) -> dict[str, Any]:
     image = d.image
     res: dict[str, Any] = {}
     # One untimed run first: the first container of a runtime may pay for one-time work (kata's VM template).
-    res["warmup_s"] = timed(d, "run", "--rm", "--runtime", runtime, image, "true", timeout=timeout)
-    res["run_s"] = [timed(d, "run", "--rm", "--runtime", runtime, image, "true", timeout=timeout)
+    res["warmup_s"] = timed(d.run, "run", "--rm", "--runtime", runtime, image, "true", timeout=timeout)
+    res["run_s"] = [timed(d.run, "run", "--rm", "--runtime", runtime, image, "true", timeout=timeout)
                     for _ in range(runs)]
     res["run_median_s"] = statistics.median(res["run_s"])
     name = f"bench-{runtime}-{uuid.uuid4().hex[:8]}"
-    docker_ok(d, "run", "-d", "--name", name, "--runtime", runtime, image, "sleep", "1000", timeout=timeout)
+    checked(d.run, "run", "-d", "--name", name, "--runtime", runtime, image, "sleep", "1000", timeout=timeout)
     try:
-        pid = int(docker_ok(d, "inspect", "-f", "{{.State.Pid}}", name, timeout=60).stdout)
+        pid = int(checked(d.run, "inspect", "-f", "{{.State.Pid}}", name, timeout=60).stdout)
         res["pid"] = pid
         try:
             res["pid_comm"] = Path(f"/proc/{pid}/comm").read_text().strip()
         except OSError:
             res["pid_comm"] = None
         res["pss_kib"] = pss_kib(pid)
-        res["exec_s"] = [timed(d, "exec", name, "true", timeout=timeout) for _ in range(runs)]
+        res["exec_s"] = [timed(d.run, "exec", name, "true", timeout=timeout) for _ in range(runs)]
         res["exec_median_s"] = statistics.median(res["exec_s"])
         res["pss_kib_after_exec"] = pss_kib(pid)
     finally:
         d.run("rm", "-f", name, timeout=timeout)
     return res
-
-
-def ratio(results: dict[str, dict[str, Any]], key: str) -> float | None:
-    kata, runc = results.get("kata", {}), results.get("runc", {})
-    if key in kata and key in runc and runc[key]:
-        return float(kata[key]) / float(runc[key])
-    return None
-
-
-def fmt(value: float | None, spec: str, suffix: str = "") -> str:
-    width = int(spec.split(".")[0])
-    return (format(value, spec) + suffix) if value is not None else "-".rjust(width) + " " * len(suffix)
 
 
 def report(results: dict[str, dict[str, Any]], runs: int) -> dict[str, float | None]:

@@ -1,0 +1,1 @@
+"""Benchmarks against runc (run each as a script: python bench/NAME.py)."""
