@@ -27,22 +27,16 @@ import tty
 from typing import Any
 
 from kata import ttrpc
+from kata.agent import relay
 from kata.agent.endpoint import AgentEndpoint
-from kata.agent.lite import LiteAgent, StreamEnded
+from kata.agent.lite import LiteAgent
 from kata.agent.transport import connect
 
 # What the monitor exits with when the guest (or the connection to it) is gone: Kata's choice.
 VM_GONE_STATUS = 255
-_CHUNK = 64 * 1024
 # runc forwards every signal but these to the container.
 NOT_FORWARDED = {signal.SIGCHLD, signal.SIGWINCH, signal.SIGURG, signal.SIGKILL, signal.SIGSTOP,
                   signal.SIGPIPE, signal.SIGTTIN, signal.SIGTTOU, signal.SIGTSTP}
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def _fd_open(fd: int) -> bool:
@@ -154,37 +148,13 @@ class Monitor:
             stdin = 0 if _fd_open(0) else None
         for stream, fd in targets:
             if fd is not None and _fd_open(fd):
-                t = threading.Thread(target=self._pump_out, args=(stream, fd), daemon=True)
+                args = (self.agent, stream, self.cid, self.exec_id, fd)
+                t = threading.Thread(target=relay.pump_out, args=args, daemon=True)
                 t.start()
                 self.outputs.append(t)
         if stdin is not None:
-            threading.Thread(target=self._pump_in, args=(stdin,), daemon=True).start()
-
-    def _pump_out(self, stream: str, fd: int) -> None:
-        assert self.agent is not None
-        while True:
-            try:
-                data = self.agent.read(stream, self.cid, self.exec_id, _CHUNK)
-                if data:
-                    _write_all(fd, data)
-            except (StreamEnded, OSError, ttrpc.TTRPCError):
-                return
-
-    def _pump_in(self, fd: int) -> None:
-        assert self.agent is not None
-        while True:
-            try:
-                data = os.read(fd, _CHUNK)
-            except OSError:
-                data = b""
-            try:
-                if not data:
-                    if not self.terminal:  # a pty has no EOF to pass on; its output may continue
-                        self.agent.close_stdin(self.cid, self.exec_id)
-                    return
-                self.agent.write_stdin(self.cid, self.exec_id, data)
-            except ttrpc.TTRPCError:
-                return
+            args_in = (self.agent, self.cid, self.exec_id, stdin, self.terminal)
+            threading.Thread(target=relay.pump_in, args=args_in, daemon=True).start()
 
     # ---- signals ---------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from kata.config.model import HypervisorConfig
 from kata.errors import KataError
-from kata.oci.spec import Bundle, linux_resources
+from kata.oci.spec import Bundle, Resources, linux_resources
 
 # Where the sandbox's shared filesystem is mounted in the guest.
 GUEST_SHARED_DIR = "/run/kata-containers/shared/containers"
@@ -120,6 +120,7 @@ def plan_container(bundle: Bundle, container_id: str) -> ContainerPlan:
 
 
 GUEST_NETNS = {"type": "network", "path": "/proc/1/ns/net"}
+_POD_SHARED_NAMESPACES = ("ipc", "uts")
 
 
 def _convert_linux(linux: dict[str, Any], container_id: str) -> None:
@@ -128,8 +129,11 @@ def _convert_linux(linux: dict[str, Any], container_id: str) -> None:
         # is the VM's own (it mirrors the host netns), so a network namespace becomes the guest's
         # initial one, named by path: crun then accepts the spec's net.* sysctls (Docker always sets
         # one), which act on this pod's VM alone.
+        # IPC and UTS namespaces joined by path are a pod's shared ones (a Kubernetes container joins
+        # its sandbox's): in the VM, which is the pod's, the guest's own stand for them.
         linux["namespaces"] = [GUEST_NETNS if ns.get("type") == "network" else {"type": ns["type"]}
-                               for ns in linux["namespaces"]]
+                               for ns in linux["namespaces"]
+                               if not (ns.get("type") in _POD_SHARED_NAMESPACES and ns.get("path"))]
         # The guest is cgroup v2, where runtimes give each container its own cgroup namespace (a
         # v1 host's spec, e.g. Docker's, asks for none): /sys/fs/cgroup then shows the container's
         # own cgroup and its limits, not the guest's root.
@@ -163,7 +167,7 @@ def vm_sizing(spec: dict[str, Any], hv: HypervisorConfig, host_cpus: int, host_m
         max_vcpus = host_cpus
     max_vcpus = max(max_vcpus, base)
 
-    res = linux_resources(spec)
+    res = pod_resources(spec) or linux_resources(spec)
     vcpus = base
     if res.cpu_quota is not None:
         # An unset period is the kernel's default CFS period.
@@ -179,3 +183,64 @@ def vm_sizing(spec: dict[str, Any], hv: HypervisorConfig, host_cpus: int, host_m
     # Kata: memory may be hot-added up to the host's size (plus memory_offset).
     max_memory = max(memory, host_memory_mib + hv.memory_offset)
     return VMSizing(vcpus=vcpus, max_vcpus=max_vcpus, memory_mib=memory, max_memory_mib=max_memory)
+
+
+# ---- pods (Kubernetes through containerd's CRI plugin) -------------------------------------------
+CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
+CRI_SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
+CRI_SANDBOX_CPU_QUOTA = "io.kubernetes.cri.sandbox-cpu-quota"
+CRI_SANDBOX_CPU_PERIOD = "io.kubernetes.cri.sandbox-cpu-period"
+CRI_SANDBOX_MEMORY = "io.kubernetes.cri.sandbox-memory"
+
+
+@dataclass(frozen=True)
+class PodRole:
+    """What a container is to its pod: the sandbox (whose VM it brings up), or a container that
+    joins the sandbox ``sandbox_id``. A container without CRI annotations is a pod of its own."""
+
+    is_sandbox: bool
+    sandbox_id: str
+
+
+def pod_role(annotations: dict[str, str] | Any, container_id: str) -> PodRole:
+    kind = annotations.get(CRI_CONTAINER_TYPE, "")
+    sandbox_id = annotations.get(CRI_SANDBOX_ID, "") or container_id
+    if kind == "container":
+        if sandbox_id == container_id:
+            raise SpecConvError(f"container {container_id}: {CRI_CONTAINER_TYPE} is container, "
+                                f"but {CRI_SANDBOX_ID} names no other sandbox")
+        return PodRole(is_sandbox=False, sandbox_id=sandbox_id)
+    return PodRole(is_sandbox=True, sandbox_id=container_id)
+
+
+def pod_resources(spec: dict[str, Any]) -> Resources | None:
+    """The whole pod's limits, when the CRI plugin passes them on the sandbox (its own spec has
+    none): the VM is then sized for every container of the pod up front."""
+    annotations = spec.get("annotations") or {}
+    if annotations.get(CRI_CONTAINER_TYPE) != "sandbox":
+        return None
+
+    def number(key: str) -> int | None:
+        value = annotations.get(key)
+        if value in (None, ""):
+            return None
+        try:
+            n = int(value)
+        except ValueError:
+            raise SpecConvError(f"annotation {key}: {value!r} is not a number") from None
+        return n if n > 0 else None
+
+    quota, period, memory = (number(CRI_SANDBOX_CPU_QUOTA), number(CRI_SANDBOX_CPU_PERIOD),
+                             number(CRI_SANDBOX_MEMORY))
+    if quota is None and memory is None:
+        return None
+    return Resources(memory_limit=memory, cpu_quota=quota, cpu_period=period)
+
+
+def container_growth(spec: dict[str, Any]) -> tuple[int, int]:
+    """(vCPUs, MiB) a joining container adds to its pod's VM: its own limits, as vm_sizing counts
+    the first container's. Nothing when the pod was sized as a whole (see pod_resources)."""
+    res = linux_resources(spec)
+    vcpus = math.ceil(res.cpu_quota / (res.cpu_period or DEFAULT_CPU_PERIOD_US)) if res.cpu_quota else 0
+    memory = math.ceil(res.memory_limit / (1024 * 1024)) if res.memory_limit else 0
+    return vcpus, memory

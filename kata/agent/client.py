@@ -43,6 +43,11 @@ class AgentClient:
         self._client = conn if isinstance(conn, ttrpc.Client) else ttrpc.Client(conn)
         self.timeout = timeout
 
+    @property
+    def client(self) -> ttrpc.Client:
+        """The ttrpc connection, for callers that share it (e.g. kata.agent.lite's relay calls)."""
+        return self._client
+
     def close(self) -> None:
         self._client.close()
 

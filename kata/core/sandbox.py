@@ -332,6 +332,28 @@ class Sandbox:
                 if line.strip():
                     self.log.debug(f"guest console: {line}")
 
+    # ---- resizing -------------------------------------------------------------------------
+    def grow_memory(self, agent: AgentClient, want_mib: int) -> int:
+        """Hot-add memory until the VM has ``want_mib``, in whole guest memory blocks, and wait for the
+        guest to online it. Returns the VM's new size in MiB; 0 when it did not (or could not) grow:
+        the container's limit still applies in the guest, the VM's own size caps it sooner."""
+        if self.hypervisor is None:
+            return 0
+        have = self.hypervisor.memory_mib()
+        if want_mib <= have:
+            return 0
+        # The guest adds memory in whole blocks (128 MiB on x86): a smaller DIMM would stay unused.
+        block_mib = max(1, agent.get_guest_details(mem_hotplug_probe=False).mem_block_size_bytes >> 20)
+        want_mib = have + -(-(want_mib - have) // block_mib) * block_mib
+        try:
+            self.hypervisor.hotplug_memory(want_mib - have)
+        except HypervisorError as exc:
+            self.log.warning(f"sandbox {self.id}: the VM cannot grow to {want_mib} MiB: {exc}")
+            return 0
+        self.log.info(f"sandbox {self.id}: VM memory grown from {have} to {want_mib} MiB")
+        agent.online_cpu_mem(wait=True, mem_mib=want_mib)
+        return want_mib
+
     def require_agent(self) -> AgentClient:
         if self.agent is None:
             raise KataError(f"sandbox {self.id} has no agent connection")

@@ -393,35 +393,15 @@ def update(store: ContainerStore, cid: str, resources: dict[str, Any]) -> None:
     sandbox = Sandbox.attach(cid, _config_of(rec))
     try:
         with agent_of(rec) as agent:
-            grown = _grow_vm(sandbox, agent, resources)
-            if grown:
-                agent.online_cpu_mem(wait=True, mem_mib=grown)
+            _grow_vm(sandbox, agent, resources)
             agent.update_container(container_id=cid, resources_json=json.dumps(resources).encode())
     finally:
         sandbox.release()
 
 
-def _grow_vm(sandbox: Any, agent: AgentClient, resources: dict[str, Any]) -> int:
+def _grow_vm(sandbox: Any, agent: AgentClient, resources: dict[str, Any]) -> None:
     """The VM was sized as the configured default plus the container's limit (see vm_sizing):
-    a larger limit gets the difference hot-added, as Kata does. Returns the VM's new size in MiB,
-    0 when it did not grow."""
+    a larger limit gets the difference hot-added, as Kata does."""
     limit = (resources.get("memory") or {}).get("limit")
-    if sandbox.hypervisor is None or not limit or limit <= 0:
-        return 0
-    want = sandbox.cfg.hypervisor.default_memory + -(-int(limit) // (1024 * 1024))
-    have = sandbox.hypervisor.memory_mib()
-    if want > have:
-        from kata.hypervisor.base import HypervisorError
-
-        # The guest adds memory in whole blocks (128 MiB on x86): a smaller DIMM would stay unused.
-        block_mib = max(1, agent.get_guest_details(mem_hotplug_probe=False).mem_block_size_bytes >> 20)
-        want = have + -(-(want - have) // block_mib) * block_mib
-        try:
-            sandbox.hypervisor.hotplug_memory(want - have)
-        except HypervisorError as exc:
-            # The limit still applies in the guest; the VM's own size caps it sooner.
-            log.warning(f"container {sandbox.id}: the VM cannot grow to {want} MiB: {exc}")
-            return 0
-        log.info(f"container {sandbox.id}: VM memory grown from {have} to {want} MiB")
-        return want
-    return 0
+    if limit and limit > 0:
+        sandbox.grow_memory(agent, sandbox.cfg.hypervisor.default_memory + -(-int(limit) // (1024 * 1024)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Iterable
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -18,6 +19,26 @@ MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
 MNT_DETACH = 0x2
+
+_FLAGS = {
+    "ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC,
+    "remount": MS_REMOUNT, "bind": MS_BIND, "rbind": MS_BIND | MS_REC,
+}
+_NO_FLAGS = {"rw", "suid", "dev", "exec", "defaults"}
+
+
+def split_options(options: Iterable[str]) -> tuple[int, str]:
+    """Mount options → (flags, data string) as mount(2) wants them."""
+    flags = 0
+    data = []
+    for opt in options:
+        for o in opt.split(","):
+            if o in _FLAGS:
+                flags |= _FLAGS[o]
+            elif o and o not in _NO_FLAGS:
+                data.append(o)
+    return flags, ",".join(data)
+
 
 # The process's own symbols include libc's (no ctypes.util lookup: it imports subprocess and more).
 libc = ctypes.CDLL(None, use_errno=True)

@@ -11,31 +11,9 @@ from kata.utils.mount import (
     MS_NODEV,
     MS_NOEXEC,
     MS_NOSUID,
-    MS_RDONLY,
-    MS_REC,
-    MS_REMOUNT,
     mount,
+    split_options,
 )
-
-_FLAGS = {
-    "ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC,
-    "remount": MS_REMOUNT, "bind": MS_BIND, "rbind": MS_BIND | MS_REC,
-}
-_NO_FLAGS = {"rw", "suid", "dev", "exec", "defaults"}
-
-
-def split_options(options: Iterable[str]) -> tuple[int, str]:
-    """Mount options → (flags, data string) as mount(2) wants them."""
-    flags = 0
-    data = []
-    for opt in options:
-        for o in opt.split(","):
-            if o in _FLAGS:
-                flags |= _FLAGS[o]
-            elif o and o not in _NO_FLAGS:
-                data.append(o)
-    return flags, ",".join(data)
-
 
 # (source, target, fstype, flags, data) in order; the root is a read-only erofs.
 _EARLY = [

@@ -1,0 +1,3 @@
+from kata.shim.main import main
+
+main()

@@ -1,0 +1,114 @@
+"""One process of a task (the container's init, or an exec): its state, its stdio relay and its exit.
+
+States follow containerd's: created -> running -> stopped; a task's init may also be paused. The
+exit is recorded only after the process's output has been copied out and its stdio closed, so a
+client that sees the exit has all the output (containerd's clients wait on both).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from kata import ttrpc
+from kata.agent import relay
+from kata.agent.lite import LiteAgent
+from kata.shim.stdio import ProcessIO, StdinOpener, StdioPaths, open_outputs
+
+# What a process's exit reads when the VM (or the connection to the agent) is gone: Kata's choice.
+VM_GONE_STATUS = 255
+# After an exit, how long its remaining output may take to drain before stdio is closed anyway.
+_DRAIN_TIMEOUT = 10.0
+
+CREATED, RUNNING, STOPPED, PAUSED = "created", "running", "stopped", "paused"
+
+
+class Process:
+    def __init__(self, container_id: str, exec_id: str, stdio: StdioPaths, namespace: str,
+                 spec_json: bytes = b"") -> None:
+        self.container_id = container_id
+        self.exec_id = exec_id  # "" for the init
+        self.stdio = stdio
+        self.namespace = namespace
+        self.spec_json = spec_json  # an exec's OCI process, as JSON
+        self.status = CREATED
+        self.exit_status = 0
+        self.exited_at: float | None = None
+        self._exited = threading.Event()
+        self._io: ProcessIO | None = None
+        self._outputs: list[threading.Thread] = []
+        self._stdin: StdinOpener | None = None
+        self._stdin_thread: threading.Thread | None = None
+
+    @property
+    def exited(self) -> bool:
+        return self._exited.is_set()
+
+    # ---- stdio -----------------------------------------------------------------------------
+    def open_io(self, agent: LiteAgent) -> None:
+        """Open the host ends and start copying; the process must exist in the guest."""
+        self._io = open_outputs(self.stdio, self.container_id, self.namespace)
+        streams = [("stdout", self._io.stdout), ("stderr", self._io.stderr)]
+        for stream, fd in streams:
+            if fd is not None:
+                t = threading.Thread(target=relay.pump_out,
+                                     args=(agent, stream, self.container_id, self.exec_id, fd),
+                                     name=f"{stream}-{self.exec_id or self.container_id}", daemon=True)
+                t.start()
+                self._outputs.append(t)
+        if self.stdio.stdin:
+            opener = StdinOpener(self.stdio.stdin)
+            self._stdin = opener
+            self._stdin_thread = threading.Thread(target=self._copy_stdin, args=(agent, opener), daemon=True)
+            self._stdin_thread.start()
+
+    def _copy_stdin(self, agent: LiteAgent, opener: StdinOpener) -> None:
+        import os
+
+        fd = opener.open()
+        if fd is None:
+            return
+        try:
+            relay.pump_in(agent, self.container_id, self.exec_id, fd, self.stdio.terminal)
+        finally:
+            os.close(fd)
+
+    def close_stdin(self, timeout: float = 5.0) -> None:
+        """containerd's CloseIO: its writer has closed, so the copy ends with the process's stdin."""
+        if self._stdin_thread is not None:
+            self._stdin_thread.join(timeout)
+
+    def _close_io(self) -> None:
+        for t in self._outputs:
+            t.join(_DRAIN_TIMEOUT)
+        if self._stdin is not None:
+            self._stdin.cancel()
+        if self._io is not None:
+            self._io.close()
+
+    # ---- life --------------------------------------------------------------------------------
+    def watch(self, agent: LiteAgent, on_exit: Callable[[Process], None]) -> None:
+        """From a started process on: wait for its exit on a thread of its own, then call on_exit."""
+        def waiter() -> None:
+            try:
+                status = agent.wait(self.container_id, self.exec_id)
+            except ttrpc.TTRPCError:
+                status = VM_GONE_STATUS
+            self.finish(status)
+            on_exit(self)
+
+        threading.Thread(target=waiter, name=f"wait-{self.exec_id or self.container_id}", daemon=True).start()
+
+    def finish(self, status: int) -> None:
+        """Record the exit (once): output drained and stdio closed first."""
+        if self._exited.is_set():
+            return
+        self._close_io()
+        self.exit_status = status & 0xFF if status >= 0 else VM_GONE_STATUS
+        self.exited_at = time.time()
+        self.status = STOPPED
+        self._exited.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._exited.wait(timeout)

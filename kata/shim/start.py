@@ -1,0 +1,90 @@
+"""`containerd-shim-kata-v2 start`: one shim per pod.
+
+The pod's first task (its sandbox) gets a new shim: the socket is bound here, then handed to the
+shim started in its own session (its descriptor number in the environment). containerd reads this
+command's output to its end, so the shim keeps none of our other descriptors. A later container of
+the pod gets the running shim's address.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from kata.errors import KataError
+from kata.shim import address
+from kata.shim.main import SERVE_ENV, bundle_of
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.id or not args.namespace:
+        raise KataError("start needs -id and -namespace")
+    bundle = bundle_of(args)
+    group = address.group_of(bundle, args.id)
+    path = address.socket_path(args.address, args.namespace, group)
+    if address.is_serving(path):
+        found = address.as_address(path)
+    elif group != args.id:
+        raise KataError(f"container {args.id}: the shim of its pod {group} is not running")
+    else:
+        found = _start_shim(args, bundle, path)
+    (bundle / "address").write_text(found)
+    sys.stdout.write(found)
+    return 0
+
+
+def _start_shim(args: argparse.Namespace, bundle: Path, path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
+    try:
+        path.unlink()  # a shim that died left its socket: nothing listens on it (checked above)
+    except FileNotFoundError:
+        pass
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(str(path))
+        os.chmod(path, 0o600)
+        listener.listen(128)
+        env = dict(os.environ)
+        env[SERVE_ENV] = str(listener.fileno())
+        config = _config_from_options()
+        if config:
+            env["KATA_CONF_FILE"] = config
+        argv = [sys.executable, "-m", "kata.shim", "-namespace", args.namespace, "-address", args.address,
+                "-publish-binary", args.publish_binary, "-id", args.id, "-bundle", str(bundle)]
+        if args.debug:
+            argv.append("-debug")
+
+        proc = subprocess.Popen(argv, cwd=bundle, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True, pass_fds=(listener.fileno(),))
+    except BaseException:
+        listener.close()
+        path.unlink(missing_ok=True)
+        raise
+    listener.close()
+    (bundle / "shim.pid").write_text(str(proc.pid))
+    return address.as_address(path)
+
+
+def _config_from_options() -> str:
+    """containerd writes the runtime's options (a protobuf Any holding runtimeoptions.v1.Options)
+    to our stdin; its config_path picks the configuration.toml. Decoded without the protobuf
+    runtime, which `start` does not otherwise load."""
+    from kata.ttrpc import wire
+
+    if sys.stdin is None or sys.stdin.isatty():
+        return ""
+    try:
+        data = sys.stdin.buffer.read()
+        if not data:
+            return ""
+        any_fields = wire.decode(data)
+        if not wire.last_str(any_fields, 1).endswith("runtimeoptions.v1.Options"):
+            return ""
+        return wire.last_str(wire.decode(wire.last_bytes(any_fields, 2)), 2)
+    except (OSError, ValueError) as exc:
+        raise KataError(f"runtime options on stdin: {exc}") from exc
