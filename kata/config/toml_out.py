@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _key(k: str) -> str:
+    """A bare key as is; any other (containerd's plugin names have dots) quoted."""
+    return k if _BARE_KEY.fullmatch(k) else json.dumps(k)
 
 
 def _value(v: Any) -> str:
@@ -17,10 +25,10 @@ def _value(v: Any) -> str:
 
 
 def _tables(table: dict[str, Any], prefix: str = "") -> list[str]:
-    lines = [f"{k} = {_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
+    lines = [f"{_key(k)} = {_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
     for k, v in table.items():
         if isinstance(v, dict):
-            name = f"{prefix}.{k}" if prefix else k
+            name = f"{prefix}.{_key(k)}" if prefix else _key(k)
             sub = _tables(v, name)
             if any(not isinstance(x, dict) for x in v.values()):
                 lines += ["", f"[{name}]"]
