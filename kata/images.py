@@ -6,7 +6,11 @@ image layout with umoci (one layer, ``Cmd ["sh"]`` and a ``PATH``), which skopeo
 - a docker-archive, for ``docker load``;
 - an oci-archive named with the normalised reference, for ``ctr images import``.
 
-Both are cached under ``/var/cache/kata-containers/images/busybox-<key>/``, the key being a hash of the
+A second tag of the same layer is the pause image a CRI pod sandbox runs (``sandbox_image``): its
+entrypoint waits until SIGTERM or SIGINT and exits 0 (a shell that traps them: PID 1 of a namespace
+ignores signals it has no handler for). It is written as a third archive, an oci-archive.
+
+All are cached under ``/var/cache/kata-containers/images/busybox-<key>/``, the key being a hash of the
 busybox binary and of this recipe, so a later call only checks that they exist.
 """
 
@@ -27,10 +31,14 @@ from kata.errors import KataError
 # what the CRI looks up for the short name).
 IMAGE_NAME = "kata-test/busybox:latest"
 IMAGE_REF = "docker.io/" + IMAGE_NAME
+PAUSE_NAME = "kata-test/pause:latest"
+PAUSE_REF = "docker.io/" + PAUSE_NAME
+# `sleep` in the background and `wait`: the shell runs its trap as soon as a signal arrives.
+PAUSE_SCRIPT = "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done"
 CACHE_DIR = Path("/var/cache/kata-containers/images")
 IMAGE_PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Part of the cache key: change it when the steps below change what the archives hold.
-_RECIPE = f"busybox image v1 {IMAGE_REF} cmd=sh {IMAGE_PATH_ENV}"
+_RECIPE = f"busybox image v2 {IMAGE_REF} cmd=sh {IMAGE_PATH_ENV} pause {PAUSE_REF} {PAUSE_SCRIPT}"
 _TOOL_TIMEOUT = 300
 
 
@@ -42,6 +50,10 @@ class ImageError(KataError):
 class ImageArchives:
     docker: Path  # docker-archive, for `docker load -i`
     oci: Path  # oci-archive, for `ctr images import`
+    pause: Path  # oci-archive of the pause image, for `ctr -n k8s.io images import`
+
+    def all_present(self) -> bool:
+        return all(p.is_file() for p in (self.docker, self.oci, self.pause))
 
 
 def cache_key(busybox: str = BUSYBOX) -> str:
@@ -68,7 +80,7 @@ def _tool(*cmd: str) -> None:
 
 
 def _build(out: Path, work: Path) -> None:
-    """Write docker.tar and oci.tar into ``out``, with scratch files in ``work``."""
+    """Write docker.tar, oci.tar and pause.tar into ``out``, with scratch files in ``work``."""
     layout, bundle = work / "oci", work / "bundle"
     image = f"{layout}:latest"
     rootless = ["--rootless"] if os.geteuid() != 0 else []
@@ -79,20 +91,26 @@ def _build(out: Path, work: Path) -> None:
     _tool("umoci", "repack", "--image", image, str(bundle))
     _tool("umoci", "config", "--image", image, "--config.cmd", "sh", "--config.env", IMAGE_PATH_ENV,
           "--history.created_by", "kata.images (busybox-static)")
+    pause = f"{layout}:pause"
+    _tool("umoci", "config", "--image", image, "--tag", "pause", "--clear", "config.cmd",
+          "--config.entrypoint", "sh", "--config.entrypoint", "-c", "--config.entrypoint", PAUSE_SCRIPT,
+          "--history.created_by", "kata.images (pause)")
     _tool("umoci", "gc", "--layout", str(layout))
     # Local files only: no signature policy to consult (and none need be installed).
     _tool("skopeo", "--insecure-policy", "copy", "--quiet", f"oci:{image}",
           f"docker-archive:{out / 'docker.tar'}:{IMAGE_NAME}")
     _tool("skopeo", "--insecure-policy", "copy", "--quiet", f"oci:{image}",
           f"oci-archive:{out / 'oci.tar'}:{IMAGE_REF}")
+    _tool("skopeo", "--insecure-policy", "copy", "--quiet", f"oci:{pause}",
+          f"oci-archive:{out / 'pause.tar'}:{PAUSE_REF}")
 
 
 def busybox_archives(cache_dir: Path = CACHE_DIR) -> ImageArchives:
     """The busybox image's archives, built on the first call for this busybox binary."""
     key = cache_key()
     final = cache_dir / f"busybox-{key}"
-    archives = ImageArchives(docker=final / "docker.tar", oci=final / "oci.tar")
-    if archives.docker.is_file() and archives.oci.is_file():
+    archives = ImageArchives(docker=final / "docker.tar", oci=final / "oci.tar", pause=final / "pause.tar")
+    if archives.all_present():
         return archives
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Built beside the cache entry and renamed into place whole: a reader never sees half of it, and
@@ -106,7 +124,7 @@ def busybox_archives(cache_dir: Path = CACHE_DIR) -> ImageArchives:
         try:
             out.rename(final)
         except OSError:
-            if not (archives.docker.is_file() and archives.oci.is_file()):
+            if not archives.all_present():
                 raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -124,3 +142,8 @@ def busybox_docker_archive(cache_dir: Path = CACHE_DIR) -> Path:
 def busybox_oci_archive(cache_dir: Path = CACHE_DIR) -> Path:
     """An oci-archive of IMAGE_REF, for `ctr images import`."""
     return busybox_archives(cache_dir).oci
+
+
+def pause_oci_archive(cache_dir: Path = CACHE_DIR) -> Path:
+    """An oci-archive of PAUSE_REF (a CRI sandbox image), for `ctr -n k8s.io images import`."""
+    return busybox_archives(cache_dir).pause

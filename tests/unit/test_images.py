@@ -8,11 +8,12 @@ import shutil
 import tarfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from kata import images
-from kata.images import IMAGE_NAME, IMAGE_REF, ImageError, busybox_archives
+from kata.images import IMAGE_NAME, IMAGE_REF, PAUSE_REF, PAUSE_SCRIPT, ImageError, busybox_archives
 
 
 def test_missing_tool_is_one_line() -> None:
@@ -23,6 +24,17 @@ def test_missing_tool_is_one_line() -> None:
 def test_failing_tool_names_the_command_and_last_error_line() -> None:
     with pytest.raises(ImageError, match=r"^`sh -c` failed: second$"):
         images._tool("sh", "-c", "echo first >&2; echo second >&2; exit 3")
+
+
+def _oci_config(archive: Path, ref: str) -> dict[str, Any]:
+    """The image config of the oci-archive's only manifest, which must be named ``ref``."""
+    with tarfile.open(archive) as tar:
+        def blob(digest: str) -> Any:
+            return json.load(tar.extractfile("blobs/sha256/" + digest.split(":")[1]))  # type: ignore[arg-type]
+        index = json.load(tar.extractfile("index.json"))  # type: ignore[arg-type]
+        [entry] = index["manifests"]
+        assert entry["annotations"]["org.opencontainers.image.ref.name"] == ref
+        return blob(blob(entry["digest"])["config"]["digest"])  # type: ignore[no-any-return]
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not (shutil.which("umoci") and shutil.which("skopeo")),
@@ -38,6 +50,7 @@ def test_build_then_cached(tmp_path: Path) -> None:
         index = json.load(tar.extractfile("index.json"))  # type: ignore[arg-type]
     assert index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"] == IMAGE_REF
     assert IMAGE_REF.endswith(IMAGE_NAME)
+    assert _oci_config(first.pause, PAUSE_REF)["config"]["Entrypoint"] == ["sh", "-c", PAUSE_SCRIPT]
 
     mtime = first.docker.stat().st_mtime_ns
     t0 = time.monotonic()
