@@ -96,12 +96,14 @@ def ci_prerequisites_missing() -> list[str]:
     missing = [r for r in (guest_assets_missing(),) if r]
     if os.geteuid() != 0:
         missing.append("not running as root")
-    for path in ("/usr/bin/qemu-system-x86_64", "/bin/busybox"):
+    for path in ("/usr/bin/qemu-system-x86_64", "/bin/busybox",
+                 # the CNI plugins of the CRI pods' network (containernetworking-plugins)
+                 "/usr/lib/cni/bridge", "/usr/lib/cni/host-local", "/usr/lib/cni/loopback"):
         if not Path(path).exists():
             missing.append(path)
     for tool in ("mkfs.erofs", "fsck.erofs", "cpio", "apt-get", "dpkg-deb", "containerd-shim-runc-v2",
                  # the real daemons and the busybox image of tests/integration/conftest.py
-                 "containerd", "ctr", "runc", "dockerd", "docker", "skopeo", "umoci"):
+                 "containerd", "ctr", "runc", "dockerd", "docker", "skopeo", "umoci", "nsenter"):
         if shutil.which(tool) is None:
             missing.append(tool)
     from kata.hypervisor.host import find_virtiofsd

@@ -10,6 +10,11 @@ the directory; ``leftovers()`` lists whatever survived.
     with docker_daemons(runtimes={"kata": Runtime(kata_runtime_path())}) as docker:
         docker.run("run", "--rm", "--runtime", "kata", docker.image, "echo", "hi")
 
+``Containerd(cri=True, netns=NAME, runtimes={"kata": KATA})`` serves the CRI API on its socket too
+(``kata.devtools.cri`` is a client), with the runtime handlers ``runc`` and those given, the locally built
+pause image as sandbox image and a CNI bridge network (``kata.devtools.cri_config``), in the network
+namespace NAME so that the bridge and the pods' addresses stay off the host.
+
 A directory whose owner (the process that made it) is dead is swept at the next start.
 """
 
@@ -21,17 +26,34 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
+from kata.config.toml_out import dumps
+from kata.devtools.cri_config import (
+    CNI_BIN_DIR,
+    CNI_CACHE_DIR,
+    CRI_NAMESPACE,
+    CRI_PLUGIN,
+    DEFAULT_POD_SUBNET,
+    CriRuntime,
+    cni_bridge_name,
+    cni_network_name,
+    cri_plugin_config,
+    write_cni_config,
+)
 from kata.errors import KataError
-from kata.images import IMAGE_NAME, IMAGE_REF, busybox_docker_archive, busybox_oci_archive
+from kata.images import IMAGE_NAME, IMAGE_REF, busybox_docker_archive, busybox_oci_archive, pause_oci_archive
 from kata.utils.mount import mounts_under, unmount
+
+if TYPE_CHECKING:
+    from kata.devtools.cri import CriClient  # grpc and generated code: only for cri=True
 
 RUN_DIR = Path("/run")
 CONTAINERD_PREFIX = "ktc-"
@@ -40,6 +62,9 @@ DOCKERD_PREFIX = "ktd-"
 # (some hosts have one in /usr/local/bin) would talk to dockerd 20.10 through API negotiation instead.
 DOCKER_CLIENT = "/usr/bin/docker"
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+NETNS_DIR = "/run/netns"
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+CNI_PLUGINS = ("bridge", "host-local", "loopback")
 
 
 class DaemonError(KataError):
@@ -61,6 +86,20 @@ def missing_tools() -> list[str]:
     if docker_client() is None:
         missing.append("docker")
     return missing
+
+
+def cri_missing_tools() -> list[str]:
+    """What a CRI-enabled containerd needs beyond missing_tools(): nsenter and the CNI plugins."""
+    missing = [] if shutil.which("nsenter", path=_env()["PATH"]) else ["nsenter"]
+    plugins = [f"{CNI_BIN_DIR}/{p}" for p in CNI_PLUGINS]
+    return missing + [p for p in plugins if not os.access(p, os.X_OK)]
+
+
+def _shim_dirs() -> list[str]:
+    """Where containerd must look for containerd-shim-kata-v2: beside kata-runtime (whose /usr/local/bin
+    entry may be a symlink into the venv) and in this interpreter's environment."""
+    dirs = [os.path.dirname(os.path.realpath(kata_runtime_path())), os.path.join(sys.prefix, "bin")]
+    return list(dict.fromkeys(dirs))
 
 
 # --- processes --------------------------------------------------------------------------------------
@@ -217,8 +256,45 @@ def sweep_stale() -> list[Path]:
         table = _process_table()
         _kill(_with_descendants(_naming(str(base), table), table))
         _release_dir(base)
+        if base.name.startswith(CONTAINERD_PREFIX):
+            _release_cri_host_state(base, host_bridge=True)
         swept.append(base)
     return swept
+
+
+# --- what a CRI containerd leaves outside its directory ---------------------------------------------
+
+def _pod_cgroups(base: Path) -> list[Path]:
+    """The cgroup directories under the pods' parent (Containerd.cgroup_parent), in every hierarchy."""
+    return sorted(p for p in (*CGROUP_ROOT.glob(f"*/{base.name}"), CGROUP_ROOT / base.name) if p.is_dir())
+
+
+def _cri_host_leftovers(base: Path, host_bridge: bool) -> list[str]:
+    found = [f"cgroup {p}" for p in _pod_cgroups(base)]
+    found += [f"CNI cache {p}" for p in CNI_CACHE_DIR.glob(f"{cni_network_name(base)}-*")]
+    if host_bridge and Path(f"/sys/class/net/{cni_bridge_name(base)}").exists():
+        found.append(f"bridge {cni_bridge_name(base)}")
+    return found
+
+
+def _release_cri_host_state(base: Path, host_bridge: bool) -> list[str]:
+    """Remove the pods' empty cgroups, libcni's cache entries for the daemon's network and, when it ran in
+    the host's network namespace, its bridge; what could not be removed."""
+    problems = []
+    for top in _pod_cgroups(base):
+        for parent, _, _ in os.walk(top, topdown=False):  # children first: rmdir takes only empty ones
+            try:
+                os.rmdir(parent)
+            except OSError as e:
+                problems.append(f"cgroup {parent}: {e.strerror}")
+    for entry in CNI_CACHE_DIR.glob(f"{cni_network_name(base)}-*"):
+        entry.unlink(missing_ok=True)
+    bridge = cni_bridge_name(base)
+    if host_bridge and Path(f"/sys/class/net/{bridge}").exists():
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True, timeout=30, check=False)
+        if Path(f"/sys/class/net/{bridge}").exists():
+            problems.append(f"could not delete bridge {bridge}")
+    return problems
 
 
 def _run(cmd: Sequence[str], timeout: float, input: str | None, env: Mapping[str, str]
@@ -241,12 +317,13 @@ def _env(**extra: str) -> dict[str, str]:
 
 # --- containerd -------------------------------------------------------------------------------------
 
-def _launch(name: str, argv: list[str], log_path: Path, base: Path, hint: str) -> subprocess.Popen[bytes]:
+def _launch(name: str, argv: list[str], log_path: Path, base: Path, hint: str,
+            env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Start a daemon in its own session with its output in log_path; its directory goes if it cannot."""
     with open(log_path, "wb") as log:
         try:
-            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=_env(),
-                                    start_new_session=True)
+            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    env=dict(env or _env()), start_new_session=True)
         except FileNotFoundError as e:
             _release_dir(base)
             raise DaemonError(f"{name} not found: {hint}") from e
@@ -291,12 +368,24 @@ class _Daemon:
 
 
 class Containerd(_Daemon):
-    """``containerd --config FILE`` with root, state, sockets and log under /run/ktc-XXXXXXXX."""
+    """``containerd --config FILE`` with root, state, sockets and log under /run/ktc-XXXXXXXX.
+
+    ``cri``: enable the CRI plugin (see the module's docstring); ``runtimes`` are its runtime handlers
+    besides ``runc`` (e.g. ``{"kata": cri_config.KATA}``). ``netns``: run containerd, and so the shims and
+    the CNI plugins it starts, in this `ip netns` namespace (entered with nsenter, see FACTS.md).
+    """
 
     image = IMAGE_REF  # the name `import_image` gives the busybox image
 
-    def __init__(self, cri: bool = False) -> None:
+    def __init__(self, cri: bool = False, netns: str | None = None,
+                 runtimes: Mapping[str, CriRuntime] | None = None,
+                 pod_subnet: str = DEFAULT_POD_SUBNET) -> None:
+        if runtimes and not cri:
+            raise DaemonError("CRI runtime handlers need Containerd(cri=True)")
         self.cri = cri
+        self.netns = netns
+        self.runtimes = dict(runtimes or {})
+        self.pod_subnet = pod_subnet
         self._base: Path | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self._pids: set[int] = set()  # shims and their children, as last seen at stop
@@ -309,26 +398,70 @@ class Containerd(_Daemon):
     def log(self) -> Path:
         return self.base / "containerd.log"
 
-    def config(self) -> str:
+    @property
+    def cgroup_parent(self) -> str:
+        """A cgroup parent for pods (``run_pod(cgroup_parent=...)``), which stop() removes."""
+        return f"/{self.base.name}"
+
+    def config(self) -> dict[str, object]:
         b = self.base
-        disabled = "" if self.cri else '"io.containerd.grpc.v1.cri"'
-        return (f'version = 2\nroot = "{b}/root"\nstate = "{b}/state"\ntemp = "{b}/tmp"\n'
-                f"disabled_plugins = [{disabled}]\n"
-                f'[grpc]\n  address = "{self.socket}"\n[ttrpc]\n  address = "{b}/c.ttrpc"\n'
-                f'[debug]\n  level = "info"\n'
-                # The opt plugin would otherwise create /opt/containerd.
-                f'[plugins."io.containerd.internal.v1.opt"]\n  path = "{b}/opt"\n')
+        plugins: dict[str, object] = {
+            # The opt plugin would otherwise create /opt/containerd.
+            "io.containerd.internal.v1.opt": {"path": f"{b}/opt"},
+        }
+        if self.cri:
+            plugins[CRI_PLUGIN] = cri_plugin_config(b, self.runtimes)
+        return {
+            "version": 2, "root": f"{b}/root", "state": f"{b}/state", "temp": f"{b}/tmp",
+            "disabled_plugins": [] if self.cri else [CRI_PLUGIN],
+            "grpc": {"address": str(self.socket)}, "ttrpc": {"address": f"{b}/c.ttrpc"},
+            "debug": {"level": "info"}, "plugins": plugins,
+        }
+
+    def argv(self) -> list[str]:
+        argv = ["containerd", "--config", str(self.base / "config.toml")]
+        return argv if self.netns is None else ["nsenter", f"--net={NETNS_DIR}/{self.netns}", *argv]
+
+    def _daemon_env(self) -> dict[str, str]:
+        env = _env()
+        env["PATH"] = ":".join([*_shim_dirs(), env["PATH"]])  # shims are found on containerd's PATH
+        return env
 
     def start(self, timeout: float = 30.0) -> Self:
         self._base = _make_dir(CONTAINERD_PREFIX)
         (self.base / "tmp").mkdir()
-        config = self.base / "config.toml"
-        config.write_text(self.config())
-        self.proc = _launch("containerd", ["containerd", "--config", str(config)], self.log, self.base,
-                            "install it (scripts/install.sh)")
+        if self.cri:
+            write_cni_config(self.base, self.pod_subnet)
+        (self.base / "config.toml").write_text(dumps(self.config()))
+        self.proc = _launch("containerd", self.argv(), self.log, self.base, "install it (scripts/install.sh)",
+                            self._daemon_env())
         _await_ready("containerd", self.proc, self.log, self.stop, timeout, 0.02,
                      lambda: self.socket.exists() and self.ctr("version", timeout=10).returncode == 0)
+        if self.cri:
+            self._prepare_cri(timeout)
         return self
+
+    def _prepare_cri(self, timeout: float) -> None:
+        """The pause image in the CRI namespace, and the plugin ready (runtime and network)."""
+        from kata.devtools.cri import CriError
+
+        try:
+            self.import_image(pause_oci_archive(), namespace=CRI_NAMESPACE)
+            with self.cri_client() as client:
+                client.wait_ready(timeout)
+        except (DaemonError, CriError) as e:
+            detail = _tail(self.log)
+            with contextlib.suppress(DaemonError):
+                self.stop()
+            raise DaemonError(f"containerd's CRI plugin: {e} ({detail})") from e
+
+    def cri_client(self, timeout: float | None = None) -> CriClient:
+        """A client of this containerd's CRI API (close it, or use it as a context manager)."""
+        from kata.devtools.cri import DEFAULT_TIMEOUT, CriClient
+
+        if not self.cri:
+            raise DaemonError("this containerd runs without its CRI plugin (Containerd(cri=True))")
+        return CriClient(self.socket, DEFAULT_TIMEOUT if timeout is None else timeout)
 
     def ctr(self, *args: str, namespace: str = "default", timeout: float = 120.0,
             input: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -336,7 +469,8 @@ class Containerd(_Daemon):
         return _run(["ctr", "-a", str(self.socket), "-n", namespace, *args], timeout, input, _env())
 
     def import_image(self, archive: Path | None = None, namespace: str = "default") -> str:
-        """Import the busybox image (or ``archive``); the name it is known by."""
+        """Import the busybox image (or ``archive``); the name it is known by. The CRI plugin sees the
+        images of namespace ``k8s.io`` (cri_config.CRI_NAMESPACE)."""
         proc = self.ctr("images", "import", str(archive or busybox_oci_archive()), namespace=namespace)
         if proc.returncode != 0:
             raise DaemonError(f"ctr images import failed: {proc.stderr.strip()}")
@@ -345,6 +479,16 @@ class Containerd(_Daemon):
     def _shims(self) -> set[int]:
         table = _process_table()
         return _with_descendants(_naming(f"-address {self.socket}", table), table)
+
+    def _remove_pods(self, timeout: float) -> list[str]:
+        """Stop and remove every CRI pod through the plugin, which tears down its network too."""
+        from kata.devtools.cri import CriError
+
+        try:
+            with self.cri_client() as client:
+                return client.remove_all_pods(timeout)
+        except CriError as e:
+            return [str(e)]
 
     def _remove_tasks(self, timeout: float) -> None:
         """Kill and delete every task and container, so the shims clean up after them as they would."""
@@ -362,11 +506,15 @@ class Containerd(_Daemon):
                     self.ctr("containers", "delete", c, namespace=ns, timeout=10)
 
     def stop(self, timeout: float = 120.0) -> None:
-        """Remove tasks and containers (within ``timeout``), end containerd (SIGTERM, SIGKILL after 30 s),
-        kill the shims and their processes that remain, unmount and remove the directory."""
+        """Remove CRI pods, then tasks and containers (within ``timeout``), end containerd (SIGTERM, SIGKILL
+        after 30 s), kill the shims and their processes that remain, unmount and remove the directory and
+        what the CRI plugin left outside it. Raises DaemonError naming what failed, once all is done."""
         if self.proc is None:
             return
+        problems = []
         if self.proc.poll() is None:
+            if self.cri:
+                problems += self._remove_pods(timeout)
             with contextlib.suppress(DaemonError):
                 self._remove_tasks(timeout)
         self._pids = self._shims()
@@ -375,14 +523,33 @@ class Containerd(_Daemon):
         self._pids |= self._shims()
         _kill(self._pids)
         self.proc = None
-        problems = _release_dir(self.base)
+        problems += _release_dir(self.base)
+        if self.cri:
+            problems += _release_cri_host_state(self.base, host_bridge=self.netns is None)
         if problems:
             raise DaemonError(f"containerd cleanup: {'; '.join(problems)}")
 
+    def traces_of(self, ident: str) -> list[str]:
+        """What is left of a pod or container (its id) while the daemon runs: processes naming it (the shim's
+        ``-id``, a VMM), mounts and paths under the directory, the CNI cache entry, cgroups."""
+        table = _process_table()
+        found = [f"process {pid}: {table[pid][1][:160]}" for pid in sorted(_naming(ident, table))]
+        found += [f"mount {p}" for p in mounts_under(str(self.base)) if ident in p]
+        # os.walk, not rglob: directories vanish while a pod goes, and walk ignores that
+        found += [f"path {os.path.join(d, n)}" for d, dirs, files in os.walk(self.base) for n in dirs + files
+                  if ident in n]
+        found += [f"CNI cache {p}" for p in CNI_CACHE_DIR.glob(f"{cni_network_name(self.base)}-{ident}-*")]
+        found += [f"cgroup {p}" for p in CGROUP_ROOT.glob(f"*/{self.base.name}/**/*{ident}*")]
+        return found
+
     def leftovers(self) -> list[str]:
         """Processes, mounts and files of this daemon that are still there."""
-        return _dir_leftovers(self._base, self._pids) if self._base else []
-
+        if self._base is None:
+            return []
+        found = _dir_leftovers(self._base, self._pids)
+        if self.cri:
+            found += _cri_host_leftovers(self._base, host_bridge=self.netns is None)
+        return found
 
 
 # --- dockerd ----------------------------------------------------------------------------------------
@@ -507,11 +674,13 @@ class Dockerd(_Daemon):
 
 
 @contextlib.contextmanager
-def containerd_daemon(import_image: bool = True, cri: bool = False) -> Iterator[Containerd]:
-    """A running Containerd with the busybox image in namespace "default"; stopped on exit."""
-    with Containerd(cri=cri) as containerd:
+def containerd_daemon(import_image: bool = True, cri: bool = False, netns: str | None = None,
+                      runtimes: Mapping[str, CriRuntime] | None = None) -> Iterator[Containerd]:
+    """A running Containerd with the busybox image (in namespace "default", or "k8s.io" for the CRI);
+    stopped on exit."""
+    with Containerd(cri=cri, netns=netns, runtimes=runtimes) as containerd:
         if import_image:
-            containerd.import_image()
+            containerd.import_image(namespace=CRI_NAMESPACE if cri else "default")
         yield containerd
 
 

@@ -11,6 +11,10 @@
 sets extra arguments for it with a module-level ``KATA_RUNTIME_ARGS = ("--debug", ...)``. Teardown
 removes every container, stops the daemons, and fails if a process, mount or directory of theirs is left.
 
+`cri_containerd` is a containerd with its CRI plugin, run in a network namespace of its own (the pods' CNI
+bridge lives there), the busybox image in namespace "k8s.io", and the runtime handler "runc" plus a test
+module's ``CRI_RUNTIMES = {"kata": cri_config.KATA}``; `cri` is a CriClient of it.
+
 dockerd runs without networking (``--bridge=none``) and leaves the host's ip_forward alone, so a
 ``docker run`` without ``--network none`` gets a netns with only loopback and prints "WARNING: IPv4
 forwarding is disabled. Networking will not work." on stderr: pass ``--network none`` to compare stderr.
@@ -21,6 +25,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -29,10 +34,15 @@ from kata.devtools.daemons import (
     Dockerd,
     Runtime,
     containerd_daemon,
+    cri_missing_tools,
     docker_daemons,
     kata_runtime_path,
     missing_tools,
 )
+from kata.devtools.netns import temporary_netns
+
+if TYPE_CHECKING:
+    from kata.devtools.cri import CriClient
 
 
 def daemons_unavailable() -> str | None:
@@ -45,7 +55,7 @@ def daemons_unavailable() -> str | None:
 
 
 def _kata_sandboxes() -> set[str]:
-    """Sandboxes kata-runtime has on the host now, and the monitors that stand for containers."""
+    """Sandboxes on the host now, the monitors that stand for containers, and the pods' shims."""
     base = Path("/run/vc/sbs")
     found = {f"sandbox {p.name}" for p in base.iterdir()} if base.is_dir() else set()
     for pid in os.listdir("/proc"):
@@ -55,6 +65,8 @@ def _kata_sandboxes() -> set[str]:
             continue
         if b"kata.monitor" in cmd:
             found.add(f"monitor {pid}")
+        elif b"kata.shim" in cmd:
+            found.add(f"shim {pid}")
     return found
 
 
@@ -87,3 +99,24 @@ def containerd() -> Iterator[Containerd]:
     with containerd_daemon() as daemon:
         yield daemon
     _fail_on_leftovers(daemon, kata_before=before)
+
+
+@pytest.fixture(scope="module")
+def cri_containerd(request: pytest.FixtureRequest) -> Iterator[Containerd]:
+    reason = daemons_unavailable()
+    missing = cri_missing_tools()
+    if reason or missing:
+        pytest.skip(reason or f"CRI tests need {', '.join(missing)} (scripts/install.sh installs them)")
+    runtimes = dict(getattr(request.module, "CRI_RUNTIMES", {}))
+    before = _kata_sandboxes()
+    # the daemon stops (removing its pods) before its namespace goes
+    with temporary_netns("ktcri") as netns, \
+            containerd_daemon(cri=True, netns=netns, runtimes=runtimes) as daemon:
+        yield daemon
+    _fail_on_leftovers(daemon, kata_before=before)
+
+
+@pytest.fixture
+def cri(cri_containerd: Containerd) -> Iterator[CriClient]:
+    with cri_containerd.cri_client() as client:
+        yield client

@@ -1,0 +1,162 @@
+"""Kubernetes-style pods driven through containerd's CRI API, with runc as the runtime handler: the harness
+the Kata shim's pod tests use (there with the handler "kata"), checked against the reference runtime.
+
+Two containers of a pod share its network namespace (one reaches the other on 127.0.0.1), a second pod
+reaches the first on its CNI address, and StopPodSandbox/RemovePodSandbox leave nothing behind.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import time
+import uuid
+from collections.abc import Callable
+
+import pytest
+
+from kata.devtools.cri import CriClient, ExecResult, Pod
+from kata.devtools.cri_config import CRI_NAMESPACE, DEFAULT_POD_SUBNET
+from kata.devtools.daemons import Containerd, cri_missing_tools
+from kata.devtools.netns import temporary_netns
+from kata.images import PAUSE_REF
+from tests.conftest import process_gone
+from tests.integration.conftest import daemons_unavailable
+
+HANDLER = "runc"
+PORT = 8080
+PAGE = "hello-from-web"
+# busybox httpd in the foreground, serving one page
+SERVER = ["sh", "-c", f"mkdir -p /www && echo {PAGE} > /www/index.html && exec httpd -f -p {PORT} -h /www"]
+SLEEPER = ["sleep", "100000"]
+
+
+def _until(check: Callable[[], ExecResult], timeout: float = 30.0) -> ExecResult:
+    """Repeat an exec until it succeeds (a server that is still starting), at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result.exit_code == 0 or time.monotonic() >= deadline:
+            return result
+        time.sleep(0.2)
+
+
+def _fetch(cri: CriClient, cid: str, host: str) -> ExecResult:
+    """An HTTP GET with nc (Debian's static busybox wget crashes, even on the host)."""
+    script = f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {host} {PORT}"
+    return cri.exec_sync(cid, ["sh", "-c", script], timeout=20)
+
+
+def _body(result: ExecResult) -> str:
+    assert result.exit_code == 0 and " 200 " in result.stdout.splitlines()[0], result
+    return result.stdout.split("\r\n\r\n", 1)[1]
+
+
+def _run_pod(cri: CriClient, containerd: Containerd, name: str) -> Pod:
+    uid = uuid.uuid4().hex[:12]
+    return cri.run_pod(name, "default", uid, HANDLER, cgroup_parent=containerd.cgroup_parent,
+                       log_directory=str(containerd.base / "pod-logs" / f"default_{name}_{uid}"),
+                       annotations={"io.katacontainers.config.hypervisor.default_vcpus": "1"})
+
+
+def _ctr_ids(containerd: Containerd, what: str) -> list[str]:
+    proc = containerd.ctr(what, "ls", "-q", namespace=CRI_NAMESPACE, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split()
+
+
+def test_runtime_ready_and_images(cri: CriClient, cri_containerd: Containerd) -> None:
+    version = cri.version()
+    assert (version.runtime_name, version.runtime_api_version) == ("containerd", "v1")
+    assert cri.conditions() == {"RuntimeReady": True, "NetworkReady": True}
+    for ref in (PAUSE_REF, cri_containerd.image):
+        image = cri.image_status(ref)
+        assert image is not None and ref in image.repo_tags, ref
+    assert cri.image_status("docker.io/library/no-such-image:latest") is None
+    assert {PAUSE_REF, cri_containerd.image} <= {t for i in cri.list_images() for t in i.repo_tags}
+
+
+def test_pods_share_and_reach_networks(cri: CriClient, cri_containerd: Containerd) -> None:
+    web = _run_pod(cri, cri_containerd, "web")
+    pods = [web]
+    try:
+        status = cri.pod_sandbox_status(web.id).status
+        assert status.state == 0 and status.runtime_handler == HANDLER  # SANDBOX_READY
+        assert status.metadata.name == "web"
+        assert status.annotations["io.katacontainers.config.hypervisor.default_vcpus"] == "1"
+        web_ip = status.network.ip
+        assert ipaddress.ip_address(web_ip) in ipaddress.ip_network(DEFAULT_POD_SUBNET)
+        netns = cri.pod_netns(web.id)
+        assert netns.startswith(str(cri_containerd.base)) and os.path.exists(netns)
+
+        server = cri.run_container(web, "server", cri_containerd.image, SERVER)
+        sidecar = cri.run_container(web, "sidecar", cri_containerd.image, SLEEPER)
+        listed = {c.metadata.name: c for c in cri.list_containers(web.id)}
+        assert set(listed) == {"server", "sidecar"}
+        assert all(cri.container_state(c) == "CONTAINER_RUNNING" for c in (server, sidecar))
+
+        # Both containers are in the pod's network namespace: its hostname, its address.
+        for cid in (server, sidecar):
+            assert cri.exec_sync(cid, ["hostname"]) == ExecResult(0, "web\n", "")
+            addr = cri.exec_sync(cid, ["ip", "-4", "-o", "addr", "show", "eth0"])
+            assert addr.exit_code == 0 and f" {web_ip}/" in addr.stdout, addr
+        assert cri.exec_sync(sidecar, ["sh", "-c", "echo out; echo err >&2; exit 7"]) == \
+            ExecResult(7, "out\n", "err\n")
+
+        # The sidecar reaches the server on loopback, shared by the pod.
+        assert _body(_until(lambda: _fetch(cri, sidecar, "127.0.0.1"))) == PAGE + "\n"
+
+        # Another pod reaches it on the pod's address, across the CNI bridge.
+        client_pod = _run_pod(cri, cri_containerd, "client")
+        pods.append(client_pod)
+        client_ip = cri.pod_ip(client_pod.id)
+        assert client_ip and client_ip != web_ip
+        client = cri.run_container(client_pod, "wget", cri_containerd.image, SLEEPER)
+        assert _body(_until(lambda: _fetch(cri, client, web_ip))) == PAGE + "\n"
+
+        # A container stops and goes on its own; the pod stays.
+        cri.stop_container(sidecar, grace=0)
+        assert cri.container_state(sidecar) == "CONTAINER_EXITED"
+        cri.remove_container(sidecar)
+        assert [c.metadata.name for c in cri.list_containers(web.id)] == ["server"]
+        assert cri_containerd.traces_of(sidecar) == []
+
+        # StopPodSandbox ends its containers and its network; RemovePodSandbox removes it all.
+        cri.stop_pod_sandbox(web.id)
+        assert cri.pod_sandbox_status(web.id).status.state == 1  # SANDBOX_NOTREADY
+        assert cri.container_state(server) == "CONTAINER_EXITED"
+        assert not os.path.exists(netns)
+        cri.remove_pod_sandbox(web.id)
+        assert web.id not in {p.id for p in cri.list_pod_sandbox()}
+        assert cri.list_containers(web.id) == []
+        assert cri_containerd.traces_of(web.id) == []
+        assert cri_containerd.traces_of(server) == []
+        cri.remove_pod_sandbox(web.id)  # idempotent, as kubelet expects
+    finally:
+        for pod in pods:
+            cri.remove_pod(pod.id)
+    assert cri.list_pod_sandbox() == []
+    assert _ctr_ids(cri_containerd, "containers") == [] and _ctr_ids(cri_containerd, "tasks") == []
+    assert [t for pod in pods for t in cri_containerd.traces_of(pod.id)] == []
+
+
+def test_stop_removes_running_pods() -> None:
+    """A containerd stopped with a pod still running removes it through the CRI: no shim, container
+    process, network namespace, mount, cgroup or CNI cache entry remains."""
+    reason = daemons_unavailable() or ", ".join(cri_missing_tools())
+    if reason:
+        pytest.skip(reason)
+    with temporary_netns("ktcri") as netns_name:
+        daemon = Containerd(cri=True, netns=netns_name).start()
+        try:
+            daemon.import_image(namespace=CRI_NAMESPACE)
+            with daemon.cri_client() as cri:
+                pod = _run_pod(cri, daemon, "abandoned")
+                cid = cri.run_container(pod, "sleeper", daemon.image, SLEEPER)
+                netns = cri.pod_netns(pod.id)
+                pid = cri.container_pid(cid)
+            assert pid and not process_gone(pid) and daemon.traces_of(pod.id) != []
+        finally:
+            daemon.stop()
+        assert daemon.leftovers() == []
+        assert not os.path.exists(netns) and process_gone(pid)
