@@ -1,0 +1,182 @@
+"""containerd-shim-kata-v2 driven by a real containerd through `ctr --runtime io.containerd.kata.v2`:
+the task API, IO (fifos, file:// and binary:// log URIs), events, and faults (QEMU or the shim
+killed under a running task)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kata.devtools.daemons import Containerd
+
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("needs_guest")]
+
+RUNTIME = "io.containerd.kata.v2"
+TIMEOUT = 180
+
+
+def run(containerd: Containerd, *args: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
+    return containerd.ctr("run", "--runtime", RUNTIME, *args, timeout=timeout)
+
+
+def wait_until(check: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+def task_status(containerd: Containerd, cid: str) -> tuple[int, str]:
+    for line in containerd.ctr("task", "ls", timeout=30).stdout.splitlines()[1:]:
+        fields = line.split()
+        if fields and fields[0] == cid:
+            return int(fields[1]), fields[2]
+    return 0, ""
+
+
+def shim_pids() -> set[int]:
+    found = set()
+    for pid in os.listdir("/proc"):
+        try:
+            if b"kata.shim" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.add(int(pid))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+@pytest.fixture
+def detached(containerd: Containerd, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A running task whose init traps SIGTERM (exit 7), removed afterwards whatever happened."""
+    cid = request.node.name.replace("_", "-")[:40]
+    try:
+        proc = run(containerd, "-d", containerd.image, cid, "sh", "-c",
+                   "trap 'exit 7' TERM; while :; do sleep 1; done")
+        assert proc.returncode == 0, proc.stderr
+        yield cid
+    finally:
+        containerd.ctr("task", "delete", "--force", cid, timeout=TIMEOUT)
+        containerd.ctr("container", "delete", cid, timeout=60)
+
+
+def test_run_rm_output_and_exit_code(containerd: Containerd) -> None:
+    proc = run(containerd, "--rm", containerd.image, "kshim-rm", "sh", "-c",
+               "echo from-vm; echo to-stderr >&2; uname -r; exit 3")
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 3 and lines[0] == "from-vm", proc.stderr
+    assert lines[1] != open("/proc/sys/kernel/osrelease").read().strip()  # the guest's kernel
+    assert "to-stderr" in proc.stderr
+
+
+def test_stdin_is_relayed_and_closed(containerd: Containerd) -> None:
+    proc = subprocess.run(["ctr", "-a", str(containerd.socket), "run", "--runtime", RUNTIME, "--rm",
+                           containerd.image, "kshim-stdin", "sh", "-c", "tr a-z A-Z; echo done"],
+                          input="piped in\n", capture_output=True, text=True, timeout=TIMEOUT)
+    assert (proc.returncode, proc.stdout) == (0, "PIPED IN\ndone\n"), proc.stderr
+
+
+def test_detached_task_exec_ps_pause_metrics_kill_delete(containerd: Containerd, detached: str) -> None:
+    qemu_pid, status = task_status(containerd, detached)
+    assert status == "RUNNING" and b"qemu" in Path(f"/proc/{qemu_pid}/cmdline").read_bytes()
+    ex = containerd.ctr("task", "exec", "--exec-id", "e1", detached, "sh", "-c", "echo out; echo err >&2; exit 4",
+                        timeout=TIMEOUT)
+    assert (ex.returncode, ex.stdout, ex.stderr) == (4, "out\n", "err\n")
+    ps = containerd.ctr("task", "ps", detached, timeout=60)
+    assert ps.returncode == 0 and str(qemu_pid) in ps.stdout, ps.stderr
+    for verb, want in (("pause", "PAUSED"), ("resume", "RUNNING")):
+        assert containerd.ctr("task", verb, detached, timeout=60).returncode == 0
+        assert task_status(containerd, detached)[1] == want
+    metrics = containerd.ctr("task", "metrics", detached, timeout=60)
+    assert metrics.returncode == 0, metrics.stderr
+    values = dict(line.split()[:2] for line in metrics.stdout.splitlines() if len(line.split()) >= 2)
+    assert int(values["memory.usage_in_bytes"]) > 0 and int(values["pids.current"]) >= 1
+    # SIGTERM reaches the init in the guest, whose trap decides the exit status.
+    assert containerd.ctr("task", "kill", detached, timeout=60).returncode == 0
+    wait_until(lambda: task_status(containerd, detached)[1] == "STOPPED", 60, "the task never stopped")
+    delete = containerd.ctr("task", "delete", detached, timeout=TIMEOUT)
+    assert delete.returncode == 0 and "exit code 7" in delete.stderr, delete.stderr
+    assert not Path(f"/proc/{qemu_pid}").exists() or b"qemu" not in Path(f"/proc/{qemu_pid}/cmdline").read_bytes()
+
+
+def test_events_in_containerds_order(containerd: Containerd) -> None:
+    watcher = subprocess.Popen(["ctr", "-a", str(containerd.socket), "events"], stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+    try:
+        time.sleep(0.5)
+        proc = run(containerd, "-d", containerd.image, "kshim-ev", "sleep", "1000")
+        assert proc.returncode == 0, proc.stderr
+        containerd.ctr("task", "exec", "--exec-id", "ev1", "kshim-ev", "true", timeout=TIMEOUT)
+        containerd.ctr("task", "pause", "kshim-ev", timeout=60)
+        containerd.ctr("task", "resume", "kshim-ev", timeout=60)
+        containerd.ctr("task", "kill", "-s", "SIGKILL", "kshim-ev", timeout=60)
+        wait_until(lambda: task_status(containerd, "kshim-ev")[1] == "STOPPED", 60, "the task never stopped")
+        containerd.ctr("task", "delete", "kshim-ev", timeout=TIMEOUT)
+        time.sleep(1.0)
+    finally:
+        containerd.ctr("task", "delete", "--force", "kshim-ev", timeout=TIMEOUT)
+        containerd.ctr("container", "delete", "kshim-ev", timeout=60)
+        watcher.terminate()
+        out, _ = watcher.communicate(timeout=30)
+    topics = [f for line in out.splitlines() if "kshim-ev" in line for f in line.split() if f.startswith("/tasks/")]
+    assert topics == ["/tasks/create", "/tasks/start", "/tasks/exec-added", "/tasks/exec-started", "/tasks/exit",
+                      "/tasks/paused", "/tasks/resumed", "/tasks/exit", "/tasks/delete"], out
+
+
+def test_log_uris_file_and_binary(containerd: Containerd, tmp_path: Path) -> None:
+    log_file = tmp_path / "logs" / "out.log"
+    proc = run(containerd, "--rm", "--log-uri", f"file://{log_file}", containerd.image, "kshim-file", "sh", "-c",
+               "echo to-file; echo err-to-file >&2")
+    assert proc.returncode == 0, proc.stderr
+    assert set(log_file.read_text().splitlines()) == {"to-file", "err-to-file"}
+
+    # containerd's logging-program protocol: stdout on fd 3, stderr on fd 4, fd 5 closed when ready.
+    logger = tmp_path / "logger.sh"
+    captured = tmp_path / "captured"
+    logger.write_text(f"#!/bin/sh\nexec 5>&-\ncat <&3 > {captured}.out & cat <&4 > {captured}.err\nwait\n"
+                      f"echo \"$CONTAINER_ID $CONTAINER_NAMESPACE $1\" > {captured}.env\n")
+    logger.chmod(0o755)
+    proc = run(containerd, "--rm", "--log-uri", f"binary://{logger}?flag", containerd.image, "kshim-bin", "sh",
+               "-c", "echo via-binary; echo err-via-binary >&2")
+    assert proc.returncode == 0, proc.stderr
+    wait_until(lambda: Path(f"{captured}.env").exists(), 10, "the logging program never finished")
+    assert Path(f"{captured}.out").read_text() == "via-binary\n"
+    assert Path(f"{captured}.err").read_text() == "err-via-binary\n"
+    assert Path(f"{captured}.env").read_text().split() == ["kshim-bin", "default", "flag"]
+
+
+def test_killing_qemu_reports_exit_255_and_leaves_nothing(containerd: Containerd, detached: str) -> None:
+    qemu_pid, _ = task_status(containerd, detached)
+    os.kill(qemu_pid, signal.SIGKILL)
+    wait_until(lambda: task_status(containerd, detached)[1] == "STOPPED", 60, "the VM's death was not reported")
+    delete = containerd.ctr("task", "delete", detached, timeout=TIMEOUT)
+    assert delete.returncode == 0 and "exit code 255" in delete.stderr, delete.stderr
+    containerd.ctr("container", "delete", detached, timeout=60)
+    wait_until(lambda: not Path(f"/run/vc/sbs/{detached}").exists() and not shim_pids(), 30,
+               "the pod's state or shim outlived it")
+
+
+def test_killed_shim_is_cleaned_up_by_shim_delete(containerd: Containerd, detached: str) -> None:
+    qemu_pid, _ = task_status(containerd, detached)
+    (shim,) = shim_pids()
+    os.kill(shim, signal.SIGKILL)
+    # containerd sees the shim gone, runs `containerd-shim-kata-v2 delete`, and marks the task stopped.
+    wait_until(lambda: not Path(f"/run/vc/sbs/{detached}").exists(), 60, "the VM of the dead shim was not removed")
+    wait_until(lambda: not Path(f"/proc/{qemu_pid}").exists(), 30, "QEMU outlived its shim")
+
+
+def test_bad_runtime_config_is_one_line_and_leaves_nothing(containerd: Containerd, tmp_path: Path) -> None:
+    bad = tmp_path / "configuration.toml"
+    bad.write_text("[hypervisor.qemu]\ndefault_memory = 'lots'\n")
+    before = set(os.listdir("/run/vc/sbs")) if os.path.isdir("/run/vc/sbs") else set()
+    proc = run(containerd, "--rm", "--runtime-config-path", str(bad), containerd.image, "kshim-bad", "true")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "default_memory" in proc.stderr, proc.stderr
+    containerd.ctr("container", "delete", "kshim-bad", timeout=60)
+    wait_until(lambda: not shim_pids(), 30, "a shim outlived its failed create")
+    assert (set(os.listdir("/run/vc/sbs")) if os.path.isdir("/run/vc/sbs") else set()) == before
