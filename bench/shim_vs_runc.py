@@ -55,10 +55,11 @@ def find_shim(shim_dir: str) -> str | None:
     return found
 
 
-def kind(argv: list[str]) -> str:
-    # A Python shim runs as `python .../containerd-shim-kata-v2 ...`: look at the script too.
+def kind(argv: list[str], address: str) -> str:
+    # A shim is known by the containerd address it was given: the kata shim's daemon runs as
+    # `python3 -m kata.shim -namespace NS -address SOCK ...`, not under the name containerd started.
     names = [os.path.basename(a) for a in argv[:2]]
-    if any(n.startswith("containerd-shim") for n in names):
+    if address in argv or any(n.startswith("containerd-shim") for n in names):
         return "shim"
     if names[0].startswith("qemu-system"):
         return "qemu"
@@ -71,9 +72,10 @@ def task_processes(c: Containerd, cid: str) -> dict[int, list[str]]:
     """The host processes of task ``cid``: those naming it with our containerd's shims among them (QEMU and
     virtiofsd name the sandbox in their arguments), and their descendants."""
     table = processes()
+    address = str(c.socket)
     roots = {pid for pid, (_, argv) in table.items()
-             if any(cid in a for a in argv) and (kind(argv) != "shim" or str(c.socket) in argv)
-             and kind(argv) != "other"}
+             if any(cid in a for a in argv) and kind(argv, address) != "other"
+             and (kind(argv, address) != "shim" or address in argv)}
     return {pid: table[pid][1] for pid in with_descendants(roots, table) if pid in table}
 
 
@@ -85,7 +87,7 @@ class Proc(TypedDict):
 
 
 def footprint(c: Containerd, cid: str) -> dict[str, Any]:
-    procs = [Proc(pid=pid, kind=kind(argv), argv=argv[:3], pss_kib=pss_kib(pid))
+    procs = [Proc(pid=pid, kind=kind(argv, str(c.socket)), argv=argv[:4], pss_kib=pss_kib(pid))
              for pid, argv in sorted(task_processes(c, cid).items())]
     by_kind = {k: sum(p["pss_kib"] or 0 for p in procs if p["kind"] == k) for k in KINDS}
     return {"processes": procs, "pss_kib": by_kind, "pss_total_kib": sum(by_kind.values())}
