@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,9 +25,9 @@ def run(containerd: Containerd, *args: str, timeout: float = TIMEOUT) -> subproc
     return containerd.ctr("run", "--runtime", RUNTIME, *args, timeout=timeout)
 
 
-def wait_until(check: object, timeout: float, what: str) -> None:
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
+    while not check():
         assert time.monotonic() < deadline, what
         time.sleep(0.2)
 
@@ -38,6 +38,13 @@ def task_status(containerd: Containerd, cid: str) -> tuple[int, str]:
         if fields and fields[0] == cid:
             return int(fields[1]), fields[2]
     return 0, ""
+
+
+def qemu_alive(pid: int) -> bool:
+    try:
+        return b"qemu" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def shim_pids() -> set[int]:
@@ -84,8 +91,8 @@ def test_stdin_is_relayed_and_closed(containerd: Containerd) -> None:
 def test_detached_task_exec_ps_pause_metrics_kill_delete(containerd: Containerd, detached: str) -> None:
     qemu_pid, status = task_status(containerd, detached)
     assert status == "RUNNING" and b"qemu" in Path(f"/proc/{qemu_pid}/cmdline").read_bytes()
-    ex = containerd.ctr("task", "exec", "--exec-id", "e1", detached, "sh", "-c", "echo out; echo err >&2; exit 4",
-                        timeout=TIMEOUT)
+    ex = containerd.ctr("task", "exec", "--exec-id", "e1", detached, "sh", "-c",
+                        "echo out; echo err >&2; exit 4", timeout=TIMEOUT)
     assert (ex.returncode, ex.stdout, ex.stderr) == (4, "out\n", "err\n")
     ps = containerd.ctr("task", "ps", detached, timeout=60)
     assert ps.returncode == 0 and str(qemu_pid) in ps.stdout, ps.stderr
@@ -101,7 +108,7 @@ def test_detached_task_exec_ps_pause_metrics_kill_delete(containerd: Containerd,
     wait_until(lambda: task_status(containerd, detached)[1] == "STOPPED", 60, "the task never stopped")
     delete = containerd.ctr("task", "delete", detached, timeout=TIMEOUT)
     assert delete.returncode == 0 and "exit code 7" in delete.stderr, delete.stderr
-    assert not Path(f"/proc/{qemu_pid}").exists() or b"qemu" not in Path(f"/proc/{qemu_pid}/cmdline").read_bytes()
+    wait_until(lambda: not qemu_alive(qemu_pid), 30, "QEMU outlived its pod")
 
 
 def test_events_in_containerds_order(containerd: Containerd) -> None:
@@ -123,15 +130,16 @@ def test_events_in_containerds_order(containerd: Containerd) -> None:
         containerd.ctr("container", "delete", "kshim-ev", timeout=60)
         watcher.terminate()
         out, _ = watcher.communicate(timeout=30)
-    topics = [f for line in out.splitlines() if "kshim-ev" in line for f in line.split() if f.startswith("/tasks/")]
-    assert topics == ["/tasks/create", "/tasks/start", "/tasks/exec-added", "/tasks/exec-started", "/tasks/exit",
-                      "/tasks/paused", "/tasks/resumed", "/tasks/exit", "/tasks/delete"], out
+    topics = [f for line in out.splitlines() if "kshim-ev" in line
+              for f in line.split() if f.startswith("/tasks/")]
+    assert topics == ["/tasks/create", "/tasks/start", "/tasks/exec-added", "/tasks/exec-started",
+                      "/tasks/exit", "/tasks/paused", "/tasks/resumed", "/tasks/exit", "/tasks/delete"], out
 
 
 def test_log_uris_file_and_binary(containerd: Containerd, tmp_path: Path) -> None:
     log_file = tmp_path / "logs" / "out.log"
-    proc = run(containerd, "--rm", "--log-uri", f"file://{log_file}", containerd.image, "kshim-file", "sh", "-c",
-               "echo to-file; echo err-to-file >&2")
+    proc = run(containerd, "--rm", "--log-uri", f"file://{log_file}", containerd.image, "kshim-file",
+               "sh", "-c", "echo to-file; echo err-to-file >&2")
     assert proc.returncode == 0, proc.stderr
     assert set(log_file.read_text().splitlines()) == {"to-file", "err-to-file"}
 
@@ -141,8 +149,8 @@ def test_log_uris_file_and_binary(containerd: Containerd, tmp_path: Path) -> Non
     logger.write_text(f"#!/bin/sh\nexec 5>&-\ncat <&3 > {captured}.out & cat <&4 > {captured}.err\nwait\n"
                       f"echo \"$CONTAINER_ID $CONTAINER_NAMESPACE $1\" > {captured}.env\n")
     logger.chmod(0o755)
-    proc = run(containerd, "--rm", "--log-uri", f"binary://{logger}?flag", containerd.image, "kshim-bin", "sh",
-               "-c", "echo via-binary; echo err-via-binary >&2")
+    proc = run(containerd, "--rm", "--log-uri", f"binary://{logger}?flag", containerd.image, "kshim-bin",
+               "sh", "-c", "echo via-binary; echo err-via-binary >&2")
     assert proc.returncode == 0, proc.stderr
     wait_until(lambda: Path(f"{captured}.env").exists(), 10, "the logging program never finished")
     assert Path(f"{captured}.out").read_text() == "via-binary\n"
@@ -153,7 +161,8 @@ def test_log_uris_file_and_binary(containerd: Containerd, tmp_path: Path) -> Non
 def test_killing_qemu_reports_exit_255_and_leaves_nothing(containerd: Containerd, detached: str) -> None:
     qemu_pid, _ = task_status(containerd, detached)
     os.kill(qemu_pid, signal.SIGKILL)
-    wait_until(lambda: task_status(containerd, detached)[1] == "STOPPED", 60, "the VM's death was not reported")
+    wait_until(lambda: task_status(containerd, detached)[1] == "STOPPED", 60,
+               "the VM's death was not reported")
     delete = containerd.ctr("task", "delete", detached, timeout=TIMEOUT)
     assert delete.returncode == 0 and "exit code 255" in delete.stderr, delete.stderr
     containerd.ctr("container", "delete", detached, timeout=60)
@@ -166,8 +175,9 @@ def test_killed_shim_is_cleaned_up_by_shim_delete(containerd: Containerd, detach
     (shim,) = shim_pids()
     os.kill(shim, signal.SIGKILL)
     # containerd sees the shim gone, runs `containerd-shim-kata-v2 delete`, and marks the task stopped.
-    wait_until(lambda: not Path(f"/run/vc/sbs/{detached}").exists(), 60, "the VM of the dead shim was not removed")
-    wait_until(lambda: not Path(f"/proc/{qemu_pid}").exists(), 30, "QEMU outlived its shim")
+    wait_until(lambda: not Path(f"/run/vc/sbs/{detached}").exists(), 60,
+               "the VM of the dead shim was not removed")
+    wait_until(lambda: not qemu_alive(qemu_pid), 30, "QEMU outlived its shim")
 
 
 def test_bad_runtime_config_is_one_line_and_leaves_nothing(containerd: Containerd, tmp_path: Path) -> None:
