@@ -1,29 +1,36 @@
-"""Kubernetes-style pods driven through containerd's CRI API, with runc as the runtime handler: the harness
-the Kata shim's pod tests use (there with the handler "kata"), checked against the reference runtime.
+"""Kubernetes-style pods driven through containerd's CRI API, the same checks with the handlers "runc"
+(the reference) and "kata" (containerd-shim-kata-v2: one VM per pod).
 
 Two containers of a pod share its network namespace (one reaches the other on 127.0.0.1), a second pod
-reaches the first on its CNI address, and StopPodSandbox/RemovePodSandbox leave nothing behind.
+reaches the first on its CNI address, and StopPodSandbox/RemovePodSandbox leave nothing behind. With
+kata, the pod's containers share one VM (one QEMU, one shim), whose eth0 has the pod's CNI address.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
+from kata.config.load import PACKAGED_CONFIG
 from kata.devtools.cri import CriClient, ExecResult, Pod
-from kata.devtools.cri_config import CRI_NAMESPACE, DEFAULT_POD_SUBNET
+from kata.devtools.cri_config import CRI_NAMESPACE, DEFAULT_POD_SUBNET, KATA
 from kata.devtools.daemons import Containerd, cri_missing_tools
 from kata.devtools.netns import temporary_netns
 from kata.images import PAUSE_REF
 from tests.conftest import process_gone
 from tests.integration.conftest import daemons_unavailable
 
-HANDLER = "runc"
+# The kata handler's configuration: the default one, with the pods' sizing annotations allowed.
+KATA_CONFIG = Path("/run/kata-cri-pods-configuration.toml")
+CRI_RUNTIMES = {"kata": dataclasses.replace(KATA, options={"ConfigPath": str(KATA_CONFIG)})}
+HANDLERS = ["runc", pytest.param("kata", marks=pytest.mark.vm)]
 PORT = 8080
 PAGE = "hello-from-web"
 # busybox httpd in the foreground, serving one page
@@ -52,9 +59,19 @@ def _body(result: ExecResult) -> str:
     return result.stdout.split("\r\n\r\n", 1)[1]
 
 
-def _run_pod(cri: CriClient, containerd: Containerd, name: str) -> Pod:
+@pytest.fixture(scope="module", autouse=True)
+def kata_config() -> Iterator[Path]:
+    text = PACKAGED_CONFIG.read_text()
+    assert "enable_annotations = []" in text
+    KATA_CONFIG.write_text(text.replace("enable_annotations = []",
+                                        'enable_annotations = ["default_vcpus", "default_memory"]'))
+    yield KATA_CONFIG
+    KATA_CONFIG.unlink(missing_ok=True)
+
+
+def _run_pod(cri: CriClient, containerd: Containerd, name: str, handler: str = "runc") -> Pod:
     uid = uuid.uuid4().hex[:12]
-    return cri.run_pod(name, "default", uid, HANDLER, cgroup_parent=containerd.cgroup_parent,
+    return cri.run_pod(name, "default", uid, handler, cgroup_parent=containerd.cgroup_parent,
                        log_directory=str(containerd.base / "pod-logs" / f"default_{name}_{uid}"),
                        annotations={"io.katacontainers.config.hypervisor.default_vcpus": "1"})
 
@@ -76,12 +93,29 @@ def test_runtime_ready_and_images(cri: CriClient, cri_containerd: Containerd) ->
     assert {PAUSE_REF, cri_containerd.image} <= {t for i in cri.list_images() for t in i.repo_tags}
 
 
-def test_pods_share_and_reach_networks(cri: CriClient, cri_containerd: Containerd) -> None:
-    web = _run_pod(cri, cri_containerd, "web")
+def _processes_naming(marker: bytes, *words: str) -> set[int]:
+    """Pids whose command line contains ``marker`` and every one of ``words``."""
+    found = set()
+    for pid in os.listdir("/proc"):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+        except (OSError, ValueError):
+            continue
+        if marker in cmd and all(w.encode() in cmd for w in words):
+            found.add(int(pid))
+    return found
+
+
+@pytest.mark.parametrize("handler", HANDLERS)
+def test_pods_share_and_reach_networks(cri: CriClient, cri_containerd: Containerd, handler: str,
+                                       request: pytest.FixtureRequest) -> None:
+    if handler == "kata":
+        request.getfixturevalue("needs_guest")
+    web = _run_pod(cri, cri_containerd, "web", handler)
     pods = [web]
     try:
         status = cri.pod_sandbox_status(web.id).status
-        assert status.state == 0 and status.runtime_handler == HANDLER  # SANDBOX_READY
+        assert status.state == 0 and status.runtime_handler == handler  # SANDBOX_READY
         assert status.metadata.name == "web"
         assert status.annotations["io.katacontainers.config.hypervisor.default_vcpus"] == "1"
         web_ip = status.network.ip
@@ -102,12 +136,19 @@ def test_pods_share_and_reach_networks(cri: CriClient, cri_containerd: Container
             assert addr.exit_code == 0 and f" {web_ip}/" in addr.stdout, addr
         assert cri.exec_sync(sidecar, ["sh", "-c", "echo out; echo err >&2; exit 7"]) == \
             ExecResult(7, "out\n", "err\n")
+        if handler == "kata":
+            # One VM for the pod: its kernel in both containers, one QEMU and one shim for the pod.
+            host_kernel = open("/proc/sys/kernel/osrelease").read().strip()
+            kernels = {cri.exec_sync(cid, ["uname", "-r"]).stdout for cid in (server, sidecar)}
+            assert len(kernels) == 1 and kernels != {host_kernel + "\n"}
+            assert len(_processes_naming(b"qemu-system", web.id)) == 1
+            assert len(_processes_naming(b"kata.shim", web.id)) == 1
 
         # The sidecar reaches the server on loopback, shared by the pod.
         assert _body(_until(lambda: _fetch(cri, sidecar, "127.0.0.1"))) == PAGE + "\n"
 
         # Another pod reaches it on the pod's address, across the CNI bridge.
-        client_pod = _run_pod(cri, cri_containerd, "client")
+        client_pod = _run_pod(cri, cri_containerd, "client", handler)
         pods.append(client_pod)
         client_ip = cri.pod_ip(client_pod.id)
         assert client_ip and client_ip != web_ip
