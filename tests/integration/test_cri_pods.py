@@ -24,12 +24,17 @@ from kata.devtools.cri_config import CRI_NAMESPACE, DEFAULT_POD_SUBNET, KATA
 from kata.devtools.daemons import Containerd, cri_missing_tools
 from kata.devtools.netns import temporary_netns
 from kata.images import PAUSE_REF
+from kata.protocols.cri import api_pb2 as cri_pb
 from tests.conftest import process_gone
 from tests.integration.conftest import daemons_unavailable
 
-# The kata handler's configuration: the default one, with the pods' sizing annotations allowed.
+# The kata handlers' configurations: the default one with the pods' sizing annotations allowed, and
+# the same on a q35 machine, whose VM can grow by hotplug.
 KATA_CONFIG = Path("/run/kata-cri-pods-configuration.toml")
-CRI_RUNTIMES = {"kata": dataclasses.replace(KATA, options={"ConfigPath": str(KATA_CONFIG)})}
+KATA_Q35_CONFIG = Path("/run/kata-cri-pods-q35-configuration.toml")
+CRI_RUNTIMES = {"kata": dataclasses.replace(KATA, options={"ConfigPath": str(KATA_CONFIG)}),
+                "kata-q35": dataclasses.replace(KATA, options={"ConfigPath": str(KATA_Q35_CONFIG)})}
+MiB = 1024 * 1024
 HANDLERS = ["runc", pytest.param("kata", marks=pytest.mark.vm)]
 PORT = 8080
 PAGE = "hello-from-web"
@@ -63,10 +68,13 @@ def _body(result: ExecResult) -> str:
 def kata_config() -> Iterator[Path]:
     text = PACKAGED_CONFIG.read_text()
     assert "enable_annotations = []" in text
-    KATA_CONFIG.write_text(text.replace("enable_annotations = []",
-                                        'enable_annotations = ["default_vcpus", "default_memory"]'))
+    text = text.replace("enable_annotations = []", 'enable_annotations = ["default_vcpus", "default_memory"]')
+    KATA_CONFIG.write_text(text)
+    assert 'machine_type = "microvm"' in text
+    KATA_Q35_CONFIG.write_text(text.replace('machine_type = "microvm"', 'machine_type = "q35"'))
     yield KATA_CONFIG
     KATA_CONFIG.unlink(missing_ok=True)
+    KATA_Q35_CONFIG.unlink(missing_ok=True)
 
 
 def _run_pod(cri: CriClient, containerd: Containerd, name: str, handler: str = "runc") -> Pod:
@@ -201,3 +209,53 @@ def test_stop_removes_running_pods() -> None:
             daemon.stop()
         assert daemon.leftovers() == []
         assert not os.path.exists(netns) and process_gone(pid)
+
+
+def _guest_memory_kib(cri: CriClient, cid: str) -> int:
+    meminfo = cri.exec_sync(cid, ["head", "-1", "/proc/meminfo"]).stdout.split()
+    return int(meminfo[1])
+
+
+@pytest.mark.vm
+@pytest.mark.usefixtures("needs_guest")
+def test_kata_pod_vm_grows_when_limited_containers_join(cri: CriClient, cri_containerd: Containerd) -> None:
+    pod = _run_pod(cri, cri_containerd, "grows", "kata-q35")
+    try:
+        first = cri.run_container(pod, "first", cri_containerd.image, SLEEPER)
+        before = _guest_memory_kib(cri, first)
+        cpus_before = int(cri.exec_sync(first, ["nproc"]).stdout)
+        limits = cri_pb.LinuxContainerConfig(resources=cri_pb.LinuxContainerResources(
+            memory_limit_in_bytes=256 * MiB, cpu_quota=100000, cpu_period=100000))
+        second = cri.run_container(pod, "second", cri_containerd.image, SLEEPER, linux=limits)
+        # The VM took the container's 256 MiB (hot-added, onlined by the agent) and one more vCPU.
+        assert _guest_memory_kib(cri, first) - before >= 250 * 1024
+        assert int(cri.exec_sync(first, ["nproc"]).stdout) == cpus_before + 1
+        # The container's own limit applies inside the VM.
+        limit = cri.exec_sync(second, ["cat", "/sys/fs/cgroup/memory.max"]).stdout.strip()
+        assert limit == str(256 * MiB)
+    finally:
+        cri.remove_pod(pod.id)
+    assert cri_containerd.traces_of(pod.id) == []
+
+
+@pytest.mark.vm
+@pytest.mark.usefixtures("needs_guest")
+def test_kata_pod_qemu_killed_reports_exits_and_leaves_nothing(cri: CriClient,
+                                                                 cri_containerd: Containerd) -> None:
+    pod = _run_pod(cri, cri_containerd, "doomed", "kata")
+    try:
+        cid = cri.run_container(pod, "sleeper", cri_containerd.image, SLEEPER)
+        (qemu,) = _processes_naming(b"qemu-system", pod.id)
+        os.kill(qemu, 9)
+        # containerd hears every task of the pod exit (status 255, the VM is gone).
+        deadline = time.monotonic() + 60
+        while cri.container_state(cid) != "CONTAINER_EXITED":
+            assert time.monotonic() < deadline, "the container never exited"
+            time.sleep(0.2)
+        assert cri.container_status(cid).status.exit_code == 255
+        cri.stop_pod_sandbox(pod.id)
+        cri.remove_pod_sandbox(pod.id)
+    finally:
+        cri.remove_pod(pod.id)
+    assert cri_containerd.traces_of(pod.id) == [] and cri_containerd.traces_of(cid) == []
+    assert not _processes_naming(b"kata.shim", pod.id)
