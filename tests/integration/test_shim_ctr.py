@@ -190,3 +190,19 @@ def test_bad_runtime_config_is_one_line_and_leaves_nothing(containerd: Container
     containerd.ctr("container", "delete", "kshim-bad", timeout=60)
     wait_until(lambda: not shim_pids(), 30, "a shim outlived its failed create")
     assert (set(os.listdir("/run/vc/sbs")) if os.path.isdir("/run/vc/sbs") else set()) == before
+
+
+def test_terminal_and_its_size(containerd: Containerd, detached: str) -> None:
+    """`-t` through a pty that `script` gives ctr: the guest process has a terminal of ctr's size
+    (ResizePty), for the init and for an exec."""
+    ctr = f"ctr -a {containerd.socket}"
+    runs = ((f"stty cols 77 rows 22; {ctr} run --runtime {RUNTIME} -t --rm {containerd.image} kshim-tty "
+             "sh -c 'tty; stty size; exit 3'", 3, "22 77"),
+            (f"stty cols 91 rows 33; {ctr} task exec -t --exec-id tty1 {detached} "
+             "sh -c 'tty; stty size; exit 5'", 5, "33 91"))
+    for command, status, size in runs:
+        proc = subprocess.run(["script", "-qec", command, "/dev/null"], capture_output=True, text=True,
+                              timeout=TIMEOUT)
+        # script's terminal echoes what ctr writes to it first (a NUL, shown as ^@).
+        lines = [ln.removeprefix("^@") for ln in proc.stdout.splitlines() if ln.strip()]
+        assert (proc.returncode, lines[:2]) == (status, ["/dev/pts/0", size]), proc.stdout + proc.stderr
