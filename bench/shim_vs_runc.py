@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -137,6 +138,9 @@ def report(results: dict[str, dict[str, Any]], runs: int) -> dict[str, float | N
         cells = f"{fmt(mb(runc, *kinds), '9.2f')} {fmt(mb(kata, *kinds), '9.2f')}"
         print(f"{label:34s} {cells} {'':10s}  {target}")
     print(f"{'runc: shim + container (MB)':34s} {fmt(mb(runc, 'shim', 'other'), '9.2f')}")
+    pod = mb(kata, "qemu", "virtiofsd", "shim")
+    if pod:  # what deploy/kubernetes/runtimeclass.yaml's overhead is meant to hold
+        print(f"kata RuntimeClass overhead.podFixed.memory from this run: {math.ceil(pod)}Mi")
     for rt, r in results.items():
         if "error" in r or "skipped" in r:
             print(f"{rt}: {'FAILED: ' + r['error'] if 'error' in r else r['skipped']}")
