@@ -211,6 +211,10 @@ class AgentClient:
     def reseed_random_dev(self, *, data: bytes) -> Empty:
         return self._call("ReseedRandomDev", pb.ReseedRandomDevRequest(data=data), Empty)
 
+    def get_oom_event(self) -> pb.OOMEvent:
+        """Blocks until a container is killed for lack of memory: no deadline."""
+        return self._call("GetOOMEvent", pb.GetOOMEventRequest(), pb.OOMEvent, timeout=None)
+
     def online_cpu_mem(self, *, wait: bool = False, nb_cpus: int = 0, cpu_only: bool = False,
                        mem_mib: int = 0) -> Empty:
         req = pb.OnlineCPUMemRequest(wait=wait, nb_cpus=nb_cpus, cpu_only=cpu_only, mem_mib=mem_mib)

@@ -172,6 +172,7 @@ class Pod:
             self._mirror(netns_path)
         self._watcher = threading.Thread(target=self._watch_vm, name="vm-watch", daemon=True)
         self._watcher.start()
+        threading.Thread(target=self._forward_ooms, args=(self.agent,), name="oom", daemon=True).start()
 
     def _mirror(self, netns_path: str) -> None:
         from kata.runtime import networking
@@ -376,6 +377,16 @@ class Pod:
                 return False
             self._teardown()
             return True
+
+    def _forward_ooms(self, agent: AgentClient) -> None:
+        """The guest's OOM kills become /tasks/oom events, for as long as the agent connection lasts."""
+        while True:
+            try:
+                cid = agent.get_oom_event().container_id
+            except KataError:
+                return  # the connection is gone (or an agent without the call)
+            log.info(f"task {cid}: out of memory")
+            self._publish(events.TASK_OOM, _pb().TaskOOM(container_id=cid))
 
     # ---- faults --------------------------------------------------------------------------------
     def _watch_vm(self) -> None:

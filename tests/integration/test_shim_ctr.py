@@ -206,3 +206,21 @@ def test_terminal_and_its_size(containerd: Containerd, detached: str) -> None:
         # script's terminal echoes what ctr writes to it first (a NUL, shown as ^@).
         lines = [ln.removeprefix("^@") for ln in proc.stdout.splitlines() if ln.strip()]
         assert (proc.returncode, lines[:2]) == (status, ["/dev/pts/0", size]), proc.stdout + proc.stderr
+
+
+def test_out_of_memory_is_an_oom_event_before_the_exit(containerd: Containerd) -> None:
+    watcher = subprocess.Popen(["ctr", "-a", str(containerd.socket), "events"], stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+    try:
+        time.sleep(0.5)
+        # A shell string that doubles until the container's 32 MiB limit kills it.
+        proc = run(containerd, "--rm", "--memory-limit", str(32 * 1024 * 1024), containerd.image, "kshim-oom",
+                   "sh", "-c", "a=xxxxxxxxxxxxxxxx; while :; do a=$a$a; done")
+        assert proc.returncode == 137, proc.stderr
+        time.sleep(1.0)
+    finally:
+        watcher.terminate()
+        out, _ = watcher.communicate(timeout=30)
+    topics = [f for line in out.splitlines() if "kshim-oom" in line
+              for f in line.split() if f.startswith("/tasks/")]
+    assert topics[:4] == ["/tasks/create", "/tasks/start", "/tasks/oom", "/tasks/exit"], out

@@ -74,6 +74,7 @@ class AgentService:
         self.network = network
         self.power_off = power_off
         self.mount_storage = mount_storage
+        self._oom: Any = None  # kata.guest.agent.oom.OomWatcher, from the first container on
 
     # sandbox ------------------------------------------------------------------------------
     def create_sandbox(self, ctx: ttrpc.Context, req: pb.CreateSandboxRequest) -> empty_pb2.Empty:
@@ -107,7 +108,21 @@ class AgentService:
     def create_container(self, ctx: ttrpc.Context, req: pb.CreateContainerRequest) -> empty_pb2.Empty:
         self._mount_all(req.storages)
         self.sandbox.create_container(req.container_id, req.oci_spec_json)
+        try:
+            self._oom_watcher().watch(req.container_id, self.sandbox.cgroup_dir(req.container_id))
+        except (OSError, NotFound) as exc:  # the container works without OOM events
+            log.warn(f"no OOM events for {req.container_id}: {exc}")
         return empty_pb2.Empty()
+
+    def _oom_watcher(self) -> Any:
+        if self._oom is None:
+            from kata.guest.agent.oom import OomWatcher
+
+            self._oom = OomWatcher()
+        return self._oom
+
+    def get_oom_event(self, ctx: ttrpc.Context, req: pb.GetOOMEventRequest) -> pb.OOMEvent:
+        return pb.OOMEvent(container_id=self._oom_watcher().next_event())
 
     def start_container(self, ctx: ttrpc.Context, req: pb.StartContainerRequest) -> empty_pb2.Empty:
         self.sandbox.start_container(req.container_id)
@@ -115,6 +130,8 @@ class AgentService:
 
     def remove_container(self, ctx: ttrpc.Context, req: pb.RemoveContainerRequest) -> empty_pb2.Empty:
         self.sandbox.remove_container(req.container_id, float(req.timeout) or None)
+        if self._oom is not None:
+            self._oom.unwatch(req.container_id)
         return empty_pb2.Empty()
 
     def exec_process(self, ctx: ttrpc.Context, req: pb.ExecProcessRequest) -> empty_pb2.Empty:
@@ -239,7 +256,7 @@ class AgentService:
 
     # registration -------------------------------------------------------------------------
     def register(self, server: ttrpc.Server) -> None:
-        agent = {
+        agent: dict[str, tuple[Any, Any]] = {
             "CreateSandbox": (pb.CreateSandboxRequest, self.create_sandbox),
             "DestroySandbox": (pb.DestroySandboxRequest, self.destroy_sandbox),
             "CreateContainer": (pb.CreateContainerRequest, self.create_container),
@@ -264,6 +281,7 @@ class AgentService:
             "OnlineCPUMem": (pb.OnlineCPUMemRequest, self.online_cpu_mem),
             "SetGuestDateTime": (pb.SetGuestDateTimeRequest, self.set_guest_date_time),
             "ReseedRandomDev": (pb.ReseedRandomDevRequest, self.reseed_random_dev),
+            "GetOOMEvent": (pb.GetOOMEventRequest, self.get_oom_event),
         }
         health = {
             "Check": (hpb.CheckRequest, self.check),
