@@ -16,6 +16,7 @@ from typing import Any
 
 from kata.config.model import HypervisorConfig
 from kata.errors import KataError
+from kata.oci import cri_annotations
 from kata.oci.spec import Bundle, Resources, linux_resources
 
 # Where the sandbox's shared filesystem is mounted in the guest.
@@ -186,11 +187,11 @@ def vm_sizing(spec: dict[str, Any], hv: HypervisorConfig, host_cpus: int, host_m
 
 
 # ---- pods (Kubernetes through containerd's CRI plugin) -------------------------------------------
-CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
-CRI_SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
-CRI_SANDBOX_CPU_QUOTA = "io.kubernetes.cri.sandbox-cpu-quota"
-CRI_SANDBOX_CPU_PERIOD = "io.kubernetes.cri.sandbox-cpu-period"
-CRI_SANDBOX_MEMORY = "io.kubernetes.cri.sandbox-memory"
+CRI_CONTAINER_TYPE = cri_annotations.CONTAINER_TYPE
+CRI_SANDBOX_ID = cri_annotations.SANDBOX_ID
+CRI_SANDBOX_CPU_QUOTA = cri_annotations.SANDBOX_CPU_QUOTA
+CRI_SANDBOX_CPU_PERIOD = cri_annotations.SANDBOX_CPU_PERIOD
+CRI_SANDBOX_MEMORY = cri_annotations.SANDBOX_MEMORY
 
 
 @dataclass(frozen=True)

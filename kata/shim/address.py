@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 
 from kata.errors import KataError
-from kata.specconv import CRI_CONTAINER_TYPE, CRI_SANDBOX_ID
+from kata.oci.cri_annotations import CONTAINER_TYPE, SANDBOX_ID
 
 SOCKET_DIR = Path("/run/containerd/s")
 
@@ -35,8 +35,8 @@ def group_of(bundle: Path, task_id: str) -> str:
     except (OSError, ValueError) as exc:
         raise KataError(f"{bundle / 'config.json'}: {exc}") from exc
     annotations = spec.get("annotations") or {} if isinstance(spec, dict) else {}
-    if annotations.get(CRI_CONTAINER_TYPE) == "container" and annotations.get(CRI_SANDBOX_ID):
-        return str(annotations[CRI_SANDBOX_ID])
+    if annotations.get(CONTAINER_TYPE) == "container" and annotations.get(SANDBOX_ID):
+        return str(annotations[SANDBOX_ID])
     return task_id
 
 

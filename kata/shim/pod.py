@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from kata.agent.client import AgentClient
     from kata.core.container import Container
     from kata.core.sandbox import Sandbox
+    from kata.core.timings import Timings
     from kata.protocols.cgroups.stats.v1.metrics_pb2 import Metrics
 
 log = logging.getLogger("kata.shim")
@@ -125,8 +126,10 @@ class Pod:
 
     # ---- create --------------------------------------------------------------------------------
     def create(self, params: CreateParams) -> int:
+        from kata.core.timings import Timings
         from kata.oci.spec import load_bundle
 
+        timings = Timings()
         with self.lock:
             if params.id in self.tasks:
                 raise ShimError(ttrpc.Code.ALREADY_EXISTS, f"task {params.id}: already exists")
@@ -141,12 +144,13 @@ class Pod:
                     if self.sandbox is not None:
                         raise precondition(f"this shim already runs pod {self.sandbox_id}")
                     brought_up = True
-                    self._bring_up(params, bundle)
+                    self._bring_up(params, bundle, timings)
                 elif role.sandbox_id != self.sandbox_id or self.sandbox is None:
                     raise precondition(f"container {params.id}: pod {role.sandbox_id} is not in this shim")
                 else:
                     self._grow_for(bundle.spec)
                 task.container = self._create_container(task, bundle)
+                timings.mark("task_created")
             except BaseException:
                 if brought_up:
                     self._teardown()
@@ -154,22 +158,25 @@ class Pod:
                     rootfs.unmount_rootfs(params.bundle)
                 raise
             self.tasks[params.id] = task
+        log.debug(f"task {params.id} created: timings {timings.as_json()}")
         self._publish(events.TASK_CREATE, _task_create(params, self.pid))
         return self.pid
 
-    def _bring_up(self, params: CreateParams, bundle: Any) -> None:
+    def _bring_up(self, params: CreateParams, bundle: Any, timings: Timings) -> None:
         from kata.config import apply_annotations, load_config
         from kata.core.sandbox import Sandbox
 
         cfg = apply_annotations(load_config(params.config_path), bundle.annotations)
         netns_path = _enter_network_namespace(bundle)
-        self.sandbox = Sandbox.create(params.id, cfg, bundle.spec)
+        timings.mark("config_loaded")
+        self.sandbox = Sandbox.create(params.id, cfg, bundle.spec, timings=timings)
         self.sandbox_id = params.id
         self.sized_as_pod = pod_resources(bundle.spec) is not None
         self.agent = self.sandbox.require_agent()
         self.lite = LiteAgent(self.agent.client)
         if netns_path:
             self._mirror(netns_path)
+            timings.mark("network_mirrored")
         self._watcher = threading.Thread(target=self._watch_vm, name="vm-watch", daemon=True)
         self._watcher.start()
         threading.Thread(target=self._forward_ooms, args=(self.agent,), name="oom", daemon=True).start()
@@ -333,12 +340,17 @@ class Pod:
                 return proc
             if proc.status == CREATED:
                 proc.finish(0 if not self.vm_gone else VM_GONE_STATUS)
-            self._remove_task(task)
             if cid == self.sandbox_id:
+                # Every process of the pod ends with its VM: nothing needs removing in the guest
+                # first, and without the agent the VM is stopped at once (files are on the host,
+                # written through the shared filesystem without a guest-side write-back cache).
+                self._drop_agent()
                 for other in list(self.tasks.values()):
                     other.init.finish(VM_GONE_STATUS)
                     self._remove_task(other)
                 self._teardown()
+            else:
+                self._remove_task(task)
         event = _pb().TaskDelete(container_id=cid, id=cid, pid=self.pid, exit_status=proc.exit_status)
         event.exited_at.FromNanoseconds(int((proc.exited_at or time.time()) * 1e9))
         self._publish(events.TASK_DELETE, event)
@@ -355,6 +367,14 @@ class Pod:
         if task.rootfs_mounted:
             rootfs.unmount_rootfs(task.bundle)
         self.tasks.pop(task.id, None)
+
+    def _drop_agent(self) -> None:
+        self.vm_gone = True
+        if self.agent is not None:
+            self.agent.close()
+        if self.sandbox is not None:
+            self.sandbox.agent = None
+        self.agent = self.lite = None
 
     def _teardown(self) -> None:
         """The VM and everything it had on the host: taps, virtiofsd, shares, state."""

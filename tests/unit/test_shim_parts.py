@@ -79,3 +79,12 @@ def test_agent_stats_become_cgroup_v1_metrics() -> None:
     assert [(e.major, e.op, e.value) for e in m.blkio.io_service_bytes_recursive] == [(254, "Read", 512)]
     assert [(n.name, n.rx_bytes, n.tx_bytes) for n in m.network] == [("eth0", 10, 20)]
     assert events.pack(m).type_url == "io.containerd.cgroups.v1.Metrics"
+
+
+def test_delete_response_without_protobuf_matches_the_generated_class() -> None:
+    from kata.protocols.containerd.runtime.v2.task import shim_pb2
+    from kata.shim.cleanup import delete_response
+
+    decoded = shim_pb2.DeleteResponse.FromString(delete_response(137, 1_700_000_000_123_456_789))
+    assert (decoded.pid, decoded.exit_status) == (0, 137)
+    assert (decoded.exited_at.seconds, decoded.exited_at.nanos) == (1_700_000_000, 123_456_789)
