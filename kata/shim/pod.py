@@ -390,11 +390,16 @@ class Pod:
             sandbox.destroy()
         self.agent = self.lite = None
 
-    def shutdown(self) -> bool:
-        """containerd's Shutdown: True when the shim should exit (no task left)."""
+    def shutdown(self, now: bool = False) -> bool:
+        """containerd's Shutdown: True when the shim should exit: no task left, or ``now`` (the
+        tasks go with the VM)."""
         with self.lock:
-            if self.tasks:
+            if self.tasks and not now:
                 return False
+            self._drop_agent()
+            for task in list(self.tasks.values()):
+                task.init.finish(VM_GONE_STATUS)
+                self._remove_task(task)
             self._teardown()
             return True
 

@@ -68,6 +68,12 @@ class Process:
 
         fd = opener.open()
         if fd is None:
+            # containerd closed our stdin without ever writing to it: the process's stdin ends too.
+            if not self.stdio.terminal and not self.exited:
+                try:
+                    agent.close_stdin(self.container_id, self.exec_id)
+                except ttrpc.TTRPCError:
+                    pass
             return
         try:
             relay.pump_in(agent, self.container_id, self.exec_id, fd, self.stdio.terminal)
@@ -75,7 +81,10 @@ class Process:
             os.close(fd)
 
     def close_stdin(self, timeout: float = 5.0) -> None:
-        """containerd's CloseIO: its writer has closed, so the copy ends with the process's stdin."""
+        """containerd's CloseIO: its writer has closed, so the copy ends with the process's stdin
+        (one that never opened the fifo is given up on)."""
+        if self._stdin is not None and not self._stdin.opened:
+            self._stdin.cancel()
         if self._stdin_thread is not None:
             self._stdin_thread.join(timeout)
 

@@ -59,10 +59,8 @@ def run(args: argparse.Namespace, listen_fd: int) -> int:
     log.info(f"shim for {args.id} serving (pid {os.getpid()})")
     while not done.wait(1.0):
         pass
-    # A signal, or Shutdown with no task left: whatever is still up goes with us.
-    with pod.lock:
-        pod.tasks.clear()
-    pod.shutdown()
+    # A signal, or Shutdown: whatever is still up goes with us.
+    pod.shutdown(now=True)
     if publisher is not None:
         publisher.flush()
         publisher.close()

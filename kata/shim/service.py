@@ -184,7 +184,7 @@ class TaskService:
         return pb.ConnectResponse(shim_pid=os.getpid(), task_pid=self.pod.pid, version=__version__)
 
     def shutdown(self, req: pb.ShutdownRequest) -> Empty:
-        if self.pod.shutdown():
+        if self.pod.shutdown(now=req.now):
             # After this answer has gone out: the caller waits for it.
             threading.Thread(target=self.on_shutdown, daemon=True).start()
         return Empty()

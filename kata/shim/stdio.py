@@ -145,9 +145,11 @@ class StdinOpener:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.opened = False
         self._cancelled = threading.Event()
 
     def open(self) -> int | None:
+        """The fifo's read end, or None when cancelled (or it cannot be opened)."""
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
@@ -155,6 +157,7 @@ class StdinOpener:
         if self._cancelled.is_set():
             os.close(fd)
             return None
+        self.opened = True
         return fd
 
     def cancel(self) -> None:
