@@ -58,8 +58,12 @@ class LiteAgent:
         self._call("SignalProcess", wire.encode(((1, cid), (2, exec_id), (3, signum))))
 
     def wait(self, cid: str, exec_id: str) -> int:
-        data = self._call("WaitProcess", wire.encode(((1, cid), (2, exec_id))), None)
-        return wire.last_int(wire.decode(data), 1, signed32=True)
+        return self.wait_exit(cid, exec_id)[0]
+
+    def wait_exit(self, cid: str, exec_id: str) -> tuple[int, bool]:
+        """(exit status, whether the container was killed for lack of memory)."""
+        fields = wire.decode(self._call("WaitProcess", wire.encode(((1, cid), (2, exec_id))), None))
+        return wire.last_int(fields, 1, signed32=True), bool(wire.last_int(fields, 2))
 
     def read(self, stream: str, cid: str, exec_id: str, length: int) -> bytes:
         """The next chunk of "stdout" or "stderr"; raises StreamEnded at the end."""

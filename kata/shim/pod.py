@@ -253,6 +253,8 @@ class Pod:
 
     def _on_exit(self, proc: Process) -> None:
         assert proc.exited_at is not None
+        if proc.oom_killed:  # containerd reads an exit after an OOM event as the OOM's victim
+            self._publish(events.TASK_OOM, _pb().TaskOOM(container_id=proc.container_id))
         event = _pb().TaskExit(container_id=proc.container_id, id=proc.exec_id or proc.container_id,
                                pid=self.pid, exit_status=proc.exit_status)
         event.exited_at.FromNanoseconds(int(proc.exited_at * 1e9))

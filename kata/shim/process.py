@@ -35,6 +35,7 @@ class Process:
         self.status = CREATED
         self.exit_status = 0
         self.exited_at: float | None = None
+        self.oom_killed = False
         self._exited = threading.Event()
         self._io: ProcessIO | None = None
         self._outputs: list[threading.Thread] = []
@@ -101,7 +102,7 @@ class Process:
         """From a started process on: wait for its exit on a thread of its own, then call on_exit."""
         def waiter() -> None:
             try:
-                status = agent.wait(self.container_id, self.exec_id)
+                status, self.oom_killed = agent.wait_exit(self.container_id, self.exec_id)
             except ttrpc.TTRPCError:
                 status = VM_GONE_STATUS
             self.finish(status)

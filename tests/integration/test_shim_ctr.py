@@ -40,11 +40,16 @@ def task_status(containerd: Containerd, cid: str) -> tuple[int, str]:
     return 0, ""
 
 
-def qemu_alive(pid: int) -> bool:
+def _cmdline_has(pid: int, *words: bytes) -> bool:
     try:
-        return b"qemu" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
+    return all(w in cmd for w in words)
+
+
+def qemu_alive(pid: int) -> bool:
+    return _cmdline_has(pid, b"qemu-system")
 
 
 def shim_pids() -> set[int]:
@@ -158,9 +163,16 @@ def test_log_uris_file_and_binary(containerd: Containerd, tmp_path: Path) -> Non
     assert Path(f"{captured}.env").read_text().split() == ["kshim-bin", "default", "flag"]
 
 
-def test_killing_qemu_reports_exit_255_and_leaves_nothing(containerd: Containerd, detached: str) -> None:
+@pytest.mark.parametrize("victim", ["qemu", "virtiofsd"])
+def test_killing_the_vmm_or_virtiofsd_reports_exit_255_and_leaves_nothing(
+        containerd: Containerd, detached: str, victim: str) -> None:
     qemu_pid, _ = task_status(containerd, detached)
-    os.kill(qemu_pid, signal.SIGKILL)
+    if victim == "qemu":
+        os.kill(qemu_pid, signal.SIGKILL)
+    else:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+        (virtiofsd,) = [p for p in pids if _cmdline_has(p, b"/virtiofsd\0", f"/{detached}/".encode())]
+        os.kill(virtiofsd, signal.SIGKILL)
     wait_until(lambda: task_status(containerd, detached)[1] == "STOPPED", 60,
                "the VM's death was not reported")
     delete = containerd.ctr("task", "delete", detached, timeout=TIMEOUT)

@@ -40,7 +40,7 @@ def pair() -> Iterator[tuple[LiteAgent, Recorder]]:
         "ExecProcess": rec.method(pb.ExecProcessRequest, Empty()),
         "StartContainer": rec.method(pb.StartContainerRequest, Empty()),
         "SignalProcess": rec.method(pb.SignalProcessRequest, Empty()),
-        "WaitProcess": rec.method(pb.WaitProcessRequest, pb.WaitProcessResponse(status=137)),
+        "WaitProcess": rec.method(pb.WaitProcessRequest, pb.WaitProcessResponse(status=137, oom_killed=True)),
         "ReadStdout": rec.method(pb.ReadStreamRequest, pb.ReadStreamResponse(data=b"out")),
         "ReadStderr": rec.method(pb.ReadStreamRequest, eof),
         "WriteStdin": rec.method(pb.WriteStreamRequest, pb.WriteStreamResponse(len=3)),
@@ -62,7 +62,7 @@ def test_every_call_parses_as_the_generated_message(pair: tuple[LiteAgent, Recor
     agent.exec_process("c", "e1", b'{"args":["true"]}')
     agent.start_container("c")
     agent.signal("c", "", 15)
-    assert agent.wait("c", "e1") == 137
+    assert agent.wait_exit("c", "e1") == (137, True)
     assert agent.read("stdout", "c", "", 4096) == b"out"
     with pytest.raises(StreamEnded):
         agent.read("stderr", "c", "", 4096)

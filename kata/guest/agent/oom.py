@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import ctypes
 import os
-import queue
 import struct
 import threading
+from collections import deque
 
 from kata.utils.mount import libc
 
@@ -33,8 +33,9 @@ class OomWatcher:
     def __init__(self) -> None:
         self._fd = -1
         self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)
         self._watches: dict[int, tuple[str, str, int]] = {}  # wd -> (container, file, kills seen)
-        self._events: queue.Queue[str] = queue.Queue()
+        self._events: deque[str] = deque()
 
     def watch(self, cid: str, cgroup_dir: str) -> None:
         path = os.path.join(cgroup_dir, "memory.events")
@@ -58,7 +59,25 @@ class OomWatcher:
 
     def next_event(self) -> str:
         """The next container with a new OOM kill; blocks until there is one."""
-        return self._events.get()
+        with self._ready:
+            while not self._events:
+                self._ready.wait()
+            return self._events.popleft()
+
+    def take(self, cid: str) -> bool:
+        """Whether ``cid`` has an OOM kill not yet handed out; it is then not handed out by
+        next_event (the caller reports it, with the exit of the container's init)."""
+        with self._lock:
+            if cid in self._events:
+                self._events.remove(cid)
+                return True
+            for wd, (owner, path, seen) in self._watches.items():
+                if owner == cid:
+                    kills = oom_kills(path)
+                    if kills > seen:
+                        self._watches[wd] = (owner, path, kills)
+                        return True
+            return False
 
     def _read(self) -> None:
         while True:
@@ -82,4 +101,5 @@ class OomWatcher:
             if kills <= seen:
                 return
             self._watches[wd] = (cid, path, kills)
-        self._events.put(cid)
+            self._events.append(cid)
+            self._ready.notify()

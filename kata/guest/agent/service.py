@@ -143,7 +143,9 @@ class AgentService:
         return empty_pb2.Empty()
 
     def wait_process(self, ctx: ttrpc.Context, req: pb.WaitProcessRequest) -> pb.WaitProcessResponse:
-        return pb.WaitProcessResponse(status=self.sandbox.wait_process(req.container_id, req.exec_id))
+        status = self.sandbox.wait_process(req.container_id, req.exec_id)
+        oom = not req.exec_id and self._oom is not None and self._oom.take(req.container_id)
+        return pb.WaitProcessResponse(status=status, oom_killed=oom)
 
     def list_processes(self, ctx: ttrpc.Context, req: pb.ListProcessesRequest) -> pb.ListProcessesResponse:
         listing = self.sandbox.list_processes(req.container_id, req.format)
