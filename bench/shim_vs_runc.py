@@ -57,8 +57,8 @@ def find_shim(shim_dir: str) -> str | None:
 
 
 def kind(argv: list[str], address: str) -> str:
-    # A shim is known by the containerd address it was given: the kata shim's daemon runs as
-    # `python3 -m kata.shim -namespace NS -address SOCK ...`, not under the name containerd started.
+    # A shim is known by the containerd address it was given: the kata shim is a Python program
+    # (`python3 .../containerd-shim-kata-v2 -namespace NS -address SOCK ...`), not named for its binary.
     names = [os.path.basename(a) for a in argv[:2]]
     if address in argv or any(n.startswith("containerd-shim") for n in names):
         return "shim"

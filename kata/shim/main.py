@@ -3,9 +3,8 @@
     containerd-shim-kata-v2 -namespace NS -address SOCK -publish-binary BIN -id ID [-debug] start|delete
     containerd-shim-kata-v2 -v | -info
 
-`start` (in the bundle directory) starts the pod's shim, or finds the running one of the task's pod,
-and prints its address; `delete` cleans up after a shim that is gone. The shim itself is this
-program started again by `start`, without an action, with its listening socket inherited.
+`start` (in the bundle directory) starts the pod's shim (a child it forks), or finds the running
+one of the task's pod, and prints its address; `delete` cleans up after a shim that is gone.
 """
 
 from __future__ import annotations
@@ -20,8 +19,6 @@ from kata import __version__
 from kata.errors import KataError
 
 NAME = "containerd-shim-kata-v2"
-# Set by `start` for the shim it starts: the descriptor of the socket to serve on.
-SERVE_ENV = "KATA_SHIM_SERVE"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -51,10 +48,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             from kata.shim import cleanup
 
             code = cleanup.run(args)
-        elif os.environ.get(SERVE_ENV, "").isdigit():
-            from kata.shim import serve
-
-            code = serve.run(args, int(os.environ.pop(SERVE_ENV)))
         else:
             raise KataError("an action is required: start or delete (containerd runs the shim)")
     except KataError as exc:

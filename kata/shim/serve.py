@@ -10,6 +10,7 @@ import signal
 import socket
 import threading
 from pathlib import Path
+from typing import NoReturn
 
 from kata import ttrpc
 from kata.shim import address, events
@@ -36,7 +37,7 @@ def _log_to_bundle(bundle: Path, debug: bool) -> None:
     root.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
-def run(args: argparse.Namespace, listen_fd: int) -> int:
+def run(args: argparse.Namespace, listen_fd: int) -> NoReturn:
     bundle = bundle_of(args)
     _log_to_bundle(bundle, args.debug)
     listener = socket.socket(fileno=listen_fd)

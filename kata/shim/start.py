@@ -1,9 +1,8 @@
 """`containerd-shim-kata-v2 start`: one shim per pod.
 
-The pod's first task (its sandbox) gets a new shim: the socket is bound here, then handed to the
-shim started in its own session (its descriptor number in the environment). containerd reads this
-command's output to its end, so the shim keeps none of our other descriptors. A later container of
-the pod gets the running shim's address.
+The pod's first task (its sandbox) gets a new shim: the socket is bound here, and a forked child
+serves it in its own session. containerd reads this command's output to its end, so the shim keeps
+none of it. A later container of the pod gets the running shim's address.
 """
 
 from __future__ import annotations
@@ -11,13 +10,13 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from kata.errors import KataError
 from kata.shim import address
-from kata.shim.main import SERVE_ENV, bundle_of
+from kata.shim.main import bundle_of
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,26 +47,36 @@ def _start_shim(args: argparse.Namespace, bundle: Path, path: Path) -> str:
         listener.bind(str(path))
         os.chmod(path, 0o600)
         listener.listen(128)
-        env = dict(os.environ)
-        env[SERVE_ENV] = str(listener.fileno())
         config = _config_from_options()
         if config:
-            env["KATA_CONF_FILE"] = config
-        argv = [sys.executable, "-m", "kata.shim", "-namespace", args.namespace, "-address", args.address,
-                "-publish-binary", args.publish_binary, "-id", args.id, "-bundle", str(bundle)]
-        if args.debug:
-            argv.append("-debug")
-
-        proc = subprocess.Popen(argv, cwd=bundle, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True, pass_fds=(listener.fileno(),))
+            os.environ["KATA_CONF_FILE"] = config
+        pid = os.fork()
     except BaseException:
         listener.close()
         path.unlink(missing_ok=True)
         raise
+    if pid == 0:
+        _become_shim(args, bundle, listener)
     listener.close()
-    (bundle / "shim.pid").write_text(str(proc.pid))
+    (bundle / "shim.pid").write_text(str(pid))
     return address.as_address(path)
+
+
+def _become_shim(args: argparse.Namespace, bundle: Path, listener: socket.socket) -> NoReturn:
+    """The forked child: the pod's shim, in a session of its own, holding none of `start`'s output
+    (a fork, not a new interpreter: what `start` loaded is loaded already)."""
+    try:
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        os.chdir(bundle)
+        from kata.shim import serve
+
+        serve.run(args, listener.fileno())
+    finally:
+        os._exit(1)  # serve.run exits the process itself; this is for its failure
 
 
 def _config_from_options() -> str:

@@ -65,7 +65,7 @@ def _kata_sandboxes() -> set[str]:
             continue
         if b"kata.monitor" in cmd:
             found.add(f"monitor {pid}")
-        elif b"kata.shim" in cmd:
+        elif b"containerd-shim-kata-v2" in cmd:
             found.add(f"shim {pid}")
     return found
 

@@ -150,7 +150,7 @@ def test_pods_share_and_reach_networks(cri: CriClient, cri_containerd: Container
             kernels = {cri.exec_sync(cid, ["uname", "-r"]).stdout for cid in (server, sidecar)}
             assert len(kernels) == 1 and kernels != {host_kernel + "\n"}
             assert len(_processes_naming(b"qemu-system", web.id)) == 1
-            assert len(_processes_naming(b"kata.shim", web.id)) == 1
+            assert len(_processes_naming(b"containerd-shim-kata-v2", web.id)) == 1
 
         # The sidecar reaches the server on loopback, shared by the pod.
         assert _body(_until(lambda: _fetch(cri, sidecar, "127.0.0.1"))) == PAGE + "\n"
@@ -258,4 +258,4 @@ def test_kata_pod_qemu_killed_reports_exits_and_leaves_nothing(cri: CriClient,
     finally:
         cri.remove_pod(pod.id)
     assert cri_containerd.traces_of(pod.id) == [] and cri_containerd.traces_of(cid) == []
-    assert not _processes_naming(b"kata.shim", pod.id)
+    assert not _processes_naming(b"containerd-shim-kata-v2", pod.id)

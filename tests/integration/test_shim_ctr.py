@@ -56,7 +56,7 @@ def shim_pids() -> set[int]:
     found = set()
     for pid in os.listdir("/proc"):
         try:
-            if b"kata.shim" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if b"containerd-shim-kata-v2" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 found.add(int(pid))
         except (OSError, ValueError):
             continue

@@ -13,7 +13,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def shim(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("KATA_SHIM_SERVE", None)
     return subprocess.run([sys.executable, "-m", "kata.shim", *args], capture_output=True, cwd=cwd, env=env,
                           timeout=60)
 
