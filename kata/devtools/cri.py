@@ -264,6 +264,15 @@ class CriClient:
         request = cri.ContainerStatusRequest(container_id=container_id, verbose=verbose)
         return self._runtime("ContainerStatus", request, cri.ContainerStatusResponse, timeout)
 
+    def update_container_resources(self, container_id: str, linux: cri.LinuxContainerResources,
+                                   timeout: float | None = None) -> None:
+        request = cri.UpdateContainerResourcesRequest(container_id=container_id, linux=linux)
+        self._runtime("UpdateContainerResources", request, cri.UpdateContainerResourcesResponse, timeout)
+
+    def container_stats(self, container_id: str, timeout: float | None = None) -> cri.ContainerStats:
+        request = cri.ContainerStatsRequest(container_id=container_id)
+        return self._runtime("ContainerStats", request, cri.ContainerStatsResponse, timeout).stats
+
     def container_pid(self, container_id: str) -> int:
         """The host pid of the container's process, from containerd's verbose info (0 when none)."""
         info = self.container_status(container_id, verbose=True).info.get("info", "{}")

@@ -144,6 +144,10 @@ def test_pods_share_and_reach_networks(cri: CriClient, cri_containerd: Container
             assert addr.exit_code == 0 and f" {web_ip}/" in addr.stdout, addr
         assert cri.exec_sync(sidecar, ["sh", "-c", "echo out; echo err >&2; exit 7"]) == \
             ExecResult(7, "out\n", "err\n")
+        # The container's figures, from the runtime's task metrics.
+        stats = cri.container_stats(sidecar)
+        assert stats.attributes.id == sidecar and stats.attributes.metadata.name == "sidecar"
+        assert stats.memory.working_set_bytes.value > 0 and stats.cpu.usage_core_nano_seconds.value > 0
         if handler == "kata":
             # One VM for the pod: its kernel in both containers, one QEMU and one shim for the pod.
             host_kernel = open("/proc/sys/kernel/osrelease").read().strip()
@@ -233,6 +237,12 @@ def test_kata_pod_vm_grows_when_limited_containers_join(cri: CriClient, cri_cont
         # The container's own limit applies inside the VM.
         limit = cri.exec_sync(second, ["cat", "/sys/fs/cgroup/memory.max"]).stdout.strip()
         assert limit == str(256 * MiB)
+        # A larger limit later (kubelet's UpdateContainerResources): the VM grows by the difference.
+        grown = _guest_memory_kib(cri, first)
+        cri.update_container_resources(second, cri_pb.LinuxContainerResources(
+            memory_limit_in_bytes=512 * MiB, cpu_quota=100000, cpu_period=100000))
+        assert cri.exec_sync(second, ["cat", "/sys/fs/cgroup/memory.max"]).stdout.strip() == str(512 * MiB)
+        assert _guest_memory_kib(cri, first) - grown >= 250 * 1024
     finally:
         cri.remove_pod(pod.id)
     assert cri_containerd.traces_of(pod.id) == []
