@@ -154,6 +154,8 @@ class Pod:
             except BaseException:
                 if brought_up:
                     self._teardown()
+                elif self.sandbox is not None:
+                    self.sandbox.shared.remove(params.id)  # what a failed join had shared
                 if mounted:
                     rootfs.unmount_rootfs(params.bundle)
                 raise
