@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from kata.config.load import PACKAGED_CONFIG
-from kata.devtools.cri import CriClient, ExecResult, Pod
+from kata.devtools.cri import CriClient, CriError, ExecResult, Pod
 from kata.devtools.cri_config import CRI_NAMESPACE, DEFAULT_POD_SUBNET, KATA
 from kata.devtools.daemons import Containerd, cri_missing_tools
 from kata.devtools.netns import temporary_netns
@@ -155,6 +155,16 @@ def test_pods_share_and_reach_networks(cri: CriClient, cri_containerd: Container
             assert len(kernels) == 1 and kernels != {host_kernel + "\n"}
             assert len(_processes_naming(b"qemu-system", web.id)) == 1
             assert len(_processes_naming(b"containerd-shim-kata-v2", web.id)) == 1
+
+        # A container whose command does not exist fails to start; the pod goes on, and nothing of
+        # the container stays (no mount names it, in the runtime's directories either).
+        broken = cri.create_container(web.id, web.config, "broken", cri_containerd.image, ["/no/such/binary"])
+        with pytest.raises(CriError, match="no/such/binary"):
+            cri.start_container(broken)
+        cri.remove_container(broken)
+        assert cri_containerd.traces_of(broken) == []
+        assert broken not in open("/proc/self/mountinfo").read()
+        assert cri.exec_sync(server, ["true"]).exit_code == 0
 
         # The sidecar reaches the server on loopback, shared by the pod.
         assert _body(_until(lambda: _fetch(cri, sidecar, "127.0.0.1"))) == PAGE + "\n"
