@@ -1,5 +1,5 @@
 """What the benchmarks share: client commands that must succeed (timed or not), the PSS of processes,
-kata/runc ratios and table cells.
+kata/runc ratios, table cells, and the JSON line every run ends with.
 
 The scripts run as ``python bench/NAME.py`` with the repository root put first on sys.path, so they
 import this module as ``bench.benchlib``.
@@ -7,6 +7,7 @@ import this module as ``bench.benchlib``.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -95,3 +96,10 @@ def fmt(value: float | None, spec: str, suffix: str = "") -> str:
     """A table cell: the value in ``spec`` (e.g. "9.3f"), or a dash as wide when it is missing."""
     width = int(spec.split(".")[0])
     return (format(value, spec) + suffix) if value is not None else "-".rjust(width) + " " * len(suffix)
+
+
+def emit(result: Mapping[str, Any], path: Path | None) -> None:
+    """A run's results as one JSON line on stdout, and into ``path`` when given."""
+    print(json.dumps(result))
+    if path is not None:
+        path.write_text(json.dumps(result, indent=1))

@@ -17,7 +17,6 @@ Figures are medians; this machine is noisy, so read them as orders of magnitude.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.benchlib import RuntimeFailed, checked, fmt, pss_kib, ratio, timed  # noqa: E402
+from bench.benchlib import RuntimeFailed, checked, emit, fmt, pss_kib, ratio, timed  # noqa: E402
 from kata.devtools.daemons import Dockerd, Runtime, docker_daemons, kata_runtime_path  # noqa: E402
 from kata.errors import KataError  # noqa: E402
 
@@ -111,9 +110,7 @@ def main() -> int:
     ratios = report(results, args.runs)
     out = {"bench": "docker_vs_runc", "runs": args.runs, "daemons_start_s": round(startup, 3),
            "kata_runtime": args.kata, "ratios": ratios, **results}
-    print(json.dumps(out))
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=1))
+    emit(out, args.json)
     return 1 if any("error" in r for r in results.values()) else 0
 
 

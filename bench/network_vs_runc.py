@@ -28,6 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.benchlib import emit  # noqa: E402
 from kata.devtools.daemons import Dockerd, Runtime, docker_daemons, kata_runtime_path  # noqa: E402
 from kata.devtools.netns import NETNS_DIR, temporary_netns  # noqa: E402
 from kata.utils import netns  # noqa: E402
@@ -158,9 +159,7 @@ def main() -> int:
     print(f"{'connect + first byte (ms)':32}{runc['connect_ms']:10.2f}{kata['connect_ms']:10.2f}"
           f"{kata['connect_ms'] / runc['connect_ms']:10.1f}x")
     line = {"bench": "network_vs_runc", "seconds": args.seconds, **results}
-    print(json.dumps(line))
-    if args.json:
-        Path(args.json).write_text(json.dumps(line))
+    emit(line, Path(args.json) if args.json else None)
     return 0
 
 

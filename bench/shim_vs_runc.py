@@ -20,7 +20,6 @@ noisy machine: read them as orders of magnitude.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -34,7 +33,17 @@ from typing import Any, TypedDict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.benchlib import RuntimeFailed, checked, fmt, processes, pss_kib, ratio, timed, with_descendants  # noqa: E402
+from bench.benchlib import (  # noqa: E402
+    RuntimeFailed,
+    checked,
+    emit,
+    fmt,
+    processes,
+    pss_kib,
+    ratio,
+    timed,
+    with_descendants,
+)
 from kata.devtools.daemons import Containerd, containerd_daemon  # noqa: E402
 from kata.errors import KataError  # noqa: E402
 
@@ -188,9 +197,7 @@ def main() -> int:
     ratios = report(results, args.runs)
     out = {"bench": "shim_vs_runc", "runs": args.runs, "settle_s": args.settle, "kata_shim": shim,
            "daemon_start_s": round(startup, 3), "ratios": ratios, **results}
-    print(json.dumps(out))
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=1))
+    emit(out, args.json)
     return 1 if any("error" in r for r in results.values()) else 0
 
 
