@@ -279,3 +279,16 @@ def test_kata_pod_qemu_killed_reports_exits_and_leaves_nothing(cri: CriClient,
         cri.remove_pod(pod.id)
     assert cri_containerd.traces_of(pod.id) == [] and cri_containerd.traces_of(cid) == []
     assert not _processes_naming(b"containerd-shim-kata-v2", pod.id)
+
+
+@pytest.mark.vm
+@pytest.mark.usefixtures("needs_guest")
+def test_ctr_run_with_the_kata_shim_beside_cri(cri_containerd: Containerd) -> None:
+    """`ctr run --runtime io.containerd.kata.v2` on the same CRI-enabled containerd as the pods."""
+    proc = cri_containerd.ctr("run", "--rm", "--runtime", "io.containerd.kata.v2", cri_containerd.image,
+                              "ctr-beside-cri", "sh", "-c", "echo in-vm; uname -r; exit 4",
+                              namespace=CRI_NAMESPACE, timeout=180)
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 4 and lines[0] == "in-vm", proc.stderr
+    assert lines[1] != open("/proc/sys/kernel/osrelease").read().strip()
+    assert cri_containerd.traces_of("ctr-beside-cri") == []
