@@ -236,3 +236,13 @@ def test_out_of_memory_is_an_oom_event_before_the_exit(containerd: Containerd) -
     topics = [f for line in out.splitlines() if "kshim-oom" in line
               for f in line.split() if f.startswith("/tasks/")]
     assert topics[:4] == ["/tasks/create", "/tasks/start", "/tasks/oom", "/tasks/exit"], out
+
+
+def test_host_networking_is_refused_in_one_line(containerd: Containerd) -> None:
+    before = set(os.listdir("/run/vc/sbs")) if os.path.isdir("/run/vc/sbs") else set()
+    proc = run(containerd, "--rm", "--net-host", containerd.image, "kshim-hostnet", "true")
+    assert proc.returncode != 0 and "host networking is not supported" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    containerd.ctr("container", "delete", "kshim-hostnet", timeout=60)
+    wait_until(lambda: not shim_pids(), 30, "a shim outlived its refused create")
+    assert (set(os.listdir("/run/vc/sbs")) if os.path.isdir("/run/vc/sbs") else set()) == before
