@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 
 RUN_DIR = Path("/run")
 CONTAINERD_PREFIX = "ktc-"
+SHIM_SOCKET_DIR = "/run/containerd/s"  # where every containerd's shims listen, whatever its state dir
 DOCKERD_PREFIX = "ktd-"
 # Debian's docker.io puts its client beside the daemon's package; a newer client earlier on PATH
 # (some hosts have one in /usr/local/bin) would talk to dockerd 20.10 through API negotiation instead.
@@ -157,11 +158,35 @@ def _with_descendants(roots: Iterable[int], table: Mapping[int, tuple[int, str]]
 
 
 def _kill(pids: Iterable[int], timeout: float = 10.0) -> None:
+    """SIGKILL ``pids``; the shim sockets they listened on go too (a killed shim cannot remove its own)."""
     pids = {p for p in pids if p != os.getpid()}
+    sockets = _listening_shim_sockets(pids)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     _wait_for(lambda: not any(_alive(p) for p in pids), timeout)
+    for path in sockets:
+        path.unlink(missing_ok=True)
+
+
+def _listening_shim_sockets(pids: Iterable[int]) -> list[Path]:
+    """The unix sockets under SHIM_SOCKET_DIR that ``pids`` hold open (their network namespace's
+    /proc/PID/net/unix names them by inode)."""
+    found: set[Path] = set()
+    for pid in pids:
+        inodes: set[str] = set()
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if target.startswith("socket:["):
+                        inodes.add(target[8:-1])
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/net/unix") as table:
+            for line in table.readlines()[1:]:
+                fields = line.split()
+                if len(fields) >= 8 and fields[6] in inodes and fields[7].startswith(f"{SHIM_SOCKET_DIR}/"):
+                    found.add(Path(fields[7]))
+    return sorted(found)
 
 
 def _wait_for(done: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:

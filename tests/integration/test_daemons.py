@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from kata.devtools.daemons import (
+    SHIM_SOCKET_DIR,
     Containerd,
     Dockerd,
     Runtime,
@@ -112,6 +113,7 @@ os._exit(0)  # dies without stopping containerd: its owner is gone
 def test_a_dead_owners_daemon_is_swept() -> None:
     """A test process killed before its teardown leaves its containerd running; the next start sweeps it."""
     cid = f"abandoned-{uuid.uuid4().hex[:8]}"
+    shim_sockets = set(os.listdir(SHIM_SOCKET_DIR)) if os.path.isdir(SHIM_SOCKET_DIR) else set()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     out = subprocess.run([sys.executable, "-c", _ABANDON, cid], capture_output=True, text=True,
                          timeout=TIMEOUT, env=env)
@@ -122,6 +124,8 @@ def test_a_dead_owners_daemon_is_swept() -> None:
     assert base in sweep_stale()
     assert process_gone(pid)
     assert not base.exists()
+    # The killed shim's socket (in the directory every containerd's shims share) went with it.
+    assert set(os.listdir(SHIM_SOCKET_DIR)) <= shim_sockets
     assert not [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if base_s in line]
     # A container killed under runc (not deleted through it) keeps its state and empty cgroups, outside the
     # daemon's directory: the sweep cannot know them; here they have a known name.
