@@ -30,8 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.benchlib import emit  # noqa: E402
 from kata.devtools.daemons import Dockerd, Runtime, docker_daemons, kata_runtime_path  # noqa: E402
-from kata.devtools.netns import NETNS_DIR, temporary_netns  # noqa: E402
-from kata.utils import netns  # noqa: E402
+from kata.devtools.netns import call_in_netns, temporary_netns  # noqa: E402
 
 PORT_IN, PORT_OUT, PORT_HTTP = 5001, 5002, 8080
 HOST_SIDE = "172.17.0.1"
@@ -119,27 +118,6 @@ def measure(d: Dockerd, runtime: str, seconds: float, connects: int) -> dict[str
     return out
 
 
-def run_in_netns(ns: str, fn: Any) -> dict[str, Any]:
-    """fn() on a thread that joined the namespace: setns applies to one thread, and ours must be able
-    to stop the daemons afterwards from where they were started."""
-    out: list[dict[str, Any]] = []
-    errors: list[BaseException] = []
-
-    def body() -> None:
-        try:
-            netns.enter(f"{NETNS_DIR}/{ns}")
-            out.append(fn())
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
-            errors.append(exc)
-
-    t = threading.Thread(target=body)
-    t.start()
-    t.join()
-    if errors:
-        raise errors[0]
-    return out[0]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=3.0)
@@ -149,7 +127,7 @@ def main() -> int:
     with temporary_netns("kb") as ns, \
             docker_daemons(runtimes={"kata": Runtime(kata_runtime_path(), ())}, netns=ns) as d:
         # Our sockets on the host side of the bridge, from a thread that stays there.
-        results = run_in_netns(ns, lambda: {rt: measure(d, rt, args.seconds, args.connects)
+        results = call_in_netns(ns, lambda: {rt: measure(d, rt, args.seconds, args.connects)
                                             for rt in ("runc", "kata")})
     runc, kata = results["runc"], results["kata"]
     print(f"{'':32}{'runc':>10}{'kata':>10}{'kata/runc':>11}  target")

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
 
 NETNS_DIR = "/run/netns"
 
@@ -28,3 +32,26 @@ def in_netns(name: str, *cmd: str, check: bool = True,
     hides the cgroup mounts (FACTS.md)."""
     return subprocess.run(["nsenter", f"--net={NETNS_DIR}/{name}", *cmd], capture_output=True, text=True,
                           check=check, timeout=timeout)
+
+
+def call_in_netns(name: str, fn: Callable[[], T]) -> T:
+    """``fn()`` on a thread that joined the namespace, re-raising what it raises: setns moves only
+    the calling thread, and the caller's own thread must stay where it is."""
+    from kata.utils import netns
+
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            netns.enter(f"{NETNS_DIR}/{name}")
+            result.append(fn())
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            error.append(exc)
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    if error:
+        raise error[0]
+    return result[0]

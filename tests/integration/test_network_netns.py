@@ -13,7 +13,6 @@ import shutil
 import socket
 import struct
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,10 +21,9 @@ from dataclasses import dataclass
 import pytest
 from pyroute2.netns import create_socket
 
-from kata.devtools.netns import temporary_netns
+from kata.devtools.netns import call_in_netns, temporary_netns
 from kata.network.endpoints import Endpoint, Neighbour, Route, discover
 from kata.network.tcfilter import connect, create_tap, delete_link, disconnect, tap_name
-from kata.utils import netns
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not (shutil.which("ip") and shutil.which("tc") and os.path.exists("/dev/net/tun")),
@@ -41,28 +39,16 @@ IFF_NO_PI = 0x1000
 def open_tap(ns: str, name: str) -> int:
     """Attach to the tap `name` of namespace `ns`, as QEMU does: an fd of raw Ethernet frames.
     /dev/net/tun finds the name in the opening thread's namespace, so a thread joins `ns` to open it."""
-    result: list[int] = []
-    error: list[BaseException] = []
-
-    def attach() -> None:
+    def attach() -> int:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
         try:
-            netns.enter(f"/run/netns/{ns}")
-            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
-            try:
-                fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI))
-            except OSError:
-                os.close(fd)
-                raise
-            result.append(fd)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
-            error.append(exc)
+            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI))
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
 
-    t = threading.Thread(target=attach)
-    t.start()
-    t.join()
-    if error:
-        raise error[0]
-    return result[0]
+    return call_in_netns(ns, attach)
 
 
 def sh(*args: str) -> str:
