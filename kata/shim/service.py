@@ -19,9 +19,9 @@ from google.protobuf.message import Message
 from kata import __version__, ttrpc
 from kata.errors import KataError
 from kata.protocols.containerd.api.types.task import task_pb2 as types
-from kata.protocols.containerd.pkg.runtimeoptions.v1 import api_pb2 as runtimeoptions
 from kata.protocols.containerd.runtime.v2.task import shim_pb2 as pb
 from kata.shim import events
+from kata.shim.options import config_path
 from kata.shim.pod import CreateParams, Pod, ShimError
 from kata.shim.process import Process
 from kata.shim.stdio import StdioPaths
@@ -45,10 +45,12 @@ def _json_any(any_msg: Any, what: str) -> dict[str, Any]:
 
 def config_path_of(options: Any) -> Path | None:
     """The configuration.toml the CRI plugin's runtime options name (ConfigPath), if any."""
-    if options is None or not options.type_url.endswith("runtimeoptions.v1.Options"):
+    if options is None:
         return None
-    opts = runtimeoptions.Options.FromString(options.value)
-    return Path(opts.config_path) if opts.config_path else None
+    try:
+        return config_path(options.type_url, options.value)
+    except ValueError as exc:
+        raise ShimError(ttrpc.Code.INVALID_ARGUMENT, f"runtime options: {exc}") from None
 
 
 class TaskService:

@@ -80,20 +80,14 @@ def _become_shim(args: argparse.Namespace, bundle: Path, listener: socket.socket
 
 
 def _config_from_options() -> str:
-    """containerd writes the runtime's options (a protobuf Any holding runtimeoptions.v1.Options)
-    to our stdin; its config_path picks the configuration.toml. Decoded without the protobuf
-    runtime, which `start` does not otherwise load."""
-    from kata.ttrpc import wire
+    """The configuration.toml named by the runtime options containerd writes to our stdin."""
+    from kata.shim.options import config_path_of_any
 
     if sys.stdin is None or sys.stdin.isatty():
         return ""
     try:
         data = sys.stdin.buffer.read()
-        if not data:
-            return ""
-        any_fields = wire.decode(data)
-        if not wire.last_str(any_fields, 1).endswith("runtimeoptions.v1.Options"):
-            return ""
-        return wire.last_str(wire.decode(wire.last_bytes(any_fields, 2)), 2)
+        path = config_path_of_any(data) if data else None
     except (OSError, ValueError) as exc:
         raise KataError(f"runtime options on stdin: {exc}") from exc
+    return str(path) if path else ""

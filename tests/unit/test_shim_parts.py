@@ -11,6 +11,7 @@ from google.protobuf.any_pb2 import Any
 from kata.protocols import agent_pb2 as apb
 from kata.protocols.containerd.pkg.runtimeoptions.v1 import api_pb2 as runtimeoptions
 from kata.shim import address, events, metrics
+from kata.shim.options import config_path_of_any
 from kata.shim.service import config_path_of
 from kata.shim.stdio import binary_argv
 
@@ -42,6 +43,8 @@ def test_config_path_from_runtime_options() -> None:
     assert config_path_of(packed) == Path("/etc/kata-containers/configuration.toml")
     assert config_path_of(Any(type_url="containerd.runc.v1.Options")) is None
     assert config_path_of(None) is None
+    # `start` reads the same Any, serialized, from its stdin.
+    assert config_path_of_any(packed.SerializeToString()) == Path("/etc/kata-containers/configuration.toml")
 
 
 def test_binary_log_uri_arguments() -> None:
