@@ -5,7 +5,6 @@ sandbox), the rootfs mount, the socket. The answer is a DeleteResponse on stdout
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 import time
@@ -13,8 +12,6 @@ import time
 from kata.errors import KataError
 from kata.shim import address, rootfs
 from kata.shim.main import bundle_of
-
-log = logging.getLogger("kata.shim")
 
 
 def run(args: argparse.Namespace) -> int:

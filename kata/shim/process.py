@@ -7,6 +7,7 @@ client that sees the exit has all the output (containerd's clients wait on both)
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -65,8 +66,6 @@ class Process:
             self._stdin_thread.start()
 
     def _copy_stdin(self, agent: LiteAgent, opener: StdinOpener) -> None:
-        import os
-
         fd = opener.open()
         if fd is None:
             # containerd closed our stdin without ever writing to it: the process's stdin ends too.
