@@ -91,7 +91,7 @@ def plan_container(bundle: Bundle, container_id: str) -> ContainerPlan:
             source = posixpath.join(str(bundle.path), mount["source"])
             share = HostShare(
                 source=posixpath.normpath(source),
-                name=f"{container_id}-{index}-{_share_basename(source)}",
+                name=f"{container_id}/{index}-{_share_basename(source)}",
                 read_only="ro" in options,
             )
             shares.append(share)

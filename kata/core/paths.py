@@ -61,8 +61,13 @@ class SandboxPaths:
         return SHARED_ROOT / self.id
 
     @property
+    def mounts_dir(self) -> Path:
+        """Where the host mounts containers' rootfs and volumes: never exported to the guest."""
+        return self.shared_base / "mounts"
+
+    @property
     def shared_dir(self) -> Path:
-        """The directory exported to the guest; containers' rootfs and bind mounts appear here."""
+        """The directory exported to the guest: a read-only view of mounts_dir that receives its mounts."""
         return self.shared_base / "shared"
 
     def all_dirs(self) -> tuple[Path, ...]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from kata.core.timings import Timings
 from kata.errors import KataError
 from kata.fs_share.shared_dir import SharedDir
 from kata.hypervisor.base import Hypervisor, HypervisorError, VMConfig
+from kata.utils.safepath import remove_tree
 
 if TYPE_CHECKING:
     from kata.agent.client import AgentClient
@@ -95,7 +95,7 @@ class Sandbox:
         self.id = sid
         self.cfg = cfg
         self.paths = SandboxPaths(sid)
-        self.shared = SharedDir(self.paths.shared_dir)
+        self.shared = SharedDir(self.paths.mounts_dir, self.paths.shared_dir)
         self.timings = timings or Timings()
         self.hypervisor: Hypervisor | None = None
         self.virtiofsd: Any = None
@@ -321,7 +321,8 @@ class Sandbox:
         step("unmount shared directory", self.shared.destroy)
         step("copy guest console to the log", self._log_console)
         for d in self.paths.all_dirs():
-            step(f"remove {d}", lambda d=d: shutil.rmtree(d, ignore_errors=False) if d.exists() else None)
+            # Never into a mount: a volume the steps above could not unmount keeps its files.
+            step(f"remove {d}", lambda d=d: remove_tree(str(d)))
         self.timings.mark("destroyed")
         return errors
 

@@ -1,18 +1,37 @@
-"""The host directory a sandbox exports to its guest, and the bind mounts that fill it.
+"""The host directories behind a sandbox's shared filesystem, and the bind mounts that fill them.
 
-Each container's rootfs and each of its bind-mount sources is bind-mounted under this directory
-before the agent is asked to create the container; the guest sees them through virtio-fs or 9p.
+Kata's layout (its fix for CVE-2020-2024, a guest that planted symlinks where the host mounts next):
+the host mounts each container's rootfs and volumes in ``mounts/``, which only the host can write,
+and the guest is given ``shared/``, a read-only view of it that receives every mount made there
+(slave propagation). The guest cannot create an entry anywhere the host will mount, and the host
+never follows a symlink below ``mounts/``: targets are created and opened with no-follow rules and
+mounted through their file descriptors.
+
+A share is a detached clone of its source's mount tree, made read-only (recursively: submounts too)
+before it becomes visible, then attached; the propagated copy in ``shared/`` carries the same flags.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
+import stat
 from pathlib import Path
 
 from kata.errors import KataError
 from kata.specconv import HostShare
-from kata.utils.mount import bind_mount, mounts_under, unmount
+from kata.utils import mountapi
+from kata.utils.mount import (
+    MS_BIND,
+    MS_PRIVATE,
+    MS_RDONLY,
+    MS_REMOUNT,
+    MS_SHARED,
+    MS_SLAVE,
+    mount,
+    mounts_under,
+    unmount,
+)
+from kata.utils.safepath import UnsafePathError, components, make_mount_point, remove_tree
 
 
 class ShareError(KataError):
@@ -20,42 +39,78 @@ class ShareError(KataError):
 
 
 class SharedDir:
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    def __init__(self, mounts: Path, shared: Path) -> None:
+        self.mounts = mounts  # where the host mounts: never exported
+        self.shared = shared  # the guest's read-only view of it
 
     def create(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-
-    def add(self, share: HostShare) -> Path:
-        target = self.root / share.name
-        source = Path(share.source)
-        if not source.exists():
-            raise ShareError(f"mount source {share.source} does not exist")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # The mount point must be of the same kind as the source (file over file, dir over dir).
-        if source.is_dir():
-            target.mkdir(exist_ok=True)
-        else:
-            target.touch(exist_ok=True)
+        """Both directories, and the propagation from ``mounts/`` to the read-only ``shared/``."""
+        for d in (self.mounts.parent, self.mounts, self.shared):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
-            bind_mount(str(source), str(target), read_only=share.read_only)
+            # A mount of its own, private first so nothing of ours reaches the parent's peers, then
+            # shared so that what is mounted below it shows in shared/ too.
+            mount(str(self.mounts), str(self.mounts), None, MS_BIND)
+            mount(None, str(self.mounts), None, MS_PRIVATE)
+            mount(None, str(self.mounts), None, MS_SHARED)
+            mount(str(self.mounts), str(self.shared), None, MS_BIND)
+            mount(None, str(self.shared), None, MS_SLAVE)
+            mount(None, str(self.shared), None, MS_BIND | MS_REMOUNT | MS_RDONLY)
         except OSError as exc:
-            raise ShareError(str(exc)) from exc
-        return target
+            raise ShareError(f"preparing the shared directory: {exc.strerror or exc}") from exc
 
-    def remove(self, prefix: str) -> None:
-        """Unmount and delete everything a container put here (names start with its id)."""
-        for point in mounts_under(str(self.root)):
-            rel = os.path.relpath(point, self.root)
-            if rel == prefix or rel.startswith(prefix + "/") or rel.startswith(prefix + "-"):
-                unmount(point)
+    def add(self, share: HostShare) -> None:
+        """Bind ``share.source`` (the caller's path, resolved as runc resolves mount sources) at
+        ``share.name`` below ``mounts/``; it appears at the same name in ``shared/``."""
+        try:
+            source = os.open(share.source, os.O_PATH | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ShareError(f"mount source {share.source} does not exist") from None
+        except OSError as exc:
+            raise ShareError(f"mount source {share.source}: {exc.strerror}") from None
+        fds = [source]
+        try:
+            directory = stat.S_ISDIR(os.fstat(source).st_mode)
+            root = os.open(self.mounts, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fds.append(root)
+            target = make_mount_point(root, share.name, directory)
+            fds.append(target)
+            tree = mountapi.clone_tree(source)
+            fds.append(tree)
+            # Private: later mounts at the source stay out of the guest's view (as runc's default).
+            mountapi.set_attributes(tree, attr_set=mountapi.MOUNT_ATTR_RDONLY if share.read_only else 0,
+                                    propagation=MS_PRIVATE)
+            mountapi.attach(tree, target)
+        except OSError as exc:
+            raise ShareError(f"sharing {share.source} as {share.name}: {exc.strerror or exc}") from exc
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def remove(self, container_id: str) -> None:
+        """Unmount and delete everything a container shared (its names all start with its id)."""
+        try:
+            components(container_id)
+        except UnsafePathError as exc:
+            raise ShareError(str(exc)) from None
+        top = self.mounts / container_id
+        for point in mounts_under(str(top)):
+            unmount(point)
+        try:
+            remove_tree(str(top))
+        except OSError as exc:
+            raise ShareError(f"removing the shares of {container_id}: {exc.strerror or exc}") from exc
 
     def destroy(self) -> None:
-        """Unmount everything under the root, then delete it; never follows into a mount."""
-        for point in mounts_under(str(self.root)):
-            unmount(point)
-        if self.root.exists():
-            leftover = mounts_under(str(self.root))
-            if leftover:
-                raise ShareError(f"still mounted: {leftover[0]}")
-            shutil.rmtree(self.root, ignore_errors=True)
+        """Unmount everything, then delete both directories; never descends into a mount."""
+        for root in (self.shared, self.mounts):
+            for point in mounts_under(str(root)):
+                unmount(point)
+        base = self.mounts.parent
+        leftover = mounts_under(str(base))
+        if leftover:
+            raise ShareError(f"still mounted: {leftover[0]}")
+        try:
+            remove_tree(str(base))
+        except OSError as exc:
+            raise ShareError(f"removing {base}: {exc.strerror or exc}") from exc

@@ -16,9 +16,13 @@ MS_NODEV = 0x4
 MS_NOEXEC = 0x8
 MS_REMOUNT = 0x20
 MS_BIND = 0x1000
+MS_MOVE = 0x2000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
+MS_SLAVE = 0x80000
+MS_SHARED = 0x100000
 MNT_DETACH = 0x2
+UMOUNT_NOFOLLOW = 0x8
 
 _FLAGS = {
     "ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC,
@@ -49,40 +53,58 @@ class MountError(OSError):
 
 
 def _enc(s: str | None) -> bytes | None:
-    return s.encode() if s else None
+    return os.fsencode(s) if s else None
 
 
 def mount(source: str | None, target: str, fstype: str | None, flags: int = 0, data: str = "") -> None:
-    if libc.mount(_enc(source), target.encode(), _enc(fstype), ctypes.c_ulong(flags), _enc(data)) != 0:
+    if libc.mount(_enc(source), os.fsencode(target), _enc(fstype), ctypes.c_ulong(flags), _enc(data)) != 0:
         err = ctypes.get_errno()
         raise MountError(err, f"mount {fstype or ''} {source or ''} on {target}: {os.strerror(err)}")
 
 
-def bind_mount(source: str, target: str, read_only: bool = False, recursive: bool = True) -> None:
-    """Bind ``source`` on ``target`` (which must exist, same type as source)."""
-    mount(source, target, None, MS_BIND | (MS_REC if recursive else 0))
-    # A private mount keeps later host mounts/unmounts under source from leaking into the share.
-    mount(None, target, None, MS_PRIVATE | MS_REC)
-    if read_only:
-        # MS_RDONLY is ignored on the initial bind; it needs a remount of the bind mount.
-        mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
-
-
 def unmount(target: str) -> None:
-    """Detach ``target`` (lazy, so a busy mount never blocks cleanup); a non-mount is no error."""
-    if libc.umount2(target.encode(), MNT_DETACH) != 0:
+    """Detach ``target`` (lazy, so a busy mount never blocks cleanup); a non-mount is no error.
+    A symlink at ``target`` is never followed: it cannot send the unmount elsewhere."""
+    if libc.umount2(os.fsencode(target), MNT_DETACH | UMOUNT_NOFOLLOW) != 0:
         err = ctypes.get_errno()
         if err not in (22, 2):  # EINVAL: not a mount point; ENOENT: gone already
             raise MountError(err, f"unmount {target}: {os.strerror(err)}")
 
 
-def mounts_under(prefix: str) -> list[str]:
+def unescape_mountinfo(field: bytes) -> bytes:
+    """A mountinfo path field as the bytes of the path: the kernel writes space, tab, newline and
+    backslash as three-digit octal escapes (\\040 ...); everything else, UTF-8 or not, is raw."""
+    if b"\\" not in field:
+        return field
+    out = bytearray()
+    i = 0
+    while i < len(field):
+        octal = field[i + 1:i + 4]
+        if field[i] == 0x5C and len(octal) == 3 and all(0x30 <= c <= 0x37 for c in octal):
+            out.append(int(octal, 8))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return bytes(out)
+
+
+def mount_points(mountinfo: bytes | None = None) -> list[str]:
+    """Every mount point of this mount namespace, as Python paths (os.fsdecode of the raw bytes, so
+    that a non-UTF-8 name compares equal to the path that names it)."""
+    if mountinfo is None:
+        with open("/proc/self/mountinfo", "rb") as f:
+            mountinfo = f.read()
+    points = []
+    for line in mountinfo.split(b"\n"):
+        fields = line.split(b" ")
+        if len(fields) > 4:
+            points.append(os.fsdecode(unescape_mountinfo(fields[4])))
+    return points
+
+
+def mounts_under(prefix: str, mountinfo: bytes | None = None) -> list[str]:
     """Mount points at or below ``prefix``, deepest first (the order to unmount them)."""
     prefix = prefix.rstrip("/")
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            point = line.split()[4].encode().decode("unicode_escape")
-            if point == prefix or point.startswith(prefix + "/"):
-                found.append(point)
+    found = [p for p in mount_points(mountinfo) if p == prefix or p.startswith(prefix + "/")]
     return sorted(found, key=lambda p: p.count("/"), reverse=True)

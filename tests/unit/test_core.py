@@ -14,10 +14,8 @@ from kata.config import HypervisorConfig, load_config
 from kata.core import vm
 from kata.core.paths import InvalidIdError, SandboxPaths, validate_id
 from kata.core.store import locked, read_json, write_json
-from kata.fs_share.shared_dir import SharedDir, ShareError
 from kata.hypervisor.qemu_argv import kernel_cmdline
-from kata.specconv import HostShare, VMSizing
-from kata.utils.mount import mounts_under
+from kata.specconv import VMSizing
 from tests.conftest import runtime_bin
 
 
@@ -81,31 +79,6 @@ def test_vm_config_carries_sizing_shares_and_params() -> None:
     assert "agent.channel=vsock" in kernel_cmdline(nine_p, vsock=True).split()
     assert vm.build_vm_config("sb1", HypervisorConfig(shared_fs="none"), VMSizing(1, 1, 512), paths,
                               "kvm", "vsock", (), debug=False).shared_fs is None
-
-
-def test_shared_dir_binds_and_cleans_up(tmp_path: Path) -> None:
-    src_dir = tmp_path / "rootfs"
-    (src_dir / "bin").mkdir(parents=True)
-    src_file = tmp_path / "resolv.conf"
-    src_file.write_text("nameserver 192.0.2.1\n")
-    shared = SharedDir(tmp_path / "shared")
-    shared.create()
-    try:
-        rootfs = shared.add(HostShare(str(src_dir), "c1/rootfs", read_only=False))
-        conf = shared.add(HostShare(str(src_file), "c1-1-resolv.conf", read_only=True))
-        assert (rootfs / "bin").is_dir()
-        assert conf.read_text() == "nameserver 192.0.2.1\n"
-        with pytest.raises(OSError):
-            conf.write_text("x")  # read-only bind
-        assert len(mounts_under(str(shared.root))) == 2
-        with pytest.raises(ShareError, match="does not exist"):
-            shared.add(HostShare(str(tmp_path / "missing"), "c1-2-missing", read_only=False))
-        shared.remove("c1")
-        assert mounts_under(str(shared.root)) == []
-    finally:
-        shared.destroy()
-    assert not shared.root.exists()
-    assert src_file.read_text() == "nameserver 192.0.2.1\n"  # the source is untouched
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
