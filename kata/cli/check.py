@@ -48,7 +48,12 @@ def run(args: argparse.Namespace) -> int:
         result = choose_accel(Path(hv.path), Path(hv.kernel), force=hv.accel)  # type: ignore[arg-type]
         facts["accelerator"] = result.accel
         facts["accelerator_reason"] = result.reason + (" (cached)" if result.cached else "")
-    facts["agent_channel"] = "vsock" if caps.dev_vhost_vsock else "virtio-serial"
+    from kata.core.vm import agent_channel
+
+    try:
+        facts["agent_channel"] = agent_channel(cfg.agent.agent_channel, caps.dev_vhost_vsock)
+    except ValueError as exc:
+        problems.append(str(exc))
     facts["problems"] = problems
 
     if args.json:

@@ -61,6 +61,8 @@ class HypervisorConfig:
     enable_annotations: tuple[str, ...] = ()
     valid_hypervisor_paths: tuple[str, ...] = ("/usr/bin/qemu-system-x86_64",)
     enable_debug: bool = False
+    # QEMU's -sandbox (seccomp) options, Kata's key; "" turns the filter off.
+    seccompsandbox: str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
     # Ours (Kata has no equivalent keys).
     accel: str = "auto"
     boot_timeout: float = 20.0

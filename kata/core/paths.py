@@ -49,10 +49,6 @@ class SandboxPaths:
         return STATE_ROOT / "vm" / self.id
 
     @property
-    def console_log(self) -> Path:
-        return self.vm_dir / "console.log"
-
-    @property
     def virtiofsd_socket(self) -> Path:
         return self.vm_dir / "vhost-fs.sock"
 

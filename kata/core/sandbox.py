@@ -7,7 +7,6 @@ fails); destroy() always runs to the end, step by step, also when QEMU or the ag
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import threading
@@ -210,31 +209,38 @@ class Sandbox:
     def _restore_from_template(self, config: VMConfig) -> None:
         from kata.factory.template import TemplateStore
 
+        hv = self.cfg.hypervisor
         store = TemplateStore(Path(self.cfg.factory.template_path))
-        state, made = store.ensure(config, self.cfg.hypervisor.boot_timeout)
+        state, made = store.ensure(config, hv.boot_timeout, seccomp=hv.seccompsandbox)
         self.timings.mark("template_made" if made else "template_found")
-        memory = self.paths.vm_dir / "memory"
-        if store.clone_memory(state, memory):  # in the VM's run dir: it goes with the VM
-            config = dataclasses.replace(config, memory_file=memory)
+        # The clone's own copy of the template's RAM, in a memfd: charged to QEMU's memory, never
+        # to a filesystem the guest could fill (it lives as long as QEMU holds it).
+        memory_fd = store.clone_memory(state, f"kata-{self.id}")
+        if memory_fd is not None:
             self.timings.mark("memory_copied")
-        self._start_virtiofsd(config)
-        hypervisor = self._launch(config, restore_from=state)
+        try:
+            self._start_virtiofsd(config)
+            hypervisor = self._launch(config, restore_from=state, memory_fd=memory_fd)
+        finally:
+            if memory_fd is not None:
+                os.close(memory_fd)
         if config.shared_fs is not None and config.shared_fs.hotplug:
             hypervisor.attach_shared_fs(config.shared_fs)
             self.timings.mark("shared_fs_attached")
         self._connect_agent(config)
         self._fresh_clone = True
 
-    def _launch(self, config: VMConfig, restore_from: Path | None) -> Hypervisor:
+    def _launch(self, config: VMConfig, restore_from: Path | None,
+                memory_fd: int | None = None) -> Hypervisor:
         from kata.hypervisor.qemu import Qemu
 
-        qemu = Qemu()
+        qemu = Qemu(seccomp=self.cfg.hypervisor.seccompsandbox)
         self.hypervisor = qemu
         self.timings.mark("vmm_launch")
         if restore_from is None:
             qemu.start(config, timeout=self.cfg.hypervisor.boot_timeout)
         else:
-            qemu.restore(config, restore_from, timeout=self.cfg.hypervisor.boot_timeout)
+            qemu.restore(config, restore_from, timeout=self.cfg.hypervisor.boot_timeout, memory_fd=memory_fd)
         self.timings.mark("vmm_running")
         self._save_state("creating")
         return qemu
@@ -278,12 +284,9 @@ class Sandbox:
                                  mount_point=GUEST_SHARED_DIR)
 
     def _console_tail(self) -> str:
-        try:
-            text = self.paths.console_log.read_text(errors="replace")
-            lines = [ln for ln in text.splitlines() if ln.strip()]
-        except OSError:
-            return ""
-        return f" (guest console: {lines[-1][:200]})" if lines else " (guest console is empty)"
+        text = self.hypervisor.console_output() if self.hypervisor is not None else ""
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        return f" (guest console: {ascii(lines[-1][-200:])[1:-1]})" if lines else " (guest console is empty)"
 
     def _save_state(self, state: str) -> None:
         data: dict[str, Any] = {"id": self.id, "state": state, "config": str(self.cfg.source),
@@ -304,6 +307,7 @@ class Sandbox:
                 errors.append(f"{what}: {exc}")
                 self.log.warning(f"cleanup of sandbox {self.id}: {what}: {exc}")
 
+        step("copy guest console to the log", self._log_console)
         had_agent = self.agent is not None
         if self.agent is not None:
             agent = self.agent
@@ -319,7 +323,6 @@ class Sandbox:
         if self.virtiofsd is not None:
             step("stop virtiofsd", self.virtiofsd.stop)
         step("unmount shared directory", self.shared.destroy)
-        step("copy guest console to the log", self._log_console)
         for d in self.paths.all_dirs():
             # Never into a mount: a volume the steps above could not unmount keeps its files.
             step(f"remove {d}", lambda d=d: remove_tree(str(d)))
@@ -327,11 +330,12 @@ class Sandbox:
         return errors
 
     def _log_console(self) -> None:
-        """With --debug, the guest's console (kernel and agent lines) outlives the VM in our log."""
-        if self.log.isEnabledFor(logging.DEBUG) and self.paths.console_log.exists():
-            for line in self.paths.console_log.read_text(errors="replace").splitlines():
+        """With --debug, the guest's console (kernel and agent lines, its last part: a ring) outlives
+        the VM in our log, each line escaped (the guest writes it)."""
+        if self.log.isEnabledFor(logging.DEBUG) and self.hypervisor is not None:
+            for line in self.hypervisor.console_output().splitlines():
                 if line.strip():
-                    self.log.debug(f"guest console: {line}")
+                    self.log.debug(f"guest console: {ascii(line)[1:-1]}")
 
     # ---- resizing -------------------------------------------------------------------------
     def grow_memory(self, agent: AgentClient, want_mib: int) -> int:

@@ -20,11 +20,13 @@ SHARED_FS_TAG = "kataShared"
 
 
 def agent_channel(configured: str, vsock_available: bool) -> Literal["vsock", "virtio-serial"]:
-    if configured == "auto":
-        return "vsock" if vsock_available else "virtio-serial"
-    if configured == "vsock" and not vsock_available:
+    """virtio-serial unless vsock is asked for: its unix socket lives in a root-only directory,
+    while a vsock port answers every local user (the agent has no authentication of its own)."""
+    if configured in ("auto", "virtio-serial"):
+        return "virtio-serial"
+    if not vsock_available:
         raise ValueError("agent channel vsock needs /dev/vhost-vsock, which this host lacks")
-    return "vsock" if configured == "vsock" else "virtio-serial"
+    return "vsock"
 
 
 def vsock_available() -> bool:
@@ -60,7 +62,6 @@ def build_vm_config(sid: str, hv: HypervisorConfig, sizing: VMSizing, paths: San
         accel=accel,
         agent_channel=channel,
         run_dir=paths.vm_dir,
-        console_log=paths.console_log,
         shared_fs=shared,
     )
 

@@ -23,6 +23,7 @@ from kata.agent.transport import connect
 from kata.core.store import locked
 from kata.errors import KataError
 from kata.hypervisor.base import VMConfig
+from kata.hypervisor.qemu_argv import DEFAULT_SECCOMP
 
 # Bump when the way templates are made changes (e.g. the agent's state at snapshot time).
 TEMPLATE_FORMAT = "4"
@@ -71,11 +72,12 @@ def _lock_held(lock: Path) -> bool:
         os.close(fd)
 
 
-def sparse_copy(src: Path, dest: Path) -> None:
-    """Copy only the data regions of ``src`` (SEEK_DATA/SEEK_HOLE): holes stay holes, unallocated."""
-    with open(src, "rb") as fin, open(dest, "wb") as fout:
+def sparse_copy(src: Path, dest_fd: int) -> None:
+    """Copy only the data regions of ``src`` (SEEK_DATA/SEEK_HOLE) to ``dest_fd``: holes stay holes,
+    unallocated. sendfile, since copy_file_range refuses a copy between filesystem types."""
+    with open(src, "rb") as fin:
         size = os.fstat(fin.fileno()).st_size
-        fout.truncate(size)
+        os.ftruncate(dest_fd, size)
         pos = 0
         while pos < size:
             try:
@@ -83,8 +85,9 @@ def sparse_copy(src: Path, dest: Path) -> None:
             except OSError:  # ENXIO: nothing but a hole up to the end
                 break
             end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
+            os.lseek(dest_fd, start, os.SEEK_SET)
             while start < end:
-                n = os.copy_file_range(fin.fileno(), fout.fileno(), end - start, start, start)
+                n = os.sendfile(dest_fd, fin.fileno(), start, end - start)
                 if n <= 0:
                     raise OSError(f"copy of {src} stopped at {start}")
                 start += n
@@ -94,7 +97,7 @@ def sparse_copy(src: Path, dest: Path) -> None:
 def _shape(config: VMConfig) -> VMConfig:
     """The config without what differs between sandboxes of one shape."""
     return dataclasses.replace(
-        config, id="", run_dir=Path("/"), console_log=Path("/"), memory_file=None,
+        config, id="", run_dir=Path("/"), memory_file=None,
         shared_fs=(dataclasses.replace(config.shared_fs, host_dir=Path("/"), vhost_user_socket=Path("/"))
                    if config.shared_fs else None),
     )
@@ -148,7 +151,8 @@ class TemplateStore:
     def state_file(self, config: VMConfig) -> Path:
         return self.root / template_key(config) / _STATE
 
-    def ensure(self, config: VMConfig, boot_timeout: float) -> tuple[Path, bool]:
+    def ensure(self, config: VMConfig, boot_timeout: float,
+               seccomp: str = DEFAULT_SECCOMP) -> tuple[Path, bool]:
         """The snapshot for ``config``'s shape, made now if missing. Returns (path, made_now)."""
         why = templatable(config)
         if why:
@@ -163,11 +167,11 @@ class TemplateStore:
         with locked(self.root / f"{key}.lock"):
             if state.is_file():
                 return state, False
-            self._make(config, tdir, boot_timeout)
+            self._make(config, tdir, boot_timeout, seccomp)
         self.prune(replacing=(shape_digest(config), key))
         return state, True
 
-    def _make(self, config: VMConfig, tdir: Path, boot_timeout: float) -> None:
+    def _make(self, config: VMConfig, tdir: Path, boot_timeout: float, seccomp: str) -> None:
         from kata.hypervisor.qemu import Qemu
 
         work = tdir / "work"
@@ -179,13 +183,13 @@ class TemplateStore:
         run_dir = config.run_dir.parent / f"template-{tdir.name}"
         virtio_fs = config.shared_fs is not None and config.shared_fs.kind == "virtio-fs"
         tconfig = dataclasses.replace(
-            config, id=f"template-{tdir.name}", run_dir=run_dir, console_log=work / "console.log",
+            config, id=f"template-{tdir.name}", run_dir=run_dir,
             memory_file=tdir / MEMORY if virtio_fs else None,
             shared_fs=(dataclasses.replace(config.shared_fs, host_dir=share,
                                            vhost_user_socket=work / "vfs.sock")
                        if config.shared_fs else None),
         )
-        qemu = Qemu()
+        qemu = Qemu(seccomp=seccomp)
         made = False
         try:
             deadline = time.monotonic() + boot_timeout
@@ -198,7 +202,8 @@ class TemplateStore:
                 finally:
                     client.close()
             except KataError as exc:
-                tail = qemu.console_log_tail()
+                lines = [ln for ln in qemu.console_output().splitlines() if ln.strip()]
+                tail = ascii(lines[-1][-200:])[1:-1] if lines else qemu.console_log_tail()
                 raise TemplateError(f"guest agent did not answer within {boot_timeout:g}s: {exc}"
                                     + (f" (guest console: {tail})" if tail else "")) from exc
             tmp = tdir / f".{_STATE}.{os.getpid()}"
@@ -216,14 +221,19 @@ class TemplateStore:
             shutil.rmtree(work if made else tdir, ignore_errors=True)
 
     @staticmethod
-    def clone_memory(state: Path, dest: Path) -> bool:
-        """Give a clone its own copy of the template's RAM at ``dest``, if the template keeps RAM in
-        a file; False when it does not (its RAM is in the state)."""
+    def clone_memory(state: Path, name: str) -> int | None:
+        """A clone's own copy of the template's RAM, as a memfd the caller owns (QEMU maps it, and
+        it is freed with the last holder); None when the template keeps its RAM in the state."""
         src = state.parent / MEMORY
         if not src.exists():
-            return False
-        sparse_copy(src, dest)
-        return True
+            return None
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            sparse_copy(src, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def prune(self, replacing: tuple[str, str] | None = None) -> int:
         """Remove templates whose kernel, image or VMM has since been replaced (each holds ~60-80 MB),

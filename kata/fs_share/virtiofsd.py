@@ -51,8 +51,12 @@ class Virtiofsd:
             f"--socket-path={self.socket_path}",
             "-o", f"source={self.shared_dir}",
             "-o", f"cache={_CACHE_ARG[self.cache]}",
-            # chroot works inside containers too, where the namespace sandbox may not.
-            "-o", "sandbox=chroot",
+            # Its own mount, pid and network namespaces, pivoted into the shared directory: a
+            # compromised virtiofsd sees only what the guest may see (chroot alone keeps the host's
+            # mounts and network). Mounts made later below the share still reach it (slave propagation).
+            "-o", "sandbox=namespace",
+            # Submounts (a volume's own mounts) stay mounts of their own in the guest, with their flags.
+            "-o", "announce_submounts",
             *self.extra_args,
         ]  # fmt: skip
 

@@ -50,11 +50,11 @@ class VMConfig:
     accel: Literal["kvm", "tcg"]
     agent_channel: Literal["vsock", "virtio-serial"]
     run_dir: Path  # QMP socket, agent socket, pid file live here
-    console_log: Path
     shared_fs: SharedFs | None = None
     extra_args: tuple[str, ...] = field(default=())
-    # Guest RAM in this file, mapped shared (virtio-fs needs shared RAM): a template's memory, or a
-    # clone's own copy of it. None: in an anonymous memfd (virtio-fs) or private memory.
+    # Guest RAM in this file, mapped shared (virtio-fs needs shared RAM): a template's memory. A
+    # clone's private copy of it is handed to restore() as a memfd instead. None: in an anonymous
+    # memfd (virtio-fs) or private memory.
     memory_file: Path | None = None
 
 
@@ -66,7 +66,17 @@ class Hypervisor(abc.ABC):
         """Launch the VMM and return once it is running (not once the guest agent is up)."""
 
     @abc.abstractmethod
+    def restore(self, config: VMConfig, state_file: Path, timeout: float,
+                memory_fd: int | None = None) -> None:
+        """Launch the VM that save() wrote to ``state_file`` (same config) and let it run on.
+        ``memory_fd``: the guest's RAM, when the saved VM kept it in a file (a copy for this VM)."""
+
+    @abc.abstractmethod
     def agent_endpoint(self) -> AgentEndpoint: ...
+
+    def console_output(self) -> str:
+        """What the guest printed on its console lately (a bounded tail); "" when unknown."""
+        return ""
 
     @abc.abstractmethod
     def stop(self, timeout: float = 5.0) -> None:

@@ -64,9 +64,13 @@ def _reap(pid: int) -> None:
 
 
 def launch(argv: Sequence[str], log_path: Path, pass_fds: Sequence[int] = ()) -> ProcessId:
-    """Start ``argv`` in a new session with stdin on /dev/null and stdout+stderr appended to ``log_path``."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
+    """Start ``argv`` in a new session with stdin on /dev/null and stdout+stderr appended to ``log_path``.
+
+    The daemon runs with umask 077: its sockets, pid file and logs are born readable by root alone.
+    """
+    log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    with open(fd, "ab") as log:
         try:
             proc = subprocess.Popen(
                 list(argv),
@@ -76,6 +80,7 @@ def launch(argv: Sequence[str], log_path: Path, pass_fds: Sequence[int] = ()) ->
                 start_new_session=True,
                 close_fds=True,
                 pass_fds=tuple(pass_fds),
+                umask=0o077,
             )
         except OSError as exc:
             raise DaemonError(f"cannot execute {argv[0]}: {exc.strerror or exc}") from exc

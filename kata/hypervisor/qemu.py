@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
-import shlex
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,8 +14,12 @@ from kata.agent.endpoint import AgentEndpoint
 from . import daemon
 from .base import Hypervisor, HypervisorError, SharedFs, VMConfig
 from .qemu_argv import (
+    CONSOLE_CHARDEV,
+    CONSOLE_RING_BYTES,
+    DEFAULT_SECCOMP,
     FS_ROOT_PORT,
     NIC_ROOT_PORTS,
+    Restore,
     RunPaths,
     Vsock,
     build_argv,
@@ -58,7 +62,8 @@ class QemuState:
 
 
 class Qemu(Hypervisor):
-    def __init__(self) -> None:
+    def __init__(self, seccomp: str = DEFAULT_SECCOMP) -> None:
+        self._seccomp = seccomp
         self._paths: RunPaths | None = None
         self._state: QemuState | None = None
         self._qmp: Qmp | None = None
@@ -75,23 +80,28 @@ class Qemu(Hypervisor):
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def start(self, config: VMConfig, timeout: float) -> None:
-        self._launch(config, timeout, incoming=None)
+        self._launch(config, timeout, restore=None)
 
-    def restore(self, config: VMConfig, state_file: Path, timeout: float) -> None:
+    def restore(self, config: VMConfig, state_file: Path, timeout: float,
+                memory_fd: int | None = None) -> None:
         """Start the VM that ``save`` wrote to ``state_file`` (same config) and let it run on.
 
-        QEMU 7.2 refuses to save a VM with vhost-user-fs, or with a 9p share the guest has mounted:
-        attach shared directories after the restore.
+        QEMU reads the state from a descriptor it inherits (its seccomp filter forbids the exec:
+        transport). QEMU 7.2 refuses to save a VM with vhost-user-fs, or with a 9p share the guest
+        has mounted: attach shared directories after the restore.
         """
-        if not state_file.is_file():
-            raise HypervisorError(f"no saved VM state at {state_file}")
-        deadline = time.monotonic() + timeout
-        self._launch(config, timeout, incoming=state_file)
         try:
-            if file_backed_ram(config):
-                # RAM comes from the file QEMU mapped; the state file holds the devices' state.
+            state_fd = os.open(state_file, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise HypervisorError(f"no saved VM state at {state_file}: {exc.strerror}") from None
+        restore = Restore(state_fd, memory_fd)
+        deadline = time.monotonic() + timeout
+        try:
+            self._launch(config, timeout, restore=restore)
+            if file_backed_ram(config, restore):
+                # RAM comes from the file QEMU mapped; the state holds the devices' state.
                 self._ignore_shared_ram()
-                self._monitor().run("migrate-incoming", uri=f"exec:cat {shlex.quote(str(state_file))}")
+                self._monitor().run("migrate-incoming", uri=f"fd:{state_fd}")
             # The incoming migration runs after the main loop starts; the VM comes up paused.
             while (status := self.status()) == "inmigrate":
                 if time.monotonic() > deadline:
@@ -105,12 +115,14 @@ class Qemu(Hypervisor):
             why = self.console_log_tail()
             self.stop(timeout=1)
             raise HypervisorError(f"{exc}: {why}" if why else str(exc)) from exc
+        finally:
+            os.close(state_fd)
 
-    def _launch(self, config: VMConfig, timeout: float, incoming: Path | None) -> None:
+    def _launch(self, config: VMConfig, timeout: float, restore: Restore | None) -> None:
         if self._state is not None:
             raise HypervisorError(f"VM {self._state.id} was already started")
         paths = RunPaths(config.run_dir)
-        paths.run_dir.mkdir(parents=True, exist_ok=True)
+        paths.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if paths.state_file.exists():
             try:
                 old = QemuState.load(paths.state_file)
@@ -124,8 +136,10 @@ class Qemu(Hypervisor):
 
         vsock: Vsock | None = reserve_cid() if config.agent_channel == "vsock" else None
         try:
-            argv = build_argv(config, vsock, incoming)
+            argv = build_argv(config, vsock, restore, seccomp=self._seccomp)
             fds = [vsock.vhostfd] if vsock is not None and vsock.vhostfd is not None else []
+            if restore is not None:
+                fds += [fd for fd in (restore.state_fd, restore.memory_fd) if fd is not None]
             try:
                 proc = daemon.launch(argv, paths.log_file, pass_fds=fds)
             except daemon.DaemonError as exc:
@@ -146,7 +160,7 @@ class Qemu(Hypervisor):
             memory_mib=config.memory_mib,
             max_memory_mib=config.max_memory_mib,
             shared_memory=fs is not None and fs.kind == "virtio-fs",
-            memory_file=str(config.memory_file) if file_backed_ram(config) else "",
+            memory_file=(str(config.memory_file or "memfd") if file_backed_ram(config, restore) else ""),
             vcpus=config.vcpus,
         )
         # Written before waiting, so that a crashed caller still leaves enough to clean up.
@@ -228,6 +242,17 @@ class Qemu(Hypervisor):
         """QEMU's own stderr, for error reports by the caller."""
         return daemon.log_tail(self._paths.log_file) if self._paths is not None else ""
 
+    def console_output(self) -> str:
+        """The guest console's ring, emptied (QMP ringbuf-read); "" when QEMU cannot be asked."""
+        if not self.is_running():
+            return ""
+        try:
+            data = self._monitor().run("ringbuf-read", device=CONSOLE_CHARDEV, size=CONSOLE_RING_BYTES,
+                                       format="base64")
+            return base64.b64decode(str(data)).decode(errors="replace")
+        except (HypervisorError, ValueError):
+            return ""
+
     # -- QMP operations ------------------------------------------------------------------------
 
     def attach_shared_fs(self, fs: SharedFs) -> None:
@@ -286,8 +311,14 @@ class Qemu(Hypervisor):
             self._ignore_shared_ram()
         qmp.run("stop")
         path.parent.mkdir(parents=True, exist_ok=True)
-        qmp.run("migrate", uri=f"exec:cat > {shlex.quote(str(path))}")
-        qmp.wait_migration(SAVE_TIMEOUT)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            # Handed over the QMP socket (SCM_RIGHTS): QEMU writes the state itself, no exec needed.
+            qmp.run_with_fd("getfd", fd, fdname="kata-save")
+            qmp.run("migrate", uri="fd:kata-save")
+            qmp.wait_migration(SAVE_TIMEOUT)
+        finally:
+            os.close(fd)
 
     def hotplug_vcpus(self, count: int) -> int:
         state = self._require()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +42,24 @@ class RunPaths:
     @property
     def state_file(self) -> Path:
         return self.run_dir / "qemu.json"
+
+
+# The guest console is a ring in QEMU's memory (read over QMP, ringbuf-read): a guest that prints
+# without end costs at most this much, and never fills a host filesystem. A power of two.
+CONSOLE_RING_BYTES = 128 * 1024
+CONSOLE_CHARDEV = "console"
+# QEMU's seccomp filter: no obsolete syscalls, no setuid/setgid, no fork/exec, no scheduler or
+# affinity changes (Kata's seccompsandbox). spawn=deny is why migrations go through fds, not exec:.
+DEFAULT_SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
+@dataclass(frozen=True)
+class Restore:
+    """What a restore hands QEMU as inherited descriptors: the saved state, and for a clone of a
+    file-backed template, the clone's private copy of the template's RAM (a memfd)."""
+
+    state_fd: int
+    memory_fd: int | None = None
 
 
 @dataclass(frozen=True)
@@ -103,16 +120,20 @@ def validate(config: VMConfig) -> None:
         raise HypervisorError("virtio-fs shared directory needs the virtiofsd socket (vhost_user_socket)")
 
 
-def file_backed_ram(config: VMConfig) -> bool:
-    """Guest RAM lives in config.memory_file, so a snapshot leaves it out (x-ignore-shared)."""
+def file_backed_ram(config: VMConfig, restore: Restore | None = None) -> bool:
+    """Guest RAM lives in a file (config.memory_file, or the restore's memfd), so a snapshot leaves
+    it out (x-ignore-shared)."""
     fs = config.shared_fs
-    return config.memory_file is not None and fs is not None and fs.kind == "virtio-fs"
+    in_file = config.memory_file is not None or (restore is not None and restore.memory_fd is not None)
+    return in_file and fs is not None and fs.kind == "virtio-fs"
 
 
-def build_argv(config: VMConfig, vsock: Vsock | None = None, incoming: Path | None = None) -> list[str]:
+def build_argv(config: VMConfig, vsock: Vsock | None = None, restore: Restore | None = None,
+               seccomp: str = DEFAULT_SECCOMP) -> list[str]:
     """The full QEMU argv; ``vsock`` is required when ``config.agent_channel == "vsock"``.
 
-    ``incoming``: a state file written by ``save`` to restore from (the same config must be used).
+    ``restore``: the descriptors of a state written by ``save`` (the same config must be used).
+    ``seccomp``: QEMU's -sandbox options; empty for none.
     """
     validate(config)
     if config.agent_channel == "vsock" and vsock is None:
@@ -160,19 +181,27 @@ def build_argv(config: VMConfig, vsock: Vsock | None = None, incoming: Path | No
     if hotplug and config.max_memory_mib > config.memory_mib:
         memory += f",slots={MEMORY_SLOTS},maxmem={config.max_memory_mib}M"
     argv += ["-m", memory]
-    if virtio_fs and config.memory_file is not None:
+    memory_file: Path | str | None = config.memory_file
+    if restore is not None and restore.memory_fd is not None:
+        memory_file = f"/proc/self/fd/{restore.memory_fd}"  # QEMU opens its inherited memfd again
+    if virtio_fs and memory_file is not None:
         argv += ["-object", f"memory-backend-file,id=mem,size={config.memory_mib}M,"
-                            f"mem-path={config.memory_file},share=on"]
+                            f"mem-path={memory_file},share=on"]
     elif virtio_fs:
         argv += ["-object", f"memory-backend-memfd,id=mem,size={config.memory_mib}M,share=on"]
 
     argv += [
         "-chardev", f"socket,id=qmp,path={paths.qmp_socket},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
-        "-chardev", f"file,id=console,path={config.console_log}",
-        "-serial", "chardev:console",
+        "-chardev", f"ringbuf,id={CONSOLE_CHARDEV},size={CONSOLE_RING_BYTES}",
+        "-serial", f"chardev:{CONSOLE_CHARDEV}",
         "-pidfile", str(paths.pid_file),
     ]  # fmt: skip
+    if seccomp:
+        argv += ["-sandbox", seccomp]
+    # A generation id that changes with every restore: the guest kernel reseeds its CRNG when it
+    # changes, so clones of one template do not share the template's randomness.
+    argv += ["-device", "vmgenid,guid=auto"]
 
     argv += ["-kernel", str(config.kernel)]
     if config.initrd is not None:
@@ -215,10 +244,10 @@ def build_argv(config: VMConfig, vsock: Vsock | None = None, incoming: Path | No
                 "-device", f"{dev('virtio-9p')},fsdev=fs9p,mount_tag={fs.tag}",
             ]  # fmt: skip
 
-    if incoming is not None and file_backed_ram(config):
+    if restore is not None and file_backed_ram(config, restore):
         # Guest RAM is already in its file: the state is loaded once x-ignore-shared is set (QMP).
         argv += ["-incoming", "defer"]
-    elif incoming is not None:
-        argv += ["-incoming", f"exec:cat {shlex.quote(str(incoming))}"]
+    elif restore is not None:
+        argv += ["-incoming", f"fd:{restore.state_fd}"]
     argv += list(config.extra_args)
     return argv

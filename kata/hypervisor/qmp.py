@@ -71,14 +71,18 @@ class Qmp:
             raise HypervisorError(f"unexpected QMP message {line[:80]!r}")
         return msg
 
-    def _exchange(self, command: str, args: dict[str, Any]) -> Any:
+    def _exchange(self, command: str, args: dict[str, Any], pass_fd: int | None = None) -> Any:
         assert self._sock is not None
         self._next_id += 1
         ident = f"k{self._next_id}"
         request: dict[str, Any] = {"execute": command, "id": ident}
         if args:
             request["arguments"] = args
-        self._sock.sendall(json.dumps(request).encode() + b"\n")
+        data = json.dumps(request).encode() + b"\n"
+        if pass_fd is None:
+            self._sock.sendall(data)
+        elif socket.send_fds(self._sock, [data], [pass_fd]) != len(data):
+            raise HypervisorError(f"QMP {command}: short write")
         while True:
             msg = self._read()
             if msg.get("id") != ident:
@@ -88,10 +92,14 @@ class Qmp:
             return msg.get("return")
 
     def run(self, command: str, **args: Any) -> Any:
+        return self.run_with_fd(command, None, **args)
+
+    def run_with_fd(self, command: str, fd: int | None, **args: Any) -> Any:
+        """Run ``command`` with ``fd`` sent along as SCM_RIGHTS (what getfd and add-fd take)."""
         try:
             if self._sock is None:
                 self._connect()
-            return self._exchange(command, args)
+            return self._exchange(command, args, fd)
         except (OSError, ValueError, HypervisorError) as exc:
             # QEMU's error text is its own one-line description.
             raise HypervisorError(f"QMP {command} failed: {str(exc).strip() or type(exc).__name__}") from exc

@@ -101,7 +101,6 @@ def vm_config(run_dir: Path, initrd: Path, machine: str = "microvm", **over: obj
         accel=accel(),
         agent_channel="virtio-serial",
         run_dir=run_dir,
-        console_log=run_dir / "console.log",
     )
     values.update(over)
     return VMConfig(**values)  # type: ignore[arg-type]

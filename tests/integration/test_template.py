@@ -3,6 +3,7 @@ get its share (virtio-fs hot-added after the restore, or 9p); and the cold-boot 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -82,7 +83,8 @@ def test_concurrent_first_runs_share_one_template(tmp_path: Path) -> None:
 
 def test_a_clone_holds_only_the_memory_it_uses(tmp_path: Path) -> None:
     """A virtio-fs clone maps its own sparse copy of the template's RAM: QEMU's resident memory is
-    what the guest touched, not its whole size (restoring RAM into shared memory would fill it)."""
+    what the guest touched, not its whole size (restoring RAM into shared memory would fill it). The
+    copy is a memfd QEMU holds, not a file on /run that the guest could grow unnoticed."""
     from kata.config import load_config
 
     guest_mib = load_config().hypervisor.default_memory
@@ -95,10 +97,14 @@ def test_a_clone_holds_only_the_memory_it_uses(tmp_path: Path) -> None:
                        stdin=subprocess.DEVNULL, timeout=120)
     try:
         subprocess.run([*cli, "start", cid], check=True, capture_output=True, timeout=60)
-        memory = Path("/run/vc/vm") / cid / "memory"
-        allocated_mib = memory.stat().st_blocks * 512 >> 20
-        assert memory.stat().st_size >> 20 == guest_mib and allocated_mib < guest_mib // 2
         qemu = int((Path("/run/vc/vm") / cid / "qemu.pid").read_text().split()[0])
+        fds = Path(f"/proc/{qemu}/fd")
+        memfds = [fd for fd in fds.iterdir() if os.readlink(fd).startswith(f"/memfd:kata-{cid} ")]
+        assert memfds, "QEMU holds no memfd for the clone's RAM"
+        memory = memfds[0].stat()
+        assert memory.st_size >> 20 == guest_mib and memory.st_blocks * 512 >> 20 < guest_mib // 2
+        on_disk = sum(f.stat().st_size for f in (Path("/run/vc/vm") / cid).iterdir() if f.is_file())
+        assert on_disk < 1 << 20, f"{on_disk} bytes of the VM's run directory"
         rollup = Path(f"/proc/{qemu}/smaps_rollup").read_text().splitlines()
         rss_kib = next(int(line.split()[1]) for line in rollup if line.startswith("Rss:"))
         assert rss_kib >> 10 < guest_mib // 2, f"QEMU holds {rss_kib >> 10} MiB of a {guest_mib} MiB guest"

@@ -53,7 +53,8 @@ def test_store_is_atomic_and_readable(tmp_path: Path) -> None:
 
 def test_agent_channel_choice() -> None:
     assert vm.agent_channel("auto", vsock_available=False) == "virtio-serial"
-    assert vm.agent_channel("auto", vsock_available=True) == "vsock"
+    assert vm.agent_channel("auto", vsock_available=True) == "virtio-serial"  # vsock is an opt-in
+    assert vm.agent_channel("vsock", vsock_available=True) == "vsock"
     assert vm.agent_channel("virtio-serial", vsock_available=True) == "virtio-serial"
     with pytest.raises(ValueError, match="vhost-vsock"):
         vm.agent_channel("vsock", vsock_available=False)

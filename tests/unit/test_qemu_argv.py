@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from kata.hypervisor.base import HypervisorError, SharedFs, VMConfig
-from kata.hypervisor.qemu_argv import Vsock, build_argv, kernel_cmdline
+from kata.hypervisor.qemu_argv import DEFAULT_SECCOMP, Restore, Vsock, build_argv, kernel_cmdline
 
 RUN = Path("/run/kata/vm1")
 
@@ -29,7 +29,6 @@ def config(**over: object) -> VMConfig:
         accel="tcg",
         agent_channel="virtio-serial",
         run_dir=RUN,
-        console_log=RUN / "console.log",
     )
     return replace(base, **over)  # type: ignore[arg-type]
 
@@ -62,8 +61,12 @@ def test_microvm_virtiofs_serial() -> None:
     assert f"socket,id=agent,path={RUN}/agent.sock,server=on,wait=off" in chardevs
     assert f"socket,id=qmp,path={RUN}/qmp.sock,server=on,wait=off" in chardevs
     assert f"socket,id=vfs,path={RUN}/vfs.sock" in chardevs
-    assert f"file,id=console,path={RUN}/console.log" in chardevs
+    # The console is a bounded ring in QEMU's memory, never a file the guest could grow.
+    assert "ringbuf,id=console,size=131072" in chardevs
     assert option(argv, "-serial") == ["chardev:console"]
+    assert option(argv, "-sandbox") == [DEFAULT_SECCOMP]
+    assert "spawn=deny" in DEFAULT_SECCOMP and "elevateprivileges=deny" in DEFAULT_SECCOMP
+    assert "vmgenid,guid=auto" in devices
     assert option(argv, "-pidfile") == [f"{RUN}/qemu.pid"]
     assert option(argv, "-drive") == ["file=/k/root.img,if=none,id=rootfs,format=raw,readonly=on"]
     assert option(argv, "-kernel") == ["/k/vmlinux"]
@@ -153,10 +156,19 @@ def test_invalid_configs_give_one_line_errors(over: dict[str, object], message: 
     assert "\n" not in str(info.value)
 
 
-def test_restore_reads_state_through_exec() -> None:
-    argv = build_argv(config(extra_args=("-S",)), incoming=Path("/run/state file"))
-    assert option(argv, "-incoming") == ["exec:cat '/run/state file'"]
+def test_restore_reads_state_through_an_inherited_fd() -> None:
+    # No exec: transport (the seccomp filter forbids QEMU to spawn anything).
+    argv = build_argv(config(extra_args=("-S",)), restore=Restore(state_fd=7))
+    assert option(argv, "-incoming") == ["fd:7"]
     assert argv[-1] == "-S"
+    assert "-sandbox" not in build_argv(config(), seccomp="")
+
+
+def test_clone_maps_its_memfd_and_defers_the_state() -> None:
+    fs = SharedFs("virtio-fs", Path("/share"), vhost_user_socket=Path("/run/vfs.sock"), hotplug=True)
+    argv = build_argv(config(shared_fs=fs), restore=Restore(state_fd=7, memory_fd=9))
+    assert "memory-backend-file,id=mem,size=512M,mem-path=/proc/self/fd/9,share=on" in option(argv, "-object")
+    assert option(argv, "-incoming") == ["defer"]  # the state follows over QMP, after x-ignore-shared
 
 
 def test_hot_added_virtio_fs_gets_a_root_port_not_a_device() -> None:

@@ -21,14 +21,14 @@ def config(tmp_path: Path, **over: object) -> VMConfig:
         id="a", hypervisor_path=Path("/bin/sh"), kernel=kernel, image=image, initrd=None,
         kernel_params=("console=ttyS0",), vcpus=1, max_vcpus=1, memory_mib=512, max_memory_mib=512,
         machine_type="microvm", accel="tcg", agent_channel="virtio-serial", run_dir=tmp_path / "run-a",
-        console_log=tmp_path / "a.log", shared_fs=SharedFs("virtio-9p", tmp_path / "share-a"),
+        shared_fs=SharedFs("virtio-9p", tmp_path / "share-a"),
     )
     return dataclasses.replace(base, **over)  # type: ignore[arg-type]
 
 
 def test_per_sandbox_fields_do_not_change_the_key(tmp_path: Path) -> None:
     a = config(tmp_path)
-    b = config(tmp_path, id="b", run_dir=tmp_path / "run-b", console_log=tmp_path / "b.log",
+    b = config(tmp_path, id="b", run_dir=tmp_path / "run-b",
                shared_fs=SharedFs("virtio-9p", tmp_path / "share-b"))
     assert template_key(a) == template_key(b)
     fs_a = SharedFs("virtio-fs", tmp_path / "a", vhost_user_socket=tmp_path / "a.sock", hotplug=True)
