@@ -60,20 +60,6 @@ def process_from_args(spec_process: dict[str, Any], args: argparse.Namespace) ->
     return proc
 
 
-def _label(args: argparse.Namespace) -> list[str]:
-    """What the monitor's argv shows (`ps`, `docker top`): the container and the command."""
-    import json
-
-    command = args.command
-    if args.process:
-        try:
-            with open(args.process) as f:
-                command = json.load(f).get("args") or []
-        except (OSError, ValueError, AttributeError):
-            command = []  # load_process reports it properly below
-    return [args.container_id, *[str(a) for a in command]]
-
-
 def run(args: argparse.Namespace) -> int:
     from kata.cli import foreground
     from kata.oci.spec import load_process
@@ -82,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
     st = store(args)
     # Started first: its Python start-up overlaps our checks and the process's preparation.
-    monitor = PendingMonitor(_label(args))
+    monitor = PendingMonitor([args.container_id, "exec"])
     try:
         if args.process:
             process = load_process(Path(args.process))

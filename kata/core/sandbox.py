@@ -81,6 +81,20 @@ def run_concurrently(calls: list[Callable[[], object]]) -> None:
         raise errors[0]
 
 
+# Linux's memory blocks are a power of two between these (x86: 128 MiB to 2 GiB; arm64 from 128 MiB;
+# s390 1 MiB). The guest reports its own: a hostile one must not size our hotplug.
+_BLOCK_MIB_RANGE = (1, 16 * 1024)
+
+
+def memory_block_mib(reported_bytes: int) -> int | None:
+    """The guest's memory block size in MiB, or None when the reported value is implausible."""
+    mib = reported_bytes >> 20
+    low, high = _BLOCK_MIB_RANGE
+    if reported_bytes != mib << 20 or not low <= mib <= high or mib & (mib - 1):
+        return None
+    return mib
+
+
 def host_memory_mib() -> int:
     with open("/proc/meminfo") as f:
         for line in f:
@@ -348,7 +362,12 @@ class Sandbox:
         if want_mib <= have:
             return 0
         # The guest adds memory in whole blocks (128 MiB on x86): a smaller DIMM would stay unused.
-        block_mib = max(1, agent.get_guest_details(mem_hotplug_probe=False).mem_block_size_bytes >> 20)
+        reported = agent.get_guest_details(mem_hotplug_probe=False).mem_block_size_bytes
+        block_mib = memory_block_mib(reported)
+        if block_mib is None:
+            self.log.warning(f"sandbox {self.id}: the guest reports a memory block of {reported} bytes, "
+                             "which no kernel uses: the VM does not grow")
+            return 0
         want_mib = have + -(-(want_mib - have) // block_mib) * block_mib
         try:
             self.hypervisor.hotplug_memory(want_mib - have)

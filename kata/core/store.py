@@ -12,9 +12,11 @@ from typing import Any
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write then rename: readers see the old file or the new one, never half of one."""
+    """Write then rename: readers see the old file or the new one, never half of one. The file is
+    born root-only (0600), whatever the umask: it may name bundles, pids and configuration."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with open(fd, "w") as f:
         json.dump(data, f, indent=1, sort_keys=True)
         f.flush()
     os.replace(tmp, path)

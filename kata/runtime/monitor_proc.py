@@ -27,7 +27,8 @@ class PendingMonitor:
     for its configuration. It inherits our stdio, which it relays."""
 
     def __init__(self, label: list[str]) -> None:
-        """``label`` ends its argv, so that `ps` shows which container and command it stands for."""
+        """``label`` ends its argv, so that `ps` shows which container it stands for. Never the
+        container's command: host command lines are readable by every local user."""
         self._control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = dict(os.environ, PYTHONPATH=_PACKAGE_PARENT)
         env.pop("PYTHONSTARTUP", None)

@@ -170,8 +170,7 @@ def create(store: ContainerStore, cid: str, bundle_dir: Path, *, config_path: Pa
         store.save(rec)
         rec.netns, rec.netns_pinned = _enter_network_namespace(bundle, store.dir(cid) / "netns")
         store.save(rec)
-        args = [str(a) for a in bundle.spec.get("process", {}).get("args", [])]
-        monitor = monitor_proc.PendingMonitor([cid, *args])
+        monitor = monitor_proc.PendingMonitor([cid])
         sandbox = Sandbox.create(cid, cfg, bundle.spec, debug=debug, timings=timings)
         Container(sandbox, cid, bundle).create()
         assert sandbox.hypervisor is not None

@@ -128,3 +128,13 @@ def test_cli_version() -> None:
     proc = _cli("--version")
     assert proc.returncode == 0 and proc.stdout.startswith("kata-runtime")
     assert "OCI specs" in _cli("version").stdout
+
+
+def test_guest_memory_block_size_is_checked() -> None:
+    from kata.core.sandbox import memory_block_mib
+
+    assert memory_block_mib(128 << 20) == 128
+    assert memory_block_mib(2 << 30) == 2048
+    # A hostile guest's numbers never size the host's hotplug.
+    for bad in (0, 1, (128 << 20) + 1, 96 << 20, 1 << 62, 2**64 - 1):
+        assert memory_block_mib(bad) is None
