@@ -10,16 +10,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from kata.utils.files import write_private
+
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write then rename: readers see the old file or the new one, never half of one. The file is
     born root-only (0600), whatever the umask: it may name bundles, pids and configuration."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    with open(fd, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-    os.replace(tmp, path)
+    write_private(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def read_json(path: Path) -> dict[str, Any]:

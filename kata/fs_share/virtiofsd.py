@@ -15,6 +15,7 @@ from typing import Literal
 
 from kata.fs_share.shared_dir import ShareError
 from kata.hypervisor import daemon
+from kata.utils.files import write_private
 
 CacheMode = Literal["auto", "always", "never"]
 # The C virtiofsd calls "never" "none".
@@ -72,7 +73,7 @@ class Virtiofsd:
         except daemon.DaemonError as exc:
             raise VirtiofsdError(str(exc)) from exc
         self._proc = proc
-        self.pid_file.write_text(f"{proc.pid} {proc.start_time}\n")
+        write_private(self.pid_file, f"{proc.pid} {proc.start_time}\n")
         deadline = time.monotonic() + timeout
         while not self.socket_path.exists():
             if not proc.is_alive():

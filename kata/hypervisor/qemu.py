@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kata.agent.endpoint import AgentEndpoint
+from kata.utils.files import write_private
 
 from . import daemon
 from .base import Hypervisor, HypervisorError, SharedFs, VMConfig
@@ -49,9 +50,7 @@ class QemuState:
     vcpus: int = 1  # at launch (hot-added ones are not counted)
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self)))
-        os.replace(tmp, path)
+        write_private(path, json.dumps(asdict(self)))
 
     @classmethod
     def load(cls, path: Path) -> QemuState:

@@ -45,8 +45,7 @@ def unshare() -> None:
 def pin(path: str) -> None:
     """Keep the calling thread's network namespace alive at ``path`` (a bind mount, as `ip netns`
     makes), so that later commands can enter it after the processes in it have gone."""
-    with open(path, "w"):
-        pass
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
     try:
         mount(f"/proc/self/task/{threading.get_native_id()}/ns/net", path, None, MS_BIND)
     except MountError as exc:
