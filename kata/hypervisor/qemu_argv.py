@@ -199,9 +199,11 @@ def build_argv(config: VMConfig, vsock: Vsock | None = None, restore: Restore | 
     ]  # fmt: skip
     if seccomp:
         argv += ["-sandbox", seccomp]
-    # A generation id that changes with every restore: the guest kernel reseeds its CRNG when it
-    # changes, so clones of one template do not share the template's randomness.
-    argv += ["-device", "vmgenid,guid=auto"]
+    if hotplug_capable(config.machine_type):
+        # A generation id that changes with every restore: the guest kernel reseeds its CRNG when
+        # it changes, so clones of one template do not share the template's randomness. Only pc and
+        # q35 put it in the guest's ACPI tables (microvm accepts the device and hides it).
+        argv += ["-device", "vmgenid,guid=auto"]
 
     argv += ["-kernel", str(config.kernel)]
     if config.initrd is not None:

@@ -3,6 +3,7 @@ get its share (virtio-fs hot-added after the restore, or 9p); and the cold-boot 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -36,6 +37,22 @@ def test_clones_diverge_and_keep_time(tmp_path: Path) -> None:
         assert leftovers(cid) == []
     # Without a reseed, two clones of one snapshot would draw the same "random" numbers.
     assert uuids[0] != uuids[1]
+
+
+def test_q35_clones_see_a_new_vm_generation(tmp_path: Path) -> None:
+    """On q35 (and pc) the VM has a vmgenid device: a restored clone sees its generation id change
+    and the guest kernel reseeds its CRNG at once (microvm's ACPI tables have no vmgenid)."""
+    caps = ["CAP_SYSLOG", "CAP_SYS_ADMIN"]
+    bundle = make_busybox_bundle(tmp_path / "b", ["sh", "-c", "dmesg | grep -c 'virtual machine fork'"])
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["process"]["capabilities"] = {k: caps for k in ("bounding", "effective", "permitted")}
+    (bundle / "config.json").write_text(json.dumps(spec))
+    conf = config_with(tmp_path, {"hypervisor.qemu": {"machine_type": "q35"}})
+    for i in range(2):
+        cid = f"tpl-gen-{i}-{tmp_path.name[-8:]}"
+        proc = run(bundle, cid, "--config", str(conf))
+        assert (proc.returncode, proc.stdout) == (0, b"1\n"), proc.stderr.decode()
+        assert leftovers(cid) == []
 
 
 def test_template_with_9p(tmp_path: Path, cid: str) -> None:
