@@ -95,9 +95,9 @@ class ContainerStore:
 
     def reserve(self, cid: str) -> None:
         """Claim the id: fails if a container (even a half-created one) has it."""
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o711)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
-            self.dir(cid).mkdir(mode=0o711)
+            self.dir(cid).mkdir(mode=0o700)
         except FileExistsError:
             raise ContainerExists(cid) from None
 
