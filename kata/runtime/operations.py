@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kata.core.paths import SandboxPaths
+from kata.core.paths import SandboxPaths, validate_sandbox_id
 from kata.errors import KataError
 from kata.hypervisor.daemon import ProcessId, signal_process, wait_exit
 from kata.runtime.records import ContainerRecord, ContainerStore, now_rfc3339
@@ -42,7 +42,7 @@ class StateError(KataError):
 
 
 def proxy_socket(cid: str) -> Path:
-    return SandboxPaths(cid).vm_dir / "agent-proxy.sock"
+    return SandboxPaths(cid).agent_proxy_socket
 
 
 def _proxy_client(rec: ContainerRecord) -> ttrpc.Client:
@@ -142,14 +142,13 @@ def create(store: ContainerStore, cid: str, bundle_dir: Path, *, config_path: Pa
     """Bring up the VM and the container in it, in runc's "created" state, with its monitor."""
     from kata.config import apply_annotations, load_config
     from kata.core.container import Container
-    from kata.core.paths import validate_id
     from kata.core.sandbox import Sandbox
     from kata.core.timings import Timings
     from kata.oci.spec import load_bundle
     from kata.runtime import monitor_proc
 
     timings = Timings()
-    validate_id(cid)
+    validate_sandbox_id(cid)  # the container is a sandbox of its own, named alike
     bundle = load_bundle(bundle_dir.resolve())
     cfg = apply_annotations(load_config(config_path), bundle.annotations)
     terminal = bool(bundle.spec.get("process", {}).get("terminal", False))
@@ -276,9 +275,11 @@ def resume(store: ContainerStore, cid: str) -> None:
 
 # ---- delete ---------------------------------------------------------------------------------
 def delete(store: ContainerStore, cid: str, force: bool) -> None:
-    """runc's rules: a running or paused container needs --force; --force of an unknown id is fine."""
+    """runc's rules: a running or paused container needs --force; --force of an unknown id is fine.
+    An invalid id is an error before anything is looked at: --force tears down what an id names."""
     from kata.runtime.records import ContainerNotFound
 
+    validate_sandbox_id(cid)
     try:
         with store.locked(cid) as rec:
             status = rec.current_status()
@@ -287,6 +288,9 @@ def delete(store: ContainerStore, cid: str, force: bool) -> None:
             _destroy(rec)
             store.remove(cid)
     except ContainerNotFound:
+        # As runc: a directory without a record (a create killed before its first save) goes, or
+        # the id could never be used again.
+        store.remove(cid)
         if not force:
             raise
         _destroy_leftovers(cid)
