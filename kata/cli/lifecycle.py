@@ -105,13 +105,11 @@ def create(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     """create + start; in the foreground, wait for the process and delete the container after."""
     from kata.cli import foreground
-    from kata.core.paths import validate_id
     from kata.errors import KataError
     from kata.monitor import VM_GONE_STATUS
     from kata.oci.spec import load_bundle
     from kata.runtime import operations
 
-    validate_id(args.container_id)
     st = store(args)
     terminal = bool(load_bundle(Path(args.bundle).resolve()).spec.get("process", {}).get("terminal"))
     with foreground.raw_terminal(terminal and not args.detach and not args.console_socket):
