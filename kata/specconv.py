@@ -18,6 +18,7 @@ from kata.config.model import HypervisorConfig
 from kata.errors import KataError
 from kata.oci import cri_annotations
 from kata.oci.spec import Bundle, Resources, linux_resources
+from kata.utils.ids import id_problem
 
 # Where the sandbox's shared filesystem is mounted in the guest.
 GUEST_SHARED_DIR = "/run/kata-containers/shared/containers"
@@ -210,6 +211,9 @@ def pod_role(annotations: dict[str, str] | Any, container_id: str) -> PodRole:
         if sandbox_id == container_id:
             raise SpecConvError(f"container {container_id}: {CRI_CONTAINER_TYPE} is container, "
                                 f"but {CRI_SANDBOX_ID} names no other sandbox")
+        problem = id_problem(sandbox_id)
+        if problem:
+            raise SpecConvError(f"annotation {CRI_SANDBOX_ID}: {problem}")
         return PodRole(is_sandbox=False, sandbox_id=sandbox_id)
     return PodRole(is_sandbox=True, sandbox_id=container_id)
 

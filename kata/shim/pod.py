@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from kata import ttrpc
 from kata.agent.lite import LiteAgent
+from kata.core.paths import validate_sandbox_id
 from kata.errors import KataError
 from kata.shim import events, rootfs
 from kata.shim.process import CREATED, PAUSED, RUNNING, STOPPED, VM_GONE_STATUS, Process
@@ -133,6 +134,10 @@ class Pod:
         with self.lock:
             if params.id in self.tasks:
                 raise ShimError(ttrpc.Code.ALREADY_EXISTS, f"task {params.id}: already exists")
+            if self.sandbox is None:
+                # The pod's first task brings its VM up, named after it: an id too long for the
+                # VM's socket paths fails here, before anything is mounted.
+                validate_sandbox_id(params.id)
             mounted = rootfs.mount_rootfs(params.rootfs, params.bundle) is not None
             brought_up = False
             try:

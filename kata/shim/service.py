@@ -17,7 +17,8 @@ from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
 
 from kata import __version__, ttrpc
-from kata.errors import KataError
+from kata.core.paths import InvalidIdError, validate_id
+from kata.errors import KataError, one_line
 from kata.protocols.containerd.api.types.task import task_pb2 as types
 from kata.protocols.containerd.runtime.v2.task import shim_pb2 as pb
 from kata.shim import events
@@ -85,19 +86,23 @@ class TaskService:
 
     @staticmethod
     def _guard(fn: Callable[[Any], Message], req: Any) -> Message:
-        """Failures become ttrpc statuses containerd understands (NotFound, FailedPrecondition...)."""
+        """Failures become ttrpc statuses containerd understands (NotFound, FailedPrecondition...),
+        each one line."""
         try:
+            _check_ids(req)
             return fn(req)
         except ShimError as exc:
-            raise ttrpc.TTRPCError(exc.code, str(exc)) from None
+            raise ttrpc.TTRPCError(exc.code, one_line(str(exc))) from None
         except ttrpc.TTRPCError as exc:
-            raise ttrpc.TTRPCError(exc.code, str(exc)) from None
+            raise ttrpc.TTRPCError(exc.code, one_line(str(exc))) from None
+        except InvalidIdError as exc:
+            raise ttrpc.TTRPCError(ttrpc.Code.INVALID_ARGUMENT, one_line(str(exc))) from None
         except KataError as exc:
             log.warning(f"{fn.__name__}: {exc}")
-            raise ttrpc.TTRPCError(ttrpc.Code.UNKNOWN, str(exc)) from None
+            raise ttrpc.TTRPCError(ttrpc.Code.UNKNOWN, one_line(str(exc))) from None
         except Exception as exc:
             log.exception(f"{fn.__name__} failed")
-            raise ttrpc.TTRPCError(ttrpc.Code.INTERNAL, f"{type(exc).__name__}: {exc}") from None
+            raise ttrpc.TTRPCError(ttrpc.Code.INTERNAL, one_line(f"{type(exc).__name__}: {exc}")) from None
 
     # ---- RPCs ----------------------------------------------------------------------------------
     def state(self, req: pb.StateRequest) -> pb.StateResponse:
@@ -190,6 +195,17 @@ class TaskService:
             # After this answer has gone out: the caller waits for it.
             threading.Thread(target=self.on_shutdown, daemon=True).start()
         return Empty()
+
+
+def _check_ids(req: Any) -> None:
+    """A request's task id, and its exec id when it names one (empty means the task's init), are
+    checked before anything is looked up or built from them: exec ids come from users (`ctr task
+    exec --exec-id`), and task ids name the pod's directories."""
+    fields = req.DESCRIPTOR.fields_by_name
+    if "id" in fields:
+        validate_id(req.id)
+    if "exec_id" in fields and req.exec_id:
+        validate_id(req.exec_id)
 
 
 def _set_time(ts: Any, proc: Process) -> None:

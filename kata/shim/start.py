@@ -16,12 +16,11 @@ from typing import NoReturn
 
 from kata.errors import KataError
 from kata.shim import address
-from kata.shim.main import bundle_of
+from kata.shim.main import bundle_of, check_ids
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.id or not args.namespace:
-        raise KataError("start needs -id and -namespace")
+    check_ids(args)
     bundle = bundle_of(args)
     group = address.group_of(bundle, args.id)
     path = address.socket_path(args.address, args.namespace, group)
