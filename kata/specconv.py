@@ -92,7 +92,9 @@ def plan_container(bundle: Bundle, container_id: str) -> ContainerPlan:
             source = posixpath.join(str(bundle.path), mount["source"])
             share = HostShare(
                 source=posixpath.normpath(source),
-                name=f"{container_id}-{index}-{_share_basename(source)}",
+                # Under the container's own directory: a name beside it ("ID-0-x") would share
+                # its prefix with another container's ("ID-0" is a valid id too).
+                name=f"{container_id}/{index}-{_share_basename(source)}",
                 read_only="ro" in options,
             )
             shares.append(share)

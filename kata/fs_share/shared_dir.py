@@ -6,10 +6,10 @@ before the agent is asked to create the container; the guest sees them through v
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
+from kata.core.paths import validate_id
 from kata.errors import KataError
 from kata.specconv import HostShare
 from kata.utils.mount import bind_mount, mounts_under, unmount
@@ -43,12 +43,12 @@ class SharedDir:
             raise ShareError(str(exc)) from exc
         return target
 
-    def remove(self, prefix: str) -> None:
-        """Unmount and delete everything a container put here (names start with its id)."""
-        for point in mounts_under(str(self.root)):
-            rel = os.path.relpath(point, self.root)
-            if rel == prefix or rel.startswith(prefix + "/") or rel.startswith(prefix + "-"):
-                unmount(point)
+    def remove(self, cid: str) -> None:
+        """Unmount everything container ``cid`` put here (all of it under the directory named by its
+        id, see kata.specconv.plan_container)."""
+        own = self.root / validate_id(cid)
+        for point in mounts_under(str(own)):
+            unmount(point)
 
     def destroy(self) -> None:
         """Unmount everything under the root, then delete it; never follows into a mount."""

@@ -138,16 +138,20 @@ def test_shared_dir_binds_and_cleans_up(tmp_path: Path) -> None:
     shared.create()
     try:
         rootfs = shared.add(HostShare(str(src_dir), "c1/rootfs", read_only=False))
-        conf = shared.add(HostShare(str(src_file), "c1-1-resolv.conf", read_only=True))
+        conf = shared.add(HostShare(str(src_file), "c1/1-resolv.conf", read_only=True))
+        # Another container of the pod, whose id starts as c1's share names used to.
+        other = shared.add(HostShare(str(src_dir), "c1-1/rootfs", read_only=False))
         assert (rootfs / "bin").is_dir()
         assert conf.read_text() == "nameserver 192.0.2.1\n"
         with pytest.raises(OSError):
             conf.write_text("x")  # read-only bind
-        assert len(mounts_under(str(shared.root))) == 2
+        assert len(mounts_under(str(shared.root))) == 3
         with pytest.raises(ShareError, match="does not exist"):
-            shared.add(HostShare(str(tmp_path / "missing"), "c1-2-missing", read_only=False))
+            shared.add(HostShare(str(tmp_path / "missing"), "c1/2-missing", read_only=False))
+        with pytest.raises(InvalidIdError):
+            shared.remove("..")
         shared.remove("c1")
-        assert mounts_under(str(shared.root)) == []
+        assert mounts_under(str(shared.root)) == [str(other)]
     finally:
         shared.destroy()
     assert not shared.root.exists()

@@ -58,7 +58,7 @@ def test_docker_reference() -> None:
     assert g["root"] == {"path": f"{GUEST_SHARED_DIR}/c1/rootfs", "readonly": False}
 
     # resolv.conf, hostname, hosts: file bind mounts become shares 7, 8, 9.
-    assert [s.name for s in plan.shares[1:]] == ["c1-7-resolv.conf", "c1-8-hostname", "c1-9-hosts"]
+    assert [s.name for s in plan.shares[1:]] == ["c1/7-resolv.conf", "c1/8-hostname", "c1/9-hosts"]
     assert [s.source for s in plan.shares[1:]] == [
         "/var/lib/docker/containers/5a142b35d609/resolv.conf",
         "/var/lib/docker/containers/5a142b35d609/hostname",
@@ -69,7 +69,7 @@ def test_docker_reference() -> None:
     assert resolv == {
         "destination": "/etc/resolv.conf",
         "type": "bind",
-        "source": f"{GUEST_SHARED_DIR}/c1-7-resolv.conf",
+        "source": f"{GUEST_SHARED_DIR}/c1/7-resolv.conf",
         "options": ["rbind", "rprivate"],
     }
 
@@ -155,26 +155,26 @@ def test_bind_variants_and_read_only() -> None:
     ]
     plan = plan_container(bundle_of(minimal(mounts=mounts)), CID)
     assert plan.shares[1:] == (
-        HostShare("/srv/data", "c1-0-data", True),
-        HostShare("/etc/app", "c1-1-app", False),
-        HostShare(str(BUNDLE / "volumes/v1"), "c1-2-v1", False),
-        HostShare("/", "c1-3-root", False),
-        HostShare("/srv/a b:c", "c1-4-a_b_c", False),
+        HostShare("/srv/data", "c1/0-data", True),
+        HostShare("/etc/app", "c1/1-app", False),
+        HostShare(str(BUNDLE / "volumes/v1"), "c1/2-v1", False),
+        HostShare("/", "c1/3-root", False),
+        HostShare("/srv/a b:c", "c1/4-a_b_c", False),
     )
     g = plan.guest_spec["mounts"]
     assert g[0] == {
         "destination": "/data",
         "type": "bind",
-        "source": f"{GUEST_SHARED_DIR}/c1-0-data",
+        "source": f"{GUEST_SHARED_DIR}/c1/0-data",
         "options": ["rbind", "ro"],
     }
     assert g[1]["type"] == "none" and g[1]["options"] == ["bind"]
-    assert g[2]["source"] == f"{GUEST_SHARED_DIR}/c1-2-v1"
+    assert g[2]["source"] == f"{GUEST_SHARED_DIR}/c1/2-v1"
     assert "type" not in g[2]
     # Every share name is unique and lies under the container's prefix.
     names = [s.name for s in plan.shares]
     assert len(set(names)) == len(names)
-    assert all(n.startswith("c1/") or n.startswith("c1-") for n in names)
+    assert all(n.startswith("c1/") for n in names)
 
 
 def test_same_basename_twice_stays_unique() -> None:
@@ -183,7 +183,7 @@ def test_same_basename_twice_stays_unique() -> None:
         {"destination": "/b", "type": "bind", "source": "/y/conf", "options": ["rbind"]},
     ]
     names = [s.name for s in plan_container(bundle_of(minimal(mounts=mounts)), CID).shares[1:]]
-    assert names == ["c1-0-conf", "c1-1-conf"]
+    assert names == ["c1/0-conf", "c1/1-conf"]
 
 
 def test_unsupported_mount_type() -> None:
