@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from kata.config import HypervisorConfig, load_config
+from kata.config.load import PACKAGED_CONFIG
 from kata.core import vm
 from kata.core.paths import (
     VM_ROOT,
@@ -159,7 +160,10 @@ def test_shared_dir_binds_and_cleans_up(tmp_path: Path) -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([runtime_bin(), *args], capture_output=True, text=True, timeout=60)
+    """kata-runtime with this tree's packaged configuration, not the one the host has installed (which
+    is as old as the last scripts/install.sh)."""
+    env = {**os.environ, "KATA_CONF_FILE": str(PACKAGED_CONFIG)}
+    return subprocess.run([runtime_bin(), *args], capture_output=True, text=True, timeout=60, env=env)
 
 
 def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
@@ -179,7 +183,7 @@ def test_cli_env_prints_the_configuration() -> None:
     proc = _cli("env", "--json")
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
-    assert data["hypervisor"]["qemu"]["machine_type"] == load_config().hypervisor.machine_type
+    assert data["hypervisor"]["qemu"]["machine_type"] == load_config(PACKAGED_CONFIG).hypervisor.machine_type
     assert "[hypervisor.qemu]" in _cli("env").stdout
 
 
