@@ -25,7 +25,7 @@ _UINT64 = (0, 2**64 - 1)
 _UINT16 = (0, 2**16 - 1)
 
 # Fields `runc update` applies, per LinuxResources section: (Go struct, {JSON field: (Go type, range)}).
-_FIELDS: dict[str, tuple[str, dict[str, tuple[str, tuple[int, int] | None]]]] = {
+UPDATE_FIELDS: dict[str, tuple[str, dict[str, tuple[str, tuple[int, int] | None]]]] = {
     "memory": ("LinuxMemory", {
         "limit": ("int64", _INT64), "reservation": ("int64", _INT64), "swap": ("int64", _INT64),
         "kernel": ("int64", _INT64), "kernelTCP": ("int64", _INT64),
@@ -121,7 +121,7 @@ def parse_resources_json(text: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ResourcesError(
             f"json: cannot unmarshal {_json_kind(data)} into Go value of type specs.LinuxResources")
-    for section, (struct, fields) in _FIELDS.items():
+    for section, (struct, fields) in UPDATE_FIELDS.items():
         values = data.get(section)
         if values is None:
             continue
