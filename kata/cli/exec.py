@@ -60,17 +60,9 @@ def process_from_args(spec_process: dict[str, Any], args: argparse.Namespace) ->
     return proc
 
 
-def _label(args: argparse.Namespace) -> list[str]:
+def _label(args: argparse.Namespace, process: dict[str, Any] | None) -> list[str]:
     """What the monitor's argv shows (`ps`, `docker top`): the container and the command."""
-    import json
-
-    command = args.command
-    if args.process:
-        try:
-            with open(args.process) as f:
-                command = json.load(f).get("args") or []
-        except (OSError, ValueError, AttributeError):
-            command = []  # load_process reports it properly below
+    command = process["args"] if process is not None else args.command
     return [args.container_id, *[str(a) for a in command]]
 
 
@@ -81,12 +73,13 @@ def run(args: argparse.Namespace) -> int:
     from kata.runtime.monitor_proc import PendingMonitor
 
     st = store(args)
-    # Started first: its Python start-up overlaps our checks and the process's preparation.
-    monitor = PendingMonitor(_label(args))
+    # A --process file is read (bounded: it may be anything) and checked before the monitor starts,
+    # which shows its command.
+    process = load_process(Path(args.process)) if args.process else None
+    # Started before the rest: its Python start-up overlaps our checks and the process's preparation.
+    monitor = PendingMonitor(_label(args, process))
     try:
-        if args.process:
-            process = load_process(Path(args.process))
-        else:
+        if process is None:
             from kata.oci.spec import load_bundle
 
             rec = st.load(args.container_id)

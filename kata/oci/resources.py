@@ -15,7 +15,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from kata.errors import KataError
+from kata.errors import KataError, strerror
+from kata.utils.files import NotReadable, read_regular_file
 from kata.utils.signals import go_quote
 
 _log = logging.getLogger(__name__)
@@ -211,11 +212,11 @@ def _parse_decimal(raw: str, opt: str, func: str, bounds: tuple[int, int]) -> in
 
 def _read_file(path: str) -> str:
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+        return read_regular_file(path).decode("utf-8")
     except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise ResourcesError(f"open {path}: {reason[:1].lower()}{reason[1:]}") from None
+        raise ResourcesError(f"open {path}: {strerror(exc)}") from None
+    except (NotReadable, UnicodeDecodeError) as exc:
+        raise ResourcesError(f"read {path}: {exc}") from None
 
 
 def _fits(value: Any, go_type: str, bounds: tuple[int, int] | None) -> bool:

@@ -133,7 +133,7 @@ def problem(value: Any, schema: Any, where: str) -> str | None:
     if not isinstance(value, dict):
         return f"{where} must be an object"
     if isinstance(schema, MapOf):
-        return _first(problem(v, schema.value, f"{where}[{k}]") for k, v in value.items())
+        return _first(_item_problem(v, schema.value, f"{where}[{k}]") for k, v in value.items())
     return _first(problem(value.get(key), sub, f"{where}.{key}" if where else key)
                   for key, sub in schema.items())
 
@@ -144,8 +144,12 @@ def _array_problem(value: Any, item: Any, where: str) -> str | None:
         return None if ok else f"{where} must be an array of strings"
     if not isinstance(value, list):
         return f"{where} must be an array"
-    return _first(f"{where}[{i}] must not be null" if v is None else problem(v, item, f"{where}[{i}]")
-                  for i, v in enumerate(value))
+    return _first(_item_problem(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+
+
+def _item_problem(value: Any, schema: Any, where: str) -> str | None:
+    """An array's item or a map's value: a null there is no absent field, but a hole."""
+    return f"{where} must not be null" if value is None else problem(value, schema, where)
 
 
 def _first(problems: Any) -> str | None:

@@ -8,9 +8,7 @@ because the shim shows the runtime's last error to the user verbatim.
 from __future__ import annotations
 
 import json
-import os
 import re
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any
 
 from kata.errors import KataError
 from kata.oci import schema
+from kata.utils.files import NotReadable, read_regular_file
 from kata.utils.ids import shown
 
 CONFIG_FILENAME = "config.json"
@@ -176,7 +175,7 @@ def load_bundle(bundle: Path, *, require_process: bool = True) -> Bundle:
     """
     if not bundle.is_dir():
         raise OCIError(f"bundle {bundle} does not exist or is not a directory")
-    spec = _read_json_object(bundle / CONFIG_FILENAME, f"JSON specification file {CONFIG_FILENAME} not found")
+    spec = read_json_object(bundle / CONFIG_FILENAME, f"JSON specification file {CONFIG_FILENAME} not found")
     validate_spec(spec, require_process=require_process)
     loaded = Bundle(path=bundle.absolute(), spec=spec)
     root = loaded.root_path
@@ -189,7 +188,7 @@ def load_bundle(bundle: Path, *, require_process: bool = True) -> Bundle:
 
 def load_process(path: Path) -> dict[str, Any]:
     """Read a ``--process`` file (a bare runtime-spec process object, as docker exec writes)."""
-    proc = _read_json_object(path, f"process file {path} not found")
+    proc = read_json_object(path, f"process file {path} not found")
     validate_process(proc, "process")
     return proc
 
@@ -211,8 +210,14 @@ def validate_spec(spec: Mapping[str, Any], *, require_process: bool = True) -> N
     _check_hooks(spec.get("hooks") or {})
     linux = spec.get("linux") or {}
     _check_namespaces(linux.get("namespaces") or [])
-    _check_resources(linux.get("resources") or {})
+    _check_resources(linux.get("resources") or {}, "linux.resources")
     linux_resources(spec)
+
+
+def validate_resources(res: Any, where: str) -> None:
+    """Check an OCI LinuxResources object (config.json's, or new limits for a running container)."""
+    _raise(schema.problem(res, schema.SPEC["linux"]["resources"], where))
+    _check_resources(res or {}, where)
 
 
 def validate_process(proc: Any, where: str) -> None:
@@ -266,10 +271,6 @@ def linux_resources(spec: Mapping[str, Any]) -> Resources:
     )
 
 
-# At most this much JSON is read for a spec or a process: real ones are a few KiB, and a file that
-# never ends (a symlink to /dev/zero) must not take the host's memory.
-MAX_JSON_BYTES = 16 << 20
-
 # The guest's kernel (Linux 6.1) and its rlimits and capabilities, by the names runc's Go code uses.
 GUEST_NAMESPACES = KNOWN_NAMESPACES - {"time"}  # built without CONFIG_TIME_NS
 CAPABILITIES = (
@@ -293,24 +294,17 @@ _VERSION = re.compile(r"1\.[0-9]+\.[0-9]+(-[0-9A-Za-z.+-]+)?", re.ASCII)
 _CPUSET = re.compile(r"[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*", re.ASCII)
 
 
-def _read_json_object(path: Path, missing: str) -> dict[str, Any]:
-    """A JSON object from ``path``, read without blocking (a FIFO would hang an open) and at most
-    MAX_JSON_BYTES of it; every failure is an OCIError naming the file."""
+def read_json_object(path: Path, missing: str) -> dict[str, Any]:
+    """A JSON object from ``path`` (read bounded: kata.utils.files); every failure is an OCIError
+    naming the file, ``missing`` when there is none."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        raw = read_regular_file(path)
     except FileNotFoundError:
         raise OCIError(missing) from None
     except OSError as e:
         raise OCIError(f"{path.name}: cannot read: {e.strerror}") from None
-    with open(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OCIError(f"{path.name}: not a regular file")
-        try:
-            raw = f.read(MAX_JSON_BYTES + 1)
-        except OSError as e:
-            raise OCIError(f"{path.name}: cannot read: {e.strerror}") from None
-    if len(raw) > MAX_JSON_BYTES:
-        raise OCIError(f"{path.name}: larger than {MAX_JSON_BYTES >> 20} MiB")
+    except NotReadable as e:
+        raise OCIError(f"{path.name}: {e}") from None
     try:
         data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
@@ -320,8 +314,14 @@ def _read_json_object(path: Path, missing: str) -> dict[str, Any]:
     except RecursionError:
         raise OCIError(f"{path.name}: invalid JSON: nested too deeply") from None
     if not isinstance(data, dict):
-        raise OCIError(f"{path.name}: invalid JSON: expected an object, got {type(data).__name__}")
+        raise OCIError(f"{path.name}: invalid JSON: expected an object, got {_json_kind(data)}")
     return data
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", str: "a string", list: "an array"}.get(type(value), "a number")
 
 
 def _raise(problem: str | None) -> None:
@@ -421,18 +421,18 @@ def _check_hooks(hooks: dict[str, Any]) -> None:
                 raise OCIError(f"hooks.{kind}[{i}].timeout must be positive, got {h['timeout']}")
 
 
-def _check_resources(res: dict[str, Any]) -> None:
+def _check_resources(res: dict[str, Any], where: str) -> None:
     """Values the types allow but the kernel's cgroups refuse: a negative size other than -1
     ("unlimited"), a cpuset that is no list of CPUs."""
     for section, key in (("memory", "limit"), ("memory", "reservation"), ("memory", "swap"),
                          ("cpu", "quota"), ("pids", "limit")):
         value = (res.get(section) or {}).get(key)
         if value is not None and value < -1:
-            raise OCIError(f"linux.resources.{section}.{key} must be -1 (unlimited) or more, got {value}")
+            raise OCIError(f"{where}.{section}.{key} must be -1 (unlimited) or more, got {value}")
     for key in ("cpus", "mems"):
         value = (res.get("cpu") or {}).get(key)
         if value and not _CPUSET.fullmatch(value):
-            raise OCIError(f"linux.resources.cpu.{key}: {shown(value)!r} is not a list of numbers "
+            raise OCIError(f"{where}.cpu.{key}: {shown(value)!r} is not a list of numbers "
                            "and ranges (e.g. 0-3,5)")
 
 

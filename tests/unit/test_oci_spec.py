@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 
 from kata.oci.spec import (
-    MAX_JSON_BYTES,
     Bundle,
     Mount,
     Namespace,
@@ -21,6 +20,7 @@ from kata.oci.spec import (
     load_process,
     parse_process,
 )
+from kata.utils.files import MAX_JSON_BYTES
 from tests.conftest import minimal_spec
 
 REFERENCE = Path("/work/shared/reference")
@@ -116,7 +116,7 @@ def test_missing_config(tmp_path: Path) -> None:
     ("text", "message"),
     [
         ("{not json", "config.json: invalid JSON: "),
-        ("[1, 2]", "config.json: invalid JSON: expected an object, got list"),
+        ("[1, 2]", "config.json: invalid JSON: expected an object, got an array"),
         ("", "config.json: invalid JSON: "),
     ],
 )
