@@ -7,7 +7,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from kata.cli.lifecycle import store, write_pid_file
+from kata.cli.lifecycle import check_pid_file, store, write_pid_file
 from kata.errors import KataError
 
 
@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from kata.runtime.monitor_proc import PendingMonitor
 
     st = store(args)
+    check_pid_file(args.pid_file)
     # A --process file is read (bounded: it may be anything) and checked before the monitor starts,
     # which shows its command.
     process = load_process(Path(args.process)) if args.process else None

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from kata import __version__
 from kata.cli import logs
-from kata.errors import USER_ERRORS, one_line
+from kata.errors import USER_ERRORS, one_line, strerror
 from kata.utils.usage import Parser, UsageError
 
 # Each module adds its verbs with add_parser(subparsers); a verb's parser sets func(args) -> int.
@@ -75,7 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verb:
         parser.print_help()
         return 0
-    log = logs.setup(args.log, args.log_format, args.debug)
+    try:
+        log = logs.setup(args.log, args.log_format, args.debug)
+    except OSError as exc:  # the log cannot be opened: say so on stderr, the only place left
+        return _fail(one_line(f"open {args.log}: {strerror(exc)}"))
     try:
         _check_id(args)
         return int(args.func(args))

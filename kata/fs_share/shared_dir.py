@@ -19,6 +19,14 @@ class ShareError(KataError):
     pass
 
 
+def check_source(share: HostShare) -> Path:
+    """The share's source, which must exist (as for runc's bind mounts)."""
+    source = Path(share.source)
+    if not source.exists():
+        raise ShareError(f"mount source {share.source} does not exist")
+    return source
+
+
 class SharedDir:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -28,9 +36,7 @@ class SharedDir:
 
     def add(self, share: HostShare) -> Path:
         target = self.root / share.name
-        source = Path(share.source)
-        if not source.exists():
-            raise ShareError(f"mount source {share.source} does not exist")
+        source = check_source(share)
         target.parent.mkdir(parents=True, exist_ok=True)
         # The mount point must be of the same kind as the source (file over file, dir over dir).
         if source.is_dir():

@@ -12,13 +12,14 @@ import json
 import logging
 import os
 import signal
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kata.core.paths import SandboxPaths, validate_sandbox_id
-from kata.errors import KataError
+from kata.errors import KataError, strerror
 from kata.hypervisor.daemon import ProcessId, signal_process, wait_exit
 from kata.runtime.records import ContainerRecord, ContainerStore, now_rfc3339
 
@@ -106,16 +107,12 @@ def _hooks(spec: dict[str, Any], kind: str, rec: ContainerRecord, status: str, f
 
 def _host_network(bundle: Bundle) -> bool:
     """No network namespace, or the one we run in (Docker's --net=host names its own by path)."""
+    from kata.utils import netns
+
     ns = next((n for n in bundle.namespaces if n.type == "network"), None)
     if ns is None:
         return True
-    if not ns.path:
-        return False
-    try:
-        theirs, ours = os.stat(ns.path), os.stat("/proc/self/ns/net")
-    except OSError as exc:
-        raise KataError(f"network namespace {ns.path}: {exc.strerror}") from exc
-    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+    return ns.path is not None and netns.is_ours(ns.path)
 
 
 def _enter_network_namespace(bundle: Bundle, pin_at: Path) -> tuple[str, bool]:
@@ -136,6 +133,37 @@ def _enter_network_namespace(bundle: Bundle, pin_at: Path) -> tuple[str, bool]:
 
 
 # ---- create ---------------------------------------------------------------------------------
+def _check_before_boot(cid: str, bundle: Bundle, cfg: RuntimeConfig) -> None:
+    """Whatever in the bundle would fail the container, found before anything is made for it:
+    what the guest cannot be given, the VM's sizing, the network it would need."""
+    from kata.core.container import check_container
+    from kata.core.sandbox import size_vm
+
+    check_container(bundle, cid)
+    size_vm(cfg, bundle.spec)
+    if _host_network(bundle):
+        # Kata's documented limitation: the host's interfaces cannot be mirrored into a VM.
+        raise KataError("host networking is not supported: the container runs in a VM, which cannot "
+                        "share the host's network namespace")
+
+
+def check_console(terminal: bool, console_socket: str | None, foreground: bool) -> None:
+    """runc's rules for a terminal (its checkTerminal), before anything is started. The socket must
+    be there (runc dials it first), but we do not connect: its listener takes one connection, the
+    one that hands it the pty."""
+    if terminal and not console_socket and not foreground:
+        raise KataError("cannot allocate tty if runc will detach without setting console socket")
+    if console_socket and (foreground or not terminal):
+        raise KataError("cannot use console socket if runc will not detach or allocate tty")
+    if console_socket:
+        try:
+            mode = os.stat(console_socket).st_mode
+        except OSError as exc:
+            raise KataError(f"dial unix {console_socket}: connect: {strerror(exc)}") from None
+        if not stat.S_ISSOCK(mode):
+            raise KataError(f"dial unix {console_socket}: connect: connection refused")
+
+
 def create(store: ContainerStore, cid: str, bundle_dir: Path, *, config_path: Path | None,
            console_socket: str | None, debug: bool, foreground: bool = False) -> tuple[ContainerRecord,
                                                                                        subprocess.Popen[bytes]]:
@@ -152,12 +180,8 @@ def create(store: ContainerStore, cid: str, bundle_dir: Path, *, config_path: Pa
     bundle = load_bundle(bundle_dir.resolve())
     cfg = apply_annotations(load_config(config_path), bundle.annotations)
     terminal = bool(bundle.spec.get("process", {}).get("terminal", False))
-    if terminal and not console_socket and not foreground:
-        raise KataError("cannot allocate tty if runc will detach without setting console socket")
-    if _host_network(bundle):
-        # Kata's documented limitation: the host's interfaces cannot be mirrored into a VM.
-        raise KataError("host networking is not supported: the container runs in a VM, which cannot "
-                        "share the host's network namespace")
+    _check_before_boot(cid, bundle, cfg)
+    check_console(terminal, console_socket, foreground)
     store.reserve(cid)
     rec = ContainerRecord(id=cid, bundle=str(bundle.path), rootfs=str(bundle.root_path),
                           created=now_rfc3339(),
@@ -321,13 +345,14 @@ def _destroy(rec: ContainerRecord) -> None:
 
 
 def _spec_or_empty(rec: ContainerRecord) -> dict[str, Any]:
-    """The config.json create validated, for its hooks; read again as is (it was checked then)."""
+    """The config.json create validated, for its hooks; read again as is (it was checked then),
+    bounded (it may have been replaced by anything since)."""
+    from kata.oci.spec import OCIError, read_json_object
+
     try:
-        with open(Path(rec.bundle) / "config.json") as f:
-            spec = json.load(f)
-    except (OSError, ValueError):
+        return read_json_object(Path(rec.bundle) / "config.json", "")
+    except OCIError:
         return {}  # the bundle may be gone by now (the caller removed it): no hooks to run then
-    return spec if isinstance(spec, dict) else {}
 
 
 def _destroy_leftovers(cid: str) -> None:
@@ -369,8 +394,7 @@ def exec_process(store: ContainerStore, cid: str, process: dict[str, Any], *, co
             raise StateError("cannot exec in a stopped container" if status == "stopped"
                              else f"cannot exec in a {status} container")
         terminal = bool(process.get("terminal"))
-        if terminal and not console_socket and not foreground:
-            raise KataError("cannot allocate tty if runc will detach without setting console socket")
+        check_console(terminal, console_socket, foreground)
     except BaseException:
         monitor.cancel()
         raise

@@ -17,7 +17,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 from kata.core.paths import validate_id
 from kata.core.store import read_json, write_json
-from kata.errors import KataError
+from kata.errors import KataError, strerror
 from kata.hypervisor.daemon import ProcessId
 from kata.utils.ids import shown
 
@@ -140,11 +140,15 @@ class ContainerStore:
     def reserve(self, cid: str) -> None:
         """Claim the id: fails if a container (even a half-created one) has it."""
         target = self.dir(cid)  # an invalid id fails before the root is made
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o711)
         try:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o711)
             target.mkdir(mode=0o711)
         except FileExistsError:
+            if not self.root.is_dir():
+                raise KataError(f"mkdir {self.root}: not a directory") from None
             raise ContainerExists(cid) from None
+        except OSError as exc:
+            raise KataError(f"mkdir {target}: {strerror(exc)}") from None
 
     def save(self, rec: ContainerRecord) -> None:
         write_json(self._file(rec.id), asdict(rec))
@@ -153,9 +157,11 @@ class ContainerStore:
         path = self._file(cid)  # an invalid id fails here, as itself
         try:
             return record_from(cid, read_json(path))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # NotADirectory: --root is a file
             raise ContainerNotFound(cid) from None
-        except (OSError, ValueError, TypeError) as exc:
+        except OSError as exc:
+            raise KataError(f"container {cid}: unreadable state: {strerror(exc)}") from exc
+        except (ValueError, TypeError) as exc:
             raise KataError(f"container {cid}: unreadable state: {exc}") from exc
 
     @contextmanager
@@ -164,7 +170,7 @@ class ContainerStore:
         itself, so that a delete that removed it makes a waiting command see "does not exist"."""
         try:
             fd = os.open(self.dir(cid), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise ContainerNotFound(cid) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
