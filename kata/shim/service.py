@@ -19,6 +19,7 @@ from google.protobuf.message import Message
 from kata import __version__, ttrpc
 from kata.core.paths import InvalidIdError, validate_id
 from kata.errors import KataError, one_line
+from kata.oci.spec import OCIError, validate_process, validate_resources
 from kata.protocols.containerd.api.types.task import task_pb2 as types
 from kata.protocols.containerd.runtime.v2.task import shim_pb2 as pb
 from kata.shim import events
@@ -42,6 +43,15 @@ def _json_any(any_msg: Any, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ShimError(ttrpc.Code.INVALID_ARGUMENT, f"{what}: not a JSON object")
     return value
+
+
+def _checked(validate: Callable[[Any, str], None], value: Any, what: str) -> None:
+    """An OCI structure from containerd (an exec's process, new resources) checked as the spec's
+    are, before the guest gets it: a bad one is the caller's error."""
+    try:
+        validate(value, what)
+    except OCIError as exc:
+        raise ShimError(ttrpc.Code.INVALID_ARGUMENT, str(exc)) from None
 
 
 def config_path_of(options: Any) -> Path | None:
@@ -160,6 +170,7 @@ class TaskService:
 
     def exec(self, req: pb.ExecProcessRequest) -> Empty:
         process = _json_any(req.spec, "exec process")
+        _checked(validate_process, process, "exec process")
         stdio = StdioPaths(req.stdin, req.stdout, req.stderr, req.terminal)
         self.pod.exec(req.id, req.exec_id, stdio, json.dumps(process).encode())
         return Empty()
@@ -174,7 +185,9 @@ class TaskService:
         return Empty()
 
     def update(self, req: pb.UpdateTaskRequest) -> Empty:
-        self.pod.update(req.id, _json_any(req.resources, "resources"))
+        resources = _json_any(req.resources, "resources")
+        _checked(validate_resources, resources, "resources")
+        self.pod.update(req.id, resources)
         return Empty()
 
     def wait(self, req: pb.WaitRequest) -> pb.WaitResponse:
