@@ -73,6 +73,10 @@ def guest_cgroups_path(container_id: str) -> str:
 
 
 def plan_container(bundle: Bundle, container_id: str) -> ContainerPlan:
+    # The id names the container's shares on the host and its cgroup in the guest.
+    problem = id_problem(container_id)
+    if problem:
+        raise SpecConvError(problem)
     spec = copy.deepcopy(bundle.spec)  # bundle.spec is never modified
 
     # Shared writable even for a read-only root: the guest runtime must still create mount points

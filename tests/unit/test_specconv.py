@@ -177,6 +177,12 @@ def test_bind_variants_and_read_only() -> None:
     assert all(n.startswith("c1/") for n in names)
 
 
+@pytest.mark.parametrize("cid", ["../c1", "", "c/1"])
+def test_a_container_id_is_checked_before_shares_are_named_from_it(cid: str) -> None:
+    with pytest.raises(SpecConvError, match="invalid id format|cannot be empty"):
+        plan_container(bundle_of(minimal()), cid)
+
+
 def test_same_basename_twice_stays_unique() -> None:
     mounts = [
         {"destination": "/a", "type": "bind", "source": "/x/conf", "options": ["rbind"]},
