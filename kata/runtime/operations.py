@@ -345,14 +345,16 @@ def _destroy(rec: ContainerRecord) -> None:
 
 
 def _spec_or_empty(rec: ContainerRecord) -> dict[str, Any]:
-    """The config.json create validated, for its hooks; read again as is (it was checked then),
-    bounded (it may have been replaced by anything since)."""
-    from kata.oci.spec import OCIError, read_json_object
+    """The config.json create validated, for its hooks; read again as is (it was checked then), but
+    bounded: it may have been replaced by anything since. Not through kata.oci.spec, whose import
+    `start` and `delete` (Docker's hot path) would pay for."""
+    from kata.utils.files import read_regular_file
 
     try:
-        return read_json_object(Path(rec.bundle) / "config.json", "")
-    except OCIError:
+        spec = json.loads(read_regular_file(Path(rec.bundle) / "config.json"))
+    except (OSError, ValueError, RecursionError):
         return {}  # the bundle may be gone by now (the caller removed it): no hooks to run then
+    return spec if isinstance(spec, dict) else {}
 
 
 def _destroy_leftovers(cid: str) -> None:
