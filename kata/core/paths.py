@@ -49,6 +49,9 @@ def validate_sandbox_id(id_: str) -> str:
     """An id a sandbox (a VM) can have: a valid id, short enough for its sockets' paths."""
     validate_id(id_)
     limit = max_sandbox_id_length()
+    if limit < 1:  # no id would do: the state root is to blame
+        raise KataError(f"KATA_STATE_ROOT {STATE_ROOT} is too long: a VM's socket paths under it would "
+                        "not fit in 108 bytes")
     if len(id_) > limit:
         raise InvalidIdError(f"invalid id format: {shown(id_)}: longer than {limit} characters, the most "
                              f"that keeps its VM's socket paths under {VM_ROOT} within 108 bytes")

@@ -23,7 +23,7 @@ from kata.core.paths import (
     validate_sandbox_id,
 )
 from kata.core.store import locked, read_json, write_json
-from kata.errors import one_line
+from kata.errors import KataError, one_line
 from kata.fs_share.shared_dir import SharedDir, ShareError
 from kata.hypervisor.qemu_argv import RunPaths, kernel_cmdline
 from kata.specconv import HostShare, VMSizing
@@ -61,6 +61,14 @@ def test_a_sandbox_id_must_leave_room_for_its_sockets() -> None:
         SandboxPaths("../x")
     longest = SandboxPaths("s" * limit).vm_dir / max(VM_SOCKETS, key=len)
     assert len(os.fsencode(longest)) == 107
+
+
+def test_a_state_root_too_long_for_any_socket_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kata.core import paths
+
+    monkeypatch.setattr(paths, "VM_ROOT", Path("/" + "r" * 100) / "vm")
+    with pytest.raises(KataError, match="KATA_STATE_ROOT .* is too long"):
+        validate_sandbox_id("c1")
 
 
 def test_every_vm_socket_is_counted() -> None:
