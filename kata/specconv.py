@@ -18,6 +18,7 @@ from kata.config.model import HypervisorConfig
 from kata.errors import KataError
 from kata.oci import cri_annotations
 from kata.oci.spec import Bundle, Resources, linux_resources
+from kata.utils.ids import id_problem
 
 # Where the sandbox's shared filesystem is mounted in the guest.
 GUEST_SHARED_DIR = "/run/kata-containers/shared/containers"
@@ -72,6 +73,10 @@ def guest_cgroups_path(container_id: str) -> str:
 
 
 def plan_container(bundle: Bundle, container_id: str) -> ContainerPlan:
+    # The id names the container's shares on the host and its cgroup in the guest.
+    problem = id_problem(container_id)
+    if problem:
+        raise SpecConvError(problem)
     spec = copy.deepcopy(bundle.spec)  # bundle.spec is never modified
 
     # Shared writable even for a read-only root: the guest runtime must still create mount points
@@ -91,6 +96,8 @@ def plan_container(bundle: Bundle, container_id: str) -> ContainerPlan:
             source = posixpath.join(str(bundle.path), mount["source"])
             share = HostShare(
                 source=posixpath.normpath(source),
+                # Under the container's own directory: a name beside it ("ID-0-x") would share
+                # its prefix with another container's ("ID-0" is a valid id too).
                 name=f"{container_id}/{index}-{_share_basename(source)}",
                 read_only="ro" in options,
             )
@@ -210,6 +217,9 @@ def pod_role(annotations: dict[str, str] | Any, container_id: str) -> PodRole:
         if sandbox_id == container_id:
             raise SpecConvError(f"container {container_id}: {CRI_CONTAINER_TYPE} is container, "
                                 f"but {CRI_SANDBOX_ID} names no other sandbox")
+        problem = id_problem(sandbox_id)
+        if problem:
+            raise SpecConvError(f"annotation {CRI_SANDBOX_ID}: {problem}")
         return PodRole(is_sandbox=False, sandbox_id=sandbox_id)
     return PodRole(is_sandbox=True, sandbox_id=container_id)
 

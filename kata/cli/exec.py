@@ -7,7 +7,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from kata.cli.lifecycle import store, write_pid_file
+from kata.cli.lifecycle import check_pid_file, store, write_pid_file
 from kata.errors import KataError
 
 
@@ -67,12 +67,14 @@ def run(args: argparse.Namespace) -> int:
     from kata.runtime.monitor_proc import PendingMonitor
 
     st = store(args)
-    # Started first: its Python start-up overlaps our checks and the process's preparation.
+    check_pid_file(args.pid_file)
+    # A --process file is read (bounded: it may be anything) and checked before the monitor starts.
+    process = load_process(Path(args.process)) if args.process else None
+    # Started before the rest: its Python start-up overlaps our checks and the process's preparation.
+    # Its argv names the container only: host command lines are readable by every local user.
     monitor = PendingMonitor([args.container_id, "exec"])
     try:
-        if args.process:
-            process = load_process(Path(args.process))
-        else:
+        if process is None:
             from kata.oci.spec import load_bundle
 
             rec = st.load(args.container_id)

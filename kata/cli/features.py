@@ -15,21 +15,6 @@ from typing import Any
 from kata import __version__
 from kata.cli.version import OCI_SPEC_VERSION
 
-# Namespaces the guest kernel has (no CONFIG_TIME_NS), sorted as runc lists them.
-NAMESPACES = ["cgroup", "ipc", "mount", "network", "pid", "user", "uts"]
-
-# Every capability Linux 6.1 (the guest kernel) knows, by number.
-CAPABILITIES = [
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
-    "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE", "CAP_NET_BIND_SERVICE",
-    "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE",
-    "CAP_SYS_RAWIO", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT",
-    "CAP_SYS_NICE", "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE",
-    "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN", "CAP_SYSLOG",
-    "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF",
-    "CAP_CHECKPOINT_RESTORE",
-]
-
 # runc 1.1's known mount options (mount flags, propagation, recursive attributes, tmpcopyup), which
 # crun in the guest understands too; runc's "acl"/"noacl" are left out (they never worked: runc#3738).
 MOUNT_OPTIONS = sorted([
@@ -68,8 +53,10 @@ def add_parser(sub: Any) -> None:
 def features(machine: str | None = None) -> dict[str, Any]:
     """The features document, in the runtime-spec's field order."""
     # Imported here: main imports every verb module on each invocation, and kata.config is not cheap.
+    # The namespaces and capabilities are the guest kernel's (no time namespace), as the spec's
+    # validation holds specs to them.
     from kata.config.annotations import AGENT_PREFIX, HYPERVISOR_PREFIX, RUNTIME_PREFIX
-    from kata.oci.spec import HOOK_KINDS
+    from kata.oci.spec import CAPABILITIES, GUEST_NAMESPACES, HOOK_KINDS
 
     arch = machine or os.uname().machine
     return {
@@ -78,7 +65,7 @@ def features(machine: str | None = None) -> dict[str, Any]:
         "hooks": list(HOOK_KINDS),
         "mountOptions": list(MOUNT_OPTIONS),
         "linux": {
-            "namespaces": list(NAMESPACES),
+            "namespaces": sorted(GUEST_NAMESPACES),  # as runc lists them
             "capabilities": list(CAPABILITIES),
             "cgroup": {"v1": False, "v2": True, "systemd": False, "systemdUser": False, "rdma": False},
             "seccomp": {

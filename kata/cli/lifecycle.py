@@ -17,12 +17,47 @@ def store(args: argparse.Namespace) -> ContainerStore:
     return ContainerStore(Path(args.root))
 
 
+def check_pid_file(path: str | None) -> None:
+    """runc writes the pid file once the process exists; a place that cannot take it must fail
+    before a VM is booted (or a process started) for nothing. Go's words, as runc's open would say."""
+    from kata.errors import KataError
+
+    if not path:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise KataError(f"open {path}: is a directory")
+    if not target.parent.is_dir():
+        what = "not a directory" if target.parent.exists() else "no such file or directory"
+        raise KataError(f"open {path}: {what}")
+
+
 def write_pid_file(path: str, pid: int) -> None:
     """Atomically, as runc does: a reader never sees a half-written pid."""
+    from kata.errors import KataError, strerror
+
     target = Path(path)
     tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(str(pid))
-    os.replace(tmp, target)
+    try:
+        tmp.write_text(str(pid))
+        os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise KataError(f"open {path}: {strerror(exc)}") from None
+
+
+def _write_pid_file_or_delete(st: ContainerStore, cid: str, path: str | None, pid: int) -> None:
+    """The pid file of a container just created; if it cannot be written, the container goes
+    again (runc destroys it too): no caller would ever learn its process."""
+    if not path:
+        return
+    try:
+        write_pid_file(path, pid)
+    except BaseException:
+        from kata.runtime import operations
+
+        operations.delete(st, cid, force=True)
+        raise
 
 
 @contextmanager
@@ -93,25 +128,25 @@ def add_parser(sub: Any) -> None:
 def create(args: argparse.Namespace) -> int:
     from kata.runtime import operations
 
+    check_pid_file(args.pid_file)
+    st = store(args)
     with aborting_on_termination():
-        rec, _proc = operations.create(store(args), args.container_id, Path(args.bundle),
+        rec, _proc = operations.create(st, args.container_id, Path(args.bundle),
                                        config_path=_config(args), console_socket=args.console_socket,
                                        debug=args.debug)
-    if args.pid_file:
-        write_pid_file(args.pid_file, rec.pid)
+        _write_pid_file_or_delete(st, args.container_id, args.pid_file, rec.pid)
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
     """create + start; in the foreground, wait for the process and delete the container after."""
     from kata.cli import foreground
-    from kata.core.paths import validate_id
     from kata.errors import KataError
     from kata.monitor import VM_GONE_STATUS
     from kata.oci.spec import load_bundle
     from kata.runtime import operations
 
-    validate_id(args.container_id)
+    check_pid_file(args.pid_file)
     st = store(args)
     terminal = bool(load_bundle(Path(args.bundle).resolve()).spec.get("process", {}).get("terminal"))
     with foreground.raw_terminal(terminal and not args.detach and not args.console_socket):
@@ -119,9 +154,8 @@ def run(args: argparse.Namespace) -> int:
             rec, proc = operations.create(st, args.container_id, Path(args.bundle), config_path=_config(args),
                                           console_socket=args.console_socket, debug=args.debug,
                                           foreground=not args.detach)
+            _write_pid_file_or_delete(st, args.container_id, args.pid_file, rec.pid)
         try:
-            if args.pid_file:
-                write_pid_file(args.pid_file, rec.pid)
             operations.start(st, args.container_id)
             if args.detach:
                 return 0

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 
 from kata import __version__
 from kata.cli import logs
-from kata.errors import USER_ERRORS
+from kata.errors import USER_ERRORS, one_line, strerror
+from kata.utils.usage import Parser, UsageError
 
 # Each module adds its verbs with add_parser(subparsers); a verb's parser sets func(args) -> int.
 _VERB_MODULES = ("lifecycle", "exec", "inspect", "update", "spec", "features", "check", "env", "factory",
@@ -39,8 +40,7 @@ def _verb_modules(argv: Sequence[str]) -> tuple[str, ...]:
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kata-runtime",
-                                description="OCI runtime that runs containers in lightweight VMs")
+    p = Parser(prog="kata-runtime", description="OCI runtime that runs containers in lightweight VMs")
     p.add_argument("--root", default="/run/kata-runtime", help="root directory for container state")
     p.add_argument("--log", default=None, help="log file (default: stderr only with --debug)")
     p.add_argument("--log-format", choices=("text", "json"), default="text")
@@ -57,17 +57,30 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return p
 
 
+def _fail(msg: str) -> int:
+    print(f"kata-runtime: {msg}", file=sys.stderr)
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        return _fail(one_line(str(exc)))
     if args.version and not args.verb:
         print(f"kata-runtime  : {__version__}")
         return 0
     if not args.verb:
         parser.print_help()
         return 0
-    log = logs.setup(args.log, args.log_format, args.debug)
     try:
+        log = logs.setup(args.log, args.log_format, args.debug)
+    except OSError as exc:  # the log cannot be opened: say so on stderr, the only place left
+        return _fail(one_line(f"open {args.log}: {strerror(exc)}"))
+    try:
+        _check_id(args)
         return int(args.func(args))
     except KeyboardInterrupt:
         return 130
@@ -75,13 +88,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.close()
         return 1
     except Exception as exc:  # every failure is one line for the user; details go to the log
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        msg = one_line(str(exc)) or type(exc).__name__
         if not isinstance(exc, USER_ERRORS):
             msg = f"internal error: {type(exc).__name__}: {msg}"
             log.debug("traceback", exc_info=True)
         log.error(msg)
-        print(f"kata-runtime: {msg}", file=sys.stderr)
-        return 1
+        return _fail(msg)
+
+
+def _check_id(args: argparse.Namespace) -> None:
+    """Every verb that names a container checks its id first, whatever it does next: the id becomes
+    paths under --root and the sandbox's directories (each container is a sandbox of its own)."""
+    cid = getattr(args, "container_id", None)
+    if cid is not None:
+        from kata.core.paths import validate_sandbox_id
+
+        validate_sandbox_id(cid)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,12 @@ together), so a file that leaves a key out behaves like the shipped file.
 from __future__ import annotations
 
 import fnmatch
+import posixpath
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
+from kata.core import paths
 from kata.errors import KataError
 
 SUPPORTED_HYPERVISORS = ("qemu",)
@@ -97,7 +99,8 @@ class FactoryConfig:
     # Kata's [factory] keys. A template VM is booted once and snapshotted with its agent ready;
     # sandboxes then start by restoring that snapshot instead of booting.
     enable_template: bool = True
-    template_path: str = "/run/vc/vm/template"
+    # Not Kata's /run/vc/vm/template: under /run/vc/vm every name is a sandbox's (see factory_problems).
+    template_path: str = "/run/vc/templates"
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,15 @@ def agent_problems(agent: AgentConfig) -> list[tuple[str, str]]:
 def factory_problems(factory: FactoryConfig) -> list[tuple[str, str]]:
     if not factory.template_path.startswith("/"):
         return [("template_path", f"must be an absolute path, got {factory.template_path!r}")]
+    # Sandbox ids name the directories in these: a template store among them would be a sandbox's
+    # (a container named "template" shared Kata's default), and one above them would take every
+    # sandbox with it on `factory destroy`.
+    store = PurePosixPath(posixpath.normpath(factory.template_path))
+    for named in map(PurePosixPath, (paths.VM_ROOT, paths.STATE_ROOT / "sbs", paths.SHARED_ROOT)):
+        if store == named or named in store.parents or store in named.parents:
+            return [("template_path", f"{store} would share {named}, where sandboxes' ids name the "
+                                      f"directories: choose a path outside it (the default is "
+                                      f"{FactoryConfig.template_path})")]
     return []
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
+from kata.fs_share.shared_dir import check_source
 from kata.oci.spec import Bundle
 from kata.specconv import ContainerPlan, plan_container
 
@@ -13,6 +14,15 @@ if TYPE_CHECKING:
 
 # The init process of a container is addressed with an empty exec id in the agent API.
 INIT_EXEC_ID = ""
+
+
+def check_container(bundle: Bundle, cid: str) -> ContainerPlan:
+    """What creating ``cid`` from ``bundle`` in a VM would refuse, found before a VM is booted or
+    grown for it: mounts that cannot pass into a VM, bind sources that do not exist."""
+    plan = plan_container(bundle, cid)
+    for share in plan.shares[1:]:  # shares[0] is the rootfs, which load_bundle found
+        check_source(share)
+    return plan
 
 
 class Container:

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from kata.errors import KataError
+from kata.utils.ids import MAX_ID_LENGTH, id_problem, shown
 
 # Kata's locations: persisted sandbox state under /run/vc/sbs, VMM sockets under /run/vc/vm,
 # and the directory shared into the guest under /run/kata-containers/shared/sandboxes.
 STATE_ROOT = Path(os.environ.get("KATA_STATE_ROOT", "/run/vc"))
 SHARED_ROOT = Path(os.environ.get("KATA_SHARED_ROOT", "/run/kata-containers/shared/sandboxes"))
+VM_ROOT = STATE_ROOT / "vm"
+# Template VMs run here while they are made (kata.factory.template): a directory no sandbox id can
+# name, unlike VM_ROOT/<anything>, and short, since their sockets live in it.
+TEMPLATE_VM_ROOT = STATE_ROOT / "template-vm"
 
-_ID_RE = re.compile(r"[\w+\-.]+")
+# Every unix socket in a sandbox's VM directory (QEMU's QMP and agent ports, virtiofsd's, the init
+# monitor's agent proxy): their paths, with the id in them, must fit in sun_path.
+VM_SOCKETS = ("qmp.sock", "agent.sock", "vhost-fs.sock", "agent-proxy.sock")
+# sun_path is 108 bytes, the terminating NUL included.
+SOCKET_PATH_MAX = 107
 
 
 class InvalidIdError(KataError, ValueError):
@@ -22,15 +30,43 @@ class InvalidIdError(KataError, ValueError):
 
 
 def validate_id(id_: str) -> str:
-    """runc's rule for container ids: also keeps ids safe to use as path components."""
-    if not id_ or id_ in (".", "..") or not _ID_RE.fullmatch(id_) or len(id_) > 1024:
-        raise InvalidIdError(f"invalid id format: {id_!r}")
+    """runc's rule for ids (see kata.utils.ids): also keeps ids safe to use as path components."""
+    problem = id_problem(id_)
+    if problem:
+        raise InvalidIdError(problem)
+    return id_
+
+
+def max_sandbox_id_length() -> int:
+    """The longest sandbox id whose VM sockets (VM_ROOT/<id>/<socket>) still fit in sun_path: 79
+    characters under the default /run/vc, fewer where KATA_STATE_ROOT is longer."""
+    longest = max(len(name) for name in VM_SOCKETS)
+    slashes = 2  # VM_ROOT/<id>/<socket>
+    return min(MAX_ID_LENGTH, SOCKET_PATH_MAX - len(os.fsencode(VM_ROOT)) - slashes - longest)
+
+
+def validate_sandbox_id(id_: str) -> str:
+    """An id a sandbox (a VM) can have: a valid id, short enough for its sockets' paths."""
+    validate_id(id_)
+    limit = max_sandbox_id_length()
+    if limit < 1:  # no id would do: the state root is to blame
+        raise KataError(f"KATA_STATE_ROOT {STATE_ROOT} is too long: a VM's socket paths under it would "
+                        "not fit in 108 bytes")
+    if len(id_) > limit:
+        raise InvalidIdError(f"invalid id format: {shown(id_)}: longer than {limit} characters, the most "
+                             f"that keeps its VM's socket paths under {VM_ROOT} within 108 bytes")
     return id_
 
 
 @dataclass(frozen=True)
 class SandboxPaths:
+    """A sandbox's directories; the id is checked here, so that no path is ever built from an
+    unchecked one, whoever the caller."""
+
     id: str
+
+    def __post_init__(self) -> None:
+        validate_sandbox_id(self.id)
 
     @property
     def state_dir(self) -> Path:
@@ -46,11 +82,16 @@ class SandboxPaths:
 
     @property
     def vm_dir(self) -> Path:
-        return STATE_ROOT / "vm" / self.id
+        return VM_ROOT / self.id
 
     @property
     def virtiofsd_socket(self) -> Path:
         return self.vm_dir / "vhost-fs.sock"
+
+    @property
+    def agent_proxy_socket(self) -> Path:
+        """Where the container's init monitor serves the agent to later commands (kata-runtime)."""
+        return self.vm_dir / "agent-proxy.sock"
 
     @property
     def shared_base(self) -> Path:

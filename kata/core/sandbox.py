@@ -26,6 +26,7 @@ from kata.utils.safepath import remove_tree
 if TYPE_CHECKING:
     from kata.agent.client import AgentClient
     from kata.config import RuntimeConfig
+    from kata.specconv import VMSizing
 
 # The bring-up's modules (the agent's protobuf API, VM planning) are imported where they are used:
 # `delete` only attaches to the VM and tears it down, and should not pay for them.
@@ -44,10 +45,9 @@ def plan_vm(cfg: RuntimeConfig, sid: str, spec: dict[str, Any], paths: SandboxPa
     from kata.core import vm
     from kata.hypervisor.accel import choose_accel
     from kata.osbuilder.kernel import KERNEL_PARAMS
-    from kata.specconv import vm_sizing
 
     hv = cfg.hypervisor
-    sizing = vm_sizing(spec, hv, os.cpu_count() or 1, host_memory_mib())
+    sizing = size_vm(cfg, spec)
     # The probe warns once (when it is not cached) if it has to fall back to TCG.
     probe = choose_accel(Path(hv.path), Path(hv.kernel), force=cast(AccelChoice, hv.accel))
     try:
@@ -59,6 +59,14 @@ def plan_vm(cfg: RuntimeConfig, sid: str, spec: dict[str, Any], paths: SandboxPa
     config = vm.build_vm_config(sid, hv, sizing, paths, probe.accel, channel, tuple(KERNEL_PARAMS),
                                 debug or cfg.agent.enable_debug, from_template=use_template)
     return config, use_template
+
+
+def size_vm(cfg: RuntimeConfig, spec: dict[str, Any]) -> VMSizing:
+    """The VM's size for ``spec`` on this host. Front ends call it before they boot anything: it
+    refuses limits and sizing annotations (the CRI's pod sizes) that make no sense."""
+    from kata.specconv import vm_sizing
+
+    return vm_sizing(spec, cfg.hypervisor, os.cpu_count() or 1, host_memory_mib())
 
 
 def run_concurrently(calls: list[Callable[[], object]]) -> None:

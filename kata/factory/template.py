@@ -20,6 +20,7 @@ from pathlib import Path
 
 from kata.agent.client import AgentClient
 from kata.agent.transport import connect
+from kata.core.paths import TEMPLATE_VM_ROOT
 from kata.core.store import locked
 from kata.errors import KataError
 from kata.hypervisor.base import VMConfig
@@ -178,9 +179,10 @@ class TemplateStore:
         shutil.rmtree(work, ignore_errors=True)
         share = work / "share"
         share.mkdir(parents=True)
-        # Sockets go where every VM's do (beside the sandbox's run dir): a unix socket path has
-        # 108 bytes at most, and template_path may be long.
-        run_dir = config.run_dir.parent / f"template-{tdir.name}"
+        # Sockets go under the state root, as every VM's do (a unix socket path has 108 bytes at
+        # most, and template_path may be long), but not beside the sandboxes' run dirs, where a
+        # sandbox id could name this one.
+        run_dir = TEMPLATE_VM_ROOT / tdir.name
         virtio_fs = config.shared_fs is not None and config.shared_fs.kind == "virtio-fs"
         tconfig = dataclasses.replace(
             config, id=f"template-{tdir.name}", run_dir=run_dir,

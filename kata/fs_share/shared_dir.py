@@ -17,6 +17,7 @@ import os
 import stat
 from pathlib import Path
 
+from kata.core.paths import validate_id
 from kata.errors import KataError
 from kata.specconv import HostShare
 from kata.utils import mountapi
@@ -31,11 +32,19 @@ from kata.utils.mount import (
     mounts_under,
     unmount,
 )
-from kata.utils.safepath import UnsafePathError, components, make_mount_point, remove_tree
+from kata.utils.safepath import make_mount_point, remove_tree
 
 
 class ShareError(KataError):
     pass
+
+
+def check_source(share: HostShare) -> Path:
+    """The share's source, which must exist (as for runc's bind mounts)."""
+    source = Path(share.source)
+    if not source.exists():
+        raise ShareError(f"mount source {share.source} does not exist")
+    return source
 
 
 class SharedDir:
@@ -88,12 +97,9 @@ class SharedDir:
                 os.close(fd)
 
     def remove(self, container_id: str) -> None:
-        """Unmount and delete everything a container shared (its names all start with its id)."""
-        try:
-            components(container_id)
-        except UnsafePathError as exc:
-            raise ShareError(str(exc)) from None
-        top = self.mounts / container_id
+        """Unmount and delete everything a container shared (all of it under the directory named by
+        its id, see kata.specconv.plan_container)."""
+        top = self.mounts / validate_id(container_id)
         for point in mounts_under(str(top)):
             unmount(point)
         try:

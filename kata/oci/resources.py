@@ -15,7 +15,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from kata.errors import KataError
+from kata.errors import KataError, strerror
+from kata.utils.files import NotReadable, read_regular_file
 from kata.utils.signals import go_quote
 
 _log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ _UINT64 = (0, 2**64 - 1)
 _UINT16 = (0, 2**16 - 1)
 
 # Fields `runc update` applies, per LinuxResources section: (Go struct, {JSON field: (Go type, range)}).
-_FIELDS: dict[str, tuple[str, dict[str, tuple[str, tuple[int, int] | None]]]] = {
+UPDATE_FIELDS: dict[str, tuple[str, dict[str, tuple[str, tuple[int, int] | None]]]] = {
     "memory": ("LinuxMemory", {
         "limit": ("int64", _INT64), "reservation": ("int64", _INT64), "swap": ("int64", _INT64),
         "kernel": ("int64", _INT64), "kernelTCP": ("int64", _INT64),
@@ -121,7 +122,7 @@ def parse_resources_json(text: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ResourcesError(
             f"json: cannot unmarshal {_json_kind(data)} into Go value of type specs.LinuxResources")
-    for section, (struct, fields) in _FIELDS.items():
+    for section, (struct, fields) in UPDATE_FIELDS.items():
         values = data.get(section)
         if values is None:
             continue
@@ -211,11 +212,11 @@ def _parse_decimal(raw: str, opt: str, func: str, bounds: tuple[int, int]) -> in
 
 def _read_file(path: str) -> str:
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+        return read_regular_file(path).decode("utf-8")
     except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise ResourcesError(f"open {path}: {reason[:1].lower()}{reason[1:]}") from None
+        raise ResourcesError(f"open {path}: {strerror(exc)}") from None
+    except (NotReadable, UnicodeDecodeError) as exc:
+        raise ResourcesError(f"read {path}: {exc}") from None
 
 
 def _fits(value: Any, go_type: str, bounds: tuple[int, int] | None) -> bool:

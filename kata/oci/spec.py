@@ -8,6 +8,7 @@ because the shim shows the runtime's last error to the user verbatim.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,9 @@ from types import MappingProxyType
 from typing import Any
 
 from kata.errors import KataError
+from kata.oci import schema
+from kata.utils.files import NotReadable, read_regular_file
+from kata.utils.ids import shown
 
 CONFIG_FILENAME = "config.json"
 
@@ -171,7 +175,7 @@ def load_bundle(bundle: Path, *, require_process: bool = True) -> Bundle:
     """
     if not bundle.is_dir():
         raise OCIError(f"bundle {bundle} does not exist or is not a directory")
-    spec = _read_json_object(bundle / CONFIG_FILENAME, f"JSON specification file {CONFIG_FILENAME} not found")
+    spec = read_json_object(bundle / CONFIG_FILENAME, f"JSON specification file {CONFIG_FILENAME} not found")
     validate_spec(spec, require_process=require_process)
     loaded = Bundle(path=bundle.absolute(), spec=spec)
     root = loaded.root_path
@@ -184,37 +188,44 @@ def load_bundle(bundle: Path, *, require_process: bool = True) -> Bundle:
 
 def load_process(path: Path) -> dict[str, Any]:
     """Read a ``--process`` file (a bare runtime-spec process object, as docker exec writes)."""
-    proc = _read_json_object(path, f"process file {path} not found")
-    _validate_process(proc, "process")
+    proc = read_json_object(path, f"process file {path} not found")
+    validate_process(proc, "process")
     return proc
 
 
 def validate_spec(spec: Mapping[str, Any], *, require_process: bool = True) -> None:
-    """Check a parsed config.json without touching the filesystem."""
-    version = spec.get("ociVersion")
-    if not isinstance(version, str) or not version:
-        raise OCIError("ociVersion must be set")
+    """Check a parsed config.json without touching the filesystem: the JSON type of every field we
+    or the guest's crun read (kata.oci.schema), then what those values must mean."""
+    _check_version(spec.get("ociVersion"))
     proc = spec.get("process")
-    if proc is None:
-        if require_process:
-            raise OCIError("process property must not be empty")
-    else:
-        _validate_process(proc, "process")
+    if proc is None and require_process:
+        raise OCIError("process property must not be empty")
+    _raise(schema.problem(spec, schema.SPEC, ""))
+    if proc is not None:
+        _check_process(proc, "process")
     root = spec.get("root")
-    if not isinstance(root, dict) or not isinstance(root.get("path"), str) or not root["path"]:
+    if not isinstance(root, dict) or not root.get("path"):
         raise OCIError("root.path must be set")
-    _expect(root.get("readonly", False), bool, "root.readonly")
-    _expect(spec.get("hostname", ""), str, "hostname")
-    _validate_mounts(spec.get("mounts", []))
-    annotations = spec.get("annotations", {})
-    _expect(annotations, dict, "annotations")
-    for key, value in annotations.items():
-        _expect(value, str, f"annotations[{key}]")
-    _validate_hooks(spec.get("hooks", {}))
-    linux = spec.get("linux", {})
-    _expect(linux, dict, "linux")
-    _validate_namespaces(linux.get("namespaces", []))
-    linux_resources(spec)  # raises on ill-typed limits
+    _check_mounts(spec.get("mounts") or [])
+    _check_hooks(spec.get("hooks") or {})
+    linux = spec.get("linux") or {}
+    _check_namespaces(linux.get("namespaces") or [])
+    _check_resources(linux.get("resources") or {}, "linux.resources")
+    linux_resources(spec)
+
+
+def validate_resources(res: Any, where: str) -> None:
+    """Check an OCI LinuxResources object (config.json's, or new limits for a running container)."""
+    _raise(schema.problem(res, schema.SPEC["linux"]["resources"], where))
+    _check_resources(res or {}, where)
+
+
+def validate_process(proc: Any, where: str) -> None:
+    """Check an OCI process object (config.json's, a --process file, a shim Exec's spec)."""
+    if proc is None:
+        raise OCIError(f"{where} must be an object")
+    _raise(schema.problem(proc, schema.PROCESS, where))
+    _check_process(proc, where)
 
 
 def parse_process(proc: Mapping[str, Any]) -> Process:
@@ -260,82 +271,169 @@ def linux_resources(spec: Mapping[str, Any]) -> Resources:
     )
 
 
-def _read_json_object(path: Path, missing: str) -> dict[str, Any]:
+# The guest's kernel (Linux 6.1) and its rlimits and capabilities, by the names runc's Go code uses.
+GUEST_NAMESPACES = KNOWN_NAMESPACES - {"time"}  # built without CONFIG_TIME_NS
+CAPABILITIES = (
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
+    "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE", "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT",
+    "CAP_SYS_NICE", "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE",
+    "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN", "CAP_SYSLOG",
+    "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+)  # fmt: skip
+RLIMITS = frozenset({
+    "RLIMIT_AS", "RLIMIT_CORE", "RLIMIT_CPU", "RLIMIT_DATA", "RLIMIT_FSIZE", "RLIMIT_LOCKS", "RLIMIT_MEMLOCK",
+    "RLIMIT_MSGQUEUE", "RLIMIT_NICE", "RLIMIT_NOFILE", "RLIMIT_NPROC", "RLIMIT_RSS", "RLIMIT_RTPRIO",
+    "RLIMIT_RTTIME", "RLIMIT_SIGPENDING", "RLIMIT_STACK",
+})  # fmt: skip
+# A version this runtime reads: the runtime-spec's 1.x (runc spec writes "1.0.2-dev").
+_VERSION = re.compile(r"1\.[0-9]+\.[0-9]+(-[0-9A-Za-z.+-]+)?", re.ASCII)
+# A cpuset list as the kernel takes it: "0-3,5".
+_CPUSET = re.compile(r"[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*", re.ASCII)
+
+
+def read_json_object(path: Path, missing: str) -> dict[str, Any]:
+    """A JSON object from ``path`` (read bounded: kata.utils.files); every failure is an OCIError
+    naming the file, ``missing`` when there is none."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = read_regular_file(path)
     except FileNotFoundError:
         raise OCIError(missing) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise OCIError(f"{path.name}: cannot read: {e}") from None
+    except OSError as e:
+        raise OCIError(f"{path.name}: cannot read: {e.strerror}") from None
+    except NotReadable as e:
+        raise OCIError(f"{path.name}: {e}") from None
     try:
-        data = json.loads(text)
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise OCIError(f"{path.name}: invalid JSON: not UTF-8 at byte {e.start}") from None
     except json.JSONDecodeError as e:
         raise OCIError(f"{path.name}: invalid JSON: {e}") from None
+    except RecursionError:
+        raise OCIError(f"{path.name}: invalid JSON: nested too deeply") from None
     if not isinstance(data, dict):
-        raise OCIError(f"{path.name}: invalid JSON: expected an object, got {type(data).__name__}")
+        raise OCIError(f"{path.name}: invalid JSON: expected an object, got {_json_kind(data)}")
     return data
 
 
-def _validate_process(proc: Any, where: str) -> None:
-    _expect(proc, dict, where)
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", str: "a string", list: "an array"}.get(type(value), "a number")
+
+
+def _raise(problem: str | None) -> None:
+    if problem:
+        raise OCIError(problem)
+
+
+def _check_version(version: Any) -> None:
+    if not isinstance(version, str) or not version:
+        raise OCIError("ociVersion must be set")
+    if not _VERSION.fullmatch(version):
+        raise OCIError(f"ociVersion {shown(version)} is not a version this runtime reads (1.x.y)")
+
+
+def _no_nul(value: str, where: str) -> None:
+    # A NUL cannot reach exec(2) or a path: the guest's crun would fail on it after the VM booted.
+    if "\0" in value:
+        raise OCIError(f"{where} contains a NUL byte")
+
+
+def _check_process(proc: dict[str, Any], where: str) -> None:
+    """What a process's values must mean, its types checked (schema.PROCESS)."""
     args = proc.get("args")
-    if not isinstance(args, list) or not args:
+    if not args:
         raise OCIError(f"{where}.args must not be empty")
-    _expect_strs(args, f"{where}.args")
-    _expect_strs(proc.get("env", []), f"{where}.env")
+    for i, arg in enumerate(args):
+        _no_nul(arg, f"{where}.args[{i}]")
+    for entry in proc.get("env") or ():
+        _check_env(entry)
     cwd = proc.get("cwd", "/")
-    _expect(cwd, str, f"{where}.cwd")
-    if not cwd.startswith("/"):
+    if not isinstance(cwd, str) or not cwd.startswith("/"):
         raise OCIError(f"{where}.cwd must be an absolute path, got {cwd!r}")
-    _expect(proc.get("terminal", False), bool, f"{where}.terminal")
-    user = proc.get("user", {})
-    _expect(user, dict, f"{where}.user")
-    for key in ("uid", "gid"):
-        if key in user:
-            _opt_int(user[key], f"{where}.user.{key}")
-    for i, gid in enumerate(user.get("additionalGids") or ()):
-        _opt_int(gid, f"{where}.user.additionalGids[{i}]")
+    _no_nul(cwd, f"{where}.cwd")
+    for kind in schema.CAPABILITY_SETS:
+        for cap in (proc.get("capabilities") or {}).get(kind) or ():
+            if cap not in CAPABILITIES:
+                raise OCIError(f"unknown capability {shown(cap)!r}")  # crun refuses one; runc warns
+    for i, rl in enumerate(proc.get("rlimits") or ()):
+        if rl.get("type") not in RLIMITS:
+            raise OCIError(f"wrong rlimit value: {shown(str(rl.get('type')))}")  # runc's words
+        if (rl.get("soft") or 0) > (rl.get("hard") or 0):
+            raise OCIError(f"{where}.rlimits[{i}]: the soft limit {rl.get('soft')} is above the hard "
+                           f"limit {rl.get('hard') or 0}")
+    score = proc.get("oomScoreAdj")
+    if score is not None and not -1000 <= score <= 1000:
+        raise OCIError(f"{where}.oomScoreAdj must be from -1000 to 1000, got {score}")
 
 
-def _validate_mounts(mounts: Any) -> None:
-    _expect(mounts, list, "mounts")
+def _check_env(entry: str) -> None:
+    """runc's rules for an environment variable (libcontainer's populateProcessEnvironment)."""
+    name, eq, _ = entry.partition("=")
+    if not eq:
+        raise OCIError(f"invalid environment variable {shown(entry)!r}: missing '='")
+    if not name:
+        raise OCIError("invalid environment variable: name cannot be empty")
+    _no_nul(entry, f"environment variable {shown(name)!r}")
+
+
+def _check_mounts(mounts: list[dict[str, Any]]) -> None:
     for i, m in enumerate(mounts):
-        _expect(m, dict, f"mounts[{i}]")
         dest = m.get("destination")
-        if not isinstance(dest, str) or not dest:
+        if not dest:
             raise OCIError(f"mounts[{i}]: destination must not be empty")
-        _expect(m.get("type", ""), str, f"mounts[{i}].type")
-        _expect(m.get("source", ""), str, f"mounts[{i}].source")
-        _expect_strs(m.get("options", []), f"mounts[{i}].options")
+        if not dest.startswith("/"):
+            raise OCIError(f"mounts[{i}]: destination must be an absolute path, got {dest!r}")
+        for key in ("destination", "source", "type"):
+            _no_nul(m.get(key) or "", f"mounts[{i}].{key}")
 
 
-def _validate_namespaces(namespaces: Any) -> None:
-    _expect(namespaces, list, "linux.namespaces")
+def _check_namespaces(namespaces: list[dict[str, Any]]) -> None:
     seen: set[str] = set()
     for i, ns in enumerate(namespaces):
-        _expect(ns, dict, f"linux.namespaces[{i}]")
         kind = ns.get("type")
         if kind not in KNOWN_NAMESPACES:
             raise OCIError(f"unknown namespace type {kind!r}")
+        if kind not in GUEST_NAMESPACES:
+            raise OCIError(f"namespace {kind} is not supported: the guest kernel has none")
         if kind in seen:
             raise OCIError(f"duplicate namespace {kind}")
         seen.add(kind)
-        _expect(ns.get("path", ""), str, f"linux.namespaces[{i}].path")
+        path = ns.get("path") or ""
+        if path and not path.startswith("/"):
+            raise OCIError(f"linux.namespaces[{i}].path must be an absolute path, got {path!r}")
+        _no_nul(path, f"linux.namespaces[{i}].path")
 
 
-def _validate_hooks(hooks: Any) -> None:
-    _expect(hooks, dict, "hooks")
+def _check_hooks(hooks: dict[str, Any]) -> None:
     for kind in HOOK_KINDS:
-        entries = hooks.get(kind, [])
-        _expect(entries, list, f"hooks.{kind}")
-        for i, h in enumerate(entries):
-            _expect(h, dict, f"hooks.{kind}[{i}]")
-            if not isinstance(h.get("path"), str) or not h["path"]:
+        for i, h in enumerate(hooks.get(kind) or ()):
+            path = h.get("path")
+            if not path:
                 raise OCIError(f"hooks.{kind}[{i}]: path must not be empty")
-            _expect_strs(h.get("args", []), f"hooks.{kind}[{i}].args")
-            _expect_strs(h.get("env", []), f"hooks.{kind}[{i}].env")
-            if "timeout" in h:
-                _opt_int(h["timeout"], f"hooks.{kind}[{i}].timeout")
+            if not path.startswith("/"):
+                raise OCIError(f"hooks.{kind}[{i}]: path must be an absolute path, got {path!r}")
+            _no_nul(path, f"hooks.{kind}[{i}].path")
+            if h.get("timeout") is not None and h["timeout"] <= 0:
+                raise OCIError(f"hooks.{kind}[{i}].timeout must be positive, got {h['timeout']}")
+
+
+def _check_resources(res: dict[str, Any], where: str) -> None:
+    """Values the types allow but the kernel's cgroups refuse: a negative size other than -1
+    ("unlimited"), a cpuset that is no list of CPUs."""
+    for section, key in (("memory", "limit"), ("memory", "reservation"), ("memory", "swap"),
+                         ("cpu", "quota"), ("pids", "limit")):
+        value = (res.get(section) or {}).get(key)
+        if value is not None and value < -1:
+            raise OCIError(f"{where}.{section}.{key} must be -1 (unlimited) or more, got {value}")
+    for key in ("cpus", "mems"):
+        value = (res.get("cpu") or {}).get(key)
+        if value and not _CPUSET.fullmatch(value):
+            raise OCIError(f"{where}.cpu.{key}: {shown(value)!r} is not a list of numbers "
+                           "and ranges (e.g. 0-3,5)")
 
 
 def _mount(m: Mapping[str, Any]) -> Mount:
@@ -353,13 +451,6 @@ _JSON_NAMES = {dict: "an object", list: "an array", str: "a string", bool: "a bo
 def _expect(value: Any, kind: type, where: str) -> None:
     if not isinstance(value, kind):
         raise OCIError(f"{where} must be {_JSON_NAMES.get(kind, kind.__name__)}")
-
-
-def _expect_strs(value: Any, where: str) -> None:
-    _expect(value, list, where)
-    for item in value:
-        if not isinstance(item, str):
-            raise OCIError(f"{where} must be an array of strings")
 
 
 def _opt_int(value: Any, where: str) -> int | None:

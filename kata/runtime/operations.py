@@ -12,13 +12,14 @@ import json
 import logging
 import os
 import signal
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kata.core.paths import SandboxPaths
-from kata.errors import KataError
+from kata.core.paths import SandboxPaths, validate_sandbox_id
+from kata.errors import KataError, strerror
 from kata.hypervisor.daemon import ProcessId, signal_process, wait_exit
 from kata.runtime.records import ContainerRecord, ContainerStore, now_rfc3339
 
@@ -42,7 +43,7 @@ class StateError(KataError):
 
 
 def proxy_socket(cid: str) -> Path:
-    return SandboxPaths(cid).vm_dir / "agent-proxy.sock"
+    return SandboxPaths(cid).agent_proxy_socket
 
 
 def _proxy_client(rec: ContainerRecord) -> ttrpc.Client:
@@ -106,16 +107,12 @@ def _hooks(spec: dict[str, Any], kind: str, rec: ContainerRecord, status: str, f
 
 def _host_network(bundle: Bundle) -> bool:
     """No network namespace, or the one we run in (Docker's --net=host names its own by path)."""
+    from kata.utils import netns
+
     ns = next((n for n in bundle.namespaces if n.type == "network"), None)
     if ns is None:
         return True
-    if not ns.path:
-        return False
-    try:
-        theirs, ours = os.stat(ns.path), os.stat("/proc/self/ns/net")
-    except OSError as exc:
-        raise KataError(f"network namespace {ns.path}: {exc.strerror}") from exc
-    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+    return ns.path is not None and netns.is_ours(ns.path)
 
 
 def _enter_network_namespace(bundle: Bundle, pin_at: Path) -> tuple[str, bool]:
@@ -136,29 +133,55 @@ def _enter_network_namespace(bundle: Bundle, pin_at: Path) -> tuple[str, bool]:
 
 
 # ---- create ---------------------------------------------------------------------------------
+def _check_before_boot(cid: str, bundle: Bundle, cfg: RuntimeConfig) -> None:
+    """Whatever in the bundle would fail the container, found before anything is made for it:
+    what the guest cannot be given, the VM's sizing, the network it would need."""
+    from kata.core.container import check_container
+    from kata.core.sandbox import size_vm
+
+    check_container(bundle, cid)
+    size_vm(cfg, bundle.spec)
+    if _host_network(bundle):
+        # Kata's documented limitation: the host's interfaces cannot be mirrored into a VM.
+        raise KataError("host networking is not supported: the container runs in a VM, which cannot "
+                        "share the host's network namespace")
+
+
+def check_console(terminal: bool, console_socket: str | None, foreground: bool) -> None:
+    """runc's rules for a terminal (its checkTerminal), before anything is started. The socket must
+    be there (runc dials it first), but we do not connect: its listener takes one connection, the
+    one that hands it the pty."""
+    if terminal and not console_socket and not foreground:
+        raise KataError("cannot allocate tty if runc will detach without setting console socket")
+    if console_socket and (foreground or not terminal):
+        raise KataError("cannot use console socket if runc will not detach or allocate tty")
+    if console_socket:
+        try:
+            mode = os.stat(console_socket).st_mode
+        except OSError as exc:
+            raise KataError(f"dial unix {console_socket}: connect: {strerror(exc)}") from None
+        if not stat.S_ISSOCK(mode):
+            raise KataError(f"dial unix {console_socket}: connect: connection refused")
+
+
 def create(store: ContainerStore, cid: str, bundle_dir: Path, *, config_path: Path | None,
            console_socket: str | None, debug: bool, foreground: bool = False) -> tuple[ContainerRecord,
                                                                                        subprocess.Popen[bytes]]:
     """Bring up the VM and the container in it, in runc's "created" state, with its monitor."""
     from kata.config import apply_annotations, load_config
     from kata.core.container import Container
-    from kata.core.paths import validate_id
     from kata.core.sandbox import Sandbox
     from kata.core.timings import Timings
     from kata.oci.spec import load_bundle
     from kata.runtime import monitor_proc
 
     timings = Timings()
-    validate_id(cid)
+    validate_sandbox_id(cid)  # the container is a sandbox of its own, named alike
     bundle = load_bundle(bundle_dir.resolve())
     cfg = apply_annotations(load_config(config_path), bundle.annotations)
     terminal = bool(bundle.spec.get("process", {}).get("terminal", False))
-    if terminal and not console_socket and not foreground:
-        raise KataError("cannot allocate tty if runc will detach without setting console socket")
-    if _host_network(bundle):
-        # Kata's documented limitation: the host's interfaces cannot be mirrored into a VM.
-        raise KataError("host networking is not supported: the container runs in a VM, which cannot "
-                        "share the host's network namespace")
+    _check_before_boot(cid, bundle, cfg)
+    check_console(terminal, console_socket, foreground)
     store.reserve(cid)
     rec = ContainerRecord(id=cid, bundle=str(bundle.path), rootfs=str(bundle.root_path),
                           created=now_rfc3339(),
@@ -275,9 +298,11 @@ def resume(store: ContainerStore, cid: str) -> None:
 
 # ---- delete ---------------------------------------------------------------------------------
 def delete(store: ContainerStore, cid: str, force: bool) -> None:
-    """runc's rules: a running or paused container needs --force; --force of an unknown id is fine."""
+    """runc's rules: a running or paused container needs --force; --force of an unknown id is fine.
+    An invalid id is an error before anything is looked at: --force tears down what an id names."""
     from kata.runtime.records import ContainerNotFound
 
+    validate_sandbox_id(cid)
     try:
         with store.locked(cid) as rec:
             status = rec.current_status()
@@ -286,6 +311,9 @@ def delete(store: ContainerStore, cid: str, force: bool) -> None:
             _destroy(rec)
             store.remove(cid)
     except ContainerNotFound:
+        # As runc: a directory without a record (a create killed before its first save) goes, or
+        # the id could never be used again.
+        store.remove(cid)
         if not force:
             raise
         _destroy_leftovers(cid)
@@ -316,11 +344,14 @@ def _destroy(rec: ContainerRecord) -> None:
 
 
 def _spec_or_empty(rec: ContainerRecord) -> dict[str, Any]:
-    """The config.json create validated, for its hooks; read again as is (it was checked then)."""
+    """The config.json create validated, for its hooks; read again as is (it was checked then), but
+    bounded: it may have been replaced by anything since. Not through kata.oci.spec, whose import
+    `start` and `delete` (Docker's hot path) would pay for."""
+    from kata.utils.files import read_regular_file
+
     try:
-        with open(Path(rec.bundle) / "config.json") as f:
-            spec = json.load(f)
-    except (OSError, ValueError):
+        spec = json.loads(read_regular_file(Path(rec.bundle) / "config.json"))
+    except (OSError, ValueError, RecursionError):
         return {}  # the bundle may be gone by now (the caller removed it): no hooks to run then
     return spec if isinstance(spec, dict) else {}
 
@@ -364,8 +395,7 @@ def exec_process(store: ContainerStore, cid: str, process: dict[str, Any], *, co
             raise StateError("cannot exec in a stopped container" if status == "stopped"
                              else f"cannot exec in a {status} container")
         terminal = bool(process.get("terminal"))
-        if terminal and not console_socket and not foreground:
-            raise KataError("cannot allocate tty if runc will detach without setting console socket")
+        check_console(terminal, console_socket, foreground)
     except BaseException:
         monitor.cancel()
         raise

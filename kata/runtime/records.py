@@ -9,14 +9,17 @@ import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import UTC, datetime
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin, get_type_hints
 
+from kata.core.paths import validate_id
 from kata.core.store import read_json, write_json
-from kata.errors import KataError
+from kata.errors import KataError, strerror
 from kata.hypervisor.daemon import ProcessId
+from kata.utils.ids import shown
 
 DEFAULT_ROOT = Path("/run/kata-runtime")
 
@@ -83,34 +86,82 @@ class ContainerRecord:
                 "annotations": self.annotations}
 
 
+@cache
+def _field_types() -> dict[str, Any]:
+    return get_type_hints(ContainerRecord)
+
+
+def _conforms(value: Any, tp: Any) -> bool:
+    """Whether JSON-decoded ``value`` has type ``tp`` (str, int, bool, list[...], dict[str, ...])."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is list:
+        return isinstance(value, list) and all(_conforms(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_conforms(k, args[0]) and _conforms(v, args[1])
+                                               for k, v in value.items())
+    if tp is int:  # a JSON true is no pid
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def record_from(cid: str, data: dict[str, Any]) -> ContainerRecord:
+    """The record in ``data``, read from ``cid``'s directory; ValueError when it is not one we wrote
+    there: every later step acts on its pids, hooks and paths, so a record planted in (or copied to)
+    the directory of another id, or of the wrong shape, is not trusted."""
+    if data.get("id") != cid:
+        raise ValueError(f"the record names container {shown(str(data.get('id')))}")
+    known = _field_types()
+    for name, value in data.items():
+        if name not in known:
+            raise ValueError(f"unknown field {shown(name)}")
+        if not _conforms(value, known[name]):
+            raise ValueError(f"field {name} has the wrong type")
+    missing = [f.name for f in fields(ContainerRecord)
+               if f.name not in data and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise ValueError(f"field {missing[0]} is missing")
+    if any(len(v) != 2 for v in data.get("execs", {}).values()):
+        raise ValueError("field execs has the wrong shape")
+    return ContainerRecord(**data)
+
+
 class ContainerStore:
     def __init__(self, root: Path) -> None:
         self.root = root
 
     def dir(self, cid: str) -> Path:
-        return self.root / cid
+        """The container's directory under the root; the id is checked here, so that no path is
+        built from an unchecked one (``../x`` would name a directory outside the root)."""
+        return self.root / validate_id(cid)
 
     def _file(self, cid: str) -> Path:
         return self.dir(cid) / "state.json"
 
     def reserve(self, cid: str) -> None:
         """Claim the id: fails if a container (even a half-created one) has it."""
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        target = self.dir(cid)  # an invalid id fails before the root is made
         try:
-            self.dir(cid).mkdir(mode=0o700)
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            target.mkdir(mode=0o700)
         except FileExistsError:
+            if not self.root.is_dir():
+                raise KataError(f"mkdir {self.root}: not a directory") from None
             raise ContainerExists(cid) from None
+        except OSError as exc:
+            raise KataError(f"mkdir {target}: {strerror(exc)}") from None
 
     def save(self, rec: ContainerRecord) -> None:
         write_json(self._file(rec.id), asdict(rec))
 
     def load(self, cid: str) -> ContainerRecord:
+        path = self._file(cid)  # an invalid id fails here, as itself
         try:
-            data = read_json(self._file(cid))
-            return ContainerRecord(**data)
-        except FileNotFoundError:
+            return record_from(cid, read_json(path))
+        except (FileNotFoundError, NotADirectoryError):  # NotADirectory: --root is a file
             raise ContainerNotFound(cid) from None
-        except (OSError, ValueError, TypeError) as exc:
+        except OSError as exc:
+            raise KataError(f"container {cid}: unreadable state: {strerror(exc)}") from exc
+        except (ValueError, TypeError) as exc:
             raise KataError(f"container {cid}: unreadable state: {exc}") from exc
 
     @contextmanager
@@ -119,7 +170,7 @@ class ContainerStore:
         itself, so that a delete that removed it makes a waiting command see "does not exist"."""
         try:
             fd = os.open(self.dir(cid), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise ContainerNotFound(cid) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)

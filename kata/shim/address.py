@@ -14,6 +14,8 @@ from pathlib import Path
 
 from kata.errors import KataError
 from kata.oci.cri_annotations import CONTAINER_TYPE, SANDBOX_ID
+from kata.utils.files import read_regular_file
+from kata.utils.ids import id_problem
 
 SOCKET_DIR = Path("/run/containerd/s")
 
@@ -30,13 +32,18 @@ def as_address(path: Path) -> str:
 def group_of(bundle: Path, task_id: str) -> str:
     """The pod a task belongs to: its sandbox for a CRI container, else the task itself."""
     try:
-        with open(bundle / "config.json") as f:
-            spec = json.load(f)
-    except (OSError, ValueError) as exc:
+        spec = json.loads(read_regular_file(bundle / "config.json"))
+    except (OSError, ValueError, RecursionError) as exc:
         raise KataError(f"{bundle / 'config.json'}: {exc}") from exc
     annotations = spec.get("annotations") or {} if isinstance(spec, dict) else {}
-    if annotations.get(CONTAINER_TYPE) == "container" and annotations.get(SANDBOX_ID):
-        return str(annotations[SANDBOX_ID])
+    if not isinstance(annotations, dict):
+        raise KataError(f"{bundle / 'config.json'}: annotations must be an object")
+    sandbox_id = annotations.get(CONTAINER_TYPE) == "container" and annotations.get(SANDBOX_ID)
+    if sandbox_id:
+        problem = id_problem(sandbox_id) if isinstance(sandbox_id, str) else "must be a string"
+        if problem:
+            raise KataError(f"annotation {SANDBOX_ID}: {problem}")
+        return str(sandbox_id)
     return task_id
 
 

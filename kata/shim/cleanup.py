@@ -11,16 +11,16 @@ import time
 
 from kata.errors import KataError
 from kata.shim import address, rootfs
-from kata.shim.main import bundle_of
+from kata.shim.main import bundle_of, check_ids
 
 
 def run(args: argparse.Namespace) -> int:
-    from kata.core.paths import SandboxPaths
+    from kata.core.paths import SandboxPaths, max_sandbox_id_length
 
-    if not args.id:
-        raise KataError("delete needs -id")
+    check_ids(args)  # nothing is torn down in the name of an invalid id
     bundle = bundle_of(args)
-    if SandboxPaths(args.id).state_dir.exists():
+    # Only the pod's sandbox task has a VM (named after it); a longer id cannot be a sandbox's.
+    if len(args.id) <= max_sandbox_id_length() and SandboxPaths(args.id).state_dir.exists():
         from kata.config import load_config
         from kata.core.sandbox import Sandbox
 

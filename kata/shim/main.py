@@ -16,13 +16,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kata import __version__
-from kata.errors import KataError
+from kata.errors import KataError, one_line
+from kata.utils.usage import Parser
 
 NAME = "containerd-shim-kata-v2"
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=NAME, add_help=True)
+    p = Parser(prog=NAME, add_help=True)
     # Go's flag package: one dash or two, "-flag value" or "-flag=value".
     for flag in ("namespace", "address", "publish-binary", "id", "bundle", "socket"):
         p.add_argument(f"-{flag}", f"--{flag}", dest=flag.replace("-", "_"), default="")
@@ -33,8 +34,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parser().parse_args(argv)
     try:
+        args = parser().parse_args(argv)
         if args.v:
             print(f"{NAME}:\n  Version: {__version__}\n  Runtime: kata-containers-py (one VM per pod)")
             code = 0
@@ -51,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             raise KataError("an action is required: start or delete (containerd runs the shim)")
     except KataError as exc:
-        print(f"{NAME}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        print(f"{NAME}: {one_line(str(exc)) or type(exc).__name__}", file=sys.stderr)
         code = 1
     sys.stdout.flush()
     sys.exit(code)
@@ -66,6 +67,20 @@ def _info() -> int:
     info = {"name": NAME, "version": {"version": __version__}, "features": features()}
     print(json.dumps(info, indent=2))
     return 0
+
+
+def check_ids(args: argparse.Namespace) -> None:
+    """start and delete name a task (-id) in a namespace (-namespace): both are checked before
+    anything is built from them, or done in their name."""
+    from kata.core.paths import validate_id
+
+    if not args.id or not args.namespace:
+        raise KataError(f"{args.action} needs -id and -namespace")
+    validate_id(args.id)
+    try:
+        validate_id(args.namespace)  # containerd's namespaces follow a stricter rule than ids'
+    except KataError as exc:
+        raise KataError(f"namespace: {exc}") from None
 
 
 def bundle_of(args: argparse.Namespace) -> Path:

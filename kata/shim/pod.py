@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from kata import ttrpc
 from kata.agent.lite import LiteAgent
+from kata.core.paths import validate_sandbox_id
 from kata.errors import KataError
 from kata.shim import events, rootfs
 from kata.shim.process import CREATED, PAUSED, RUNNING, STOPPED, VM_GONE_STATUS, Process
@@ -28,6 +28,7 @@ from kata.specconv import container_growth, pod_resources, pod_role
 
 if TYPE_CHECKING:
     from kata.agent.client import AgentClient
+    from kata.config import RuntimeConfig
     from kata.core.container import Container
     from kata.core.sandbox import Sandbox
     from kata.core.timings import Timings
@@ -133,6 +134,10 @@ class Pod:
         with self.lock:
             if params.id in self.tasks:
                 raise ShimError(ttrpc.Code.ALREADY_EXISTS, f"task {params.id}: already exists")
+            if self.sandbox is None:
+                # The pod's first task brings its VM up, named after it: an id too long for the
+                # VM's socket paths fails here, before anything is mounted.
+                validate_sandbox_id(params.id)
             mounted = rootfs.mount_rootfs(params.rootfs, params.bundle) is not None
             brought_up = False
             try:
@@ -140,13 +145,14 @@ class Pod:
                 role = pod_role(bundle.annotations, params.id)
                 task = Task(params.id, params.bundle,
                             Process(params.id, "", params.stdio, self.namespace), rootfs_mounted=mounted)
-                if role.is_sandbox:
-                    if self.sandbox is not None:
-                        raise precondition(f"this shim already runs pod {self.sandbox_id}")
-                    brought_up = True
-                    self._bring_up(params, bundle, timings)
-                elif role.sandbox_id != self.sandbox_id or self.sandbox is None:
+                if role.is_sandbox and self.sandbox is not None:
+                    raise precondition(f"this shim already runs pod {self.sandbox_id}")
+                if not role.is_sandbox and (role.sandbox_id != self.sandbox_id or self.sandbox is None):
                     raise precondition(f"container {params.id}: pod {role.sandbox_id} is not in this shim")
+                cfg = self._check_before_boot(params, bundle, role.is_sandbox)
+                if cfg is not None:
+                    brought_up = True
+                    self._bring_up(params, bundle, cfg, timings)
                 else:
                     self._grow_for(bundle.spec)
                 task.container = self._create_container(task, bundle)
@@ -164,11 +170,25 @@ class Pod:
         self._publish(events.TASK_CREATE, _task_create(params, self.pid))
         return self.pid
 
-    def _bring_up(self, params: CreateParams, bundle: Any, timings: Timings) -> None:
+    @staticmethod
+    def _check_before_boot(params: CreateParams, bundle: Any, is_sandbox: bool) -> RuntimeConfig | None:
+        """Whatever in the task would fail it, found before a VM is booted or grown for it: what the
+        guest cannot be given; for the pod's sandbox, its configuration (annotations included) and
+        the VM's sizing, which is returned."""
         from kata.config import apply_annotations, load_config
+        from kata.core.container import check_container
+        from kata.core.sandbox import size_vm
+
+        check_container(bundle, params.id)
+        if not is_sandbox:
+            return None
+        cfg = apply_annotations(load_config(params.config_path), bundle.annotations)
+        size_vm(cfg, bundle.spec)
+        return cfg
+
+    def _bring_up(self, params: CreateParams, bundle: Any, cfg: RuntimeConfig, timings: Timings) -> None:
         from kata.core.sandbox import Sandbox
 
-        cfg = apply_annotations(load_config(params.config_path), bundle.annotations)
         netns_path = _enter_network_namespace(bundle)
         timings.mark("config_loaded")
         self.sandbox = Sandbox.create(params.id, cfg, bundle.spec, timings=timings)
@@ -463,7 +483,7 @@ def _enter_network_namespace(bundle: Any) -> str:
         raise KataError("host networking is not supported: the pod runs in a VM, which cannot share "
                         "the host's network namespace")
     if ns.path:
-        if os.stat(ns.path)[1:3] == os.stat("/proc/self/ns/net")[1:3]:
+        if netns.is_ours(ns.path):
             raise KataError("host networking is not supported: the pod runs in a VM")
         netns.enter(ns.path)
         return str(ns.path)

@@ -17,7 +17,9 @@ from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
 
 from kata import __version__, ttrpc
-from kata.errors import KataError
+from kata.core.paths import InvalidIdError, validate_id
+from kata.errors import KataError, one_line
+from kata.oci.spec import OCIError, validate_process, validate_resources
 from kata.protocols.containerd.api.types.task import task_pb2 as types
 from kata.protocols.containerd.runtime.v2.task import shim_pb2 as pb
 from kata.shim import events
@@ -41,6 +43,15 @@ def _json_any(any_msg: Any, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ShimError(ttrpc.Code.INVALID_ARGUMENT, f"{what}: not a JSON object")
     return value
+
+
+def _checked(validate: Callable[[Any, str], None], value: Any, what: str) -> None:
+    """An OCI structure from containerd (an exec's process, new resources) checked as the spec's
+    are, before the guest gets it: a bad one is the caller's error."""
+    try:
+        validate(value, what)
+    except OCIError as exc:
+        raise ShimError(ttrpc.Code.INVALID_ARGUMENT, str(exc)) from None
 
 
 def config_path_of(options: Any) -> Path | None:
@@ -85,19 +96,23 @@ class TaskService:
 
     @staticmethod
     def _guard(fn: Callable[[Any], Message], req: Any) -> Message:
-        """Failures become ttrpc statuses containerd understands (NotFound, FailedPrecondition...)."""
+        """Failures become ttrpc statuses containerd understands (NotFound, FailedPrecondition...),
+        each one line."""
         try:
+            _check_ids(req)
             return fn(req)
         except ShimError as exc:
-            raise ttrpc.TTRPCError(exc.code, str(exc)) from None
+            raise ttrpc.TTRPCError(exc.code, one_line(str(exc))) from None
         except ttrpc.TTRPCError as exc:
-            raise ttrpc.TTRPCError(exc.code, str(exc)) from None
+            raise ttrpc.TTRPCError(exc.code, one_line(str(exc))) from None
+        except InvalidIdError as exc:
+            raise ttrpc.TTRPCError(ttrpc.Code.INVALID_ARGUMENT, one_line(str(exc))) from None
         except KataError as exc:
             log.warning(f"{fn.__name__}: {exc}")
-            raise ttrpc.TTRPCError(ttrpc.Code.UNKNOWN, str(exc)) from None
+            raise ttrpc.TTRPCError(ttrpc.Code.UNKNOWN, one_line(str(exc))) from None
         except Exception as exc:
             log.exception(f"{fn.__name__} failed")
-            raise ttrpc.TTRPCError(ttrpc.Code.INTERNAL, f"{type(exc).__name__}: {exc}") from None
+            raise ttrpc.TTRPCError(ttrpc.Code.INTERNAL, one_line(f"{type(exc).__name__}: {exc}")) from None
 
     # ---- RPCs ----------------------------------------------------------------------------------
     def state(self, req: pb.StateRequest) -> pb.StateResponse:
@@ -155,6 +170,7 @@ class TaskService:
 
     def exec(self, req: pb.ExecProcessRequest) -> Empty:
         process = _json_any(req.spec, "exec process")
+        _checked(validate_process, process, "exec process")
         stdio = StdioPaths(req.stdin, req.stdout, req.stderr, req.terminal)
         self.pod.exec(req.id, req.exec_id, stdio, json.dumps(process).encode())
         return Empty()
@@ -169,7 +185,9 @@ class TaskService:
         return Empty()
 
     def update(self, req: pb.UpdateTaskRequest) -> Empty:
-        self.pod.update(req.id, _json_any(req.resources, "resources"))
+        resources = _json_any(req.resources, "resources")
+        _checked(validate_resources, resources, "resources")
+        self.pod.update(req.id, resources)
         return Empty()
 
     def wait(self, req: pb.WaitRequest) -> pb.WaitResponse:
@@ -190,6 +208,17 @@ class TaskService:
             # After this answer has gone out: the caller waits for it.
             threading.Thread(target=self.on_shutdown, daemon=True).start()
         return Empty()
+
+
+def _check_ids(req: Any) -> None:
+    """A request's task id, and its exec id when it names one (empty means the task's init), are
+    checked before anything is looked up or built from them: exec ids come from users (`ctr task
+    exec --exec-id`), and task ids name the pod's directories."""
+    fields = req.DESCRIPTOR.fields_by_name
+    if "id" in fields:
+        validate_id(req.id)
+    if "exec_id" in fields and req.exec_id:
+        validate_id(req.exec_id)
 
 
 def _set_time(ts: Any, proc: Process) -> None:

@@ -16,12 +16,11 @@ from typing import NoReturn
 
 from kata.errors import KataError
 from kata.shim import address
-from kata.shim.main import bundle_of
+from kata.shim.main import bundle_of, check_ids
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.id or not args.namespace:
-        raise KataError("start needs -id and -namespace")
+    check_ids(args)
     bundle = bundle_of(args)
     group = address.group_of(bundle, args.id)
     path = address.socket_path(args.address, args.namespace, group)
@@ -37,6 +36,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _start_shim(args: argparse.Namespace, bundle: Path, path: Path) -> str:
+    # Read before the socket is made: bad options leave nothing behind.
+    config = _config_from_options()
+    if config:
+        os.environ["KATA_CONF_FILE"] = config
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
     try:
         path.unlink()  # a shim that died left its socket: nothing listens on it (checked above)
@@ -47,9 +50,6 @@ def _start_shim(args: argparse.Namespace, bundle: Path, path: Path) -> str:
         listener.bind(str(path))
         os.chmod(path, 0o600)
         listener.listen(128)
-        config = _config_from_options()
-        if config:
-            os.environ["KATA_CONF_FILE"] = config
         pid = os.fork()
     except BaseException:
         listener.close()

@@ -21,6 +21,18 @@ class NetnsError(KataError):
     pass
 
 
+def is_ours(path: str) -> bool:
+    """Whether ``path`` is the network namespace we run in (how Docker's --net=host names the
+    host's). NetnsError when it names no namespace at all: found before anything tries to join it."""
+    try:
+        theirs, ours = os.stat(path), os.stat("/proc/self/ns/net")
+    except OSError as exc:
+        raise NetnsError(f"network namespace {path}: {exc.strerror}") from exc
+    if theirs.st_dev != ours.st_dev:  # every namespace file is on nsfs
+        raise NetnsError(f"network namespace {path}: not a namespace")
+    return theirs.st_ino == ours.st_ino
+
+
 def enter(path: str) -> None:
     """Join the network namespace at ``path`` (a /proc/PID/ns/net or a bind-mounted netns)."""
     try:

@@ -152,7 +152,7 @@ def test_guest_that_never_answers(tmp_path: Path, cid: str) -> None:
     bundle = make_busybox_bundle(tmp_path / "b", ["true"])
     # busybox as PID 1 instead of the agent: the VM runs, nothing ever answers on the agent channel.
     # Its own template store: the template for this shape can never be made, and the failed attempt must
-    # not leave a directory in the host's /run/vc/vm/template on every run.
+    # not leave a directory in the host's /run/vc/templates on every run.
     conf = config_with(tmp_path, {"hypervisor.qemu": {"kernel_params": "init=/bin/busybox",
                                                       "boot_timeout": 10.0},
                                   "factory": {"template_path": str(tmp_path / "templates")}})

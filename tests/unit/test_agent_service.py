@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import socket
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -82,6 +84,48 @@ def test_bad_spec_is_invalid_argument(agent: tuple[AgentClient, Sandbox]) -> Non
     with pytest.raises(AgentError) as err:
         client.create_container(container_id="c1", oci_spec_json=b"{not json")
     assert err.value.code == ttrpc.Code.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("bad", ["", "..", "../c1", "a/b", "caf\u00e9", "x" * 129])
+def test_ids_the_guest_builds_paths_from_are_checked(agent: tuple[AgentClient, Sandbox], bad: str) -> None:
+    """The bundle is run_dir/<container id>, an exec's files exec-<exec id>.json/.pid in it."""
+    client, sandbox = agent
+    _, fds = _fake_process(sandbox)
+    spec = b'{"process": {"args": ["true"]}}'
+    for call in (lambda: client.create_container(container_id=bad, oci_spec_json=spec),
+                 lambda: client.exec_process(container_id="c1", exec_id=bad, oci_process_json=spec)):
+        with pytest.raises(AgentError) as err:
+            call()
+        assert err.value.code == ttrpc.Code.INVALID_ARGUMENT and "id" in str(err.value)
+    assert list(sandbox.containers) == ["c1"] and os.listdir(sandbox.run_dir) == []
+    for fd in fds:
+        os.close(fd)
+
+
+def test_the_guest_image_has_every_module_its_code_imports() -> None:
+    """The guest image carries RootfsSpec.guest_code only: a kata module the guest's code imports
+    beyond it (say a new shared helper), even inside a function, would fail the agent in the VM, far
+    from the change that caused it. Every import of every shipped file is read, as the AST has it."""
+    from kata.osbuilder.rootfs import RootfsSpec, guest_code_files
+
+    root = Path(__file__).resolve().parents[2]
+    shipped = {rel for rel, _ in guest_code_files(RootfsSpec(), root)}
+
+    def module_file(name: str) -> str | None:
+        rel = name.replace(".", "/")
+        return next((f for f in (f"{rel}.py", f"{rel}/__init__.py") if (root / f).exists()), None)
+
+    for rel in sorted(shipped):
+        for node in ast.walk(ast.parse((root / rel).read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            else:
+                continue
+            for name in names:
+                found = module_file(name) if name.split(".")[0] == "kata" else None
+                assert found is None or found in shipped, f"{rel} imports {name}, which the image lacks"
 
 
 def test_crun_failure_is_internal_and_cleans_up(agent: tuple[AgentClient, Sandbox]) -> None:

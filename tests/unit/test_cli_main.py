@@ -1,10 +1,13 @@
-"""The command line loads only the module of the verb it runs, and still parses every verb alike."""
+"""The command line loads only the module of the verb it runs, and still parses every verb alike;
+refused command lines and invalid ids are one line each."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from kata.cli.main import _MODULE_OF, _VERB_MODULES, _verb_modules, build_parser
+from kata.cli.main import _MODULE_OF, _VERB_MODULES, _verb_modules, build_parser, main
 
 
 @pytest.mark.parametrize("argv,modules", [
@@ -26,3 +29,31 @@ def test_every_verb_parses_with_its_module_alone() -> None:
     for verb in _MODULE_OF:
         alone = build_parser([verb])
         assert verb in alone._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["state"], '"state" requires exactly 1 argument(s)'),
+    (["kill"], '"kill" requires a minimum of 1 argument(s)'),
+    (["--bogus", "state", "c1"], "flag provided but not defined: --bogus"),
+    (["delete", "--bogus", "c1"], "flag provided but not defined: --bogus"),
+    (["bogus"], "No help topic for 'bogus'"),
+])
+def test_a_refused_command_line_is_one_line_in_runcs_words(argv: list[str], message: str,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--root", "/nonexistent/kata-root", *argv]) == 1
+    out, err = capsys.readouterr()
+    assert (out, err) == ("", f"kata-runtime: {message}\n")
+
+
+# Every verb that names a container (list names none).
+_ID_VERBS = sorted({v for v, m in _MODULE_OF.items() if m in ("lifecycle", "inspect")} - {"list"}
+                   | {"exec", "update"})
+
+
+@pytest.mark.parametrize("verb", _ID_VERBS)
+def test_every_verb_checks_its_id_first(verb: str, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "root"
+    assert main(["--root", str(root), verb, "../x"]) == 1
+    assert capsys.readouterr().err == "kata-runtime: invalid id format: ../x\n"
+    assert not root.exists()

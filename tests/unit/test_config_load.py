@@ -11,6 +11,7 @@ import pytest
 from kata.config import (
     AgentConfig,
     ConfigError,
+    FactoryConfig,
     HypervisorConfig,
     RuntimeSection,
     dump_config,
@@ -18,6 +19,7 @@ from kata.config import (
     load_config,
 )
 from kata.config.load import PACKAGED_CONFIG
+from kata.core import paths
 
 
 def write(tmp_path: Path, text: str, name: str = "configuration.toml") -> Path:
@@ -34,6 +36,7 @@ def test_packaged_default_equals_dataclass_defaults() -> None:
     assert cfg.hypervisor == HypervisorConfig()
     assert cfg.agent == AgentConfig()
     assert cfg.runtime == RuntimeSection()
+    assert cfg.factory == FactoryConfig()
     assert cfg.source == PACKAGED_CONFIG
 
 
@@ -234,3 +237,18 @@ def test_dump_parses_back(tmp_path: Path) -> None:
 
     again = parse_config(dumped, tmp_path / "x.toml")
     assert (again.hypervisor, again.agent, again.runtime) == (cfg.hypervisor, cfg.agent, cfg.runtime)
+
+
+@pytest.mark.parametrize("path", [
+    "/run/vc/vm/template",  # Kata's default: a sandbox named "template" would have it
+    "/run/vc/vm", "/run/vc/vm/a/b", "/run/vc/sbs/t", "/run/kata-containers/shared/sandboxes/t",
+    "/run/vc", "/run", "/", "/run/vc/vm/../vm/template",  # above them, factory destroy takes all
+])
+def test_templates_are_kept_where_no_sandbox_id_names_them(tmp_path: Path, path: str) -> None:
+    if not str(paths.STATE_ROOT).startswith("/run/vc") or not str(paths.SHARED_ROOT).startswith("/run/kata"):
+        pytest.skip("KATA_STATE_ROOT or KATA_SHARED_ROOT moved")
+    conf = write(tmp_path, Q + f'[factory]\ntemplate_path = "{path}"\n')
+    with pytest.raises(ConfigError, match="template_path: .* where sandboxes' ids name the directories"):
+        load_config(conf, env={})
+    for fine in ("/run/vc/templates", "/var/lib/kata/templates", "/run/vc/vmx"):
+        load_config(write(tmp_path, Q + f'[factory]\ntemplate_path = "{fine}"\n'), env={})

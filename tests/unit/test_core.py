@@ -11,23 +11,78 @@ from pathlib import Path
 import pytest
 
 from kata.config import HypervisorConfig, load_config
+from kata.config.load import PACKAGED_CONFIG
 from kata.core import vm
-from kata.core.paths import InvalidIdError, SandboxPaths, validate_id
+from kata.core.paths import (
+    VM_ROOT,
+    VM_SOCKETS,
+    InvalidIdError,
+    SandboxPaths,
+    max_sandbox_id_length,
+    validate_id,
+    validate_sandbox_id,
+)
 from kata.core.store import locked, read_json, write_json
-from kata.hypervisor.qemu_argv import kernel_cmdline
+from kata.errors import KataError, one_line
+from kata.hypervisor.qemu_argv import RunPaths, kernel_cmdline
 from kata.specconv import VMSizing
+from kata.utils.ids import MAX_ID_LENGTH, shown
 from tests.conftest import runtime_bin
 
 
-@pytest.mark.parametrize("good", ["abc", "a.b-c_d+1", "x" * 64])
+# What the real clients pass: Docker's and podman's 64 hex digits, containerd's identifiers (up to 76
+# characters), runc users' names; runc also takes a leading dash or dot, and "+".
+@pytest.mark.parametrize("good", ["abc", "a.b-c_d+1", "x" * 64, "f" * 76, "-x", ".hidden", "...", "A_Z"])
 def test_valid_ids(good: str) -> None:
     assert validate_id(good) == good
+    assert validate_sandbox_id(good) == good
 
 
-@pytest.mark.parametrize("bad", ["", ".", "..", "a/b", "a b", "../x", "x\n"])
+@pytest.mark.parametrize("bad", ["", ".", "..", "a/b", "a b", "../x", "x\n", "a,b", "caf\u00e9", "\u0661",
+                                 "x" * (MAX_ID_LENGTH + 1), "a\x00b", "a:b", "a*", "~"])
 def test_invalid_ids(bad: str) -> None:
-    with pytest.raises(InvalidIdError):
+    with pytest.raises(InvalidIdError) as exc:
         validate_id(bad)
+    assert len(str(exc.value).splitlines()) == 1 and str(exc.value).isprintable()
+    assert str(exc.value).startswith("container id cannot be empty" if not bad else "invalid id format: ")
+
+
+def test_a_sandbox_id_must_leave_room_for_its_sockets() -> None:
+    limit = max_sandbox_id_length()
+    # Under the default /run/vc: containerd's longest ids fit.
+    assert limit == 107 - len(f"{VM_ROOT}//agent-proxy.sock")
+    assert str(VM_ROOT) != "/run/vc/vm" or limit == 79
+    assert validate_sandbox_id("s" * limit)
+    with pytest.raises(InvalidIdError, match=f"longer than {limit} characters"):
+        SandboxPaths("s" * (limit + 1))
+    with pytest.raises(InvalidIdError):
+        SandboxPaths("../x")
+    longest = SandboxPaths("s" * limit).vm_dir / max(VM_SOCKETS, key=len)
+    assert len(os.fsencode(longest)) == 107
+
+
+def test_a_state_root_too_long_for_any_socket_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kata.core import paths
+
+    monkeypatch.setattr(paths, "VM_ROOT", Path("/" + "r" * 100) / "vm")
+    with pytest.raises(KataError, match="KATA_STATE_ROOT .* is too long"):
+        validate_sandbox_id("c1")
+
+
+def test_every_vm_socket_is_counted() -> None:
+    """The sockets a VM directory gets are all in VM_SOCKETS, which bounds sandbox ids."""
+    paths = SandboxPaths("sb1")
+    run = RunPaths(paths.vm_dir)
+    for sock in (run.qmp_socket, run.agent_socket, paths.virtiofsd_socket, paths.agent_proxy_socket):
+        assert sock.parent == paths.vm_dir and sock.name in VM_SOCKETS
+
+
+def test_shown_and_one_line_keep_messages_on_one_line() -> None:
+    assert shown("abc") == "abc"
+    assert shown("a\nb\u2028c\x85d\u00e9") == "a\\x0ab\\u2028c\\x85d\\xe9"
+    assert shown("x" * 200) == "x" * 80 + "..."
+    assert one_line("first\nsecond") == "first" and one_line("a\u2028b") == "a" and one_line("") == ""
+    assert one_line("a\tb\x1bc\u200fd") == "a\\tb\\x1bc\\u200fd"  # a tab, an escape, a direction mark
 
 
 def test_store_is_atomic_and_readable(tmp_path: Path) -> None:
@@ -83,7 +138,10 @@ def test_vm_config_carries_sizing_shares_and_params() -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([runtime_bin(), *args], capture_output=True, text=True, timeout=60)
+    """kata-runtime with this tree's packaged configuration, not the one the host has installed (which
+    is as old as the last scripts/install.sh)."""
+    env = {**os.environ, "KATA_CONF_FILE": str(PACKAGED_CONFIG)}
+    return subprocess.run([runtime_bin(), *args], capture_output=True, text=True, timeout=60, env=env)
 
 
 def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
@@ -103,7 +161,7 @@ def test_cli_env_prints_the_configuration() -> None:
     proc = _cli("env", "--json")
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
-    assert data["hypervisor"]["qemu"]["machine_type"] == load_config().hypervisor.machine_type
+    assert data["hypervisor"]["qemu"]["machine_type"] == load_config(PACKAGED_CONFIG).hypervisor.machine_type
     assert "[hypervisor.qemu]" in _cli("env").stdout
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from kata.oci.spec import (
     load_process,
     parse_process,
 )
+from kata.utils.files import MAX_JSON_BYTES
 from tests.conftest import minimal_spec
 
 REFERENCE = Path("/work/shared/reference")
@@ -114,7 +116,7 @@ def test_missing_config(tmp_path: Path) -> None:
     ("text", "message"),
     [
         ("{not json", "config.json: invalid JSON: "),
-        ("[1, 2]", "config.json: invalid JSON: expected an object, got list"),
+        ("[1, 2]", "config.json: invalid JSON: expected an object, got an array"),
         ("", "config.json: invalid JSON: "),
     ],
 )
@@ -159,6 +161,39 @@ def test_bad_json(tmp_path: Path, text: str, message: str) -> None:
         ({"hooks": {"poststop": {}}}, "hooks.poststop must be an array"),
         ({"annotations": {"a": 1}}, "annotations[a] must be a string"),
         ({"hostname": 5}, "hostname must be a string"),
+        # What runc's Go types refuse, and what the guest's crun would refuse only after the VM booted.
+        ({"ociVersion": "banana"}, "ociVersion banana is not a version this runtime reads"),
+        ({"ociVersion": "2.0.0"}, "ociVersion 2.0.0 is not a version"),
+        ({"process": {"args": ["a\u0000b"]}}, "process.args[0] contains a NUL byte"),
+        ({"process": {"args": ["a"], "env": ["NOEQUALS"]}},
+         "invalid environment variable 'NOEQUALS': missing"),
+        ({"process": {"args": ["a"], "env": ["=x"]}}, "invalid environment variable: name cannot be empty"),
+        ({"process": {"args": ["a"], "user": {"uid": -1}}}, "process.user.uid must be an integer from 0 to"),
+        ({"process": {"args": ["a"], "user": {"additionalGids": ["1"]}}},
+         "process.user.additionalGids[0] must"),
+        ({"process": {"args": ["a"], "rlimits": [{"type": "RLIMIT_FOO", "hard": 1, "soft": 1}]}},
+         "wrong rlimit value: RLIMIT_FOO"),
+        ({"process": {"args": ["a"], "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1, "soft": 2}]}},
+         "process.rlimits[0]: the soft limit 2 is above the hard limit 1"),
+        ({"process": {"args": ["a"], "rlimits": [None]}}, "process.rlimits[0] must not be null"),
+        ({"process": {"args": ["a"], "capabilities": {"bounding": ["CAP_FOO"]}}},
+         "unknown capability 'CAP_FOO'"),
+        ({"process": {"args": ["a"], "oomScoreAdj": 1001}}, "process.oomScoreAdj must be from -1000 to 1000"),
+        ({"mounts": [{"destination": "relative"}]}, "mounts[0]: destination must be an absolute path"),
+        ({"linux": {"namespaces": [{"type": "time"}]}}, "namespace time is not supported"),
+        ({"linux": {"namespaces": [{"type": "network", "path": "netns"}]}},
+         "linux.namespaces[0].path must be an"),
+        ({"linux": {"resources": {"memory": {"limit": -2}}}}, "linux.resources.memory.limit must be -1"),
+        ({"linux": {"resources": {"pids": {"limit": "1"}}}}, "linux.resources.pids.limit must be an integer"),
+        ({"linux": {"resources": {"blockIO": {"weight": 70000}}}}, "linux.resources.blockIO.weight must be"),
+        ({"linux": {"resources": {"cpu": {"cpus": "all"}}}}, "linux.resources.cpu.cpus: 'all' is not a list"),
+        ({"linux": {"resources": {"devices": [{"allow": "yes"}]}}},
+         "linux.resources.devices[0].allow must be"),
+        ({"linux": {"sysctl": {"net.x": 1}}}, "linux.sysctl[net.x] must be a string"),
+        ({"linux": {"seccomp": []}}, "linux.seccomp must be an object"),
+        ({"hooks": {"prestart": [{"path": "hook"}]}}, "hooks.prestart[0]: path must be an absolute path"),
+        ({"hooks": {"prestart": [{"path": "/h", "timeout": 0}]}},
+         "hooks.prestart[0].timeout must be positive"),
     ],
 )
 def test_invalid_specs(tmp_path: Path, change: dict[str, Any], message: str) -> None:
@@ -172,6 +207,26 @@ def test_invalid_specs(tmp_path: Path, change: dict[str, Any], message: str) -> 
         load_bundle(make_bundle(tmp_path, spec))
     assert str(e.value).startswith(message)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "huge", "deep", "latin1"])
+def test_a_config_that_cannot_be_read_whole_is_refused_in_one_line(tmp_path: Path, kind: str) -> None:
+    """Read without blocking and bounded: a FIFO or /dev/zero would hang or fill memory."""
+    config = tmp_path / "config.json"
+    if kind == "fifo":
+        os.mkfifo(config)
+    elif kind == "device":
+        config.symlink_to("/dev/zero")
+    elif kind == "huge":
+        config.write_text(" " * (MAX_JSON_BYTES + 1))
+    elif kind == "deep":
+        config.write_text("[" * 100_000 + "]" * 100_000)
+    else:
+        config.write_bytes(b'{"ociVersion": "1.0.2", "hostname": "\xe9"}')
+    message = {"fifo": "not a regular file", "device": "not a regular file", "huge": "larger than 16 MiB",
+               "deep": "invalid JSON: nested too deeply", "latin1": "invalid JSON: not UTF-8"}[kind]
+    with pytest.raises(OCIError, match=f"^config.json: {message}"):
+        load_bundle(tmp_path)
 
 
 def test_process_optional_when_not_required(tmp_path: Path) -> None:

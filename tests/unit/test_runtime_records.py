@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from kata.core.paths import InvalidIdError
+from kata.errors import KataError
 from kata.hypervisor.daemon import ProcessId
 from kata.runtime.records import ContainerExists, ContainerNotFound, ContainerRecord, ContainerStore
 
@@ -69,3 +74,48 @@ def test_a_waiting_command_sees_the_delete_that_went_first(tmp_path: Path) -> No
     with pytest.raises(ContainerNotFound):
         store.load("c1")
     assert not os.path.exists(tmp_path / "c1")
+
+
+@pytest.mark.parametrize("cid", ["../x", "..", "a/b", "", "caf\u00e9"])
+def test_no_path_is_built_from_an_invalid_id(tmp_path: Path, cid: str) -> None:
+    store = ContainerStore(tmp_path / "root")
+    for call in (store.dir, store.reserve, store.load, store.remove):
+        with pytest.raises(InvalidIdError):
+            call(cid)
+    with pytest.raises(InvalidIdError), store.locked(cid):
+        pass
+    assert not (tmp_path / "root").exists()
+
+
+def _plant(store: ContainerStore, cid: str, data: dict[str, Any]) -> None:
+    store.reserve(cid)
+    (store.dir(cid) / "state.json").write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("change,reason", [
+    ({"id": "other"}, "names container other"),
+    ({"id": None}, "names container None"),
+    ({"pid": "1"}, "field pid has the wrong type"),
+    ({"pid": True}, "field pid has the wrong type"),
+    ({"annotations": {"a": 1}}, "field annotations has the wrong type"),
+    ({"execs": {"e": [1]}}, "field execs has the wrong shape"),
+    ({"execs": {"e": ["1", 2]}}, "field execs has the wrong type"),
+    ({"network": [["eth0", 3]]}, "field network has the wrong type"),
+    ({"surprise": 1}, "unknown field surprise"),
+])
+def test_a_record_that_is_not_ours_is_not_trusted(tmp_path: Path, change: dict[str, Any],
+                                                  reason: str) -> None:
+    store = ContainerStore(tmp_path)
+    _plant(store, "c1", {**asdict(record("c1")), **change})
+    with pytest.raises(KataError, match=f"container c1: unreadable state: .*{reason}"):
+        store.load("c1")
+    assert store.list() == []
+
+
+def test_a_record_missing_a_field_is_not_trusted(tmp_path: Path) -> None:
+    store = ContainerStore(tmp_path)
+    data = asdict(record("c1"))
+    del data["bundle"]
+    _plant(store, "c1", data)
+    with pytest.raises(KataError, match="field bundle is missing"):
+        store.load("c1")

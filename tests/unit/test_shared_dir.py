@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from kata.core.paths import InvalidIdError
 from kata.fs_share.shared_dir import SharedDir, ShareError
 from kata.specconv import HostShare
 from kata.utils.mount import mount, mounts_under, unmount
@@ -80,7 +81,7 @@ def test_remove_unmounts_and_deletes_one_container(shared: SharedDir, tmp_path: 
     assert not (shared.mounts / "c1").exists()
     assert (shared.shared / "c1-b" / "rootfs").is_dir()  # an id that only starts alike is untouched
     assert [p for p in mounts_under(str(shared.mounts.parent)) if "/c1/" in p] == []
-    with pytest.raises(ShareError):
+    with pytest.raises(InvalidIdError):
         shared.remove("../x")
 
 

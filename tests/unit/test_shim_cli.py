@@ -24,11 +24,16 @@ def test_version_and_info() -> None:
     assert info["name"] == "containerd-shim-kata-v2" and "features" in info
 
 
-def test_errors_are_one_line() -> None:
-    for args in (("start",), ("-namespace", "default", "-id", "x"), ()):
-        proc = shim(*args)
+def test_errors_are_one_line(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    for args in (("start",), ("-namespace", "default", "-id", "x"), (), ("-bogus",),
+                 ("-namespace", "default", "-id", "../x", "start"),
+                 ("-namespace", "default", "-id", "../x", "delete"),
+                 ("-namespace", "../ns", "-id", "x", "delete")):
+        proc = shim(*args, cwd=tmp_path)
         assert proc.returncode == 1 and proc.stderr.count(b"\n") == 1, proc.stderr
-        assert b"Traceback" not in proc.stderr
+        assert b"Traceback" not in proc.stderr and proc.stdout == b""
+        assert b"../" not in proc.stderr or b"invalid id format: ../" in proc.stderr
 
 
 def test_delete_of_a_task_without_a_shim_answers_a_delete_response(tmp_path: Path) -> None:

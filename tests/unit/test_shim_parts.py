@@ -1,19 +1,25 @@
-"""The shim's pure parts: socket naming and pod grouping, runtime options, log URIs, and the agent's
-statistics in containerd's metrics type."""
+"""The shim's pure parts: socket naming and pod grouping, runtime options, log URIs, the agent's
+statistics in containerd's metrics type, and the ids every request carries."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
 from google.protobuf.any_pb2 import Any
 
+from kata import ttrpc
+from kata.errors import KataError
+from kata.oci.cri_annotations import CONTAINER_TYPE, SANDBOX_ID
 from kata.protocols import agent_pb2 as apb
 from kata.protocols.containerd.pkg.runtimeoptions.v1 import api_pb2 as runtimeoptions
 from kata.shim import address, events, metrics
 from kata.shim.options import config_path_of_any
-from kata.shim.service import config_path_of
+from kata.shim.pod import Pod
+from kata.shim.service import TaskService, config_path_of
 from kata.shim.stdio import binary_argv
+from kata.specconv import pod_role
 
 
 def write_spec(bundle: Path, annotations: dict[str, str]) -> Path:
@@ -91,3 +97,31 @@ def test_delete_response_without_protobuf_matches_the_generated_class() -> None:
     decoded = shim_pb2.DeleteResponse.FromString(delete_response(137, 1_700_000_000_123_456_789))
     assert (decoded.pid, decoded.exit_status) == (0, 137)
     assert (decoded.exited_at.seconds, decoded.exited_at.nanos) == (1_700_000_000, 123_456_789)
+
+
+def test_every_request_with_a_bad_task_or_exec_id_is_an_invalid_argument() -> None:
+    """Checked before the pod is asked: an empty pod would answer NotFound (or shut down)."""
+    service = TaskService(Pod("default", None), on_shutdown=lambda: None, default_config=None)
+    checked = 0
+    for name, method in service.methods().items():
+        fields = method.request_type.DESCRIPTOR.fields_by_name
+        for field in ("id", "exec_id"):
+            if field not in fields:
+                continue
+            req = method.request_type(**{"id": "c1", field: "../x"})
+            with pytest.raises(ttrpc.TTRPCError) as exc:
+                method.handler(None, req)  # type: ignore[arg-type]
+            assert exc.value.code == ttrpc.Code.INVALID_ARGUMENT, name
+            assert str(exc.value).endswith("invalid id format: ../x"), str(exc.value)
+            checked += 1
+    assert checked >= 17 + 8  # every request names its task; these also an exec
+
+
+def test_a_cri_sandbox_id_annotation_is_an_id(tmp_path: Path) -> None:
+    annotations = {CONTAINER_TYPE: "container", SANDBOX_ID: "../pod"}
+    bundle = write_spec(tmp_path / "b", annotations)
+    refused = r"annotation io.kubernetes.cri.sandbox-id: invalid id format: \.\./pod"
+    with pytest.raises(KataError, match=refused):
+        address.group_of(bundle, "c1")  # shim start
+    with pytest.raises(KataError, match=refused):
+        pod_role(annotations, "c1")  # Create

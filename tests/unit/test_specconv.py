@@ -174,7 +174,13 @@ def test_bind_variants_and_read_only() -> None:
     # Every share name is unique and lies under the container's prefix.
     names = [s.name for s in plan.shares]
     assert len(set(names)) == len(names)
-    assert all(n.startswith("c1/") or n.startswith("c1-") for n in names)
+    assert all(n.startswith("c1/") for n in names)
+
+
+@pytest.mark.parametrize("cid", ["../c1", "", "c/1"])
+def test_a_container_id_is_checked_before_shares_are_named_from_it(cid: str) -> None:
+    with pytest.raises(SpecConvError, match="invalid id format|cannot be empty"):
+        plan_container(bundle_of(minimal()), cid)
 
 
 def test_same_basename_twice_stays_unique() -> None:

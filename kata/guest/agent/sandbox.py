@@ -10,6 +10,7 @@ from kata.guest.agent import log
 from kata.guest.agent.crun import ConsoleSocket, Crun, CrunError
 from kata.guest.agent.reaper import Exit, Reaper
 from kata.guest.agent.stdio import Stdio
+from kata.utils.ids import id_problem
 
 RUN_DIR = "/run/kata-containers"
 
@@ -63,6 +64,14 @@ def _parse_json(data: bytes, what: str) -> Any:
         return json.loads(data)
     except ValueError as e:
         raise InvalidArgument(f"{what} is not JSON: {e}") from None
+
+
+def _check_id(id_: str, what: str) -> None:
+    """Ids name the container's directory and its exec files here: the host checks them too, but
+    the guest builds its own paths, so it checks what it is given (defence in depth)."""
+    problem = id_problem(id_)
+    if problem:
+        raise InvalidArgument(f"{what}: {problem}")
 
 
 def _read_pid(path: str) -> int:
@@ -133,8 +142,7 @@ class Sandbox:
                        terminal=terminal)
 
     def create_container(self, cid: str, spec_json: bytes) -> None:
-        if not cid or "/" in cid or cid.startswith("."):
-            raise InvalidArgument(f"invalid container id {cid!r}")
+        _check_id(cid, "container id")
         spec = _parse_json(spec_json, f"OCI spec of {cid!r}")
         if not isinstance(spec, dict) or not isinstance(spec.get("process"), dict):
             raise InvalidArgument(f"OCI spec of {cid!r} has no process")
@@ -169,8 +177,7 @@ class Sandbox:
 
     def exec_process(self, cid: str, exec_id: str, process_json: bytes) -> None:
         c = self.container(cid)
-        if not exec_id:
-            raise InvalidArgument("exec id is empty")
+        _check_id(exec_id, "exec id")
         proc = _parse_json(process_json, f"process of exec {exec_id!r}")
         if not isinstance(proc, dict):
             raise InvalidArgument(f"process of exec {exec_id!r} is not an object")
