@@ -17,6 +17,7 @@ from kata.shim import address, events
 from kata.shim.main import bundle_of
 from kata.shim.pod import Pod
 from kata.shim.service import SERVICE, TaskService
+from kata.utils.logfmt import LogfmtFormatter
 
 log = logging.getLogger("kata.shim")
 
@@ -31,7 +32,8 @@ def _log_to_bundle(bundle: Path, debug: bool) -> None:
     except OSError:
         pass  # no log fifo (started by hand): stderr stays where it is
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter('time="%(asctime)s" level=%(levelname)s msg="%(message)s"'))
+    # Messages carry guest text (errors, container ids): escaped, so that none can forge a line.
+    handler.setFormatter(LogfmtFormatter())
     root = logging.getLogger("kata")
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)

@@ -1,0 +1,38 @@
+"""Text from elsewhere (a peer's error, a guest's listing, an exception) made fit for one line of a
+message or a log: nothing in it can end the line, move the cursor or forge what follows.
+
+Imports nothing: the guest agent loads this with kata.ttrpc, and every layer may use it.
+"""
+
+from __future__ import annotations
+
+# The longest message a peer may put in front of a user (or a log) through us.
+MESSAGE_LIMIT = 512
+_MORE = "..."
+
+
+def printable(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """``text`` with each non-printable character escaped as Python writes it (\\n, \\x1b, \\u202e:
+    newlines, control and bidi characters, lone surrogates) and cut to at most ``limit`` characters.
+
+    Idempotent, so text that passes through several hops (guest, monitor proxy, CLI) is escaped once.
+    """
+    if len(text) <= limit and text.isprintable():
+        return text
+    # Only the first `limit` characters can show; escaping each makes it at most 10 long.
+    escaped = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text[:limit])
+    if len(text) <= limit and len(escaped) <= limit:
+        return escaped
+    return escaped[: limit - len(_MORE)] + _MORE
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one printable line for the user: its message's first line, else its type."""
+    lines = str(exc).splitlines()
+    return printable(lines[0] if lines and lines[0].strip() else type(exc).__name__)
+
+
+def logfmt_value(text: str, limit: int = 4096) -> str:
+    """``text`` for a logfmt ``key="value"`` (logrus's text format): quotes and backslashes escaped,
+    then everything printable() escapes, so that a value never ends its line or its quotes early."""
+    return printable(text.replace("\\", "\\\\").replace('"', '\\"'), limit)
