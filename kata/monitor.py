@@ -27,7 +27,7 @@ import tty
 from typing import Any
 
 from kata import ttrpc
-from kata.agent import relay
+from kata.agent import proxy, relay
 from kata.agent.endpoint import AgentEndpoint
 from kata.agent.lite import LiteAgent
 from kata.agent.transport import connect
@@ -90,14 +90,8 @@ class Monitor:
                     raise
 
     def serve_proxy(self) -> None:
-        """Forward every call on the proxy socket to the agent, as it is."""
+        """Forward every call on the proxy socket to the agent, as it is (kata.agent.proxy)."""
         assert self.agent is not None
-        client = self.agent.client
-
-        def forward(ctx: ttrpc.Context, payload: bytes) -> bytes:
-            left = None if ctx.deadline is None else max(0.001, ctx.deadline - time.monotonic())
-            return client.call_raw(ctx.service, ctx.method, payload, left, ctx.metadata or None)
-
         path = self.conf["proxy"]
         try:
             os.unlink(path)
@@ -107,8 +101,7 @@ class Monitor:
         listener.bind(path)
         os.chmod(path, 0o600)
         listener.listen(64)
-        self.server = ttrpc.Server(max_workers=256)
-        self.server.set_fallback(forward)
+        self.server = proxy.forwarding_server(self.agent.client)
         threading.Thread(target=self.server.serve_listener, args=(listener,), daemon=True).start()
 
     def open_terminal(self) -> None:

@@ -6,7 +6,7 @@ those imports alone cost most of a second.
 
 from kata.ttrpc.client import Client
 from kata.ttrpc.errors import Code, ConnectionClosed, TTRPCError
-from kata.ttrpc.server import Context, Handler, Method, Server
+from kata.ttrpc.server import Context, Forwarder, Handler, Method, Reply, Server
 from kata.ttrpc.stream import Stream, fd_stream, socket_stream
 
 __all__ = [
@@ -14,8 +14,10 @@ __all__ = [
     "Code",
     "ConnectionClosed",
     "Context",
+    "Forwarder",
     "Handler",
     "Method",
+    "Reply",
     "Server",
     "Stream",
     "TTRPCError",
