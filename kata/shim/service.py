@@ -60,8 +60,9 @@ class TaskService:
         self.default_config = default_config
 
     def methods(self) -> dict[str, ttrpc.Method[Any]]:
-        def m(req_type: type[Message], fn: Callable[[Any], Message]) -> ttrpc.Method[Any]:
-            return ttrpc.Method(req_type, lambda _ctx, req: self._guard(fn, req))
+        def m(req_type: type[Message], fn: Callable[[Any], Message],
+              blocking: bool = False) -> ttrpc.Method[Any]:
+            return ttrpc.Method(req_type, lambda _ctx, req: self._guard(fn, req), blocking)
 
         return {
             "State": m(pb.StateRequest, self.state),
@@ -77,7 +78,8 @@ class TaskService:
             "ResizePty": m(pb.ResizePtyRequest, self.resize_pty),
             "CloseIO": m(pb.CloseIORequest, self.close_io),
             "Update": m(pb.UpdateTaskRequest, self.update),
-            "Wait": m(pb.WaitRequest, self.wait),
+            # containerd waits for every process here, as long as it runs: a long-poll call.
+            "Wait": m(pb.WaitRequest, self.wait, blocking=True),
             "Stats": m(pb.StatsRequest, self.stats),
             "Connect": m(pb.ConnectRequest, self.connect),
             "Shutdown": m(pb.ShutdownRequest, self.shutdown),
