@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from kata import __version__
 from kata.cli import logs
 from kata.errors import USER_ERRORS
+from kata.utils.text import one_line
 
 # Each module adds its verbs with add_parser(subparsers); a verb's parser sets func(args) -> int.
 _VERB_MODULES = ("lifecycle", "exec", "inspect", "update", "spec", "features", "check", "env", "factory",
@@ -75,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.close()
         return 1
     except Exception as exc:  # every failure is one line for the user; details go to the log
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        msg = one_line(exc)
         if not isinstance(exc, USER_ERRORS):
             msg = f"internal error: {type(exc).__name__}: {msg}"
             log.debug("traceback", exc_info=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from kata import __version__
 from kata.errors import KataError
+from kata.utils.text import one_line
 
 NAME = "containerd-shim-kata-v2"
 
@@ -51,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             raise KataError("an action is required: start or delete (containerd runs the shim)")
     except KataError as exc:
-        print(f"{NAME}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        print(f"{NAME}: {one_line(exc)}", file=sys.stderr)
         code = 1
     sys.stdout.flush()
     sys.exit(code)

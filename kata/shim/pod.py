@@ -25,6 +25,7 @@ from kata.shim import events, rootfs
 from kata.shim.process import CREATED, PAUSED, RUNNING, STOPPED, VM_GONE_STATUS, Process
 from kata.shim.stdio import StdioPaths
 from kata.specconv import container_growth, pod_resources, pod_role
+from kata.utils.text import one_line
 
 if TYPE_CHECKING:
     from kata.agent.client import AgentClient
@@ -425,7 +426,11 @@ class Pod:
             sandbox = self.sandbox
             if sandbox is None:
                 return
-            problem = _vm_problem(sandbox)
+            try:
+                problem = _vm_problem(sandbox)
+            except Exception as exc:  # noqa: BLE001 - a failed look is no verdict: look again
+                log.warning(f"pod {self.sandbox_id}: cannot check its VM: {one_line(exc)}")
+                continue
             if problem:
                 break
         log.error(f"pod {self.sandbox_id}: {problem}; its tasks are reported exited")

@@ -25,6 +25,7 @@ from kata.shim.options import config_path
 from kata.shim.pod import CreateParams, Pod, ShimError
 from kata.shim.process import Process
 from kata.shim.stdio import StdioPaths
+from kata.utils.text import one_line
 
 SERVICE = "containerd.task.v2.Task"
 _STATUS = {"created": types.CREATED, "running": types.RUNNING, "stopped": types.STOPPED,
@@ -98,7 +99,8 @@ class TaskService:
             log.warning(f"{fn.__name__}: {exc}")
             raise ttrpc.TTRPCError(ttrpc.Code.UNKNOWN, str(exc)) from None
         except Exception as exc:
-            log.exception(f"{fn.__name__} failed")
+            log.error(f"{fn.__name__}: internal error: {type(exc).__name__}: {one_line(exc)}")
+            log.debug(f"{fn.__name__}: traceback", exc_info=True)
             raise ttrpc.TTRPCError(ttrpc.Code.INTERNAL, f"{type(exc).__name__}: {exc}") from None
 
     # ---- RPCs ----------------------------------------------------------------------------------

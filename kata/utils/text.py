@@ -6,6 +6,11 @@ Imports nothing: the guest agent loads this with kata.ttrpc, and every layer may
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import threading
+
 # The longest message a peer may put in front of a user (or a log) through us.
 MESSAGE_LIMIT = 512
 _MORE = "..."
@@ -30,6 +35,14 @@ def one_line(exc: BaseException) -> str:
     """An exception as one printable line for the user: its message's first line, else its type."""
     lines = str(exc).splitlines()
     return printable(lines[0] if lines and lines[0].strip() else type(exc).__name__)
+
+
+def thread_failure(args: threading.ExceptHookArgs) -> str | None:
+    """What a threading.excepthook reports, as one line ("name: message"); None for a SystemExit."""
+    if args.exc_type is SystemExit:
+        return None
+    name = args.thread.name if args.thread is not None else "a thread"
+    return f"{name}: {one_line(args.exc_value) if args.exc_value is not None else args.exc_type.__name__}"
 
 
 def logfmt_value(text: str, limit: int = 4096) -> str:

@@ -70,3 +70,23 @@ def test_ttrpc_errors_carry_one_bounded_line() -> None:
     assert "\n" not in str(err) and "\x1b" not in str(err) and len(err.message) <= MESSAGE_LIMIT
     assert error_from_status(Status(code=999, message="odd")).code == Code.UNKNOWN
     assert TTRPCError(Code.INTERNAL, "plain").message == "plain"
+
+
+def test_thread_failure_is_one_line() -> None:
+    import threading
+
+    from kata.utils.text import thread_failure
+
+    seen: list[str | None] = []
+    old = threading.excepthook
+    threading.excepthook = lambda args: seen.append(thread_failure(args))
+    try:
+        for exc in (ValueError("bad\nanswer"), SystemExit(3)):
+            def boom(e: BaseException = exc) -> None:
+                raise e
+            t = threading.Thread(target=boom, name="pump")
+            t.start()
+            t.join()
+    finally:
+        threading.excepthook = old
+    assert seen == ["pump: bad", None]
