@@ -243,6 +243,10 @@ class Client:
     # ---- deadlines of asynchronous calls -------------------------------------------------------------
     def _add_deadline(self, deadline: float, stream_id: int) -> None:
         """With self._lock held."""
+        if len(self._deadlines) > 64 and len(self._deadlines) > 2 * len(self._calls):
+            # Mostly calls answered in time: keep the heap as small as what is in flight.
+            self._deadlines = [entry for entry in self._deadlines if entry[1] in self._calls]
+            heapq.heapify(self._deadlines)
         heapq.heappush(self._deadlines, (deadline, stream_id))
         if self._timer is None:
             self._timer = threading.Thread(target=self._run_timer, name="ttrpc-client-timer", daemon=True)

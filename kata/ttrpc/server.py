@@ -242,7 +242,10 @@ class Server:
             conn.send(stream_id, self._outcome(req, method, deadline))
 
         if method.blocking:
-            start_thread(task, f"ttrpc-{req.method}")
+            try:
+                start_thread(task, f"ttrpc-{req.method}")
+            except RuntimeError:  # no thread to be had: this call fails, the connection goes on
+                conn.send(stream_id, error_response(Code.RESOURCE_EXHAUSTED, f"{req.method}: no thread left"))
         elif not self._pool.submit(task):
             conn.send(stream_id, error_response(Code.UNAVAILABLE, "server is shutting down"))
 

@@ -644,3 +644,34 @@ def test_a_peer_that_stops_reading_holds_no_call_past_its_deadline() -> None:
     finally:
         client.close()
         server_stream.close()
+
+
+def test_no_thread_for_a_long_poll_call_fails_that_call_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    def exhausted(task: Callable[[], None], name: str) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr("kata.ttrpc.server.start_thread", exhausted)
+    s = start(socket_pair)
+    try:
+        with pytest.raises(TTRPCError) as err:
+            s.client.call(SERVICE, "LongPoll", Empty(), Empty, timeout=5)
+        assert err.value.code == Code.RESOURCE_EXHAUSTED
+        assert echo(s.client, "still serving") == "still serving"
+    finally:
+        s.client.close()
+        s.server.shutdown()
+        s.server_stream.close()
+
+
+def test_deadlines_of_answered_async_calls_do_not_pile_up() -> None:
+    s = start(socket_pair)
+    answered = threading.Semaphore(0)
+    try:
+        for _ in range(500):
+            s.client.call_async(SERVICE, "Echo", b"", lambda result: answered.release(), timeout=60)
+            assert answered.acquire(timeout=5)
+        assert len(s.client._deadlines) <= 130  # what is in flight, give or take the slack kept
+    finally:
+        s.client.close()
+        s.server.shutdown()
+        s.server_stream.close()
