@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import enum
 
-from kata.utils.text import printable
-
 
 class Code(enum.IntEnum):
     """The gRPC status codes, which ttrpc puts in google.rpc.Status.code."""
@@ -45,6 +43,8 @@ class TTRPCError(Exception):
     """
 
     def __init__(self, code: Code, message: str) -> None:
+        from kata.utils.text import printable  # here, not at import: the guest agent starts faster
+
         message = printable(message)
         super().__init__(code, message)
         self.code = code
