@@ -66,8 +66,8 @@ class Client:
         self._next_id = 1  # client-initiated streams are odd
         self._closed = False
         self._close_reason = "ttrpc: connection closed"
-        # Deadlines of asynchronous calls, earliest first: (deadline, stream id). Entries of calls
-        # answered in time stay until their deadline and are skipped then.
+        # Deadlines of asynchronous calls, a heap: (deadline, stream id). An entry whose call was
+        # answered in time is skipped when it comes up, or dropped once most entries are such.
         self._deadlines: list[tuple[float, int]] = []
         self._timer_wake = threading.Condition(self._lock)
         self._timer: threading.Thread | None = None

@@ -260,7 +260,7 @@ class Server:
                 request = method.request_type.FromString(req.payload)
             except Exception as exc:  # protobuf's DecodeError: the payload is not this method's message
                 raise TTRPCError(Code.INVALID_ARGUMENT, f"{name}: bad request: {exc}") from exc
-            ctx = Context(req.service, req.method, {kv.key: kv.value for kv in req.metadata}, deadline)
+            ctx = _context(req, deadline)
             result = method.handler(ctx, request)
             if not hasattr(result, "SerializeToString"):
                 raise TTRPCError(Code.INTERNAL, f"{name}: handler returned {type(result).__name__}")
@@ -284,7 +284,7 @@ class Server:
             # completed the call (for a proxy, the reader of the upstream connection).
             self._pool.submit(lambda: conn.send(stream_id, data))  # refused at shutdown: conn is ending
 
-        ctx = Context(req.service, req.method, {kv.key: kv.value for kv in req.metadata}, deadline)
+        ctx = _context(req, deadline)
         try:
             forwarder(ctx, req.payload, reply)
         except BaseException as exc:  # noqa: BLE001 - it could not start: that is the answer
@@ -301,6 +301,10 @@ class Server:
                 f"{name}: response of {len(data)} bytes exceeds the maximum",
             )
         return data
+
+
+def _context(req: Request, deadline: float | None) -> Context:
+    return Context(req.service, req.method, {kv.key: kv.value for kv in req.metadata}, deadline)
 
 
 def _error(exc: BaseException) -> bytes:
