@@ -31,6 +31,14 @@ def serve_on_socketpair(server: ttrpc.Server) -> tuple[ttrpc.Stream, socket.sock
     return ttrpc.socket_stream(host), guest
 
 
+def close_processes(sandbox: Sandbox) -> None:
+    """Close the agent's ends of every process's stdio (the test closes the ends it played)."""
+    for container in sandbox.containers.values():
+        for proc in [container.init, *container.execs.values()]:
+            if proc is not None:
+                proc.stdio.close()
+
+
 def fake_process(sandbox: Sandbox, cid: str = "c1") -> tuple[Process, tuple[int, int, int]]:
     """A container whose init has real pipes but no real child: the test plays the child with the
     returned (stdin read end, stdout write end, stderr write end), and ends it with proc.exit.set()."""

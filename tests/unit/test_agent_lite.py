@@ -54,6 +54,7 @@ def pair() -> Iterator[tuple[LiteAgent, Recorder]]:
     yield LiteAgent(client, timeout=5), rec
     client.close()
     server.shutdown()
+    a.close()
 
 
 def test_every_call_parses_as_the_generated_message(pair: tuple[LiteAgent, Recorder]) -> None:

@@ -12,7 +12,7 @@ import pytest
 from kata import ttrpc
 from kata.agent.client import AgentClient, AgentError, StreamEOF
 from kata.guest.agent.sandbox import Sandbox
-from tests.unit.guest_fakes import agent_server, serve_on_socketpair
+from tests.unit.guest_fakes import agent_server, close_processes, serve_on_socketpair
 from tests.unit.guest_fakes import fake_process as _fake_process
 
 
@@ -27,6 +27,7 @@ def agent(tmp_path: Path) -> Iterator[tuple[AgentClient, Sandbox]]:
         client.close()
         server.shutdown()
         guest.close()
+        close_processes(sandbox)
 
 
 def test_health_and_version(agent: tuple[AgentClient, Sandbox]) -> None:

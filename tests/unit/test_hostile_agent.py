@@ -19,6 +19,7 @@ import functools
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -495,6 +496,8 @@ def run_monitor_case(seed: int, workdir: Path) -> str:
     configured = True
     try:
         monitor.configure(conf, timeout=HARD_LIMIT)
+        for _ in range(rng.choice([0, 0, 1, 3])):  # forwarded to the agent, whose answers are hostile too
+            monitor.proc.send_signal(rng.choice([signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1]))
     except MonitorError as exc:
         configured = False
         assert str(exc).isprintable(), f"{what}: {exc!r}"

@@ -29,7 +29,7 @@ from kata.shim.process import Process as ShimProcess
 from kata.shim.service import SERVICE as TASK_SERVICE
 from kata.shim.service import TaskService
 from kata.shim.stdio import StdioPaths
-from tests.unit.guest_fakes import agent_server, fake_process, serve_on_socketpair
+from tests.unit.guest_fakes import agent_server, close_processes, fake_process, serve_on_socketpair
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -130,6 +130,7 @@ def guest(tmp_path: Path) -> Iterator[Guest]:
     deadline = time.monotonic() + 10
     while _long_poll_threads() and time.monotonic() < deadline:
         time.sleep(0.02)
+    close_processes(sandbox)
     assert _long_poll_threads() == 0
 
 

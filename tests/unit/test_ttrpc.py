@@ -207,6 +207,7 @@ def test_expired_deadline_is_not_run_by_the_server() -> None:
         s.calls.gate.set()
         s.client.close()
         s.server.shutdown()
+        s.server_stream.close()
 
 
 def test_remote_errors_map_to_codes(setup: Setup) -> None:
@@ -511,6 +512,7 @@ def test_fallback_forwards_raw_payloads_and_wait_idle() -> None:
             t.join()
     assert server.wait_idle(5.0) is True
     server.shutdown()
+    a.close()
 
 
 # --- long-poll methods, asynchronous calls, writes to a peer that does not read ----------------------
