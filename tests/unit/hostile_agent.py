@@ -110,7 +110,9 @@ def frame_of(stream_id: int, payload: bytes, msg_type: int = frame.TYPE_RESPONSE
 def valid_answer(rng: random.Random, method: str, payload: bytes) -> bytes:
     """What the method's response type can carry, with values no honest agent would send."""
     if method == "Check":
-        return hpb.HealthCheckResponse(status=rng.choice([0, 1, 2])).SerializeToString()
+        health = hpb.HealthCheckResponse
+        serving = rng.choice([health.UNKNOWN, health.SERVING, health.NOT_SERVING])
+        return health(status=serving).SerializeToString()
     if method == "Version":
         return hpb.VersionCheckResponse(agent_version=utf8_text(rng, 100000)).SerializeToString()
     if method == "WaitProcess":
@@ -301,19 +303,10 @@ class Reply:
 
 def make_plan(rng: random.Random, length: int, stall: bool = False) -> list[Reply]:
     """``length`` replies; with ``stall``, one of the first two (which every case reaches) never comes."""
-    total = sum(w for _, w in KINDS) + sum(w for _, w in SILENT_KINDS)
     plan = []
     for _ in range(length):
-        pick = rng.uniform(0, total)
-        for kind, weight in KINDS:
-            pick -= weight
-            if pick < 0:
-                plan.append(Reply(_name(kind), kind(random.Random(rng.random()))))
-                break
-        else:
-            talking = [k for k, _ in SILENT_KINDS]
-            kind_ = rng.choices(talking, weights=[w for _, w in SILENT_KINDS])[0]
-            plan.append(Reply(_name(kind_), kind_(random.Random(rng.random()), False)))
+        name, kind, _ = rng.choices(_CHOICES, weights=[c[2] for c in _CHOICES])[0]
+        plan.append(Reply(name, kind(random.Random(rng.random()), False)))
     if stall:
         silent = rng.choices([k for k, _ in SILENT_KINDS], weights=_SILENT_WEIGHTS)[0]
         build = silent(random.Random(rng.random()), True)
@@ -321,8 +314,17 @@ def make_plan(rng: random.Random, length: int, stall: bool = False) -> list[Repl
     return plan
 
 
+def _talking(kind: Kind) -> SilentKind:
+    return lambda rng, silent: kind(rng)
+
+
 def _name(kind: Callable[..., Builder]) -> str:
     return kind.__name__.strip("_")
+
+
+# Every kind an ordinary plan draws from: (name, how to build it, weight).
+_CHOICES: list[tuple[str, SilentKind, float]] = [
+    *((_name(k), _talking(k), w) for k, w in KINDS), *((_name(k), k, w) for k, w in SILENT_KINDS)]
 
 
 # ---- the peer -------------------------------------------------------------------------------------------
