@@ -15,13 +15,6 @@ class KataError(Exception):
 USER_ERRORS: tuple[type[BaseException], ...] = (KataError, TimeoutError)
 
 
-def one_line(text: str) -> str:
-    """``text`` as one line for the user: its first line, with every character that is not printable
-    escaped (a character that some terminals, or ``str.splitlines``, take for a line break included)."""
-    first = text.splitlines()[0] if text else ""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in first)
-
-
 def strerror(exc: OSError) -> str:
     """An OSError's reason as Go's errors print it, which runc's messages carry: "no such file or
     directory", not "No such file or directory"."""

@@ -27,10 +27,11 @@ import tty
 from typing import Any
 
 from kata import ttrpc
-from kata.agent import relay
+from kata.agent import proxy, relay
 from kata.agent.endpoint import AgentEndpoint
 from kata.agent.lite import LiteAgent
 from kata.agent.transport import connect
+from kata.utils.text import one_line, thread_failure
 
 # What the monitor exits with when the guest (or the connection to it) is gone: Kata's choice.
 VM_GONE_STATUS = 255
@@ -88,16 +89,11 @@ class Monitor:
             except ttrpc.TTRPCError as exc:
                 if exc.code != ttrpc.Code.DEADLINE_EXCEEDED or time.monotonic() > deadline:
                     raise
+                time.sleep(0.01)  # an agent that answers "deadline exceeded" at once must not make us spin
 
     def serve_proxy(self) -> None:
-        """Forward every call on the proxy socket to the agent, as it is."""
+        """Forward every call on the proxy socket to the agent, as it is (kata.agent.proxy)."""
         assert self.agent is not None
-        client = self.agent.client
-
-        def forward(ctx: ttrpc.Context, payload: bytes) -> bytes:
-            left = None if ctx.deadline is None else max(0.001, ctx.deadline - time.monotonic())
-            return client.call_raw(ctx.service, ctx.method, payload, left, ctx.metadata or None)
-
         path = self.conf["proxy"]
         try:
             os.unlink(path)
@@ -107,8 +103,7 @@ class Monitor:
         listener.bind(path)
         os.chmod(path, 0o600)
         listener.listen(64)
-        self.server = ttrpc.Server(max_workers=256)
-        self.server.set_fallback(forward)
+        self.server = proxy.forwarding_server(self.agent.client)
         threading.Thread(target=self.server.serve_listener, args=(listener,), daemon=True).start()
 
     def open_terminal(self) -> None:
@@ -193,6 +188,7 @@ class Monitor:
 
     # ---- the life of the process -----------------------------------------------------------
     def wait(self) -> int:
+        """The process's exit status; VM_GONE_STATUS when it cannot be known."""
         assert self.agent is not None
         result: list[int] = []
 
@@ -200,6 +196,9 @@ class Monitor:
             try:
                 result.append(self.agent.wait(self.cid, self.exec_id))  # type: ignore[union-attr]
             except ttrpc.TTRPCError:
+                result.append(VM_GONE_STATUS)  # the agent is gone, or its answer made no sense
+            except Exception as exc:  # noqa: BLE001 - a bug must not leave us without a status
+                report(f"waiting for the process: {one_line(exc)}")
                 result.append(VM_GONE_STATUS)
 
         w = threading.Thread(target=waiter, daemon=True)
@@ -209,6 +208,32 @@ class Monitor:
         for t in self.outputs:
             t.join(10.0)
         return result[0]
+
+    def stop_proxy(self) -> None:
+        if self.server is None:
+            return
+        # The container's other processes died with it: their monitors, connected through us, get
+        # their statuses before the agent connection goes (briefly: we stand for a process that ended).
+        self.server.wait_idle(1.0)
+        self.server.shutdown()
+        try:
+            os.unlink(self.conf["proxy"])
+        except OSError:
+            pass
+
+
+def report(text: str) -> None:
+    """One line on our stderr (the container's, unless it has a terminal): never a traceback."""
+    try:
+        os.write(2, f"kata-monitor: {text}\n".encode(errors="replace"))
+    except OSError:
+        pass
+
+
+def _thread_died(args: threading.ExceptHookArgs) -> None:
+    failure = thread_failure(args)
+    if failure is not None:
+        report(failure)
 
 
 def _reply(control: socket.socket, text: str) -> None:
@@ -225,51 +250,55 @@ def run(control: socket.socket) -> int:
     conf = json.loads(line)
     mon = Monitor(conf)
     try:
-        if conf.get("foreground"):
-            # Our own process group, in the terminal's foreground: a Ctrl-C reaches us once (we
-            # forward it), not also our caller (which would forward it a second time).
-            os.setpgid(0, 0)
-            if os.isatty(0):
-                signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-                os.tcsetpgrp(0, os.getpgrp())
-                signal.signal(signal.SIGTTOU, signal.SIG_DFL)
-        else:
-            os.setsid()  # detached from the caller's terminal and session
-        mon.connect()
-        assert mon.agent is not None
-        if conf["role"] == "init":
-            mon.serve_proxy()
-        if mon.terminal:
-            mon.open_terminal()
-        if conf["role"] == "exec":
-            mon.agent.exec_process(mon.cid, mon.exec_id, json.dumps(conf["process"]).encode())
-        mon.install_signal_handlers()
-        mon.start_relay()
-        if mon.terminal and conf.get("foreground"):
-            mon.resize()
-    except Exception as exc:  # everything the parent must report: one line
-        _reply(control, f"error {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
-        return VM_GONE_STATUS
-    _reply(control, "ok")
-    control.close()
-    status = mon.wait()
-    if mon.server is not None:
-        # The container's other processes died with it: their monitors, connected through us, get
-        # their statuses before the agent connection goes (briefly: we stand for a process that ended).
-        mon.server.wait_idle(1.0)
-        mon.server.shutdown()
         try:
-            os.unlink(conf["proxy"])
-        except OSError:
-            pass
-    return status
+            _bring_up(mon, conf)
+        except Exception as exc:  # everything the parent must report: one line
+            _reply(control, f"error {one_line(exc)}")
+            return VM_GONE_STATUS
+        _reply(control, "ok")
+        control.close()
+        return mon.wait()
+    finally:
+        mon.stop_proxy()
+
+
+def _bring_up(mon: Monitor, conf: dict[str, Any]) -> None:
+    if conf.get("foreground"):
+        # Our own process group, in the terminal's foreground: a Ctrl-C reaches us once (we
+        # forward it), not also our caller (which would forward it a second time).
+        os.setpgid(0, 0)
+        if os.isatty(0):
+            signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+            os.tcsetpgrp(0, os.getpgrp())
+            signal.signal(signal.SIGTTOU, signal.SIG_DFL)
+    else:
+        os.setsid()  # detached from the caller's terminal and session
+    mon.connect()
+    assert mon.agent is not None
+    if conf["role"] == "init":
+        mon.serve_proxy()
+    if mon.terminal:
+        mon.open_terminal()
+    if conf["role"] == "exec":
+        mon.agent.exec_process(mon.cid, mon.exec_id, json.dumps(conf["process"]).encode())
+    mon.install_signal_handlers()
+    mon.start_relay()
+    if mon.terminal and conf.get("foreground"):
+        mon.resize()
 
 
 def main() -> None:
     # argv: --control-fd N -- LABEL... (the label only tells `ps` readers what this stands for)
-    control = socket.socket(fileno=int(sys.argv[2]))
-    status = run(control)
-    sys.stdout.flush()
+    threading.excepthook = _thread_died
+    try:
+        status = run(socket.socket(fileno=int(sys.argv[2])))
+    except BaseException as exc:  # noqa: BLE001 - whatever happened, one line and a status that says "unknown"
+        report(one_line(exc))
+        status = VM_GONE_STATUS
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
     os._exit(status & 0xFF if status >= 0 else VM_GONE_STATUS)
 
 

@@ -10,17 +10,16 @@ from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
 
 from kata import ttrpc
+from kata.agent.endpoint import AGENT_SERVICE, HEALTH_SERVICE, LONG_POLL_METHODS
 from kata.errors import KataError
 from kata.protocols import agent_pb2 as pb
 from kata.protocols import health_pb2 as hpb
 
-AGENT_SERVICE = "grpc.AgentService"
-HEALTH_SERVICE = "grpc.Health"
 # The agent's answer to ReadStdout/ReadStderr once the stream has ended (gRPC's "read past end").
 EOF_CODE = ttrpc.Code.OUT_OF_RANGE
 
 R = TypeVar("R", bound=Message)
-# Calls that block by design (WaitProcess, ReadStdout/ReadStderr) pass None: no deadline.
+# The client's timeout, or none for a long-poll method (which waits as long as its process does).
 _DEFAULT = -1.0
 
 
@@ -61,9 +60,10 @@ class AgentClient:
         self, method: str, req: Message, resp_type: type[R], timeout: float | None = _DEFAULT,
         service: str = AGENT_SERVICE,
     ) -> R:
+        if timeout == _DEFAULT:
+            timeout = None if service == AGENT_SERVICE and method in LONG_POLL_METHODS else self.timeout
         try:
-            return self._client.call(service, method, req, resp_type,
-                                     timeout=self.timeout if timeout == _DEFAULT else timeout)
+            return self._client.call(service, method, req, resp_type, timeout=timeout)
         except ttrpc.TTRPCError as e:
             raise AgentError(method, e.code, e.message) from None
 
@@ -131,9 +131,9 @@ class AgentClient:
         return self._call("SignalProcess", req, Empty)
 
     def wait_process(self, *, container_id: str, exec_id: str = "") -> pb.WaitProcessResponse:
-        """Blocks until the process exits: no deadline unless the client's default applies."""
+        """Blocks until the process exits: no deadline."""
         req = pb.WaitProcessRequest(container_id=container_id, exec_id=exec_id)
-        return self._call("WaitProcess", req, pb.WaitProcessResponse, timeout=None)
+        return self._call("WaitProcess", req, pb.WaitProcessResponse)
 
     def list_processes(
         self, *, container_id: str, format: str = "json", args: Iterable[str] = ()
@@ -157,6 +157,7 @@ class AgentClient:
 
     # stdio ----------------------------------------------------------------------------------
     def write_stdin(self, *, container_id: str, data: bytes, exec_id: str = "") -> pb.WriteStreamResponse:
+        """Blocks until the process has room for ``data`` in its stdin: no deadline."""
         req = pb.WriteStreamRequest(container_id=container_id, exec_id=exec_id, data=data)
         return self._call("WriteStdin", req, pb.WriteStreamResponse)
 
@@ -164,7 +165,7 @@ class AgentClient:
         req = pb.ReadStreamRequest(container_id=container_id, exec_id=exec_id, len=length)
         try:
             # Blocks until the process writes: no deadline.
-            return self._call(method, req, pb.ReadStreamResponse, timeout=None)
+            return self._call(method, req, pb.ReadStreamResponse)
         except AgentError as e:
             if e.code == EOF_CODE:
                 raise StreamEOF(f"{method} {container_id}/{exec_id or 'init'}: end of stream") from None
@@ -213,7 +214,7 @@ class AgentClient:
 
     def get_oom_event(self) -> pb.OOMEvent:
         """Blocks until a container is killed for lack of memory: no deadline."""
-        return self._call("GetOOMEvent", pb.GetOOMEventRequest(), pb.OOMEvent, timeout=None)
+        return self._call("GetOOMEvent", pb.GetOOMEventRequest(), pb.OOMEvent)
 
     def online_cpu_mem(self, *, wait: bool = False, nb_cpus: int = 0, cpu_only: bool = False,
                        mem_mib: int = 0) -> Empty:

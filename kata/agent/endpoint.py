@@ -9,6 +9,14 @@ AGENT_VSOCK_PORT = 1024
 # Name of the virtio-serial port in the guest (/sys/class/virtio-ports/*/name).
 AGENT_SERIAL_PORT_NAME = "agent.channel.0"
 
+# The agent's ttrpc services.
+AGENT_SERVICE = "grpc.AgentService"
+HEALTH_SERVICE = "grpc.Health"
+# The agent's long-poll methods: each waits as long as a process or its streams take (an exit, output,
+# room in a stdin nobody reads, an OOM kill). The agent serves each such call on a thread of its own,
+# clients call them without a deadline, and every other call gets one (the monitor's proxy included).
+LONG_POLL_METHODS = frozenset({"WaitProcess", "ReadStdout", "ReadStderr", "WriteStdin", "GetOOMEvent"})
+
 
 # A NamedTuple, not a dataclass: the guest agent imports this module for its constants, and
 # dataclasses (with inspect) is a measurable share of the agent's start-up under TCG.

@@ -11,6 +11,9 @@ from typing import Any
 from kata.cli.lifecycle import store
 from kata.runtime.records import ContainerRecord
 
+# A `ps` line is a process's row: its command line can be long, but not without bound.
+_PS_LINE_LIMIT = 4096
+
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("state", help="print the state of a container as JSON")
@@ -74,9 +77,13 @@ def ps(args: argparse.Namespace) -> int:
         pids = [rec.pid, *(p.pid for p in rec.live_execs().values())]
         print(json.dumps(pids))
         return 0
+    from kata.utils.text import printable
+
     with agent_of(rec) as agent:
         listing = agent.list_processes(container_id=rec.id, format="table", args=args.ps_args or ["-ef"])
-    sys.stdout.write(listing.process_list.decode(errors="replace"))
+    # The guest writes this table: each line is printed escaped (no terminal control) and bounded.
+    lines = listing.process_list.decode(errors="replace").splitlines()
+    sys.stdout.write("".join(printable(line, _PS_LINE_LIMIT) + "\n" for line in lines))
     return 0
 
 

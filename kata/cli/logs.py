@@ -9,24 +9,17 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from typing import TextIO
+
+from kata.utils.logfmt import LogfmtFormatter, timestamp
 
 LOGGER_NAME = "kata"
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        t = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        line = {"level": record.levelname.lower(), "msg": record.getMessage(),
-                "time": f"{t}.{int(record.msecs * 1e6):09d}Z"}
+        line = {"level": record.levelname.lower(), "msg": record.getMessage(), "time": timestamp(record)}
         return json.dumps(line)
-
-
-class TextFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        t = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        return f'time="{t}Z" level={record.levelname.lower()} msg="{record.getMessage()}"'
 
 
 def setup(log_path: str | None, log_format: str, debug: bool) -> logging.Logger:
@@ -38,7 +31,7 @@ def setup(log_path: str | None, log_format: str, debug: bool) -> logging.Logger:
     if log_path:
         stream = open(log_path, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
         handler: logging.Handler = logging.StreamHandler(stream)
-        handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+        handler.setFormatter(JsonFormatter() if log_format == "json" else LogfmtFormatter())
         logger.addHandler(handler)
     else:
         # Without a log file, warnings (e.g. the one-time fall-back to TCG) still reach the user.
@@ -46,7 +39,7 @@ def setup(log_path: str | None, log_format: str, debug: bool) -> logging.Logger:
         handler.setLevel(logging.DEBUG if debug else logging.WARNING)
         # Errors are printed once, as the command's one-line message (see main).
         handler.addFilter(lambda record: record.levelno < logging.ERROR)
-        handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+        handler.setFormatter(JsonFormatter() if log_format == "json" else LogfmtFormatter())
         logger.addHandler(handler)
     return logger
 

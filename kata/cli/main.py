@@ -8,7 +8,8 @@ from collections.abc import Sequence
 
 from kata import __version__
 from kata.cli import logs
-from kata.errors import USER_ERRORS, one_line, strerror
+from kata.errors import USER_ERRORS, strerror
+from kata.utils.text import one_line
 from kata.utils.usage import Parser, UsageError
 
 # Each module adds its verbs with add_parser(subparsers); a verb's parser sets func(args) -> int.
@@ -88,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.close()
         return 1
     except Exception as exc:  # every failure is one line for the user; details go to the log
-        msg = one_line(str(exc)) or type(exc).__name__
+        msg = one_line(exc)
         if not isinstance(exc, USER_ERRORS):
             msg = f"internal error: {type(exc).__name__}: {msg}"
             log.debug("traceback", exc_info=True)

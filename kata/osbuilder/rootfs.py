@@ -79,7 +79,8 @@ class RootfsSpec:
     guest_code: tuple[str, ...] = (
         "kata/__init__.py", "kata/ttrpc", "kata/protocols", "kata/agent/__init__.py",
         "kata/agent/endpoint.py", "kata/oci/__init__.py", "kata/oci/default_spec.py",
-        "kata/utils/__init__.py", "kata/utils/mount.py", "kata/utils/ids.py", "kata/guest",
+        "kata/utils/__init__.py", "kata/utils/mount.py", "kata/utils/ids.py", "kata/utils/text.py",
+        "kata/guest",
     )  # fmt: skip
     # Files, or directories skipped whole: the host's build tools and containerd's and CRI's APIs.
     guest_code_skip: tuple[str, ...] = ("kata/protocols/build.py", "kata/protocols/containerd_protos.py",

@@ -26,16 +26,19 @@ class PendingMonitor:
     """A monitor started ahead of time: Python's start-up overlaps the VM's, and the monitor waits
     for its configuration. It inherits our stdio, which it relays."""
 
-    def __init__(self, label: list[str]) -> None:
-        """``label`` ends its argv, so that `ps` shows which container it stands for. Never the
-        container's command: host command lines are readable by every local user."""
+    def __init__(self, label: list[str], stdio: tuple[int | None, int | None, int | None] = (None, None, None)
+                 ) -> None:
+        """``label`` ends its argv, so that `ps` shows which container it stands for (never the
+        container's command: host command lines are readable by every local user); ``stdio``: the
+        descriptors it relays, when not ours."""
         self._control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = dict(os.environ, PYTHONPATH=_PACKAGE_PARENT)
         env.pop("PYTHONSTARTUP", None)
         argv = [sys.executable, "-S", "-m", "kata.monitor", "--control-fd", str(theirs.fileno()), "--",
                 *label]
         try:
-            self.proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), env=env, close_fds=True)
+            self.proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), env=env, close_fds=True,
+                                         stdin=stdio[0], stdout=stdio[1], stderr=stdio[2])
         except OSError as exc:
             self._control.close()
             raise MonitorError(f"cannot start the container's monitor: {exc}") from exc

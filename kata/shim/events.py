@@ -33,6 +33,9 @@ TASK_PAUSED = "/tasks/paused"
 TASK_RESUMED = "/tasks/resumed"
 
 _CALL_TIMEOUT = 5.0
+# Events the guest causes at its own pace (OOM kills) that may wait for containerd at once; beyond
+# this they are dropped. The shim's own lifecycle events (create, start, exit, delete...) never are.
+GUEST_BACKLOG = 64
 log = logging.getLogger("kata.shim")
 
 
@@ -45,13 +48,27 @@ class Publisher:
     def __init__(self, address: str, namespace: str) -> None:
         self.address = address.removeprefix("unix://")
         self.namespace = namespace
-        self._queue: queue.Queue[tuple[str, Message, float] | threading.Event | None] = queue.Queue()
+        # (topic, event, time, from the guest), a flush marker, or the end.
+        self._queue: queue.Queue[tuple[str, Message, float, bool] | threading.Event | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._from_guest = 0  # guest-caused events in the queue
+        self._dropped = 0
         self._client: ttrpc.Client | None = None
         self._thread = threading.Thread(target=self._run, name="events", daemon=True)
         self._thread.start()
 
-    def publish(self, topic: str, event: Message) -> None:
-        self._queue.put((topic, event, time.time()))
+    def publish(self, topic: str, event: Message, from_guest: bool = False) -> None:
+        """Queue an event for containerd. ``from_guest``: one the guest causes at a pace it chooses,
+        dropped (with a warning) while GUEST_BACKLOG of them wait already."""
+        if from_guest:
+            with self._lock:
+                if self._from_guest >= GUEST_BACKLOG:
+                    self._dropped += 1
+                    if self._dropped == 1:
+                        log.warning(f"event {topic}: dropped: {GUEST_BACKLOG} from the guest wait already")
+                    return
+                self._from_guest += 1
+        self._queue.put((topic, event, time.time(), from_guest))
 
     def flush(self, timeout: float = 10.0) -> None:
         done = threading.Event()
@@ -72,11 +89,17 @@ class Publisher:
             if isinstance(item, threading.Event):
                 item.set()
                 continue
-            topic, event, at = item
+            topic, event, at, from_guest = item
             try:
                 self._forward(topic, event, at)
             except Exception as exc:  # noqa: BLE001 - a lost event is logged; the shim goes on
                 log.warning(f"event {topic}: not delivered to containerd: {exc}")
+            if from_guest:
+                with self._lock:
+                    self._from_guest -= 1
+                    if not self._from_guest and self._dropped:
+                        log.warning(f"{self._dropped} guest events were dropped while containerd was slow")
+                        self._dropped = 0
 
     def _forward(self, topic: str, event: Message, at: float) -> None:
         envelope = events_pb2.Envelope(namespace=self.namespace, topic=topic, event=pack(event))

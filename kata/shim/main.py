@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kata import __version__
-from kata.errors import KataError, one_line
+from kata.errors import KataError
+from kata.utils.text import one_line
 from kata.utils.usage import Parser
 
 NAME = "containerd-shim-kata-v2"
@@ -52,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             raise KataError("an action is required: start or delete (containerd runs the shim)")
     except KataError as exc:
-        print(f"{NAME}: {one_line(str(exc)) or type(exc).__name__}", file=sys.stderr)
+        print(f"{NAME}: {one_line(exc)}", file=sys.stderr)
         code = 1
     sys.stdout.flush()
     sys.exit(code)

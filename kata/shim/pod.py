@@ -22,9 +22,11 @@ from kata.agent.lite import LiteAgent
 from kata.core.paths import validate_sandbox_id
 from kata.errors import KataError
 from kata.shim import events, rootfs
+from kata.shim.oom import OomForwarder
 from kata.shim.process import CREATED, PAUSED, RUNNING, STOPPED, VM_GONE_STATUS, Process
 from kata.shim.stdio import StdioPaths
 from kata.specconv import container_growth, pod_resources, pod_role
+from kata.utils.text import one_line
 
 if TYPE_CHECKING:
     from kata.agent.client import AgentClient
@@ -201,7 +203,10 @@ class Pod:
             timings.mark("network_mirrored")
         self._watcher = threading.Thread(target=self._watch_vm, name="vm-watch", daemon=True)
         self._watcher.start()
-        threading.Thread(target=self._forward_ooms, args=(self.agent,), name="oom", daemon=True).start()
+        agent = self.agent
+        ooms = OomForwarder(lambda: agent.get_oom_event().container_id, self.tasks.__contains__,
+                            self._report_oom)
+        threading.Thread(target=ooms.run, name="oom", daemon=True).start()
 
     def _mirror(self, netns_path: str) -> None:
         from kata.runtime import networking
@@ -427,15 +432,11 @@ class Pod:
             self._teardown()
             return True
 
-    def _forward_ooms(self, agent: AgentClient) -> None:
-        """The guest's OOM kills become /tasks/oom events, for as long as the agent connection lasts."""
-        while True:
-            try:
-                cid = agent.get_oom_event().container_id
-            except KataError:
-                return  # the connection is gone (or an agent without the call)
-            log.info(f"task {cid}: out of memory")
-            self._publish(events.TASK_OOM, _pb().TaskOOM(container_id=cid))
+    def _report_oom(self, cid: str) -> None:
+        """A task's OOM kill, as the guest reports it (kata.shim.oom filters and paces them)."""
+        log.info(f"task {cid}: out of memory")
+        if self.publisher is not None:
+            self.publisher.publish(events.TASK_OOM, _pb().TaskOOM(container_id=cid), from_guest=True)
 
     # ---- faults --------------------------------------------------------------------------------
     def _watch_vm(self) -> None:
@@ -445,7 +446,11 @@ class Pod:
             sandbox = self.sandbox
             if sandbox is None:
                 return
-            problem = _vm_problem(sandbox)
+            try:
+                problem = _vm_problem(sandbox)
+            except Exception as exc:  # noqa: BLE001 - a failed look is no verdict: look again
+                log.warning(f"pod {self.sandbox_id}: cannot check its VM: {one_line(exc)}")
+                continue
             if problem:
                 break
         log.error(f"pod {self.sandbox_id}: {problem}; its tasks are reported exited")

@@ -7,6 +7,7 @@ client that sees the exit has all the output (containerd's clients wait on both)
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -16,6 +17,7 @@ from kata import ttrpc
 from kata.agent import relay
 from kata.agent.lite import LiteAgent
 from kata.shim.stdio import ProcessIO, StdinOpener, StdioPaths, open_outputs
+from kata.utils.text import one_line
 
 # What a process's exit reads when the VM (or the connection to the agent) is gone: Kata's choice.
 VM_GONE_STATUS = 255
@@ -23,6 +25,7 @@ VM_GONE_STATUS = 255
 _DRAIN_TIMEOUT = 10.0
 
 CREATED, RUNNING, STOPPED, PAUSED = "created", "running", "stopped", "paused"
+log = logging.getLogger("kata.shim")
 
 
 class Process:
@@ -98,22 +101,34 @@ class Process:
 
     # ---- life --------------------------------------------------------------------------------
     def watch(self, agent: LiteAgent, on_exit: Callable[[Process], None]) -> None:
-        """From a started process on: wait for its exit on a thread of its own, then call on_exit."""
+        """From a started process on: wait for its exit on a thread of its own, then call on_exit.
+        The exit is recorded whatever the agent answers: containerd's Wait must end."""
+        name = self.exec_id or self.container_id
+
         def waiter() -> None:
             try:
                 status, self.oom_killed = agent.wait_exit(self.container_id, self.exec_id)
             except ttrpc.TTRPCError:
+                status = VM_GONE_STATUS  # the VM is gone, or its answer made no sense
+            except Exception as exc:  # noqa: BLE001 - a bug must not leave the process running for ever
+                log.error(f"process {name}: waiting for its exit: {one_line(exc)}")
                 status = VM_GONE_STATUS
             self.finish(status)
-            on_exit(self)
+            try:
+                on_exit(self)
+            except Exception as exc:  # noqa: BLE001 - one line in the log, never a thread's traceback
+                log.error(f"process {name}: reporting its exit: {one_line(exc)}")
 
-        threading.Thread(target=waiter, name=f"wait-{self.exec_id or self.container_id}", daemon=True).start()
+        threading.Thread(target=waiter, name=f"wait-{name}", daemon=True).start()
 
     def finish(self, status: int) -> None:
         """Record the exit (once): output drained and stdio closed first."""
         if self._exited.is_set():
             return
-        self._close_io()
+        try:
+            self._close_io()
+        except Exception as exc:  # noqa: BLE001 - the exit is recorded all the same: Wait must end
+            log.error(f"process {self.exec_id or self.container_id}: closing its stdio: {one_line(exc)}")
         self.exit_status = status & 0xFF if status >= 0 else VM_GONE_STATUS
         self.exited_at = time.time()
         self.status = STOPPED

@@ -18,7 +18,7 @@ from google.protobuf.message import Message
 
 from kata import __version__, ttrpc
 from kata.core.paths import InvalidIdError, validate_id
-from kata.errors import KataError, one_line
+from kata.errors import KataError
 from kata.oci.spec import OCIError, validate_process, validate_resources
 from kata.protocols.containerd.api.types.task import task_pb2 as types
 from kata.protocols.containerd.runtime.v2.task import shim_pb2 as pb
@@ -27,6 +27,7 @@ from kata.shim.options import config_path
 from kata.shim.pod import CreateParams, Pod, ShimError
 from kata.shim.process import Process
 from kata.shim.stdio import StdioPaths
+from kata.utils.text import one_line
 
 SERVICE = "containerd.task.v2.Task"
 _STATUS = {"created": types.CREATED, "running": types.RUNNING, "stopped": types.STOPPED,
@@ -71,8 +72,9 @@ class TaskService:
         self.default_config = default_config
 
     def methods(self) -> dict[str, ttrpc.Method[Any]]:
-        def m(req_type: type[Message], fn: Callable[[Any], Message]) -> ttrpc.Method[Any]:
-            return ttrpc.Method(req_type, lambda _ctx, req: self._guard(fn, req))
+        def m(req_type: type[Message], fn: Callable[[Any], Message],
+              blocking: bool = False) -> ttrpc.Method[Any]:
+            return ttrpc.Method(req_type, lambda _ctx, req: self._guard(fn, req), blocking)
 
         return {
             "State": m(pb.StateRequest, self.state),
@@ -88,7 +90,8 @@ class TaskService:
             "ResizePty": m(pb.ResizePtyRequest, self.resize_pty),
             "CloseIO": m(pb.CloseIORequest, self.close_io),
             "Update": m(pb.UpdateTaskRequest, self.update),
-            "Wait": m(pb.WaitRequest, self.wait),
+            # containerd waits for every process here, as long as it runs: a long-poll call.
+            "Wait": m(pb.WaitRequest, self.wait, blocking=True),
             "Stats": m(pb.StatsRequest, self.stats),
             "Connect": m(pb.ConnectRequest, self.connect),
             "Shutdown": m(pb.ShutdownRequest, self.shutdown),
@@ -102,16 +105,17 @@ class TaskService:
             _check_ids(req)
             return fn(req)
         except ShimError as exc:
-            raise ttrpc.TTRPCError(exc.code, one_line(str(exc))) from None
+            raise ttrpc.TTRPCError(exc.code, one_line(exc)) from None
         except ttrpc.TTRPCError as exc:
-            raise ttrpc.TTRPCError(exc.code, one_line(str(exc))) from None
+            raise ttrpc.TTRPCError(exc.code, one_line(exc)) from None
         except InvalidIdError as exc:
-            raise ttrpc.TTRPCError(ttrpc.Code.INVALID_ARGUMENT, one_line(str(exc))) from None
+            raise ttrpc.TTRPCError(ttrpc.Code.INVALID_ARGUMENT, one_line(exc)) from None
         except KataError as exc:
             log.warning(f"{fn.__name__}: {exc}")
-            raise ttrpc.TTRPCError(ttrpc.Code.UNKNOWN, one_line(str(exc))) from None
+            raise ttrpc.TTRPCError(ttrpc.Code.UNKNOWN, one_line(exc)) from None
         except Exception as exc:
-            log.exception(f"{fn.__name__} failed")
+            log.error(f"{fn.__name__}: internal error: {type(exc).__name__}: {one_line(exc)}")
+            log.debug(f"{fn.__name__}: traceback", exc_info=True)
             raise ttrpc.TTRPCError(ttrpc.Code.INTERNAL, one_line(f"{type(exc).__name__}: {exc}")) from None
 
     # ---- RPCs ----------------------------------------------------------------------------------

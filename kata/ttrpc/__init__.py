@@ -4,18 +4,34 @@ Kept free of asyncio, logging and concurrent.futures: the guest agent imports th
 those imports alone cost most of a second.
 """
 
-from kata.ttrpc.client import Client
+from typing import TYPE_CHECKING
+
 from kata.ttrpc.errors import Code, ConnectionClosed, TTRPCError
-from kata.ttrpc.server import Context, Handler, Method, Server
+from kata.ttrpc.server import Context, Forwarder, Handler, Method, Reply, Server
 from kata.ttrpc.stream import Stream, fd_stream, socket_stream
+
+if TYPE_CHECKING:
+    from kata.ttrpc.client import Client
+
+
+def __getattr__(name: str) -> object:
+    # The client is loaded on first use: the guest agent only serves, and its start-up is timed.
+    if name == "Client":
+        from kata.ttrpc.client import Client
+
+        return Client
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Client",
     "Code",
     "ConnectionClosed",
     "Context",
+    "Forwarder",
     "Handler",
     "Method",
+    "Reply",
     "Server",
     "Stream",
     "TTRPCError",

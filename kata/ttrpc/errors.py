@@ -36,9 +36,16 @@ def to_code(value: int) -> Code:
 
 
 class TTRPCError(Exception):
-    """A call failed with a non-OK status, locally or on the remote side."""
+    """A call failed with a non-OK status, locally or on the remote side.
+
+    The message is always one printable line of bounded length: a peer's status message (which a
+    hostile guest writes) enters the host here, and is escaped and cut before anyone shows or logs it.
+    """
 
     def __init__(self, code: Code, message: str) -> None:
+        from kata.utils.text import printable  # here, not at import: the guest agent starts faster
+
+        message = printable(message)
         super().__init__(code, message)
         self.code = code
         self.message = message

@@ -1,4 +1,10 @@
-"""The ttrpc server: decodes requests on a stream and runs each handler on a worker thread."""
+"""The ttrpc server: decodes requests on a stream and runs each handler on a worker thread.
+
+Handlers share a bounded pool of workers, except long-poll methods (``Method(..., blocking=True)``),
+which wait without bound (for a process's exit or output): each such call runs on a thread of its own,
+so that any number of them leave the pool free for everything else. A forwarding proxy's fallback
+holds no thread at all while its call is away.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ from kata.ttrpc import frame
 from kata.ttrpc.envelope import DecodeError, Message, Request, Response, Status, error_response
 from kata.ttrpc.errors import Code, ProtocolError, TTRPCError
 from kata.ttrpc.stream import Stream, socket_stream
-from kata.ttrpc.workers import WorkerPool
+from kata.ttrpc.workers import WorkerPool, start_thread
 
 
 class Context:
@@ -31,8 +37,12 @@ class Context:
 
 
 Handler = Callable[[Context, Message], Message]
+# How a forwarded call ends: the response's payload, or the error to answer with.
+Reply = Callable[[bytes | TTRPCError], None]
 # Serves every service that has no registered methods, on serialized payloads: a forwarding proxy.
-RawHandler = Callable[[Context, bytes], bytes]
+# It runs on the connection's reader thread and must not block: it starts the call and calls
+# reply() exactly once, later, from any thread. If it raises instead, that is the answer.
+Forwarder = Callable[[Context, bytes, Reply], None]
 
 Req = TypeVar("Req", bound=Message)
 
@@ -42,13 +52,19 @@ class Method(Generic[Req]):
 
     Generic in the request type so a handler may take its own message type (Method(StringValue, echo))
     and still type-check; at run time the handler gets exactly request_type.
+
+    ``blocking``: a long-poll method, whose handler may wait without bound; each call gets a thread
+    of its own instead of one of the shared workers.
     """
 
-    __slots__ = ("request_type", "handler")
+    __slots__ = ("request_type", "handler", "blocking")
 
-    def __init__(self, request_type: type[Req], handler: Callable[[Context, Req], Message]) -> None:
+    def __init__(
+        self, request_type: type[Req], handler: Callable[[Context, Req], Message], blocking: bool = False
+    ) -> None:
         self.request_type = request_type
         self.handler = handler
+        self.blocking = blocking
 
 
 class _Connection:
@@ -79,14 +95,13 @@ class _Connection:
 
 
 class Server:
-    """Serves registered services on any number of streams at once; handlers share max_workers threads.
-
-    A handler that blocks (e.g. waiting for a process) holds one worker; the others keep serving.
+    """Serves registered services on any number of streams at once; handlers share max_workers threads,
+    long-poll methods have one each.
     """
 
     def __init__(self, max_workers: int = 32) -> None:
         self._services: dict[str, dict[str, Method[Any]]] = {}
-        self._fallback: RawHandler | None = None
+        self._fallback: Forwarder | None = None
         self._pool = WorkerPool(max_workers, "ttrpc-handler")
         self._lock = threading.Lock()
         self._connections: set[_Connection] = set()
@@ -98,9 +113,9 @@ class Server:
         with self._lock:
             self._services[name] = dict(methods)
 
-    def set_fallback(self, handler: RawHandler) -> None:
-        """Answer calls to unregistered services with ``handler`` (payload in, payload out)."""
-        self._fallback = handler
+    def set_fallback(self, forwarder: Forwarder) -> None:
+        """Answer calls to unregistered services through ``forwarder`` (see Forwarder)."""
+        self._fallback = forwarder
 
     def serve(self, stream: Stream) -> None:
         """Serve one stream until EOF or shutdown().
@@ -211,46 +226,69 @@ class Server:
             return
         received = time.monotonic()
         deadline = received + req.timeout_nano / 1e9 if req.timeout_nano > 0 else None
-        if not self._pool.submit(lambda: self._dispatch(conn, f.stream_id, req, deadline)):
-            conn.send(f.stream_id, error_response(Code.UNAVAILABLE, "server is shutting down"))
-
-    def _dispatch(self, conn: _Connection, stream_id: int, req: Request, deadline: float | None) -> None:
-        try:
-            payload = self._call(req, deadline)
-        except TTRPCError as exc:
-            conn.send(stream_id, error_response(exc.code, exc.message))
-            return
-        except BaseException as exc:  # noqa: BLE001 - any handler failure becomes a status, never a crash
-            conn.send(stream_id, error_response(Code.UNKNOWN, str(exc) or type(exc).__name__))
-            return
-        conn.send(stream_id, payload)
-
-    def _call(self, req: Request, deadline: float | None) -> bytes:
-        """The serialized Response for req; raises TTRPCError (or anything a handler raises)."""
-        name = f"{req.service}/{req.method}"
         methods = self._services.get(req.service)
         if methods is None and self._fallback is not None:
-            ctx = Context(req.service, req.method, {kv.key: kv.value for kv in req.metadata}, deadline)
-            return self._response(name, self._fallback(ctx, req.payload), deadline)
-        if methods is None:
-            raise TTRPCError(Code.UNIMPLEMENTED, f"service {req.service} not implemented")
-        method = methods.get(req.method)
+            self._forward(self._fallback, conn, f.stream_id, req, deadline)
+            return
+        method = None if methods is None else methods.get(req.method)
         if method is None:
-            raise TTRPCError(
-                Code.UNIMPLEMENTED, f"service {req.service}: method {req.method} not implemented"
-            )
-        if deadline is not None and time.monotonic() >= deadline:
-            # It waited for a worker past its deadline: the client has given up, so do not run it.
-            raise TTRPCError(Code.DEADLINE_EXCEEDED, f"{name}: deadline expired before start")
+            missing = (f"service {req.service} not implemented" if methods is None
+                       else f"service {req.service}: method {req.method} not implemented")
+            conn.send(f.stream_id, error_response(Code.UNIMPLEMENTED, missing))
+            return
+        stream_id = f.stream_id
+
+        def task() -> None:
+            conn.send(stream_id, self._outcome(req, method, deadline))
+
+        if method.blocking:
+            try:
+                start_thread(task, f"ttrpc-{req.method}")
+            except RuntimeError:  # no thread to be had: this call fails, the connection goes on
+                conn.send(stream_id, error_response(Code.RESOURCE_EXHAUSTED, f"{req.method}: no thread left"))
+        elif not self._pool.submit(task):
+            conn.send(stream_id, error_response(Code.UNAVAILABLE, "server is shutting down"))
+
+    def _outcome(self, req: Request, method: Method[Any], deadline: float | None) -> bytes:
+        """The serialized Response to req: the handler's answer, or any failure as a status."""
+        name = f"{req.service}/{req.method}"
         try:
-            request = method.request_type.FromString(req.payload)
-        except Exception as exc:  # protobuf's DecodeError: the payload is not this method's message
-            raise TTRPCError(Code.INVALID_ARGUMENT, f"{name}: bad request: {exc}") from exc
-        ctx = Context(req.service, req.method, {kv.key: kv.value for kv in req.metadata}, deadline)
-        result = method.handler(ctx, request)
-        if not hasattr(result, "SerializeToString"):
-            raise TTRPCError(Code.INTERNAL, f"{name}: handler returned {type(result).__name__}")
-        return self._response(name, result.SerializeToString(), deadline)
+            if deadline is not None and time.monotonic() >= deadline:
+                # It waited for a worker past its deadline: the client has given up, so do not run it.
+                raise TTRPCError(Code.DEADLINE_EXCEEDED, f"{name}: deadline expired before start")
+            try:
+                request = method.request_type.FromString(req.payload)
+            except Exception as exc:  # protobuf's DecodeError: the payload is not this method's message
+                raise TTRPCError(Code.INVALID_ARGUMENT, f"{name}: bad request: {exc}") from exc
+            ctx = _context(req, deadline)
+            result = method.handler(ctx, request)
+            if not hasattr(result, "SerializeToString"):
+                raise TTRPCError(Code.INTERNAL, f"{name}: handler returned {type(result).__name__}")
+            return self._response(name, result.SerializeToString(), deadline)
+        except BaseException as exc:  # noqa: BLE001 - any handler failure becomes a status, never a crash
+            return _error(exc)
+
+    def _forward(
+        self, forwarder: Forwarder, conn: _Connection, stream_id: int, req: Request, deadline: float | None
+    ) -> None:
+        name = f"{req.service}/{req.method}"
+
+        def reply(result: bytes | TTRPCError) -> None:
+            try:
+                if isinstance(result, TTRPCError):
+                    raise result
+                data = self._response(name, result, deadline)
+            except TTRPCError as exc:
+                data = _error(exc)
+            # Sent by a worker: a client slow to read its answers must not stall the thread that
+            # completed the call (for a proxy, the reader of the upstream connection).
+            self._pool.submit(lambda: conn.send(stream_id, data))  # refused at shutdown: conn is ending
+
+        ctx = _context(req, deadline)
+        try:
+            forwarder(ctx, req.payload, reply)
+        except BaseException as exc:  # noqa: BLE001 - it could not start: that is the answer
+            conn.send(stream_id, _error(exc))
 
     @staticmethod
     def _response(name: str, payload: bytes, deadline: float | None) -> bytes:
@@ -263,3 +301,14 @@ class Server:
                 f"{name}: response of {len(data)} bytes exceeds the maximum",
             )
         return data
+
+
+def _context(req: Request, deadline: float | None) -> Context:
+    return Context(req.service, req.method, {kv.key: kv.value for kv in req.metadata}, deadline)
+
+
+def _error(exc: BaseException) -> bytes:
+    """A failure as a serialized error Response: TTRPCError keeps its code, the rest are UNKNOWN."""
+    if isinstance(exc, TTRPCError):
+        return error_response(exc.code, exc.message)
+    return error_response(Code.UNKNOWN, str(exc) or type(exc).__name__)

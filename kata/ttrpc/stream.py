@@ -11,7 +11,17 @@ import os
 import select
 import socket
 import threading
+import time
 from typing import Protocol
+
+
+class WriteTimeout(TimeoutError):
+    """A write could not finish by its deadline; ``sent`` bytes of it went out (a frame cut short
+    leaves the stream unusable)."""
+
+    def __init__(self, sent: int) -> None:
+        super().__init__(f"write timed out after {sent} bytes")
+        self.sent = sent
 
 
 class Stream(Protocol):
@@ -19,11 +29,16 @@ class Stream(Protocol):
         """Up to n bytes; b"" at EOF (or once the stream is closed)."""
         ...
 
-    def write(self, data: bytes) -> None:
-        """All of data, or raise OSError."""
+    def write(self, data: bytes, deadline: float | None = None) -> None:
+        """All of data, or raise OSError; WriteTimeout once ``deadline`` (time.monotonic()) is past,
+        as when the peer stops reading."""
         ...
 
     def close(self) -> None: ...
+
+
+def _poll_ms(deadline: float) -> int:
+    return max(0, int((deadline - time.monotonic()) * 1000) + 1)
 
 
 class _SocketStream:
@@ -39,8 +54,24 @@ class _SocketStream:
                 return b""
             raise
 
-    def write(self, data: bytes) -> None:
-        self._sock.sendall(data)
+    def write(self, data: bytes, deadline: float | None = None) -> None:
+        if deadline is None:
+            self._sock.sendall(data)
+            return
+        view = memoryview(data)
+        sent = 0
+        poller: select.poll | None = None
+        while sent < len(data):
+            try:
+                sent += self._sock.send(view[sent:], socket.MSG_DONTWAIT)
+                continue
+            except BlockingIOError:
+                pass
+            if poller is None:
+                poller = select.poll()
+                poller.register(self._sock, select.POLLOUT)
+            if time.monotonic() >= deadline or not poller.poll(_poll_ms(deadline)):
+                raise WriteTimeout(sent)
 
     def close(self) -> None:
         if self._closed:
@@ -89,17 +120,19 @@ class _FdStream:
         if release:
             self._release()
 
-    def _wait(self, fd: int, events: int) -> bool:
-        """Wait until fd is ready; False once the stream was closed."""
+    def _wait(self, fd: int, events: int, deadline: float | None = None) -> bool:
+        """Wait until fd is ready; False once the stream was closed. WriteTimeout(0) past ``deadline``."""
         poller = select.poll()
         poller.register(fd, events)
         poller.register(self._wake_r, select.POLLIN)
         while True:
-            ready = poller.poll()
+            ready = poller.poll(None if deadline is None else _poll_ms(deadline))
             if self._closed:
                 return False
             if any(f == fd for f, _ in ready):
                 return True
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WriteTimeout(0)
 
     def read(self, n: int) -> bytes:
         if not self._enter():
@@ -120,19 +153,25 @@ class _FdStream:
         finally:
             self._leave()
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes, deadline: float | None = None) -> None:
         if not self._enter():
             raise BrokenPipeError(errno.EPIPE, "stream closed")
         try:
             view = memoryview(data)
-            while view:
+            sent = 0
+            while sent < len(data):
                 try:
-                    done = os.write(self._wfd, view)
+                    # With a deadline, only write once poll() says there is room: a blocking fd
+                    # could otherwise block here for good (it may still, for a write larger than
+                    # the room there is; host-side streams are sockets, which never do).
+                    if deadline is not None and not self._wait(self._wfd, select.POLLOUT, deadline):
+                        raise BrokenPipeError(errno.EPIPE, "stream closed")
+                    sent += os.write(self._wfd, view[sent:])
                 except BlockingIOError:
-                    if not self._wait(self._wfd, select.POLLOUT):
+                    if not self._wait(self._wfd, select.POLLOUT, deadline):
                         raise BrokenPipeError(errno.EPIPE, "stream closed") from None
-                    continue
-                view = view[done:]
+                except WriteTimeout:
+                    raise WriteTimeout(sent) from None
         finally:
             self._leave()
 

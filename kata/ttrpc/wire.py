@@ -61,12 +61,21 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
+# No message read here has more than a handful of fields; a peer's 4 MiB of two-byte fields would
+# otherwise cost a hundred MiB of lists in a process meant to stay small.
+MAX_FIELDS = 4096
+
+
 def decode(data: bytes) -> Fields:
     """Every field of a message by number, in order: varints as int, length-delimited as bytes.
-    Fixed-width fields are skipped (no message read here has one)."""
+    Fixed-width fields are skipped (no message read here has one). At most MAX_FIELDS fields."""
     fields: Fields = {}
     pos = 0
+    count = 0
     while pos < len(data):
+        count += 1
+        if count > MAX_FIELDS:
+            raise WireError(f"more than {MAX_FIELDS} fields")
         key, pos = _read_varint(data, pos)
         number, kind = key >> 3, key & 7
         if number == 0:

@@ -1,4 +1,7 @@
-"""A small bounded thread pool; concurrent.futures is avoided because importing it is slow in the guest."""
+"""A small bounded thread pool, and threads of their own for calls that wait without bound.
+
+concurrent.futures is avoided because importing it is slow in the guest.
+"""
 
 from __future__ import annotations
 
@@ -63,3 +66,28 @@ class WorkerPool:
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
+
+
+# A long-poll handler only waits (on an Event, a read, a lock): far less stack than the 8 MiB a thread
+# gets by default, which adds up over hundreds of streams in a small guest. 512 KiB is still deep
+# enough for anything the process may run, since a thread started elsewhere in the same instant gets it too.
+SMALL_STACK = 512 * 1024
+_stack_lock = threading.Lock()
+
+
+def start_thread(task: Callable[[], None], name: str) -> None:
+    """Run ``task`` on a new daemon thread with a SMALL_STACK stack.
+
+    threading.stack_size() is process-wide and read when a thread starts: it is set around our own
+    start only, under a lock, and put back at once.
+    """
+    with _stack_lock:
+        try:
+            old = threading.stack_size(SMALL_STACK)
+        except (ValueError, RuntimeError):  # a platform without the setting: the default stack
+            old = None
+        try:
+            threading.Thread(target=task, name=name, daemon=True).start()
+        finally:
+            if old is not None:
+                threading.stack_size(old)

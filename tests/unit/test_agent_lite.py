@@ -11,7 +11,7 @@ import pytest
 from google.protobuf.empty_pb2 import Empty
 
 from kata import ttrpc
-from kata.agent.lite import LiteAgent, StreamEnded
+from kata.agent.lite import AgentCallError, LiteAgent, StreamEnded
 from kata.protocols import agent_pb2 as pb
 from kata.protocols import health_pb2 as hpb
 
@@ -54,6 +54,7 @@ def pair() -> Iterator[tuple[LiteAgent, Recorder]]:
     yield LiteAgent(client, timeout=5), rec
     client.close()
     server.shutdown()
+    a.close()
 
 
 def test_every_call_parses_as_the_generated_message(pair: tuple[LiteAgent, Recorder]) -> None:
@@ -81,3 +82,44 @@ def test_every_call_parses_as_the_generated_message(pair: tuple[LiteAgent, Recor
         pb.CloseStdinRequest(container_id="c", exec_id="e1"),
         pb.TtyWinResizeRequest(container_id="c", exec_id="e1", row=24, column=80),
     ]
+
+
+class Raw:
+    """An answer of arbitrary bytes, as a hostile agent would send."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def SerializeToString(self) -> bytes:  # noqa: N802 - protobuf's name
+        return self.data
+
+
+@pytest.mark.parametrize(("method", "answer", "call"), [
+    ("WaitProcess", pb.WaitProcessResponse(status=300), lambda a: a.wait_exit("c", "")),
+    ("WaitProcess", pb.WaitProcessResponse(status=-1), lambda a: a.wait("c", "")),
+    ("WaitProcess", Raw(b"\x08"), lambda a: a.wait("c", "")),  # a varint cut short
+    ("WaitProcess", Raw(b"\x0f\x00"), lambda a: a.wait("c", "")),  # wire type 7 does not exist
+    ("ReadStdout", pb.ReadStreamResponse(data=b"x" * 5000), lambda a: a.read("stdout", "c", "", 4096)),
+    ("ReadStdout", Raw(b"\x0a\xff\xff\x03"), lambda a: a.read("stdout", "c", "", 4096)),  # field past the end
+    ("WriteStdin", pb.WriteStreamResponse(len=4), lambda a: a.write_stdin("c", "", b"abc")),
+    ("WriteStdin", Raw(b"\x08" + b"\xff" * 9 + b"\x01"), lambda a: a.write_stdin("c", "", b"abc")),  # -1
+    ("SignalProcess", Raw(b"\xff" * 11), lambda a: a.signal("c", "", 9)),  # an overlong varint key
+])
+def test_answers_no_agent_could_give_fail_the_call(method: str, answer: Any, call: Any) -> None:
+    """Whatever the agent answers, LiteAgent raises AgentCallError (a one-line TTRPCError), nothing else."""
+    server = ttrpc.Server()
+    rtype = {"WaitProcess": pb.WaitProcessRequest, "ReadStdout": pb.ReadStreamRequest,
+             "WriteStdin": pb.WriteStreamRequest, "SignalProcess": pb.SignalProcessRequest}[method]
+    server.register_service("grpc.AgentService", {method: ttrpc.Method(rtype, lambda ctx, req: answer)})
+    a, b = socket.socketpair()
+    threading.Thread(target=server.serve, args=(ttrpc.socket_stream(a),), daemon=True).start()
+    client = ttrpc.Client(ttrpc.socket_stream(b))
+    try:
+        with pytest.raises(AgentCallError) as err:
+            call(LiteAgent(client, timeout=5))
+        assert err.value.code == ttrpc.Code.INTERNAL
+        assert str(err.value).startswith(f"agent {method}: ") and str(err.value).isprintable()
+    finally:
+        client.close()
+        server.shutdown()
+        a.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import os
-import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,40 +12,23 @@ import pytest
 
 from kata import ttrpc
 from kata.agent.client import AgentClient, AgentError, StreamEOF
-from kata.guest.agent.crun import Crun
-from kata.guest.agent.reaper import Exit, Reaper
-from kata.guest.agent.sandbox import Container, Process, Sandbox
-from kata.guest.agent.service import AgentService
-from kata.guest.agent.stdio import Stdio
+from kata.guest.agent.sandbox import Sandbox
+from tests.unit.guest_fakes import agent_server, close_processes, serve_on_socketpair
+from tests.unit.guest_fakes import fake_process as _fake_process
 
 
 @pytest.fixture
-def agent(tmp_path: object) -> Iterator[tuple[AgentClient, Sandbox]]:
-    # The reaper thread is never started: waitpid(-1) would steal other tests' children.
-    reaper = Reaper()
-    sandbox = Sandbox(reaper, Crun(reaper, binary="/nonexistent/crun"), run_dir=str(tmp_path))
-    server = ttrpc.Server(max_workers=8)
-    AgentService(sandbox).register(server)
-    host, guest = socket.socketpair()
-    t = threading.Thread(target=server.serve, args=(ttrpc.socket_stream(guest),), daemon=True)
-    t.start()
-    client = AgentClient(ttrpc.socket_stream(host), timeout=10.0)
+def agent(tmp_path: Path) -> Iterator[tuple[AgentClient, Sandbox]]:
+    server, sandbox = agent_server(tmp_path, max_workers=8)
+    host, guest = serve_on_socketpair(server)
+    client = AgentClient(host, timeout=10.0)
     try:
         yield client, sandbox
     finally:
         client.close()
         server.shutdown()
         guest.close()
-
-
-def _fake_process(sandbox: Sandbox, cid: str = "c1") -> tuple[Process, tuple[int, int, int]]:
-    """A container whose init is a Process with real pipes but no real child: the test plays the child."""
-    stdio = Stdio.pipes()
-    child = stdio.child_fds()
-    stdio._child = []  # the test owns the child ends now
-    proc = Process(exec_id="", pid=999999, exit=Exit(999999), stdio=stdio, terminal=False)
-    sandbox.containers[cid] = Container(id=cid, bundle="/nonexistent", spec={}, init=proc)
-    return proc, child
+        close_processes(sandbox)
 
 
 def test_health_and_version(agent: tuple[AgentClient, Sandbox]) -> None:

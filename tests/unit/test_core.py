@@ -23,10 +23,11 @@ from kata.core.paths import (
     validate_sandbox_id,
 )
 from kata.core.store import locked, read_json, write_json
-from kata.errors import KataError, one_line
+from kata.errors import KataError
 from kata.hypervisor.qemu_argv import RunPaths, kernel_cmdline
 from kata.specconv import VMSizing
 from kata.utils.ids import MAX_ID_LENGTH, shown
+from kata.utils.text import one_line
 from tests.conftest import runtime_bin
 
 

@@ -95,6 +95,7 @@ def make_server(calls: Calls, max_workers: int = 32) -> Server:
             "Echo": Method(StringValue, echo),
             "Sleep": Method(Int64Value, sleep),
             "Block": Method(Empty, block),
+            "LongPoll": Method(Empty, block, blocking=True),
             "Fail": Method(StringValue, fail),
             "Context": Method(Empty, context),
             "Huge": Method(Empty, huge),
@@ -206,6 +207,7 @@ def test_expired_deadline_is_not_run_by_the_server() -> None:
         s.calls.gate.set()
         s.client.close()
         s.server.shutdown()
+        s.server_stream.close()
 
 
 def test_remote_errors_map_to_codes(setup: Setup) -> None:
@@ -470,15 +472,23 @@ def test_serve_listener_accepts_many_connections_until_shutdown(tmp_path: object
 
 
 def test_fallback_forwards_raw_payloads_and_wait_idle() -> None:
-    """A proxy: unregistered services go to the fallback on serialized payloads, errors included;
-    wait_idle tells when no client is connected any more."""
+    """A proxy: unregistered services go to the fallback on serialized payloads; it answers later,
+    from any thread, or fails at once by raising; wait_idle tells when no client is connected any more."""
     server = Server()
+    later: list[threading.Timer] = []
 
-    def forward(ctx: Context, payload: bytes) -> bytes:
+    def forward(ctx: Context, payload: bytes, reply: Callable[[bytes | TTRPCError], None]) -> None:
         if ctx.method == "Fail":
             raise TTRPCError(Code.NOT_FOUND, "no such thing")
-        return StringValue(value=f"{ctx.service}/{ctx.method}:{StringValue.FromString(payload).value}"
-                           ).SerializeToString()
+        answer = StringValue(value=f"{ctx.service}/{ctx.method}:{StringValue.FromString(payload).value}")
+        if ctx.method == "Later":  # the usual case: the answer comes from another thread
+            later.append(threading.Timer(0.05, reply, args=(answer.SerializeToString(),)))
+            later[-1].start()
+        elif ctx.method == "LaterFail":
+            later.append(threading.Timer(0.05, reply, args=(TTRPCError(Code.ABORTED, "upstream\nsaid no"),)))
+            later[-1].start()
+        else:
+            reply(answer.SerializeToString())
 
     server.set_fallback(forward)
     a, b = socket_pair()
@@ -487,11 +497,183 @@ def test_fallback_forwards_raw_payloads_and_wait_idle() -> None:
     try:
         reply = client.call_raw("any.Service", "Echo", StringValue(value="x").SerializeToString(), timeout=5)
         assert StringValue.FromString(reply).value == "any.Service/Echo:x"
+        reply = client.call_raw("any.Service", "Later", StringValue(value="y").SerializeToString(), timeout=5)
+        assert StringValue.FromString(reply).value == "any.Service/Later:y"
         with pytest.raises(TTRPCError) as err:
             client.call_raw("any.Service", "Fail", b"", timeout=5)
         assert err.value.code == Code.NOT_FOUND
+        with pytest.raises(TTRPCError) as err:
+            client.call_raw("any.Service", "LaterFail", b"", timeout=5)
+        assert err.value.code == Code.ABORTED and err.value.message == "upstream\\nsaid no"
         assert server.wait_idle(0.1) is False
     finally:
         client.close()
+        for t in later:
+            t.join()
     assert server.wait_idle(5.0) is True
     server.shutdown()
+    a.close()
+
+
+# --- long-poll methods, asynchronous calls, writes to a peer that does not read ----------------------
+
+
+def test_long_poll_calls_leave_the_workers_free() -> None:
+    """Fifty calls parked in a long-poll method, two workers: other calls still answer at once. The same
+    calls on a method that is not declared long-poll take the workers, and the next call waits."""
+    s = start(socket_pair, max_workers=2)
+    parked: list[bytes | TTRPCError] = []
+    try:
+        for _ in range(50):
+            s.client.call_async(SERVICE, "LongPoll", b"", parked.append)
+        assert echo(s.client, "free") == "free"  # 5 s: generous; it would never come if workers were held
+        assert len(parked) == 0
+        assert threading.stack_size() == 0  # the long-poll threads' small stack was theirs only
+        for _ in range(2):
+            s.client.call_async(SERVICE, "Block", b"", parked.append)
+        with pytest.raises(TTRPCError) as err:
+            s.client.call(SERVICE, "Echo", StringValue(value="starved"), StringValue, timeout=0.3)
+        assert err.value.code == Code.DEADLINE_EXCEEDED
+    finally:
+        s.calls.gate.set()
+        deadline = time.monotonic() + 10
+        while len(parked) < 52 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        s.client.close()
+        s.server.shutdown()
+        s.server_stream.close()
+    assert len(parked) == 52 and all(p == b"" for p in parked)
+
+
+def test_call_async_results_errors_and_deadlines() -> None:
+    s = start(socket_pair)
+    got: dict[str, list[bytes | TTRPCError]] = {}
+    order: list[str] = []
+    done = threading.Event()
+
+    def collect(name: str) -> Callable[[bytes | TTRPCError], None]:
+        def on_done(result: bytes | TTRPCError) -> None:
+            got.setdefault(name, []).append(result)
+            order.append(name)
+            if len(order) == 5:
+                done.set()
+        return on_done
+
+    try:
+        t0 = time.monotonic()
+        s.client.call_async(SERVICE, "Echo", StringValue(value="hi").SerializeToString(), collect("echo"), 5)
+        typed = StringValue(value="typed").SerializeToString()
+        s.client.call_async(SERVICE, "Fail", typed, collect("fail"), 5)
+        # One timer thread ends these in deadline order, whatever order they were started in.
+        for name, timeout in (("slow", 0.6), ("fast", 0.2), ("middle", 0.4)):
+            s.client.call_async(SERVICE, "LongPoll", b"", collect(name), timeout)
+        assert done.wait(5)
+        assert time.monotonic() - t0 < 3
+        assert StringValue.FromString(got["echo"][0]).value == "hi"  # type: ignore[arg-type]
+        fail = got["fail"][0]
+        assert isinstance(fail, TTRPCError) and fail.code == Code.NOT_FOUND
+        assert order[-3:] == ["fast", "middle", "slow"]
+        for name in ("fast", "middle", "slow"):
+            result = got[name][0]
+            assert isinstance(result, TTRPCError) and result.code == Code.DEADLINE_EXCEEDED
+        assert all(len(v) == 1 for v in got.values())  # exactly once each
+        with pytest.raises(TTRPCError) as err:
+            s.client.call_async(SERVICE, "Echo", b"", collect("never"), 0)
+        assert err.value.code == Code.DEADLINE_EXCEEDED
+    finally:
+        s.calls.gate.set()
+        s.client.close()
+        s.server.shutdown()
+        s.server_stream.close()
+    assert "never" not in got
+    assert not [t for t in threading.enumerate() if t.name == "ttrpc-client-timer" and t.is_alive()]
+
+
+def test_close_ends_async_calls_once_and_refuses_new_ones() -> None:
+    s = start(socket_pair)
+    results: list[bytes | TTRPCError] = []
+    try:
+        s.client.call_async(SERVICE, "LongPoll", b"", results.append, 30)
+        s.client.call_async(SERVICE, "LongPoll", b"", results.append)
+        while s.calls.started.count("block") < 2:
+            time.sleep(0.01)
+        s.client.close()
+        assert len(results) == 2 and all(isinstance(r, ConnectionClosed) for r in results)
+        with pytest.raises(ConnectionClosed):
+            s.client.call_async(SERVICE, "Echo", b"", results.append)
+        assert len(results) == 2
+    finally:
+        s.calls.gate.set()
+        s.server.shutdown()
+        s.server_stream.close()
+
+
+def test_a_peer_that_stops_reading_holds_no_call_past_its_deadline() -> None:
+    client_stream, server_stream = socket_pair()  # nobody ever reads server_stream
+    client = Client(client_stream)
+    big = b"\0" * (2 << 20)  # far more than the socket buffers hold
+    errors: list[BaseException] = []
+
+    def no_deadline() -> None:
+        try:
+            client.call_raw(SERVICE, "Echo", big)
+        except TTRPCError as exc:
+            errors.append(exc)
+
+    try:
+        # A call without a deadline may wait for the peer for good; one with a deadline may not,
+        # even when it cannot get at the connection.
+        t = threading.Thread(target=no_deadline)
+        t.start()
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        with pytest.raises(TTRPCError) as err:
+            client.call_raw(SERVICE, "Echo", b"small", timeout=0.3)
+        assert err.value.code == Code.DEADLINE_EXCEEDED and time.monotonic() - t0 < 2
+        assert not client.closed
+        client.close()
+        t.join(5)
+        assert not t.is_alive() and isinstance(errors[0], ConnectionClosed)
+        # With a deadline, a frame cut short ends the connection: the stream cannot be read right any more.
+        client_stream, server_stream2 = socket_pair()
+        client = Client(client_stream)
+        t0 = time.monotonic()
+        with pytest.raises(TTRPCError) as err:
+            client.call_raw(SERVICE, "Echo", big, timeout=0.3)
+        assert err.value.code == Code.DEADLINE_EXCEEDED and time.monotonic() - t0 < 2
+        assert client.closed
+        server_stream2.close()
+    finally:
+        client.close()
+        server_stream.close()
+
+
+def test_no_thread_for_a_long_poll_call_fails_that_call_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    def exhausted(task: Callable[[], None], name: str) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr("kata.ttrpc.server.start_thread", exhausted)
+    s = start(socket_pair)
+    try:
+        with pytest.raises(TTRPCError) as err:
+            s.client.call(SERVICE, "LongPoll", Empty(), Empty, timeout=5)
+        assert err.value.code == Code.RESOURCE_EXHAUSTED
+        assert echo(s.client, "still serving") == "still serving"
+    finally:
+        s.client.close()
+        s.server.shutdown()
+        s.server_stream.close()
+
+
+def test_deadlines_of_answered_async_calls_do_not_pile_up() -> None:
+    s = start(socket_pair)
+    answered = threading.Semaphore(0)
+    try:
+        for _ in range(500):
+            s.client.call_async(SERVICE, "Echo", b"", lambda result: answered.release(), timeout=60)
+            assert answered.acquire(timeout=5)
+        assert len(s.client._deadlines) <= 130  # what is in flight, give or take the slack kept
+    finally:
+        s.client.close()
+        s.server.shutdown()
+        s.server_stream.close()

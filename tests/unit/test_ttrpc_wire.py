@@ -45,3 +45,9 @@ def test_negative_int32_and_unknown_fields() -> None:
 def test_malformed_input_is_a_decode_error(junk: bytes) -> None:
     with pytest.raises(envelope.DecodeError):
         envelope.Request.FromString(junk)
+
+
+def test_a_message_of_too_many_fields_is_a_decode_error() -> None:
+    assert len(wire.decode(b"\x08\x01" * wire.MAX_FIELDS)[1]) == wire.MAX_FIELDS
+    with pytest.raises(wire.WireError):
+        wire.decode(b"\x08\x01" * (wire.MAX_FIELDS + 1))

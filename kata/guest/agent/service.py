@@ -12,6 +12,7 @@ from google.protobuf import empty_pb2
 
 import kata
 from kata import ttrpc
+from kata.agent.endpoint import AGENT_SERVICE, HEALTH_SERVICE, LONG_POLL_METHODS
 from kata.guest.agent import log
 from kata.guest.agent.crun import CrunError
 from kata.guest.agent.sandbox import AlreadyExists, InvalidArgument, NotFound, Sandbox
@@ -19,8 +20,6 @@ from kata.guest.agent.stdio import EndOfStream
 from kata.protocols import agent_pb2 as pb
 from kata.protocols import health_pb2 as hpb
 
-AGENT_SERVICE = "grpc.AgentService"
-HEALTH_SERVICE = "grpc.Health"
 API_VERSION = "0.0.1"
 SANDBOX_RUN_DIR = "/run/kata-containers/sandbox"
 # The agent's answer to a read once a stream has ended; the client turns it into StreamEOF.
@@ -291,5 +290,7 @@ class AgentService:
         }
         for service, methods in ((AGENT_SERVICE, agent), (HEALTH_SERVICE, health)):
             server.register_service(service, {
-                name: ttrpc.Method(rtype, _guarded(name, fn)) for name, (rtype, fn) in methods.items()
+                name: ttrpc.Method(rtype, _guarded(name, fn),
+                                   blocking=service == AGENT_SERVICE and name in LONG_POLL_METHODS)
+                for name, (rtype, fn) in methods.items()
             })
