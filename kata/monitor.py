@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import sys
@@ -31,6 +32,7 @@ from kata.agent import proxy, relay
 from kata.agent.endpoint import AgentEndpoint
 from kata.agent.lite import LiteAgent
 from kata.agent.transport import connect
+from kata.utils.sockets import listen_private
 from kata.utils.text import one_line, thread_failure
 
 # What the monitor exits with when the guest (or the connection to it) is gone: Kata's choice.
@@ -94,15 +96,7 @@ class Monitor:
     def serve_proxy(self) -> None:
         """Forward every call on the proxy socket to the agent, as it is (kata.agent.proxy)."""
         assert self.agent is not None
-        path = self.conf["proxy"]
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(path)
-        os.chmod(path, 0o600)
-        listener.listen(64)
+        listener = listen_private(self.conf["proxy"], 64)
         self.server = proxy.forwarding_server(self.agent.client)
         threading.Thread(target=self.server.serve_listener, args=(listener,), daemon=True).start()
 
@@ -209,6 +203,33 @@ class Monitor:
             t.join(10.0)
         return result[0]
 
+    def watch_vm(self) -> None:
+        """The init monitor stands for the sandbox too. When its VMM or virtiofsd dies, the VM is
+        gone (a guest whose shared filesystem died hangs on its next file access): the rest of it is
+        killed, the agent connection ends, and every process of the container reads VM_GONE_STATUS
+        at once instead of hanging."""
+        procs = [(int(pid), int(start)) for pid, start in self.conf.get("vm", [])]
+        fds = [fd for fd in (_pidfd(pid, start) for pid, start in procs) if fd is not None]
+        if not procs:
+            return
+
+        def watch() -> None:
+            if len(fds) == len(procs):  # all alive when we looked: wait for the first to end
+                poller = select.poll()
+                for fd in fds:
+                    poller.register(fd, select.POLLIN)
+                poller.poll()
+            for pid, start in procs:
+                if _start_time(pid) == start:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except OSError:
+                        pass
+            if self.agent is not None:
+                self.agent.client.close()
+
+        threading.Thread(target=watch, name="vm-watch", daemon=True).start()
+
     def stop_proxy(self) -> None:
         if self.server is None:
             return
@@ -220,6 +241,28 @@ class Monitor:
             os.unlink(self.conf["proxy"])
         except OSError:
             pass
+
+
+def _start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (a reused pid has another); None once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
+def _pidfd(pid: int, start: int) -> int | None:
+    """A pidfd of the process that has this pid and start time, or None when it has gone."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    if _start_time(pid) != start:  # checked after the open: the fd cannot name a later process
+        os.close(fd)
+        return None
+    return fd
 
 
 def report(text: str) -> None:
@@ -277,6 +320,7 @@ def _bring_up(mon: Monitor, conf: dict[str, Any]) -> None:
     assert mon.agent is not None
     if conf["role"] == "init":
         mon.serve_proxy()
+        mon.watch_vm()
     if mon.terminal:
         mon.open_terminal()
     if conf["role"] == "exec":

@@ -21,6 +21,7 @@ from kata.core.timings import Timings
 from kata.errors import KataError
 from kata.fs_share.shared_dir import SharedDir
 from kata.hypervisor.base import Hypervisor, HypervisorError, VMConfig
+from kata.hypervisor.daemon import ProcessId
 from kata.utils.safepath import remove_tree
 
 if TYPE_CHECKING:
@@ -385,6 +386,14 @@ class Sandbox:
         self.log.info(f"sandbox {self.id}: VM memory grown from {have} to {want_mib} MiB")
         agent.online_cpu_mem(wait=True, mem_mib=want_mib)
         return want_mib
+
+    def vm_processes(self) -> list[ProcessId]:
+        """The host processes without which the VM is gone: the VMM, and virtiofsd (a guest whose
+        shared filesystem died would hang on its next file access)."""
+        found = self.hypervisor.process_ids() if self.hypervisor is not None else []
+        if self.virtiofsd is not None and self.virtiofsd.process_id is not None:
+            found.append(self.virtiofsd.process_id)
+        return found
 
     def require_agent(self) -> AgentClient:
         if self.agent is None:

@@ -104,6 +104,11 @@ class Virtiofsd:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None and self._proc.is_alive() else None
 
+    @property
+    def process_id(self) -> daemon.ProcessId | None:
+        """The process we started (its namespace sandbox forks one more, which dies with it)."""
+        return self._proc if self._proc is not None and self._proc.is_alive() else None
+
     def is_running(self) -> bool:
         return self.pid is not None
 

@@ -13,6 +13,7 @@ from typing import Literal
 
 from kata.agent.endpoint import AgentEndpoint
 from kata.errors import KataError
+from kata.hypervisor.daemon import ProcessId
 
 
 class HypervisorError(KataError):
@@ -114,6 +115,10 @@ class Hypervisor(abc.ABC):
     @abc.abstractmethod
     def pids(self) -> list[int]:
         """Host processes of this VM (the VMM itself first)."""
+
+    def process_ids(self) -> list[ProcessId]:
+        """pids() with their start times, which another process can check against pid reuse."""
+        return [p for p in (ProcessId.of(pid) for pid in self.pids()) if p is not None]
 
     @abc.abstractmethod
     def is_running(self) -> bool: ...

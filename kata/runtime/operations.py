@@ -198,9 +198,10 @@ def create(store: ContainerStore, cid: str, bundle_dir: Path, *, config_path: Pa
         Container(sandbox, cid, bundle).create()
         assert sandbox.hypervisor is not None
         agent_ep = sandbox.hypervisor.agent_endpoint()
+        vm = [[p.pid, p.start_time] for p in sandbox.vm_processes()]
         sandbox.release()
         conf = {"role": "init", "cid": cid, "agent": agent_ep._asdict(), "proxy": str(proxy_socket(cid)),
-                "terminal": terminal, "console_socket": console_socket, "foreground": foreground}
+                "terminal": terminal, "console_socket": console_socket, "foreground": foreground, "vm": vm}
         ident = monitor.configure(conf)
         timings.mark("monitor_ready")
         rec.pid, rec.pid_start, rec.status = ident.pid, ident.start_time, "created"

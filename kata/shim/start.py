@@ -17,6 +17,7 @@ from typing import NoReturn
 from kata.errors import KataError
 from kata.shim import address
 from kata.shim.main import bundle_of, check_ids
+from kata.utils.sockets import listen_private
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,15 +42,9 @@ def _start_shim(args: argparse.Namespace, bundle: Path, path: Path) -> str:
     if config:
         os.environ["KATA_CONF_FILE"] = config
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
+    # A shim that died left its socket: nothing listens on it (checked above); it is replaced.
+    listener = listen_private(str(path), 128)
     try:
-        path.unlink()  # a shim that died left its socket: nothing listens on it (checked above)
-    except FileNotFoundError:
-        pass
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        listener.bind(str(path))
-        os.chmod(path, 0o600)
-        listener.listen(128)
         pid = os.fork()
     except BaseException:
         listener.close()

@@ -230,16 +230,19 @@ def test_oci_process_semantics_in_the_guest(tmp_path: Path, cid: str) -> None:
     assert leftovers(cid) == []
 
 
-def test_qemu_dying_under_a_running_container(tmp_path: Path, cid: str) -> None:
-    """The VMM killed under a running container: `run` fails with one line and cleans up everything."""
-    bundle = make_busybox_bundle(tmp_path / "b", ["sh", "-c", "echo ready; sleep 1000"])
+@pytest.mark.parametrize("victim", ["qemu", "virtiofsd"])
+def test_vm_dying_under_a_running_container(tmp_path: Path, cid: str, victim: str) -> None:
+    """The VMM, or virtiofsd (the guest's filesystem would hang), killed under a running container:
+    `run` fails at once with one line and cleans up everything."""
+    bundle = make_busybox_bundle(tmp_path / "b", ["sh", "-c", "echo ready; while :; do sleep 1; done"])
     proc = subprocess.Popen([runtime_bin(), "run", "--bundle", str(bundle), cid],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline() == b"ready\n"
-        qemu_pid = int((Path("/run/vc/vm") / cid / "qemu.pid").read_text())
-        os.kill(qemu_pid, signal.SIGKILL)
+        pid_file = "qemu.pid" if victim == "qemu" else "vhost-fs.sock.pid"
+        pid = int((Path("/run/vc/vm") / cid / pid_file).read_text().split()[0])
+        os.kill(pid, signal.SIGKILL)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:

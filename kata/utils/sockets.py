@@ -1,0 +1,36 @@
+"""Unix sockets born root-only: the monitor's agent proxy and the shim's task API.
+
+Imports only os and socket: the per-process monitor loads it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+
+def listen_private(path: str, backlog: int) -> socket.socket:
+    """A listening stream socket at ``path`` (a stale one there is replaced), created 0600: the
+    umask is 077 around bind(2), so there is no moment at which another user could connect.
+    The umask is process-wide; a file another thread creates meanwhile is only born stricter."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        old = os.umask(0o077)
+        try:
+            listener.bind(path)
+        finally:
+            os.umask(old)
+    except BaseException:
+        listener.close()
+        raise
+    try:
+        listener.listen(backlog)
+    except BaseException:
+        listener.close()
+        os.unlink(path)
+        raise
+    return listener
