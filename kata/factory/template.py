@@ -25,6 +25,7 @@ from kata.core.store import locked
 from kata.errors import KataError
 from kata.hypervisor.base import VMConfig
 from kata.hypervisor.qemu_argv import DEFAULT_SECCOMP
+from kata.utils.safepath import remove_tree
 
 # Bump when the way templates are made changes (e.g. the agent's state at snapshot time).
 TEMPLATE_FORMAT = "4"
@@ -278,7 +279,7 @@ class TemplateStore:
 
     def destroy(self) -> int:
         n = len(self.list())
-        shutil.rmtree(self.root, ignore_errors=True)
+        remove_tree(str(self.root))  # never into a mount, wherever template_path points
         return n
 
 

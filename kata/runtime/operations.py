@@ -220,7 +220,10 @@ def create(store: ContainerStore, cid: str, bundle_dir: Path, *, config_path: Pa
             from kata.utils import netns
 
             netns.unpin(rec.netns)
-        store.remove(cid)
+        try:
+            store.remove(cid)
+        except KataError as exc:  # the create's own failure is the one to report
+            log.warning(f"create {cid}: {exc}")
         raise
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -20,6 +19,7 @@ from kata.core.store import read_json, write_json
 from kata.errors import KataError, strerror
 from kata.hypervisor.daemon import ProcessId
 from kata.utils.ids import shown
+from kata.utils.safepath import remove_tree
 
 DEFAULT_ROOT = Path("/run/kata-runtime")
 
@@ -179,7 +179,12 @@ class ContainerStore:
             os.close(fd)
 
     def remove(self, cid: str) -> None:
-        shutil.rmtree(self.dir(cid), ignore_errors=True)
+        """Remove the record's directory; refused (KataError) while something is still mounted in
+        it, e.g. a pinned network namespace that could not be unpinned: a later delete retries."""
+        try:
+            remove_tree(str(self.dir(cid)))
+        except OSError as exc:
+            raise KataError(f"removing the state of {cid}: {strerror(exc)}") from None
 
     def list(self) -> list[ContainerRecord]:
         if not self.root.is_dir():
