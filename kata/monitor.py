@@ -23,7 +23,6 @@ import socket
 import sys
 import termios
 import threading
-import time
 import tty
 from typing import Any
 
@@ -31,6 +30,7 @@ from kata import ttrpc
 from kata.agent import proxy, relay
 from kata.agent.endpoint import AgentEndpoint
 from kata.agent.lite import LiteAgent
+from kata.agent.ready import wait_ready
 from kata.agent.transport import connect
 from kata.utils.sockets import listen_private
 from kata.utils.text import one_line, thread_failure
@@ -68,8 +68,11 @@ class Monitor:
         self.server: ttrpc.Server | None = None
         self.tty_fd: int | None = None  # the host pty's slave, or our own terminal in the foreground
         self.outputs: list[threading.Thread] = []
-        self.signals: list[int] = []
-        self.signal_ready = threading.Semaphore(0)
+        # Signals to forward, one byte each: the handler only writes to this pipe (see below).
+        self._signal_r, self._signal_w = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(self._signal_w, False)
+        # Set once the container was started, or a signal could not reach it (its VM is gone).
+        self.released = threading.Event()
 
     # ---- bring-up --------------------------------------------------------------------------
     def connect(self) -> None:
@@ -83,22 +86,18 @@ class Monitor:
     def _wait_ready(self, timeout: float) -> None:
         """The guest may take a moment to see the new host connection: a first request can be lost."""
         assert self.agent is not None
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.agent.check(min(0.5, max(0.05, deadline - time.monotonic())))
-                return
-            except ttrpc.TTRPCError as exc:
-                if exc.code != ttrpc.Code.DEADLINE_EXCEEDED or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)  # an agent that answers "deadline exceeded" at once must not make us spin
+        wait_ready(self.agent.check, self.agent.client, timeout)
 
     def serve_proxy(self) -> None:
         """Forward every call on the proxy socket to the agent, as it is (kata.agent.proxy)."""
         assert self.agent is not None
         listener = listen_private(self.conf["proxy"], 64)
-        self.server = proxy.forwarding_server(self.agent.client)
+        self.server = proxy.forwarding_server(self.agent.client, self._seen)
         threading.Thread(target=self.server.serve_listener, args=(listener,), daemon=True).start()
+
+    def _seen(self, ctx: ttrpc.Context) -> None:
+        if ctx.method == "StartContainer":
+            self.released.set()
 
     def open_terminal(self) -> None:
         """A tty process: hand a host pty's master to the console socket and relay its slave, or,
@@ -147,10 +146,14 @@ class Monitor:
 
     # ---- signals ---------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
-        # The handler only queues: an RPC must not run inside a signal handler.
+        # The handler only writes a byte to a pipe: an RPC must not run inside a signal handler, and
+        # nor may a lock be taken there (a queue or a semaphore): a second signal that interrupts the
+        # handler while it holds the lock would wait for it for ever, and the monitor with it.
         def queue(signum: int, _frame: Any) -> None:
-            self.signals.append(signum)
-            self.signal_ready.release()
+            try:
+                os.write(self._signal_w, bytes([signum]))
+            except BlockingIOError:
+                pass  # thousands unread: the process has been told already
 
         for s in signal.Signals:
             if s not in NOT_FORWARDED:
@@ -165,15 +168,23 @@ class Monitor:
     def _forward_signals(self) -> None:
         assert self.agent is not None
         while True:
-            self.signal_ready.acquire()
-            signum = self.signals.pop(0)
             try:
-                if signum == signal.SIGWINCH:
-                    self.resize()
-                else:
-                    self.agent.signal(self.cid, self.exec_id, signum)
-            except ttrpc.TTRPCError:
-                pass
+                signums = os.read(self._signal_r, 64)
+            except InterruptedError:
+                continue
+            for signum in signums:
+                self._forward(signum)
+
+    def _forward(self, signum: int) -> None:
+        assert self.agent is not None
+        try:
+            if signum == signal.SIGWINCH:
+                self.resize()
+            else:
+                self.agent.signal(self.cid, self.exec_id, signum)
+        except ttrpc.TTRPCError as exc:
+            if exc.code == ttrpc.Code.UNAVAILABLE or self.agent.client.closed:
+                self.released.set()  # nowhere to deliver it: the process is gone with its VM
 
     def resize(self) -> None:
         size = winsize(self.tty_fd) if self.tty_fd is not None else None
@@ -199,6 +210,13 @@ class Monitor:
         w.start()
         while w.is_alive():
             w.join(0.5)  # short joins keep the main thread free to run signal handlers
+        if self.conf["role"] == "init" and self.agent.client.closed:
+            # The VM went before the container was started: like runc's init waiting on its exec
+            # fifo, we stay until `start` (which fails) or a signal (`kill`, `delete --force`). A
+            # caller that registers our pid only once create has returned (containerd's runc shim)
+            # would otherwise miss our exit, and keep the task "created" for good.
+            while not self.released.wait(0.5):
+                pass
         for t in self.outputs:
             t.join(10.0)
         return result[0]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from typing import TypeVar
 
@@ -74,22 +73,17 @@ class AgentClient:
     def version(self) -> hpb.VersionCheckResponse:
         return self._call("Version", hpb.CheckRequest(), hpb.VersionCheckResponse, _DEFAULT, HEALTH_SERVICE)
 
-    def wait_ready(self, timeout: float) -> hpb.HealthCheckResponse:
-        """Call Health.Check until it answers; AgentError(DEADLINE_EXCEEDED) after `timeout`."""
-        deadline = time.monotonic() + timeout
-        last = "no answer"
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AgentError("Check", ttrpc.Code.DEADLINE_EXCEEDED,
-                                 f"agent not ready within {timeout:.1f}s ({last})")
-            try:
-                # Short per-try deadline: a request sent before the guest opened its port may be lost.
-                return self.check(timeout=min(remaining, 0.5))
-            except AgentError as e:
-                if e.code not in (ttrpc.Code.DEADLINE_EXCEEDED, ttrpc.Code.UNAVAILABLE):
-                    raise
-                last = str(e)
+    def wait_ready(self, timeout: float) -> None:
+        """Health.Check until it answers (kata.agent.ready); AgentError once ``timeout`` has run out
+        or the connection has closed."""
+        from kata.agent.ready import wait_ready
+
+        try:
+            wait_ready(lambda t: self._client.call(HEALTH_SERVICE, "Check", hpb.CheckRequest(),
+                                                   hpb.HealthCheckResponse, timeout=t), self._client, timeout)
+        except ttrpc.TTRPCError as exc:
+            why = exc.message if self._client.closed else f"not ready within {timeout:.1f}s ({exc.message})"
+            raise AgentError("Check", exc.code, why) from None
 
     # sandbox --------------------------------------------------------------------------------
     def create_sandbox(

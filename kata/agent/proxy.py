@@ -9,6 +9,7 @@ as its process), and its deadline is kept by the agent client's timer.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from kata import ttrpc
 from kata.agent.endpoint import AGENT_SERVICE, LONG_POLL_METHODS
@@ -20,10 +21,14 @@ DEFAULT_TIMEOUT = 60.0
 _WORKERS = 16
 
 
-def forwarding_server(agent: ttrpc.Client) -> ttrpc.Server:
-    """A server (not yet serving) whose every call goes to ``agent``, errors and deadlines included."""
+def forwarding_server(agent: ttrpc.Client,
+                      seen: Callable[[ttrpc.Context], None] | None = None) -> ttrpc.Server:
+    """A server (not yet serving) whose every call goes to ``agent``, errors and deadlines included;
+    ``seen`` hears of each call before it is forwarded."""
 
     def forward(ctx: ttrpc.Context, payload: bytes, reply: ttrpc.Reply) -> None:
+        if seen is not None:
+            seen(ctx)
         if ctx.deadline is not None:
             timeout: float | None = ctx.deadline - time.monotonic()
         elif ctx.service == AGENT_SERVICE and ctx.method in LONG_POLL_METHODS:

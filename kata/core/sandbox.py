@@ -281,6 +281,9 @@ class Sandbox:
             self.agent = AgentClient(stream)
             self.agent.wait_ready(max(0.1, deadline - time.monotonic()))
         except Exception as exc:
+            if not self.hypervisor.is_running():
+                why = self.hypervisor.log_tail() or "no output"
+                raise KataError(f"the VM exited before its agent answered: {why}") from exc
             raise KataError(f"guest agent did not answer within {timeout:g}s: {exc}"
                             f"{self._console_tail()}") from exc
         self.timings.mark("agent_ready")
@@ -331,10 +334,12 @@ class Sandbox:
                 self.log.warning(f"cleanup of sandbox {self.id}: {what}: {exc}")
 
         step("copy guest console to the log", self._log_console)
-        had_agent = self.agent is not None
+        # A closed connection means the VM (or its agent) is gone already: nothing to ask it.
+        had_agent = self.agent is not None and not self.agent.client.closed
         if self.agent is not None:
             agent = self.agent
-            step("destroy sandbox in guest", lambda: agent.destroy_sandbox(timeout=_POWEROFF_GRACE))
+            if had_agent:
+                step("destroy sandbox in guest", lambda: agent.destroy_sandbox(timeout=_POWEROFF_GRACE))
             step("close agent connection", agent.close)
             self.agent = None
         if self.hypervisor is not None:

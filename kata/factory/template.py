@@ -206,7 +206,7 @@ class TemplateStore:
                     client.close()
             except KataError as exc:
                 lines = [ln for ln in qemu.console_output().splitlines() if ln.strip()]
-                tail = ascii(lines[-1][-200:])[1:-1] if lines else qemu.console_log_tail()
+                tail = ascii(lines[-1][-200:])[1:-1] if lines else qemu.log_tail()
                 raise TemplateError(f"guest agent did not answer within {boot_timeout:g}s: {exc}"
                                     + (f" (guest console: {tail})" if tail else "")) from exc
             tmp = tdir / f".{_STATE}.{os.getpid()}"

@@ -75,6 +75,10 @@ class Hypervisor(abc.ABC):
     @abc.abstractmethod
     def agent_endpoint(self) -> AgentEndpoint: ...
 
+    def log_tail(self) -> str:
+        """The last lines of the VMM's own output, as one line for an error message; "" when none."""
+        return ""
+
     def console_output(self) -> str:
         """What the guest printed on its console lately (a bounded tail); "" when unknown."""
         return ""

@@ -111,7 +111,7 @@ class Qemu(Hypervisor):
             if status != "running":
                 self._monitor().run("cont")
         except HypervisorError as exc:
-            why = self.console_log_tail()
+            why = self.log_tail()
             self.stop(timeout=1)
             raise HypervisorError(f"{exc}: {why}" if why else str(exc)) from exc
         finally:
@@ -237,7 +237,7 @@ class Qemu(Hypervisor):
             return AgentEndpoint(kind="vsock", cid=state.vsock_cid)
         return AgentEndpoint(kind="serial", path=str(self._paths.agent_socket))
 
-    def console_log_tail(self) -> str:
+    def log_tail(self) -> str:
         """QEMU's own stderr, for error reports by the caller."""
         return daemon.log_tail(self._paths.log_file) if self._paths is not None else ""
 

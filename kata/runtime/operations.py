@@ -267,7 +267,16 @@ def kill(store: ContainerStore, cid: str, signum: int, all_processes: bool = Fal
     from kata import ttrpc
 
     with lite_agent_of(rec) as agent:
-        agent.signal(cid, "", signum)
+        try:
+            agent.signal(cid, "", signum)
+        except ttrpc.TTRPCError as exc:
+            monitor = rec.monitor()
+            if exc.code != ttrpc.Code.UNAVAILABLE or monitor is None:
+                raise
+            # The VM is gone and the monitor still stands for the process (it was never started):
+            # the signal goes to the monitor, as runc's goes to its init process.
+            signal_process(monitor, signum)
+            return
         if all_processes:
             for exec_id in rec.live_execs():
                 try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +34,8 @@ def agent(tmp_path: Path) -> Iterator[tuple[AgentClient, Sandbox]]:
 
 def test_health_and_version(agent: tuple[AgentClient, Sandbox]) -> None:
     client, _ = agent
-    assert client.wait_ready(5.0).status == 1  # SERVING
+    client.wait_ready(5.0)
+    assert client.check().status == 1  # SERVING
     assert client.version().agent_version
 
 
@@ -185,3 +187,18 @@ def test_crun_errors_in_runc_words() -> None:
     crun = "executable file `nonexistentcmd` not found in $PATH: No such file or directory"
     assert runc_wording(crun) == 'exec: "nonexistentcmd": executable file not found in $PATH'
     assert runc_wording("mount failed: EBUSY") == "mount failed: EBUSY"
+
+
+def test_wait_ready_ends_at_once_when_the_connection_closes() -> None:
+    """A VMM that dies while the host waits for its agent closes the connection: the wait ends then,
+    not at its deadline (it used to spin on the closed client until boot_timeout)."""
+    import time
+
+    host, guest = socket.socketpair()
+    client = AgentClient(ttrpc.socket_stream(host), timeout=10.0)
+    guest.close()
+    t0 = time.monotonic()
+    with pytest.raises(AgentError, match="UNAVAILABLE"):  # closed by the peer, or a write that failed
+        client.wait_ready(20.0)
+    assert time.monotonic() - t0 < 5.0
+    client.close()

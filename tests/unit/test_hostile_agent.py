@@ -471,6 +471,27 @@ def one_line_at_most(err: bytes, what: str, prefix: bytes = b"") -> None:
     assert len(lines) <= 1, f"{what}: {lines}"
 
 
+def wait_monitor(proc: subprocess.Popen[bytes], listener: Listener, lingers: bool) -> int:
+    """The monitor's exit status. An init monitor whose agent connection ended before the container
+    was started stays, as runc's init does, until `start` or a signal: like a runtime's `kill`, this
+    signals it once the agent's side is gone. TimeoutExpired at HARD_LIMIT."""
+    deadline = time.monotonic() + HARD_LIMIT
+    next_kill = 0.0
+    while proc.poll() is None:
+        now = time.monotonic()
+        if now > deadline:
+            raise subprocess.TimeoutExpired(proc.args, HARD_LIMIT)
+        gone = listener.agents and not any(a.thread.is_alive() for a in listener.agents)
+        if lingers and gone and now >= next_kill:
+            # Again each second, as a runtime's kill is repeated: one that came while the monitor was
+            # still waiting on its agent was forwarded there (and is not its release).
+            if next_kill:
+                proc.send_signal(signal.SIGTERM)
+            next_kill = now + (1.0 if next_kill else 0.05)  # the first after the monitor saw the end
+        time.sleep(0.01)
+    return proc.returncode
+
+
 def run_monitor_case(seed: int, workdir: Path) -> str:
     """What the case ended in: "status N", or "refused" (the monitor answered "error")."""
     rng = random.Random(seed)
@@ -511,11 +532,13 @@ def run_monitor_case(seed: int, workdir: Path) -> str:
         configured = False
         assert str(exc).isprintable(), f"{what}: {exc!r}"
     try:
-        status = monitor.proc.wait(HARD_LIMIT)
+        status = wait_monitor(monitor.proc, listener, lingers=configured and role == "init")
     except subprocess.TimeoutExpired:
         monitor.proc.kill()
         monitor.proc.wait()
-        raise AssertionError(f"{what}: the monitor hung") from None
+        replies = [(m, k) for agent in listener.agents for m, k, _ in agent.replies]
+        alive = [a.thread.is_alive() for a in listener.agents]
+        raise AssertionError(f"{what}: the monitor hung (replies {replies}, agents alive {alive})") from None
     finally:
         listener.close()
     replies = [(m, k) for agent in listener.agents for m, k, _ in agent.replies]
@@ -545,7 +568,10 @@ def run_cli_case(seed: int, workdir: Path) -> str:
     cid = f"k{seed % 10**6}"
     store = ContainerStore(where / "root")
     store.reserve(cid)
-    me = ProcessId.of(os.getpid())
+    # What the record's monitor is: `kill` signals it itself once the agent is gone, as runc
+    # signals its init process; so a process of its own, never this one.
+    stand_in = subprocess.Popen(["sleep", "300"])
+    me = ProcessId.of(stand_in.pid)
     assert me is not None
     store.save(ContainerRecord(id=cid, bundle=str(where), rootfs=str(where), created="now", config="",
                                status="running", pid=me.pid, pid_start=me.start_time))
@@ -559,6 +585,8 @@ def run_cli_case(seed: int, workdir: Path) -> str:
                               env=env, capture_output=True, timeout=HARD_LIMIT)
     finally:
         listener.close()
+        stand_in.kill()
+        stand_in.wait()
     replies = [(m, k) for agent in listener.agents for m, k, _ in agent.replies]
     what = f"kata-runtime {verb[0]} case seed {seed}: replies {replies}, exit {done.returncode}"
     assert not listener.hung(), f"{what}: hung"
@@ -605,3 +633,33 @@ def test_cases_are_what_the_seed_says() -> None:
     assert [r.kind for r in make_plan(a, 20)] == [r.kind for r in make_plan(b, 20)]
     assert [r.steps(1, b"x") for r in make_plan(random.Random(8), 20)] == [
         r.steps(1, b"x") for r in make_plan(random.Random(8), 20)]
+
+
+def test_a_burst_of_signals_never_wedges_the_monitor(workdir: Path) -> None:
+    """Thousands of signals as fast as they come, to a few monitors: each forwards what it can and
+    still ends (its handler used to take a lock; a signal that interrupted the handler while it held
+    that lock waited on it for ever: one burst in three wedged the monitor)."""
+    for n in range(6):
+        valid = Reply("valid", lambda sid, good: [frame_of(sid, ok(good))])
+        where = workdir / f"b{n}"
+        where.mkdir()
+        listener = Listener(where / "agent.sock", [[valid] * 50], random.Random(n))
+        null = os.open(os.devnull, os.O_RDWR)
+        try:
+            monitor = PendingMonitor([CID, "burst"], stdio=(null, null, null))
+        finally:
+            os.close(null)
+        try:
+            agent = {"kind": "serial", "path": str(where / "agent.sock")}
+            monitor.configure({"role": "init", "cid": CID, "terminal": False, "console_socket": None,
+                               "foreground": False, "agent": agent, "proxy": str(where / "proxy.sock")},
+                              timeout=HARD_LIMIT)
+            for i in range(3000):
+                monitor.proc.send_signal([signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP][i % 3])
+            status = wait_monitor(monitor.proc, listener, lingers=True)
+        finally:
+            if monitor.proc.poll() is None:
+                monitor.proc.kill()
+                monitor.proc.wait()
+            listener.close()
+        assert 0 <= status <= 255  # it ended: with the status the agent gave, or 255 without one
