@@ -394,7 +394,8 @@ class Sandbox:
 
     def vm_processes(self) -> list[ProcessId]:
         """The host processes without which the VM is gone: the VMM, and virtiofsd (a guest whose
-        shared filesystem died would hang on its next file access)."""
+        shared filesystem died would hang on its next file access). One that has died already is
+        listed too: whoever watches them must see the VM gone at once."""
         found = self.hypervisor.process_ids() if self.hypervisor is not None else []
         if self.virtiofsd is not None and self.virtiofsd.process_id is not None:
             found.append(self.virtiofsd.process_id)

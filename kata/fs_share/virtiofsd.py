@@ -106,8 +106,8 @@ class Virtiofsd:
 
     @property
     def process_id(self) -> daemon.ProcessId | None:
-        """The process we started (its namespace sandbox forks one more, which dies with it)."""
-        return self._proc if self._proc is not None and self._proc.is_alive() else None
+        """The process we started, alive or not (its namespace sandbox forks more, which die with it)."""
+        return self._proc
 
     def is_running(self) -> bool:
         return self.pid is not None

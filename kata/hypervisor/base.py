@@ -121,7 +121,8 @@ class Hypervisor(abc.ABC):
         """Host processes of this VM (the VMM itself first)."""
 
     def process_ids(self) -> list[ProcessId]:
-        """pids() with their start times, which another process can check against pid reuse."""
+        """The VMM's processes with their start times, which another process can check against pid
+        reuse; a driver that knows them lists those that have died too."""
         return [p for p in (ProcessId.of(pid) for pid in self.pids()) if p is not None]
 
     @abc.abstractmethod

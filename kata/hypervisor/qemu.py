@@ -230,6 +230,10 @@ class Qemu(Hypervisor):
     def pids(self) -> list[int]:
         return [self._require().pid] if self.is_running() else []
 
+    def process_ids(self) -> list[daemon.ProcessId]:
+        """The QEMU process started, alive or not (a watcher must see a dead one at once)."""
+        return [self._proc()] if self._state is not None else []
+
     def agent_endpoint(self) -> AgentEndpoint:
         state = self._require()
         assert self._paths is not None
