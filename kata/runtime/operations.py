@@ -239,9 +239,26 @@ def start(store: ContainerStore, cid: str) -> None:
             raise StateError(f"cannot start a container in the {status} state")
         spec = _spec_or_empty(rec)
         _hooks(spec, "startContainer", rec, "created", fatal=True)
-        _mirror_network(store, rec)
+        from kata import ttrpc
+
         with lite_agent_of(rec) as agent:
-            agent.start_container(cid)
+            try:
+                agent.check(5.0)
+            except ttrpc.TTRPCError as exc:
+                if exc.code != ttrpc.Code.UNAVAILABLE:
+                    raise
+                # The VM went after create, and the container's process with it. As for a process
+                # that exits at once, start succeeds and the monitor reports the end (255): it
+                # releases itself on the StartContainer it forwards. A failed start instead would
+                # leave containerd's runc shim and Docker a task they can neither start nor delete.
+                log.warning(f"start {cid}: its VM is gone; the container exits with 255")
+            else:
+                _mirror_network(store, rec)
+            try:
+                agent.start_container(cid)
+            except ttrpc.TTRPCError as exc:
+                if exc.code != ttrpc.Code.UNAVAILABLE:
+                    raise
         rec.status = "running"
         store.save(rec)
         # The spec: a poststart hook's failure is logged, and the lifecycle goes on.

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from kata.bundles import make_busybox_bundle
-from tests.conftest import config_with, leftovers, runtime_bin
+from tests.conftest import config_with, leftovers, process_gone, runtime_bin
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("needs_guest")]
 
@@ -252,4 +252,32 @@ def test_vm_dying_under_a_running_container(tmp_path: Path, cid: str, victim: st
     lines = err.decode().strip().splitlines()
     assert "Traceback" not in err.decode()
     assert lines and lines[-1].startswith("kata-runtime: "), err
+    assert leftovers(cid) == []
+
+
+def test_vm_gone_between_create_and_start(tmp_path: Path, cid: str) -> None:
+    """QEMU killed after create: the monitor stays for the process (as runc's init waits on its exec
+    fifo) until start, which then succeeds with a process that has ended (255, as for a VM gone);
+    its exit comes after start, which containerd's runc shim and Docker can follow."""
+    bundle = make_busybox_bundle(tmp_path / "b", ["sleep", "600"])
+    cli = [runtime_bin(), "--root", str(tmp_path / "root")]
+    with open(tmp_path / "out", "wb") as out:
+        subprocess.run([*cli, "create", "--bundle", str(bundle), "--pid-file", str(tmp_path / "pid"), cid],
+                       check=True, stdout=out, stderr=out, stdin=subprocess.DEVNULL, timeout=TIMEOUT)
+    try:
+        monitor = int((tmp_path / "pid").read_text())
+        os.kill(int((Path("/run/vc/vm") / cid / "qemu.pid").read_text()), signal.SIGKILL)
+        time.sleep(1.0)
+        assert not process_gone(monitor), "the monitor left before start"
+        state = json.loads(subprocess.run([*cli, "state", cid], capture_output=True, timeout=60).stdout)
+        assert state["status"] == "created"
+        start = subprocess.run([*cli, "start", cid], capture_output=True, timeout=60)
+        assert start.returncode == 0, start.stderr
+        deadline = time.monotonic() + 30
+        while not process_gone(monitor):
+            assert time.monotonic() < deadline, "the monitor outlived its started process"
+            time.sleep(0.1)
+    finally:
+        delete = subprocess.run([*cli, "delete", "--force", cid], capture_output=True, timeout=60)
+    assert delete.returncode == 0, delete.stderr
     assert leftovers(cid) == []
