@@ -13,7 +13,9 @@ import pytest
 
 from kata import ttrpc
 from kata.agent.client import AgentClient, AgentError, StreamEOF
-from kata.guest.agent.sandbox import Sandbox
+from kata.guest.agent.reaper import Exit
+from kata.guest.agent.sandbox import Process, Sandbox
+from kata.guest.agent.stdio import Stdio
 from tests.unit.guest_fakes import agent_server, close_processes, serve_on_socketpair
 from tests.unit.guest_fakes import fake_process as _fake_process
 
@@ -202,3 +204,30 @@ def test_wait_ready_ends_at_once_when_the_connection_closes() -> None:
         client.wait_ready(20.0)
     assert time.monotonic() - t0 < 5.0
     client.close()
+
+
+def test_a_finished_exec_gives_back_its_descriptors(agent: tuple[AgentClient, Sandbox]) -> None:
+    """An exec whose output was read to its end and whose status was taken is forgotten at the next
+    exec: the agent keeps no descriptor of it (thousands of execs ran the agent out of them)."""
+    client, sandbox = agent
+    _fake_process(sandbox)
+    container = sandbox.containers["c1"]
+    before = len(os.listdir("/proc/self/fd"))
+    for n in range(50):
+        stdio = Stdio.pipes()
+        child = stdio.child_fds()
+        stdio._child = []
+        container.execs[f"e{n}"] = Process(exec_id=f"e{n}", pid=999990, exit=Exit(999990), stdio=stdio,
+                                           terminal=False)
+        os.write(child[1], b"out")
+        for fd in child:
+            os.close(fd)  # the process ends: its ends of the pipes close
+        assert client.read_stdout(container_id="c1", exec_id=f"e{n}").data == b"out"
+        for read in (client.read_stdout, client.read_stderr):
+            with pytest.raises(StreamEOF):
+                read(container_id="c1", exec_id=f"e{n}")
+        container.execs[f"e{n}"].exit.set(0)
+        assert client.wait_process(container_id="c1", exec_id=f"e{n}").status == 0
+        sandbox._forget_finished_execs(container)  # what the next ExecProcess does first
+    assert container.execs == {}
+    assert len(os.listdir("/proc/self/fd")) <= before

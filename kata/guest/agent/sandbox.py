@@ -35,6 +35,7 @@ class Process:
         self.exit = exit
         self.stdio = stdio
         self.terminal = terminal
+        self.waited = False  # a WaitProcess has had its status
 
 
 class Container:
@@ -184,15 +185,33 @@ class Sandbox:
         with self._lock:
             if exec_id in c.execs:
                 raise AlreadyExists(f"exec {exec_id!r} already exists in {cid!r}")
+        self._forget_finished_execs(c)
         proc_file = os.path.join(c.bundle, f"exec-{exec_id}.json")
         pid_file = os.path.join(c.bundle, f"exec-{exec_id}.pid")
         with open(proc_file, "wb") as f:
             f.write(process_json)
         args = ["exec", "--process", proc_file, "--detach", "--pid-file", pid_file, cid]
-        p = self._start_process(c, args, bool(proc.get("terminal")), pid_file, exec_id)
+        try:
+            p = self._start_process(c, args, bool(proc.get("terminal")), pid_file, exec_id)
+        finally:
+            for path in (proc_file, pid_file):  # read by crun and by us: done with
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
         with self._lock:
             c.execs[exec_id] = p
         log.info(f"exec {exec_id} in {cid}: pid {p.pid}")
+
+    def _forget_finished_execs(self, c: Container) -> None:
+        """Execs that have exited, had their status taken and their output read to its end hold
+        nothing anyone will ask for again: their descriptors go (a container that runs thousands of
+        execs must not run the agent out of them)."""
+        with self._lock:
+            done = [k for k, p in c.execs.items() if p.waited and p.exit.done() and p.stdio.drained()]
+            finished = [c.execs.pop(k) for k in done]
+        for p in finished:
+            p.stdio.close()
 
     def signal_process(self, cid: str, exec_id: str, sig: int) -> None:
         p = self.process(cid, exec_id)
@@ -204,8 +223,10 @@ class Sandbox:
             pass
 
     def wait_process(self, cid: str, exec_id: str) -> int:
-        code = self.process(cid, exec_id).exit.wait()
+        p = self.process(cid, exec_id)
+        code = p.exit.wait()
         assert code is not None
+        p.waited = True
         return code
 
     def remove_container(self, cid: str, timeout: float | None = None) -> None:

@@ -43,26 +43,44 @@ class Stdio:
             os.close(fd)
         self._child = []
 
-    def _read(self, fd: int | None, n: int) -> bytes:
+    def _read(self, which: str, n: int) -> bytes:
+        fd = getattr(self, which)
         if fd is None:
             raise EndOfStream()
         try:
             data = os.read(fd, max(1, n))
         except OSError as e:
             # A pty master reads EIO once the last slave fd is closed: that is its EOF.
-            if e.errno in (errno.EIO, errno.EBADF):
-                raise EndOfStream() from None
-            raise
+            if e.errno not in (errno.EIO, errno.EBADF):
+                raise
+            data = b""
         if not data:
+            self._close(which)  # at its end a stream's descriptor goes: an exec must not keep it
             raise EndOfStream()
         return data
 
+    def _close(self, which: str) -> None:
+        with self._lock:
+            fd = getattr(self, which)
+            setattr(self, which, None)
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
     def read_stdout(self, n: int) -> bytes:
-        return self._read(self.tty_master if self.tty_master is not None else self.stdout_r, n)
+        return self._read("tty_master" if self.tty_master is not None else "stdout_r", n)
 
     def read_stderr(self, n: int) -> bytes:
         # With a tty, stderr is merged into the terminal: it has no stream of its own.
-        return self._read(None if self.tty_master is not None else self.stderr_r, n)
+        if self.tty_master is not None:
+            raise EndOfStream()
+        return self._read("stderr_r", n)
+
+    def drained(self) -> bool:
+        """Every output stream was read to its end (and its descriptor closed)."""
+        return self.stdout_r is None and self.stderr_r is None and self.tty_master is None
 
     def write_stdin(self, data: bytes) -> int:
         fd = self.tty_master if self.tty_master is not None else self.stdin_w
