@@ -57,7 +57,7 @@ def leftovers(cid: str) -> list[str]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if cid in cmd and ("qemu" in cmd or "virtiofsd" in cmd or "kata.monitor" in cmd):
+        if cid in cmd and ("qemu" in cmd or "virtiofsd" in cmd or "kata.runc.monitor" in cmd):
             found.append(f"process {pid}: {cmd[:120]}")
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         point = line.split()[4]

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         result = choose_accel(Path(hv.path), Path(hv.kernel), force=hv.accel)  # type: ignore[arg-type]
         facts["accelerator"] = result.accel
         facts["accelerator_reason"] = result.reason + (" (cached)" if result.cached else "")
-    from kata.core.vm import agent_channel
+    from kata.sandbox.vm import agent_channel
 
     try:
         facts["agent_channel"] = agent_channel(cfg.agent.agent_channel, caps.dev_vhost_vsock)

@@ -63,8 +63,8 @@ def process_from_args(spec_process: dict[str, Any], args: argparse.Namespace) ->
 def run(args: argparse.Namespace) -> int:
     from kata.cli import foreground
     from kata.oci.spec import load_process
-    from kata.runtime import operations
-    from kata.runtime.monitor_proc import PendingMonitor
+    from kata.runc import operations
+    from kata.runc.monitor_launch import PendingMonitor
 
     st = store(args)
     check_pid_file(args.pid_file)

@@ -16,8 +16,8 @@ def add_parser(sub: Any) -> None:
 def _default_vm_config(args: argparse.Namespace) -> Any:
     """The VM a container with no limits gets: the template `init` prepares ahead of the first run."""
     from kata.config import load_config
-    from kata.core.paths import SandboxPaths
-    from kata.core.sandbox import plan_vm
+    from kata.sandbox.paths import SandboxPaths
+    from kata.sandbox.sandbox import plan_vm
 
     cfg = load_config(Path(args.config) if args.config else None)
     config, _ = plan_vm(cfg, "factory", {}, SandboxPaths("factory"), args.debug)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from kata.monitor import NOT_FORWARDED
+from kata.runc.monitor import NOT_FORWARDED
 
 
 @contextmanager

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from kata.cli.lifecycle import store
-from kata.runtime.records import ContainerRecord
+from kata.runc.state import ContainerRecord
 
 # A `ps` line is a process's row: its command line can be long, but not without bound.
 _PS_LINE_LIMIT = 4096
@@ -67,7 +67,7 @@ def list_containers(args: argparse.Namespace) -> int:
 def ps(args: argparse.Namespace) -> int:
     """json: the host pids that stand for the container's processes (the monitors), which are what
     containerd's shim knows them by; table: the guest's own `ps` of the container."""
-    from kata.runtime.operations import agent_of
+    from kata.runc.operations import agent_of
 
     rec = store(args).load(args.container_id)
     if args.format == "json":
@@ -102,7 +102,7 @@ def _interval(text: str) -> float:
 
 def stats_event(rec: ContainerRecord) -> dict[str, Any]:
     """One runc `events` record of type "stats", from the guest's cgroup statistics."""
-    from kata.runtime.operations import agent_of
+    from kata.runc.operations import agent_of
 
     with agent_of(rec) as agent:
         cg = agent.stats_container(container_id=rec.id).cgroup_stats

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from kata.runtime.records import ContainerStore
+from kata.runc.state import ContainerStore
 
 
 def store(args: argparse.Namespace) -> ContainerStore:
@@ -54,7 +54,7 @@ def _write_pid_file_or_delete(st: ContainerStore, cid: str, path: str | None, pi
     try:
         write_pid_file(path, pid)
     except BaseException:
-        from kata.runtime import operations
+        from kata.runc import operations
 
         operations.delete(st, cid, force=True)
         raise
@@ -126,7 +126,7 @@ def add_parser(sub: Any) -> None:
 
 
 def create(args: argparse.Namespace) -> int:
-    from kata.runtime import operations
+    from kata.runc import operations
 
     check_pid_file(args.pid_file)
     st = store(args)
@@ -142,9 +142,9 @@ def run(args: argparse.Namespace) -> int:
     """create + start; in the foreground, wait for the process and delete the container after."""
     from kata.cli import foreground
     from kata.errors import KataError
-    from kata.monitor import VM_GONE_STATUS
     from kata.oci.spec import load_bundle
-    from kata.runtime import operations
+    from kata.runc import operations
+    from kata.runc.monitor import VM_GONE_STATUS
 
     check_pid_file(args.pid_file)
     st = store(args)
@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def start(args: argparse.Namespace) -> int:
-    from kata.runtime import operations
+    from kata.runc import operations
 
     operations.start(store(args), args.container_id)
     return 0
@@ -177,7 +177,7 @@ def start(args: argparse.Namespace) -> int:
 
 def kill(args: argparse.Namespace) -> int:
     from kata.errors import KataError
-    from kata.runtime import operations
+    from kata.runc import operations
     from kata.utils.signals import parse_signal
 
     try:
@@ -189,21 +189,21 @@ def kill(args: argparse.Namespace) -> int:
 
 
 def delete(args: argparse.Namespace) -> int:
-    from kata.runtime import operations
+    from kata.runc import operations
 
     operations.delete(store(args), args.container_id, force=args.force)
     return 0
 
 
 def pause(args: argparse.Namespace) -> int:
-    from kata.runtime import operations
+    from kata.runc import operations
 
     operations.pause(store(args), args.container_id)
     return 0
 
 
 def resume(args: argparse.Namespace) -> int:
-    from kata.runtime import operations
+    from kata.runc import operations
 
     operations.resume(store(args), args.container_id)
     return 0

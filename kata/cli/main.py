@@ -102,7 +102,7 @@ def _check_id(args: argparse.Namespace) -> None:
     paths under --root and the sandbox's directories (each container is a sandbox of its own)."""
     cid = getattr(args, "container_id", None)
     if cid is not None:
-        from kata.core.paths import validate_sandbox_id
+        from kata.sandbox.paths import validate_sandbox_id
 
         validate_sandbox_id(cid)
 

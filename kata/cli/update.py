@@ -20,7 +20,7 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kata.oci.resources import resources_from_args
-    from kata.runtime import operations
+    from kata.runc import operations
 
     resources = resources_from_args(args, sys.stdin.read)
     operations.update(store(args), args.container_id, resources)

@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from kata.core import paths
 from kata.errors import KataError
+from kata.sandbox import paths
 
 SUPPORTED_HYPERVISORS = ("qemu",)
 SUPPORTED_AGENTS = ("kata",)

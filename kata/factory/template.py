@@ -18,13 +18,13 @@ import shutil
 import time
 from pathlib import Path
 
-from kata.agent.client import AgentClient
-from kata.agent.transport import connect
-from kata.core.paths import TEMPLATE_VM_ROOT
-from kata.core.store import locked
+from kata.agent_client.client import AgentClient
+from kata.agent_client.transport import connect
 from kata.errors import KataError
 from kata.hypervisor.base import VMConfig
 from kata.hypervisor.qemu_argv import DEFAULT_SECCOMP
+from kata.sandbox.paths import TEMPLATE_VM_ROOT
+from kata.utils.files import locked
 from kata.utils.safepath import remove_tree
 
 # Bump when the way templates are made changes (e.g. the agent's state at snapshot time).

@@ -17,8 +17,8 @@ import os
 import stat
 from pathlib import Path
 
-from kata.core.paths import validate_id
 from kata.errors import KataError
+from kata.sandbox.paths import validate_id
 from kata.specconv import HostShare
 from kata.utils import mountapi
 from kata.utils.mount import (

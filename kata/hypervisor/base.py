@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from kata.agent.endpoint import AgentEndpoint
 from kata.errors import KataError
 from kata.hypervisor.daemon import ProcessId
+from kata.protocols.agent_api import AgentEndpoint
 
 
 class HypervisorError(KataError):

@@ -9,7 +9,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kata.agent.endpoint import AgentEndpoint
+from kata.protocols.agent_api import AgentEndpoint
 from kata.utils.files import write_private
 
 from . import daemon

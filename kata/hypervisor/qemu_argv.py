@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from kata.agent.endpoint import AGENT_SERIAL_PORT_NAME
+from kata.protocols.agent_api import AGENT_SERIAL_PORT_NAME
 
 from .base import HypervisorError, VMConfig
 from .host import tcg_kernel_params

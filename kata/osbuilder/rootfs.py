@@ -77,8 +77,8 @@ class RootfsSpec:
     wheels: tuple[wheel.WheelSpec, ...] = (wheel.WheelSpec("protobuf==7.36.2"),)
     # Source-tree paths of our guest code (files, or directories copied with their .py files).
     guest_code: tuple[str, ...] = (
-        "kata/__init__.py", "kata/ttrpc", "kata/protocols", "kata/agent/__init__.py",
-        "kata/agent/endpoint.py", "kata/oci/__init__.py", "kata/oci/default_spec.py",
+        "kata/__init__.py", "kata/ttrpc", "kata/protocols", "kata/oci/__init__.py",
+        "kata/oci/default_spec.py",
         "kata/utils/__init__.py", "kata/utils/mount.py", "kata/utils/ids.py", "kata/utils/text.py",
         "kata/guest",
     )  # fmt: skip

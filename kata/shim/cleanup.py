@@ -15,14 +15,14 @@ from kata.shim.main import bundle_of, check_ids
 
 
 def run(args: argparse.Namespace) -> int:
-    from kata.core.paths import SandboxPaths, max_sandbox_id_length
+    from kata.sandbox.paths import SandboxPaths, max_sandbox_id_length
 
     check_ids(args)  # nothing is torn down in the name of an invalid id
     bundle = bundle_of(args)
     # Only the pod's sandbox task has a VM (named after it); a longer id cannot be a sandbox's.
     if len(args.id) <= max_sandbox_id_length() and SandboxPaths(args.id).state_dir.exists():
         from kata.config import load_config
-        from kata.core.sandbox import Sandbox
+        from kata.sandbox.sandbox import Sandbox
 
         for problem in Sandbox.attach(args.id, load_config(None)).destroy():
             print(f"cleanup of sandbox {args.id}: {problem}", file=sys.stderr)

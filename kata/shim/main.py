@@ -73,7 +73,7 @@ def _info() -> int:
 def check_ids(args: argparse.Namespace) -> None:
     """start and delete name a task (-id) in a namespace (-namespace): both are checked before
     anything is built from them, or done in their name."""
-    from kata.core.paths import validate_id
+    from kata.sandbox.paths import validate_id
 
     if not args.id or not args.namespace:
         raise KataError(f"{args.action} needs -id and -namespace")

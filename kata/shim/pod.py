@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kata import ttrpc
-from kata.agent.lite import LiteAgent
-from kata.core.paths import validate_sandbox_id
+from kata.agent_client.lite import LiteAgent
 from kata.errors import KataError
+from kata.sandbox.paths import validate_sandbox_id
 from kata.shim import events, rootfs
 from kata.shim.oom import OomForwarder
 from kata.shim.process import CREATED, PAUSED, RUNNING, STOPPED, VM_GONE_STATUS, Process
@@ -29,12 +29,12 @@ from kata.specconv import container_growth, pod_resources, pod_role
 from kata.utils.text import one_line
 
 if TYPE_CHECKING:
-    from kata.agent.client import AgentClient
+    from kata.agent_client.client import AgentClient
     from kata.config import RuntimeConfig
-    from kata.core.container import Container
-    from kata.core.sandbox import Sandbox
-    from kata.core.timings import Timings
     from kata.protocols.cgroups.stats.v1.metrics_pb2 import Metrics
+    from kata.sandbox.container import Container
+    from kata.sandbox.sandbox import Sandbox
+    from kata.sandbox.timings import Timings
 
 log = logging.getLogger("kata.shim")
 
@@ -129,8 +129,8 @@ class Pod:
 
     # ---- create --------------------------------------------------------------------------------
     def create(self, params: CreateParams) -> int:
-        from kata.core.timings import Timings
         from kata.oci.spec import load_bundle
+        from kata.sandbox.timings import Timings
 
         timings = Timings()
         with self.lock:
@@ -178,8 +178,8 @@ class Pod:
         guest cannot be given; for the pod's sandbox, its configuration (annotations included) and
         the VM's sizing, which is returned."""
         from kata.config import apply_annotations, load_config
-        from kata.core.container import check_container
-        from kata.core.sandbox import size_vm
+        from kata.sandbox.container import check_container
+        from kata.sandbox.sandbox import size_vm
 
         check_container(bundle, params.id)
         if not is_sandbox:
@@ -189,7 +189,7 @@ class Pod:
         return cfg
 
     def _bring_up(self, params: CreateParams, bundle: Any, cfg: RuntimeConfig, timings: Timings) -> None:
-        from kata.core.sandbox import Sandbox
+        from kata.sandbox.sandbox import Sandbox
 
         netns_path = _enter_network_namespace(bundle)
         timings.mark("config_loaded")
@@ -209,7 +209,7 @@ class Pod:
         threading.Thread(target=ooms.run, name="oom", daemon=True).start()
 
     def _mirror(self, netns_path: str) -> None:
-        from kata.runtime import networking
+        from kata.sandbox import network as networking
 
         assert self.sandbox is not None and self.agent is not None
         if self.sandbox.hypervisor is not None:
@@ -236,7 +236,7 @@ class Pod:
         hyp.release()
 
     def _create_container(self, task: Task, bundle: Any) -> Container:
-        from kata.core.container import Container
+        from kata.sandbox.container import Container
 
         assert self.sandbox is not None
         self._require_vm()
@@ -410,7 +410,7 @@ class Pod:
         sandbox, self.sandbox = self.sandbox, None
         self.vm_gone = True
         if self._network is not None:
-            from kata.runtime import networking
+            from kata.sandbox import network as networking
 
             netns_path, made = self._network
             networking.unmirror(netns_path, made)

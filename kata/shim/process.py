@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable
 
 from kata import ttrpc
-from kata.agent import relay
-from kata.agent.lite import LiteAgent
+from kata.agent_client import relay
+from kata.agent_client.lite import LiteAgent
 from kata.shim.stdio import ProcessIO, StdinOpener, StdioPaths, open_outputs
 from kata.utils.text import one_line
 

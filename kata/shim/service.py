@@ -17,11 +17,11 @@ from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
 
 from kata import __version__, ttrpc
-from kata.core.paths import InvalidIdError, validate_id
 from kata.errors import KataError
 from kata.oci.spec import OCIError, validate_process, validate_resources
 from kata.protocols.containerd.api.types.task import task_pb2 as types
 from kata.protocols.containerd.runtime.v2.task import shim_pb2 as pb
+from kata.sandbox.paths import InvalidIdError, validate_id
 from kata.shim import events
 from kata.shim.options import config_path
 from kata.shim.pod import CreateParams, Pod, ShimError

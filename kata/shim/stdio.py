@@ -1,7 +1,7 @@
 """The host ends of a process's stdio, as containerd names them in Create and Exec: fifo paths,
 a `file://` log file, or a `binary://` logging program (containerd's LogURI).
 
-Output descriptors are written by kata.agent.relay's pumps; stdin is opened by its pump, as its
+Output descriptors are written by kata.agent_client.relay's pumps; stdin is opened by its pump, as its
 fifo's open blocks until containerd's side opens it.
 """
 

@@ -1,11 +1,16 @@
-"""Files a caller names, read bounded and without blocking; small state files, written whole and
-root-only."""
+"""Files: those a caller names, read bounded and without blocking; state files, written whole and
+root-only, as JSON too; and flock-based locks, so that racing commands each see whole states."""
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 # Real specs, processes and resources are a few KiB.
 MAX_JSON_BYTES = 16 << 20
@@ -42,3 +47,27 @@ def write_private(path: Path, data: bytes | str, mode: int = 0o600) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """``data`` as a whole file, root-only (write_private): it may name bundles, pids and configuration."""
+    write_private(path, json.dumps(data, indent=1, sort_keys=True))
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return data
+
+
+@contextmanager
+def locked(lock_file: Path, shared: bool = False) -> Iterator[None]:
+    """flock-based lock; released when the process dies, so a crash never leaves it stuck."""
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

@@ -63,7 +63,7 @@ def _kata_sandboxes() -> set[str]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"kata.monitor" in cmd:
+        if b"kata.runc.monitor" in cmd:
             found.add(f"monitor {pid}")
         elif b"containerd-shim-kata-v2" in cmd:
             found.add(f"shim {pid}")

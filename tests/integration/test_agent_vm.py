@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from kata.agent.client import AgentClient, StreamEOF
-from kata.agent.transport import connect
+from kata.agent_client.client import AgentClient, StreamEOF
+from kata.agent_client.transport import connect
 from kata.bundles import make_rootfs
 from kata.hypervisor.base import SharedFs, VMConfig
 from kata.hypervisor.qemu import Qemu

@@ -45,12 +45,12 @@ from kata.cli.main import main
 from kata.config import dump_config, load_config
 from kata.config.load import PACKAGED_CONFIG
 from kata.config.toml_out import dumps
-from kata.core import paths
 from kata.oci.default_spec import default_spec
 from kata.protocols.containerd.api.types import mount_pb2
 from kata.protocols.containerd.pkg.runtimeoptions.v1 import api_pb2 as runtimeoptions
 from kata.protocols.containerd.runtime.v2.task import shim_pb2 as pb
-from kata.runtime.records import ContainerRecord, ContainerStore
+from kata.runc.state import ContainerRecord, ContainerStore
+from kata.sandbox import paths
 from kata.shim import address
 from kata.shim.pod import Pod
 from kata.shim.service import TaskService
@@ -118,14 +118,14 @@ def world() -> Iterator[World]:
     w.cases.mkdir()
     w.root.mkdir()
     with pytest.MonkeyPatch.context() as mp:
-        # This process read KATA_STATE_ROOT and KATA_SHARED_ROOT when kata.core.paths was imported.
+        # This process read KATA_STATE_ROOT and KATA_SHARED_ROOT when kata.sandbox.paths was imported.
         for name, value in (("STATE_ROOT", w.state), ("VM_ROOT", w.state / "vm"), ("SHARED_ROOT", w.shared),
                             ("TEMPLATE_VM_ROOT", w.state / "template-vm")):
             mp.setattr(paths, name, value)
         mp.setenv("KATA_CONF_FILE", str(w.config))
         mp.setattr("kata.utils.netns.unshare", _tripped)
         mp.setattr("kata.utils.netns.enter", _tripped)
-        mp.setattr("kata.runtime.monitor_proc.PendingMonitor.configure", _tripped)
+        mp.setattr("kata.runc.monitor_launch.PendingMonitor.configure", _tripped)
         yield w
     shutil.rmtree(base)
 

@@ -47,9 +47,9 @@ PATTERNS = {
     "qemu": (b"qemu-system",),
     "virtiofsd": (b"virtiofsd",),
     "shim": (b"containerd-shim-kata-v2",),
-    "monitor": (b"kata.monitor",),
+    "monitor": (b"kata.runc.monitor",),
 }
-WATCHED = (b"qemu-system", b"virtiofsd", b"containerd-shim-kata-v2", b"kata.monitor")
+WATCHED = (b"qemu-system", b"virtiofsd", b"containerd-shim-kata-v2", b"kata.runc.monitor")
 
 
 def _cmdlines() -> dict[int, bytes]:

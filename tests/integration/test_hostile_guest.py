@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from kata.agent.client import AgentClient, StreamEOF
+from kata.agent_client.client import AgentClient, StreamEOF
 from kata.bundles import make_busybox_bundle
 from kata.config import load_config
-from kata.core.container import Container
-from kata.core.sandbox import Sandbox
 from kata.oci.spec import load_bundle
+from kata.sandbox.container import Container
+from kata.sandbox.sandbox import Sandbox
 from kata.utils.mount import mount_points
 from tests.conftest import config_with, leftovers
 

@@ -64,7 +64,7 @@ def test_contains_kata_code_and_protobuf_with_pyc(tree: Path) -> None:
     for rel in (
         "kata/__init__.py",
         "kata/ttrpc/__init__.py",
-        "kata/agent/endpoint.py",
+        "kata/protocols/agent_api.py",
         "kata/guest/__init__.py",
     ):
         assert (site / rel).is_file(), rel

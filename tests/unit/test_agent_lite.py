@@ -1,4 +1,4 @@
-"""kata.agent.lite encodes exactly what the generated agent API would, over a real ttrpc pair."""
+"""kata.agent_client.lite encodes exactly what the generated agent API would, over a real ttrpc pair."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from google.protobuf.empty_pb2 import Empty
 
 from kata import ttrpc
-from kata.agent.lite import AgentCallError, LiteAgent, StreamEnded
+from kata.agent_client.lite import AgentCallError, LiteAgent, StreamEnded
 from kata.protocols import agent_pb2 as pb
 from kata.protocols import health_pb2 as hpb
 

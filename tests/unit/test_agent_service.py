@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kata import ttrpc
-from kata.agent.client import AgentClient, AgentError, StreamEOF
+from kata.agent_client.client import AgentClient, AgentError, StreamEOF
 from kata.guest.agent.reaper import Exit
 from kata.guest.agent.sandbox import Process, Sandbox
 from kata.guest.agent.stdio import Stdio

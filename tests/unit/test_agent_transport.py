@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kata.agent.endpoint import AgentEndpoint
-from kata.agent.transport import TransportError, connect
+from kata.agent_client.transport import TransportError, connect
+from kata.protocols.agent_api import AgentEndpoint
 
 
 def test_serial_waits_for_socket(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from kata.config import (
     load_config,
 )
 from kata.config.load import PACKAGED_CONFIG
-from kata.core import paths
+from kata.sandbox import paths
 
 
 def write(tmp_path: Path, text: str, name: str = "configuration.toml") -> Path:

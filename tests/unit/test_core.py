@@ -12,8 +12,10 @@ import pytest
 
 from kata.config import HypervisorConfig, load_config
 from kata.config.load import PACKAGED_CONFIG
-from kata.core import vm
-from kata.core.paths import (
+from kata.errors import KataError
+from kata.hypervisor.qemu_argv import RunPaths, kernel_cmdline
+from kata.sandbox import vm
+from kata.sandbox.paths import (
     VM_ROOT,
     VM_SOCKETS,
     InvalidIdError,
@@ -22,10 +24,8 @@ from kata.core.paths import (
     validate_id,
     validate_sandbox_id,
 )
-from kata.core.store import locked, read_json, write_json
-from kata.errors import KataError
-from kata.hypervisor.qemu_argv import RunPaths, kernel_cmdline
 from kata.specconv import VMSizing
+from kata.utils.files import locked, read_json, write_json
 from kata.utils.ids import MAX_ID_LENGTH, shown
 from kata.utils.text import one_line
 from tests.conftest import runtime_bin
@@ -63,7 +63,7 @@ def test_a_sandbox_id_must_leave_room_for_its_sockets() -> None:
 
 
 def test_a_state_root_too_long_for_any_socket_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kata.core import paths
+    from kata.sandbox import paths
 
     monkeypatch.setattr(paths, "VM_ROOT", Path("/" + "r" * 100) / "vm")
     with pytest.raises(KataError, match="KATA_STATE_ROOT .* is too long"):
@@ -190,7 +190,7 @@ def test_cli_version() -> None:
 
 
 def test_guest_memory_block_size_is_checked() -> None:
-    from kata.core.sandbox import memory_block_mib
+    from kata.sandbox.sandbox import memory_block_mib
 
     assert memory_block_mib(128 << 20) == 128
     assert memory_block_mib(2 << 30) == 2048

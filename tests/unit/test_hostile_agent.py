@@ -2,7 +2,7 @@
 
 In process, one case at a time: ttrpc.Client, AgentClient, LiteAgent, the relay pumps, the monitor's
 forwarding proxy, the shim's process waiter and its OOM forwarder. Then the real monitor as a subprocess
-(started as kata.runtime.monitor_proc starts it) and `kata-runtime kill` and `ps` against a container record
+(started as kata.runc.monitor_launch starts it) and `kata-runtime kill` and `ps` against a container record
 whose proxy socket is the hostile agent.
 
 Every case must end in a value the caller can use or in a one-line TTRPCError/KataError; a call with a
@@ -35,15 +35,15 @@ import pytest
 
 import kata
 from kata import ttrpc
-from kata.agent import relay
-from kata.agent.client import AgentClient, StreamEOF
-from kata.agent.lite import LiteAgent, StreamEnded
-from kata.agent.proxy import forwarding_server
+from kata.agent_client import relay
+from kata.agent_client.client import AgentClient, StreamEOF
+from kata.agent_client.lite import LiteAgent, StreamEnded
+from kata.agent_client.proxy import forwarding_server
 from kata.errors import KataError
 from kata.hypervisor.daemon import ProcessId
 from kata.protocols import agent_pb2 as pb
-from kata.runtime.monitor_proc import MonitorError, PendingMonitor
-from kata.runtime.records import ContainerRecord, ContainerStore
+from kata.runc.monitor_launch import MonitorError, PendingMonitor
+from kata.runc.state import ContainerRecord, ContainerStore
 from kata.shim.oom import OomForwarder
 from kata.shim.process import Process as ShimProcess
 from kata.shim.stdio import StdioPaths

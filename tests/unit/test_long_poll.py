@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 
 from kata import ttrpc
-from kata.agent.client import AgentClient
-from kata.agent.endpoint import AGENT_SERVICE
-from kata.agent.proxy import forwarding_server
+from kata.agent_client.client import AgentClient
+from kata.agent_client.proxy import forwarding_server
 from kata.guest.agent.sandbox import Process, Sandbox
 from kata.protocols import agent_pb2 as pb
+from kata.protocols.agent_api import AGENT_SERVICE
 from kata.protocols.containerd.runtime.v2.task import shim_pb2 as spb
 from kata.shim.pod import Pod, Task
 from kata.shim.process import Process as ShimProcess

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from kata.core.paths import InvalidIdError
 from kata.errors import KataError
 from kata.hypervisor.daemon import ProcessId
-from kata.runtime.records import ContainerExists, ContainerNotFound, ContainerRecord, ContainerStore
+from kata.runc.state import ContainerExists, ContainerNotFound, ContainerRecord, ContainerStore
+from kata.sandbox.paths import InvalidIdError
 
 
 def record(cid: str, pid: int = 0, start: int = 0, status: str = "created") -> ContainerRecord:

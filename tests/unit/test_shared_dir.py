@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from kata.core.paths import InvalidIdError
 from kata.fs_share.shared_dir import SharedDir, ShareError
+from kata.sandbox.paths import InvalidIdError
 from kata.specconv import HostShare
 from kata.utils.mount import mount, mounts_under, unmount
 

@@ -8,8 +8,8 @@ import socket
 import time
 
 from kata import ttrpc
-from kata.agent.endpoint import AGENT_SERIAL_PORT_NAME, AGENT_VSOCK_PORT
 from kata.guest.agent import log
+from kata.protocols.agent_api import AGENT_SERIAL_PORT_NAME, AGENT_VSOCK_PORT
 
 VIRTIO_PORTS = "/sys/class/virtio-ports"
 # How often to look again for a host client on a virtio-serial port (reads are EOF until one connects)

@@ -12,13 +12,13 @@ from google.protobuf import empty_pb2
 
 import kata
 from kata import ttrpc
-from kata.agent.endpoint import AGENT_SERVICE, HEALTH_SERVICE, LONG_POLL_METHODS
 from kata.guest.agent import log
 from kata.guest.agent.crun import CrunError
 from kata.guest.agent.sandbox import AlreadyExists, InvalidArgument, NotFound, Sandbox
 from kata.guest.agent.stdio import EndOfStream
 from kata.protocols import agent_pb2 as pb
 from kata.protocols import health_pb2 as hpb
+from kata.protocols.agent_api import AGENT_SERVICE, HEALTH_SERVICE, LONG_POLL_METHODS
 
 API_VERSION = "0.0.1"
 SANDBOX_RUN_DIR = "/run/kata-containers/sandbox"

@@ -8,7 +8,7 @@ and forwards the signals it receives to the process. containerd's shim and Docke
 The init monitor also holds the sandbox's only agent connection (a virtio-serial port takes one
 client) and forwards every other runtime call to it through a ttrpc proxy socket.
 
-It is started as `python -S -m kata.monitor` and imports no protobuf: there is one per container
+It is started as `python -S -m kata.runc.monitor` and imports no protobuf: there is one per container
 process, so its memory counts for density. The parent sends its configuration as one JSON line on
 the control socket (`--control-fd`) and reads back "ok" or "error <message>".
 """
@@ -27,11 +27,11 @@ import tty
 from typing import Any
 
 from kata import ttrpc
-from kata.agent import proxy, relay
-from kata.agent.endpoint import AgentEndpoint
-from kata.agent.lite import LiteAgent
-from kata.agent.ready import wait_ready
-from kata.agent.transport import connect
+from kata.agent_client import proxy, relay
+from kata.agent_client.lite import LiteAgent
+from kata.agent_client.ready import wait_ready
+from kata.agent_client.transport import connect
+from kata.protocols.agent_api import AgentEndpoint
 from kata.utils.sockets import listen_private
 from kata.utils.text import one_line, thread_failure
 
@@ -89,7 +89,7 @@ class Monitor:
         wait_ready(self.agent.check, self.agent.client, timeout)
 
     def serve_proxy(self) -> None:
-        """Forward every call on the proxy socket to the agent, as it is (kata.agent.proxy)."""
+        """Forward every call on the proxy socket to the agent, as it is (kata.agent_client.proxy)."""
         assert self.agent is not None
         listener = listen_private(self.conf["proxy"], 64)
         self.server = proxy.forwarding_server(self.agent.client, self._seen)

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 
 from kata import ttrpc
-from kata.agent.endpoint import AGENT_SERVICE, LONG_POLL_METHODS
+from kata.protocols.agent_api import AGENT_SERVICE, LONG_POLL_METHODS
 
 # A forwarded call that is not a long-poll and came without a deadline gets this one, so that an
 # agent that never answers cannot pile up calls here.

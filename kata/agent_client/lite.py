@@ -11,11 +11,11 @@ The agent is not trusted: whatever it answers, a call returns a checked value or
 from __future__ import annotations
 
 from kata import ttrpc
-from kata.agent.endpoint import AGENT_SERVICE, HEALTH_SERVICE, LONG_POLL_METHODS
 from kata.errors import KataError
+from kata.protocols.agent_api import AGENT_SERVICE, HEALTH_SERVICE, LONG_POLL_METHODS
 from kata.ttrpc import wire
 
-# The agent's answer to a read once the stream has ended (see kata.agent.client.EOF_CODE).
+# The agent's answer to a read once the stream has ended (see kata.agent_client.client.EOF_CODE).
 EOF_CODE = ttrpc.Code.OUT_OF_RANGE
 # An exit status is a byte: the status, or 128 + the signal that ended the process.
 _MAX_EXIT_STATUS = 255

@@ -7,8 +7,8 @@ import socket
 import time
 
 from kata import ttrpc
-from kata.agent.endpoint import AgentEndpoint
 from kata.errors import KataError
+from kata.protocols.agent_api import AgentEndpoint
 
 _RETRY = 0.01
 

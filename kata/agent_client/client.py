@@ -9,10 +9,10 @@ from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
 
 from kata import ttrpc
-from kata.agent.endpoint import AGENT_SERVICE, HEALTH_SERVICE, LONG_POLL_METHODS
 from kata.errors import KataError
 from kata.protocols import agent_pb2 as pb
 from kata.protocols import health_pb2 as hpb
+from kata.protocols.agent_api import AGENT_SERVICE, HEALTH_SERVICE, LONG_POLL_METHODS
 
 # The agent's answer to ReadStdout/ReadStderr once the stream has ended (gRPC's "read past end").
 EOF_CODE = ttrpc.Code.OUT_OF_RANGE
@@ -43,7 +43,7 @@ class AgentClient:
 
     @property
     def client(self) -> ttrpc.Client:
-        """The ttrpc connection, for callers that share it (e.g. kata.agent.lite's relay calls)."""
+        """The ttrpc connection, for callers that share it (e.g. kata.agent_client.lite's relay calls)."""
         return self._client
 
     def close(self) -> None:
@@ -74,9 +74,9 @@ class AgentClient:
         return self._call("Version", hpb.CheckRequest(), hpb.VersionCheckResponse, _DEFAULT, HEALTH_SERVICE)
 
     def wait_ready(self, timeout: float) -> None:
-        """Health.Check until it answers (kata.agent.ready); AgentError once ``timeout`` has run out
+        """Health.Check until it answers (kata.agent_client.ready); AgentError once ``timeout`` has run out
         or the connection has closed."""
-        from kata.agent.ready import wait_ready
+        from kata.agent_client.ready import wait_ready
 
         try:
             wait_ready(lambda t: self._client.call(HEALTH_SERVICE, "Check", hpb.CheckRequest(),

@@ -18,24 +18,24 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kata.core.paths import SandboxPaths, validate_sandbox_id
 from kata.errors import KataError, strerror
 from kata.hypervisor.daemon import ProcessId, signal_process, wait_exit
-from kata.runtime.records import ContainerRecord, ContainerStore, now_rfc3339
+from kata.runc.state import ContainerRecord, ContainerStore, now_rfc3339
+from kata.sandbox.paths import SandboxPaths, validate_sandbox_id
 
 if TYPE_CHECKING:
     import subprocess
 
     from kata import ttrpc
-    from kata.agent.client import AgentClient
-    from kata.agent.lite import LiteAgent
+    from kata.agent_client.client import AgentClient
+    from kata.agent_client.lite import LiteAgent
     from kata.config import RuntimeConfig
     from kata.oci.spec import Bundle
-    from kata.runtime.monitor_proc import PendingMonitor
+    from kata.runc.monitor_launch import PendingMonitor
 
 # Heavier modules (the agent's protobuf API, the configuration, the sandbox) are imported where they
 # are used: every runc verb is a new process, and most need none of them.
-log = logging.getLogger("kata.runtime")
+log = logging.getLogger("kata.runc")
 
 
 class StateError(KataError):
@@ -49,8 +49,8 @@ def proxy_socket(cid: str) -> Path:
 def _proxy_client(rec: ContainerRecord) -> ttrpc.Client:
     """A ttrpc connection to the agent, through the container's monitor."""
     from kata import ttrpc
-    from kata.agent.endpoint import AgentEndpoint
-    from kata.agent.transport import TransportError, connect
+    from kata.agent_client.transport import TransportError, connect
+    from kata.protocols.agent_api import AgentEndpoint
 
     if rec.current_status() == "stopped":
         raise StateError("container not running")
@@ -63,7 +63,7 @@ def _proxy_client(rec: ContainerRecord) -> ttrpc.Client:
 @contextmanager
 def agent_of(rec: ContainerRecord, timeout: float = 60.0) -> Iterator[AgentClient]:
     """The agent's typed API, through the container's monitor."""
-    from kata.agent.client import AgentClient
+    from kata.agent_client.client import AgentClient
 
     client = AgentClient(_proxy_client(rec), timeout=timeout)
     try:
@@ -74,9 +74,9 @@ def agent_of(rec: ContainerRecord, timeout: float = 60.0) -> Iterator[AgentClien
 
 @contextmanager
 def lite_agent_of(rec: ContainerRecord) -> Iterator[LiteAgent]:
-    """The few calls of kata.agent.lite, for the verbs on Docker's hot path (start, kill): they skip
+    """The few calls of kata.agent_client.lite, for the verbs on Docker's hot path (start, kill): they skip
     loading the protobuf runtime, a good part of a short command's time."""
-    from kata.agent.lite import LiteAgent
+    from kata.agent_client.lite import LiteAgent
 
     client = _proxy_client(rec)
     try:
@@ -136,8 +136,8 @@ def _enter_network_namespace(bundle: Bundle, pin_at: Path) -> tuple[str, bool]:
 def _check_before_boot(cid: str, bundle: Bundle, cfg: RuntimeConfig) -> None:
     """Whatever in the bundle would fail the container, found before anything is made for it:
     what the guest cannot be given, the VM's sizing, the network it would need."""
-    from kata.core.container import check_container
-    from kata.core.sandbox import size_vm
+    from kata.sandbox.container import check_container
+    from kata.sandbox.sandbox import size_vm
 
     check_container(bundle, cid)
     size_vm(cfg, bundle.spec)
@@ -169,11 +169,11 @@ def create(store: ContainerStore, cid: str, bundle_dir: Path, *, config_path: Pa
                                                                                        subprocess.Popen[bytes]]:
     """Bring up the VM and the container in it, in runc's "created" state, with its monitor."""
     from kata.config import apply_annotations, load_config
-    from kata.core.container import Container
-    from kata.core.sandbox import Sandbox
-    from kata.core.timings import Timings
     from kata.oci.spec import load_bundle
-    from kata.runtime import monitor_proc
+    from kata.runc import monitor_launch as monitor_proc
+    from kata.sandbox.container import Container
+    from kata.sandbox.sandbox import Sandbox
+    from kata.sandbox.timings import Timings
 
     timings = Timings()
     validate_sandbox_id(cid)  # the container is a sandbox of its own, named alike
@@ -267,7 +267,7 @@ def start(store: ContainerStore, cid: str) -> None:
 
 def _mirror_network(store: ContainerStore, rec: ContainerRecord) -> None:
     """The interfaces Docker's (or CNI's) setup left in the container's namespace go into the VM."""
-    from kata.runtime import networking
+    from kata.sandbox import network as networking
 
     if not rec.netns or not networking.may_have_endpoints(rec.pid):
         return
@@ -330,7 +330,7 @@ def resume(store: ContainerStore, cid: str) -> None:
 def delete(store: ContainerStore, cid: str, force: bool) -> None:
     """runc's rules: a running or paused container needs --force; --force of an unknown id is fine.
     An invalid id is an error before anything is looked at: --force tears down what an id names."""
-    from kata.runtime.records import ContainerNotFound
+    from kata.runc.state import ContainerNotFound
 
     validate_sandbox_id(cid)
     try:
@@ -351,7 +351,7 @@ def delete(store: ContainerStore, cid: str, force: bool) -> None:
 
 def _destroy(rec: ContainerRecord) -> None:
     """End the monitors and the VM with everything around it, then the poststop hooks."""
-    from kata.core.sandbox import Sandbox
+    from kata.sandbox.sandbox import Sandbox
 
     monitor = rec.monitor()
     for proc in [*rec.live_execs().values(), *([monitor] if monitor else [])]:
@@ -363,7 +363,7 @@ def _destroy(rec: ContainerRecord) -> None:
     except KataError as exc:
         log.debug(f"delete {rec.id}: {exc}")
     if rec.network:
-        from kata.runtime import networking
+        from kata.sandbox import network as networking
 
         networking.unmirror(rec.netns, rec.network)
     _hooks(_spec_or_empty(rec), "poststop", rec, "stopped", fatal=False)
@@ -391,7 +391,7 @@ def _destroy_leftovers(cid: str) -> None:
     if not SandboxPaths(cid).state_dir.exists():
         return
     from kata.config import load_config
-    from kata.core.sandbox import Sandbox
+    from kata.sandbox.sandbox import Sandbox
 
     try:
         Sandbox.attach(cid, load_config(None)).destroy()
@@ -400,7 +400,7 @@ def _destroy_leftovers(cid: str) -> None:
 
 
 def vm_running(store: ContainerStore, cid: str) -> bool:
-    from kata.core.sandbox import Sandbox
+    from kata.sandbox.sandbox import Sandbox
 
     try:
         hyp = Sandbox.attach(cid, _config_of(store.load(cid))).hypervisor
@@ -444,7 +444,7 @@ def exec_process(store: ContainerStore, cid: str, process: dict[str, Any], *, co
 # ---- update ---------------------------------------------------------------------------------
 def update(store: ContainerStore, cid: str, resources: dict[str, Any]) -> None:
     """New limits for the container; the VM grows by hotplug first when they would not fit."""
-    from kata.core.sandbox import Sandbox
+    from kata.sandbox.sandbox import Sandbox
 
     rec = store.load(cid)
     if rec.current_status() == "stopped":

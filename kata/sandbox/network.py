@@ -13,10 +13,10 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kata.agent.client import AgentClient
+    from kata.agent_client.client import AgentClient
     from kata.network.endpoints import Endpoint
 
-log = logging.getLogger("kata.runtime")
+log = logging.getLogger("kata.runc")
 
 # Interfaces every new namespace may have that are not the container's network: the kernel's
 # fallback tunnel devices (present when their drivers are loaded).
@@ -66,7 +66,7 @@ def mirror(netns: str, vm_dir: Any, agent: AgentClient) -> list[tuple[str, str]]
 
 
 def _configure(agent: AgentClient, ep: Endpoint) -> None:
-    from kata.agent.client import AgentError
+    from kata.agent_client.client import AgentError
     from kata.protocols import agent_pb2 as pb
 
     iface = pb.Interface(name=ep.name, hw_addr=ep.mac, mtu=ep.mtu, ip_addresses=[

@@ -1,4 +1,4 @@
-"""Start a container process's monitor (kata.monitor) and learn whether it took over."""
+"""Start a container process's monitor (kata.runc.monitor) and learn whether it took over."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ class PendingMonitor:
         self._control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = dict(os.environ, PYTHONPATH=_PACKAGE_PARENT)
         env.pop("PYTHONSTARTUP", None)
-        argv = [sys.executable, "-S", "-m", "kata.monitor", "--control-fd", str(theirs.fileno()), "--",
+        argv = [sys.executable, "-S", "-m", "kata.runc.monitor", "--control-fd", str(theirs.fileno()), "--",
                 *label]
         try:
             self.proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), env=env, close_fds=True,

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Literal
 
 from kata.config import HypervisorConfig
-from kata.core.paths import SandboxPaths
 from kata.hypervisor.base import SharedFs, VMConfig
+from kata.sandbox.paths import SandboxPaths
 from kata.specconv import VMSizing
 
 # The driver mounts the image as root and names the agent channel; the agent is PID 1.

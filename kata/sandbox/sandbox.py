@@ -15,17 +15,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from kata.core.paths import SandboxPaths
-from kata.core.store import write_json
-from kata.core.timings import Timings
 from kata.errors import KataError
 from kata.fs_share.shared_dir import SharedDir
 from kata.hypervisor.base import Hypervisor, HypervisorError, VMConfig
 from kata.hypervisor.daemon import ProcessId
+from kata.sandbox.paths import SandboxPaths
+from kata.sandbox.timings import Timings
+from kata.utils.files import write_json
 from kata.utils.safepath import remove_tree
 
 if TYPE_CHECKING:
-    from kata.agent.client import AgentClient
+    from kata.agent_client.client import AgentClient
     from kata.config import RuntimeConfig
     from kata.specconv import VMSizing
 
@@ -43,9 +43,9 @@ def plan_vm(cfg: RuntimeConfig, sid: str, spec: dict[str, Any], paths: SandboxPa
             debug: bool) -> tuple[VMConfig, bool]:
     """The VM for a sandbox, and whether it comes from a template: sized from ``spec``, with the
     accelerator and agent channel this host allows."""
-    from kata.core import vm
     from kata.hypervisor.accel import choose_accel
     from kata.osbuilder.kernel import KERNEL_PARAMS
+    from kata.sandbox import vm
 
     hv = cfg.hypervisor
     sizing = size_vm(cfg, spec)
@@ -274,8 +274,8 @@ class Sandbox:
         timeout = float(self.cfg.hypervisor.boot_timeout)
         deadline = time.monotonic() + timeout
         try:
-            from kata.agent.client import AgentClient
-            from kata.agent.transport import connect
+            from kata.agent_client.client import AgentClient
+            from kata.agent_client.transport import connect
 
             stream = connect(self.hypervisor.agent_endpoint(), timeout)
             self.agent = AgentClient(stream)
@@ -297,8 +297,8 @@ class Sandbox:
             self.hypervisor = None
 
     def _shared_storage(self, kind: str) -> Any:
-        from kata.core import vm
         from kata.protocols import agent_pb2
+        from kata.sandbox import vm
         from kata.specconv import GUEST_SHARED_DIR
 
         if kind == "virtio-fs":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from kata import ttrpc
-from kata.agent.lite import LiteAgent, StreamEnded
+from kata.agent_client.lite import LiteAgent, StreamEnded
 
 CHUNK = 64 * 1024
 

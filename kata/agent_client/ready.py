@@ -1,5 +1,5 @@
 """Waiting for a fresh agent connection to answer: the one loop the sandbox (typed client) and the
-process monitor (kata.agent.lite) share.
+process monitor (kata.agent_client.lite) share.
 
 A first request may be lost while the guest has not yet seen its host connect, so Health.Check is
 retried with short deadlines until the whole one runs out. A closed connection never comes back: it

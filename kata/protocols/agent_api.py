@@ -1,4 +1,6 @@
-"""Where the host reaches the guest agent: the one value a hypervisor driver hands to the agent client."""
+"""What both ends of the agent channel agree on, and the hypervisor that wires it: the agent's
+services, its long-poll methods, the virtio-serial port's name and the vsock port, and the endpoint
+a hypervisor driver hands to the agent client. Cheap to import: the guest agent loads it."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from kata.oci.spec import Bundle
 from kata.specconv import ContainerPlan, plan_container
 
 if TYPE_CHECKING:
-    from kata.core.sandbox import Sandbox
+    from kata.sandbox.sandbox import Sandbox
 
 # The init process of a container is addressed with an empty exec id in the agent API.
 INIT_EXEC_ID = ""
@@ -42,7 +42,7 @@ class Container:
         self.sandbox.containers[self.id] = self
         self.sandbox.timings.mark("container_created")
 
-    # Starting, signalling and waiting go through the container's monitor (kata.monitor), which
+    # Starting, signalling and waiting go through the container's monitor (kata.runc.monitor), which
     # holds the agent connection from `create` on.
 
     def remove(self) -> None:
