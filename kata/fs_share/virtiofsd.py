@@ -15,6 +15,7 @@ from typing import Literal
 
 from kata.fs_share.shared_dir import ShareError
 from kata.hypervisor import daemon
+from kata.utils import process
 from kata.utils.files import write_private
 
 CacheMode = Literal["auto", "always", "never"]
@@ -44,7 +45,7 @@ class Virtiofsd:
         self.extra_args = tuple(extra_args)
         self.pid_file = pid_file or socket_path.with_name(socket_path.name + ".pid")
         self.log_file = log_file or socket_path.with_name(socket_path.name + ".log")
-        self._proc: daemon.ProcessId | None = None
+        self._proc: process.ProcessId | None = None
 
     def argv(self) -> list[str]:
         return [
@@ -81,7 +82,7 @@ class Virtiofsd:
                 self._cleanup()
                 raise VirtiofsdError(f"virtiofsd exited during start: {why}")
             if time.monotonic() > deadline:
-                daemon.terminate(proc, 1.0)
+                process.terminate(proc, 1.0)
                 why = daemon.log_tail(self.log_file) or "no output"
                 self._cleanup()
                 raise VirtiofsdError(f"virtiofsd socket missing after {timeout:g}s, killed: {why}")
@@ -95,7 +96,7 @@ class Virtiofsd:
         fsd = cls(binary, socket_path, shared_dir, pid_file=pid_file)
         try:
             pid, start_time = (int(x) for x in fsd.pid_file.read_text().split())
-            fsd._proc = daemon.ProcessId(pid, start_time)
+            fsd._proc = process.ProcessId(pid, start_time)
         except (OSError, ValueError):
             fsd._proc = None
         return fsd
@@ -105,7 +106,7 @@ class Virtiofsd:
         return self._proc.pid if self._proc is not None and self._proc.is_alive() else None
 
     @property
-    def process_id(self) -> daemon.ProcessId | None:
+    def process_id(self) -> process.ProcessId | None:
         """The process we started, alive or not (its namespace sandbox forks more, which die with it)."""
         return self._proc
 
@@ -114,7 +115,7 @@ class Virtiofsd:
 
     def stop(self, timeout: float = 2.0) -> None:
         if self._proc is not None:
-            daemon.terminate(self._proc, timeout)
+            process.terminate(self._proc, timeout)
         self._cleanup()
 
     def _cleanup(self) -> None:

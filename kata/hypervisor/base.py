@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Literal
 
 from kata.errors import KataError
-from kata.hypervisor.daemon import ProcessId
 from kata.protocols.agent_api import AgentEndpoint
+from kata.utils.process import ProcessId
 
 
 class HypervisorError(KataError):

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kata.protocols.agent_api import AgentEndpoint
+from kata.utils import process
 from kata.utils.files import write_private
 
 from . import daemon
@@ -128,7 +129,7 @@ class Qemu(Hypervisor):
             except HypervisorError:
                 pass  # unreadable leftovers: overwritten below
             else:
-                if daemon.ProcessId(old.pid, old.start_time).is_alive():
+                if process.ProcessId(old.pid, old.start_time).is_alive():
                     raise HypervisorError(f"a VM (pid {old.pid}) is already running in {paths.run_dir}")
         for stale in (paths.qmp_socket, paths.agent_socket, paths.pid_file, paths.log_file):
             stale.unlink(missing_ok=True)
@@ -166,7 +167,7 @@ class Qemu(Hypervisor):
         self._state.save(paths.state_file)
         self._wait_ready(proc, timeout)
 
-    def _wait_ready(self, proc: daemon.ProcessId, timeout: float) -> None:
+    def _wait_ready(self, proc: process.ProcessId, timeout: float) -> None:
         assert self._paths is not None
         deadline = time.monotonic() + timeout
         while True:
@@ -178,7 +179,7 @@ class Qemu(Hypervisor):
             if self._paths.qmp_socket.exists() and main_loop_ready(self._paths.qmp_socket, left):
                 return
             if time.monotonic() > deadline:
-                daemon.terminate(proc, 1.0)
+                process.terminate(proc, 1.0)
                 why = daemon.log_tail(self._paths.log_file) or "no output"
                 self._cleanup()
                 raise HypervisorError(f"QEMU not ready after {timeout:g}s, killed: {why}")
@@ -190,7 +191,7 @@ class Qemu(Hypervisor):
         proc = self._proc()
         if proc.is_alive():
             # SIGTERM is QEMU's orderly exit, and needs no QMP session.
-            daemon.terminate(proc, timeout)
+            process.terminate(proc, timeout)
         self._cleanup()
 
     def release(self) -> None:
@@ -208,9 +209,9 @@ class Qemu(Hypervisor):
                 path.unlink(missing_ok=True)
         self._state = None
 
-    def _proc(self) -> daemon.ProcessId:
+    def _proc(self) -> process.ProcessId:
         state = self._require()
-        return daemon.ProcessId(state.pid, state.start_time)
+        return process.ProcessId(state.pid, state.start_time)
 
     def _require(self) -> QemuState:
         if self._state is None:
@@ -230,7 +231,7 @@ class Qemu(Hypervisor):
     def pids(self) -> list[int]:
         return [self._require().pid] if self.is_running() else []
 
-    def process_ids(self) -> list[daemon.ProcessId]:
+    def process_ids(self) -> list[process.ProcessId]:
         """The QEMU process started, alive or not (a watcher must see a dead one at once)."""
         return [self._proc()] if self._state is not None else []
 

@@ -19,22 +19,6 @@ FRAGMENT_PATH = Path(__file__).with_name("kernel-fragment.config")
 SOURCE_PACKAGE = "linux-source-6.1"
 SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
 
-# Measured under TCG (see the report in the commit): the timer/tsc/i8042 options skip probes that cost
-# tens of milliseconds each when emulated; panic=-1 + reboot=t make a crashed guest end QEMU at once.
-KERNEL_PARAMS: tuple[str, ...] = (
-    "console=ttyS0",
-    "quiet",
-    "panic=-1",
-    "reboot=t",
-    "no_timer_check",
-    "tsc=reliable",
-    "cryptomgr.notests",
-    "random.trust_cpu=on",
-    "i8042.noaux",
-    "i8042.nomux",
-    "i8042.nopnp",
-    "i8042.dumbkbd",
-)
 
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import kata
 from kata.errors import KataError
-from kata.hypervisor.daemon import ProcessId
+from kata.utils.process import ProcessId
 
 # The directory that holds the kata package: the monitor runs with -S (no site-packages to scan).
 _PACKAGE_PARENT = str(Path(kata.__file__).resolve().parent.parent)

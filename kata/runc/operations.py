@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kata.errors import KataError, strerror
-from kata.hypervisor.daemon import ProcessId, signal_process, wait_exit
 from kata.runc.state import ContainerRecord, ContainerStore, now_rfc3339
 from kata.sandbox.paths import SandboxPaths, validate_sandbox_id
+from kata.utils.process import ProcessId, signal_process, wait_exit
 
 if TYPE_CHECKING:
     import subprocess

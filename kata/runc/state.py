@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from kata.errors import KataError, strerror
-from kata.hypervisor.daemon import ProcessId
 from kata.sandbox.paths import validate_id
 from kata.utils.files import read_json, write_json
 from kata.utils.ids import shown
+from kata.utils.process import ProcessId
 from kata.utils.safepath import remove_tree
 
 DEFAULT_ROOT = Path("/run/kata-runtime")

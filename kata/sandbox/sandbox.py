@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from kata.errors import KataError
 from kata.fs_share.shared_dir import SharedDir
 from kata.hypervisor.base import Hypervisor, HypervisorError, VMConfig
-from kata.hypervisor.daemon import ProcessId
 from kata.sandbox.paths import SandboxPaths
 from kata.sandbox.timings import Timings
 from kata.utils.files import write_json
+from kata.utils.process import ProcessId
 from kata.utils.safepath import remove_tree
 
 if TYPE_CHECKING:
@@ -44,7 +44,6 @@ def plan_vm(cfg: RuntimeConfig, sid: str, spec: dict[str, Any], paths: SandboxPa
     """The VM for a sandbox, and whether it comes from a template: sized from ``spec``, with the
     accelerator and agent channel this host allows."""
     from kata.hypervisor.accel import choose_accel
-    from kata.osbuilder.kernel import KERNEL_PARAMS
     from kata.sandbox import vm
 
     hv = cfg.hypervisor
@@ -57,7 +56,7 @@ def plan_vm(cfg: RuntimeConfig, sid: str, spec: dict[str, Any], paths: SandboxPa
         raise KataError(str(exc)) from exc
     # vsock clones would keep their template's CID: those VMs boot cold.
     use_template = cfg.factory.enable_template and channel == "virtio-serial"
-    config = vm.build_vm_config(sid, hv, sizing, paths, probe.accel, channel, tuple(KERNEL_PARAMS),
+    config = vm.build_vm_config(sid, hv, sizing, paths, probe.accel, channel, vm.GUEST_KERNEL_PARAMS,
                                 debug or cfg.agent.enable_debug, from_template=use_template)
     return config, use_template
 

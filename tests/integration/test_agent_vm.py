@@ -18,8 +18,8 @@ from kata.bundles import make_rootfs
 from kata.hypervisor.base import SharedFs, VMConfig
 from kata.hypervisor.qemu import Qemu
 from kata.oci.default_spec import default_spec
-from kata.osbuilder.kernel import KERNEL_PARAMS
 from kata.protocols import agent_pb2 as pb
+from kata.sandbox.vm import GUEST_KERNEL_PARAMS as KERNEL_PARAMS
 
 GUEST_DIR = Path("/usr/share/kata-containers")
 KERNEL = GUEST_DIR / "vmlinux.container"

@@ -1238,7 +1238,7 @@ Bystander = tuple[subprocess.Popen[bytes], Path, dict[str, Any]]
 def bystander(world: World, case_dir: Path) -> Iterator[Bystander]:
     """A process that is no container's, and a record that names it with a poststop hook that would
     leave a marker: what a planted (or foreign) state.json could make delete kill and run."""
-    from kata.hypervisor.daemon import ProcessId
+    from kata.utils.process import ProcessId
 
     sleeper = subprocess.Popen(["sleep", "300"])
     marker = case_dir / "hook-ran"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from kata.hypervisor.host import tcg_kernel_params
-from kata.osbuilder.kernel import KERNEL_PARAMS
+from kata.sandbox.vm import GUEST_KERNEL_PARAMS as KERNEL_PARAMS
 
 KERNEL = Path("/usr/share/kata-containers/vmlinux.container")
 QEMU = "/usr/bin/qemu-system-x86_64"

@@ -19,8 +19,8 @@ import pytest
 
 from kata.hypervisor.host import tcg_kernel_params
 from kata.osbuilder.image import ErofsOptions
-from kata.osbuilder.kernel import KERNEL_PARAMS
 from kata.osbuilder.rootfs import RootfsSpec, build_rootfs
+from kata.sandbox.vm import GUEST_KERNEL_PARAMS as KERNEL_PARAMS
 
 QEMU = Path("/usr/bin/qemu-system-x86_64")
 KERNEL = Path("/usr/share/kata-containers/vmlinux.container")

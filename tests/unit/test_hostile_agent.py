@@ -40,13 +40,13 @@ from kata.agent_client.client import AgentClient, StreamEOF
 from kata.agent_client.lite import LiteAgent, StreamEnded
 from kata.agent_client.proxy import forwarding_server
 from kata.errors import KataError
-from kata.hypervisor.daemon import ProcessId
 from kata.protocols import agent_pb2 as pb
 from kata.runc.monitor_launch import MonitorError, PendingMonitor
 from kata.runc.state import ContainerRecord, ContainerStore
 from kata.shim.oom import OomForwarder
 from kata.shim.process import Process as ShimProcess
 from kata.shim.stdio import StdioPaths
+from kata.utils.process import ProcessId
 from kata.utils.text import MESSAGE_LIMIT
 from tests.unit.hostile_agent import HostileAgent, Reply, frame_of, make_plan, ok
 

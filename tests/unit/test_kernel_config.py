@@ -5,10 +5,10 @@ from pathlib import Path
 from kata.hypervisor.host import tcg_kernel_params
 from kata.osbuilder.kernel import (
     FRAGMENT_PATH,
-    KERNEL_PARAMS,
     kernel_inputs_hash,
     missing_options,
 )
+from kata.sandbox.vm import GUEST_KERNEL_PARAMS as KERNEL_PARAMS
 
 FRAGMENT = """\
 # comment

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from kata.errors import KataError
-from kata.hypervisor.daemon import ProcessId
 from kata.runc.state import ContainerExists, ContainerNotFound, ContainerRecord, ContainerStore
 from kata.sandbox.paths import InvalidIdError
+from kata.utils.process import ProcessId
 
 
 def record(cid: str, pid: int = 0, start: int = 0, status: str = "created") -> ContainerRecord:

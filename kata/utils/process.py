@@ -1,0 +1,101 @@
+"""A process known by its pid and start time, which another process can find, wait on, signal and
+end later: a reused pid has another start time. Nothing here needs the process to be our child."""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ProcessId:
+    pid: int
+    # Field 22 of /proc/PID/stat (clock ticks since boot): a reused pid has another start time.
+    start_time: int
+
+    @classmethod
+    def of(cls, pid: int) -> ProcessId | None:
+        stat = _read_stat(pid)
+        if stat is None:
+            return None
+        return cls(pid, int(stat[19]))
+
+    def is_alive(self) -> bool:
+        stat = _read_stat(self.pid)
+        if stat is None or int(stat[19]) != self.start_time:
+            return False
+        if stat[0] in ("Z", "X"):
+            _reap(self.pid)
+            return False
+        return True
+
+
+def _read_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state first), or None if gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The command name may contain spaces and parentheses: split after the last ')'.
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status if the process happens to be our child (else init does it)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def wait_exit(proc: ProcessId, timeout: float) -> bool:
+    """Wait until the process has exited; True if it did within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        fd = -1
+    try:
+        while proc.is_alive():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if fd >= 0:
+                # A pidfd turns readable when the process exits, child or not.
+                poller = select.poll()
+                poller.register(fd, select.POLLIN)
+                poller.poll(min(left, 0.5) * 1000)
+            else:
+                time.sleep(min(left, 0.01))
+        return True
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def signal_process(proc: ProcessId, sig: int) -> None:
+    if not proc.is_alive():
+        return
+    try:
+        os.kill(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    except OSError as exc:
+        if exc.errno != errno.ESRCH:
+            raise
+
+
+def terminate(proc: ProcessId, timeout: float) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``; returns once the process is gone."""
+    signal_process(proc, signal.SIGTERM)
+    if wait_exit(proc, timeout):
+        return
+    signal_process(proc, signal.SIGKILL)
+    wait_exit(proc, 5.0)
