@@ -6,8 +6,7 @@ import argparse
 from typing import Any
 
 from kata import __version__
-
-OCI_SPEC_VERSION = "1.0.2"
+from kata.oci.features import OCI_SPEC_VERSION
 
 
 def add_parser(sub: Any) -> None:

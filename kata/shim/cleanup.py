@@ -11,7 +11,7 @@ import time
 
 from kata.errors import KataError
 from kata.shim import address, rootfs
-from kata.shim.main import bundle_of, check_ids
+from kata.shim.command import bundle_of, check_ids
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,10 +10,8 @@ one of the task's pod, and prints its address; `delete` cleans up after a shim t
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from kata import __version__
 from kata.errors import KataError
@@ -63,27 +61,8 @@ def _info() -> int:
     """The runtime's name, version and OCI features (containerd 1.7 asks with -info)."""
     import json
 
-    from kata.cli.features import features
+    from kata.oci.features import features
 
     info = {"name": NAME, "version": {"version": __version__}, "features": features()}
     print(json.dumps(info, indent=2))
     return 0
-
-
-def check_ids(args: argparse.Namespace) -> None:
-    """start and delete name a task (-id) in a namespace (-namespace): both are checked before
-    anything is built from them, or done in their name."""
-    from kata.sandbox.paths import validate_id
-
-    if not args.id or not args.namespace:
-        raise KataError(f"{args.action} needs -id and -namespace")
-    validate_id(args.id)
-    try:
-        validate_id(args.namespace)  # containerd's namespaces follow a stricter rule than ids'
-    except KataError as exc:
-        raise KataError(f"namespace: {exc}") from None
-
-
-def bundle_of(args: argparse.Namespace) -> Path:
-    """containerd runs the shim in the bundle; newer releases also pass -bundle."""
-    return Path(args.bundle or os.getcwd())

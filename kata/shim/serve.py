@@ -15,7 +15,7 @@ from typing import NoReturn
 
 from kata import ttrpc
 from kata.shim import address, events
-from kata.shim.main import bundle_of
+from kata.shim.command import bundle_of
 from kata.shim.pod import Pod
 from kata.shim.service import SERVICE, TaskService
 from kata.utils.logfmt import LogfmtFormatter

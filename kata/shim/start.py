@@ -16,7 +16,7 @@ from typing import NoReturn
 
 from kata.errors import KataError
 from kata.shim import address
-from kata.shim.main import bundle_of, check_ids
+from kata.shim.command import bundle_of, check_ids
 from kata.utils.sockets import listen_private
 
 
