@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         if not cfg.factory.enable_template:
             print(f"factory: templates are disabled in {cfg.source} ([factory] enable_template)")
             return 0
-        state, made = store.ensure(config, cfg.hypervisor.boot_timeout)
+        state, made = store.ensure(config, cfg.hypervisor)
         print(f"{'made' if made else 'found'} template {state.parent.name} "
               f"({config.vcpus} vCPU, {config.memory_mib} MiB): {state}")
     elif args.action == "status":

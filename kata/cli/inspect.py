@@ -10,6 +10,7 @@ from typing import Any
 
 from kata.cli.lifecycle import store
 from kata.runc.state import ContainerRecord
+from kata.sandbox.status import Status
 
 # A `ps` line is a process's row: its command line can be long, but not without bound.
 _PS_LINE_LIMIT = 4096
@@ -71,7 +72,7 @@ def ps(args: argparse.Namespace) -> int:
 
     rec = store(args).load(args.container_id)
     if args.format == "json":
-        if rec.current_status() == "stopped":
+        if rec.current_status() is Status.STOPPED:
             print("[]")
             return 0
         pids = [rec.pid, *(p.pid for p in rec.live_execs().values())]
@@ -132,7 +133,7 @@ def events(args: argparse.Namespace) -> int:
     interval = _interval(args.interval)
     while True:
         rec = st.load(args.container_id)
-        if rec.current_status() == "stopped":
+        if rec.current_status() is Status.STOPPED:
             if args.stats:
                 raise KataError(f"container {rec.id} is not running")
             return 0  # the stream ends with the container

@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     from kata.errors import KataError
     from kata.oci.spec import load_bundle
     from kata.runc import operations
-    from kata.runc.monitor import VM_GONE_STATUS
+    from kata.sandbox.status import VM_GONE_STATUS
 
     check_pid_file(args.pid_file)
     st = store(args)

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from kata.agent_client.client import AgentClient
 from kata.agent_client.transport import connect
+from kata.config import HypervisorConfig
 from kata.errors import KataError
 from kata.hypervisor.base import VMConfig
-from kata.hypervisor.qemu_argv import DEFAULT_SECCOMP
 from kata.sandbox.paths import TEMPLATE_VM_ROOT
 from kata.utils.files import locked
 from kata.utils.safepath import remove_tree
@@ -153,8 +153,7 @@ class TemplateStore:
     def state_file(self, config: VMConfig) -> Path:
         return self.root / template_key(config) / _STATE
 
-    def ensure(self, config: VMConfig, boot_timeout: float,
-               seccomp: str = DEFAULT_SECCOMP) -> tuple[Path, bool]:
+    def ensure(self, config: VMConfig, hv: HypervisorConfig) -> tuple[Path, bool]:
         """The snapshot for ``config``'s shape, made now if missing. Returns (path, made_now)."""
         why = templatable(config)
         if why:
@@ -169,12 +168,12 @@ class TemplateStore:
         with locked(self.root / f"{key}.lock"):
             if state.is_file():
                 return state, False
-            self._make(config, tdir, boot_timeout, seccomp)
+            self._make(config, tdir, hv)
         self.prune(replacing=(shape_digest(config), key))
         return state, True
 
-    def _make(self, config: VMConfig, tdir: Path, boot_timeout: float, seccomp: str) -> None:
-        from kata.hypervisor.qemu import Qemu
+    def _make(self, config: VMConfig, tdir: Path, hv: HypervisorConfig) -> None:
+        from kata import hypervisor
 
         work = tdir / "work"
         shutil.rmtree(work, ignore_errors=True)
@@ -192,7 +191,8 @@ class TemplateStore:
                                            vhost_user_socket=work / "vfs.sock")
                        if config.shared_fs else None),
         )
-        qemu = Qemu(seccomp=seccomp)
+        boot_timeout = hv.boot_timeout
+        qemu = hypervisor.new(hv)
         made = False
         try:
             deadline = time.monotonic() + boot_timeout

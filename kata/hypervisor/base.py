@@ -117,6 +117,15 @@ class Hypervisor(abc.ABC):
         """Add vCPUs; returns how many were added."""
 
     @abc.abstractmethod
+    def nic_queues(self) -> int:
+        """Queue pairs a hot-added network interface gets (one per vCPU, as Kata does)."""
+
+    @abc.abstractmethod
+    def hotplug_nic(self, index: int, tap: str, mac: str, mtu: int, queues: int = 1) -> None:
+        """Add network interface ``index`` on the existing tap device ``tap`` (in the VMM's network
+        namespace), with the guest-side MAC ``mac``."""
+
+    @abc.abstractmethod
     def pids(self) -> list[int]:
         """Host processes of this VM (the VMM itself first)."""
 

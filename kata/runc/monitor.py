@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import socket
 import sys
@@ -32,11 +31,11 @@ from kata.agent_client.lite import LiteAgent
 from kata.agent_client.ready import wait_ready
 from kata.agent_client.transport import connect
 from kata.protocols.agent_api import AgentEndpoint
+from kata.sandbox.status import VM_GONE_STATUS, exit_status
+from kata.utils import pidwatch
 from kata.utils.sockets import listen_private
 from kata.utils.text import one_line, thread_failure
 
-# What the monitor exits with when the guest (or the connection to it) is gone: Kata's choice.
-VM_GONE_STATUS = 255
 # runc forwards every signal but these to the container.
 NOT_FORWARDED = {signal.SIGCHLD, signal.SIGWINCH, signal.SIGURG, signal.SIGKILL, signal.SIGSTOP,
                   signal.SIGPIPE, signal.SIGTTIN, signal.SIGTTOU, signal.SIGTSTP}
@@ -227,26 +226,13 @@ class Monitor:
         killed, the agent connection ends, and every process of the container reads VM_GONE_STATUS
         at once instead of hanging."""
         procs = [(int(pid), int(start)) for pid, start in self.conf.get("vm", [])]
-        fds = [fd for fd in (_pidfd(pid, start) for pid, start in procs) if fd is not None]
-        if not procs:
-            return
 
-        def watch() -> None:
-            if len(fds) == len(procs):  # all alive when we looked: wait for the first to end
-                poller = select.poll()
-                for fd in fds:
-                    poller.register(fd, select.POLLIN)
-                poller.poll()
-            for pid, start in procs:
-                if _start_time(pid) == start:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except OSError:
-                        pass
+        def gone() -> None:
+            pidwatch.kill_all(procs, signal.SIGKILL)
             if self.agent is not None:
                 self.agent.client.close()
 
-        threading.Thread(target=watch, name="vm-watch", daemon=True).start()
+        pidwatch.watch(procs, gone)
 
     def stop_proxy(self) -> None:
         if self.server is None:
@@ -259,28 +245,6 @@ class Monitor:
             os.unlink(self.conf["proxy"])
         except OSError:
             pass
-
-
-def _start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (a reused pid has another); None once the process is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] in ("Z", "X") else int(fields[19])
-
-
-def _pidfd(pid: int, start: int) -> int | None:
-    """A pidfd of the process that has this pid and start time, or None when it has gone."""
-    try:
-        fd = os.pidfd_open(pid)
-    except OSError:
-        return None
-    if _start_time(pid) != start:  # checked after the open: the fd cannot name a later process
-        os.close(fd)
-        return None
-    return fd
 
 
 def report(text: str) -> None:
@@ -361,7 +325,7 @@ def main() -> None:
         sys.stdout.flush()
     except (OSError, ValueError):
         pass
-    os._exit(status & 0xFF if status >= 0 else VM_GONE_STATUS)
+    os._exit(exit_status(status))
 
 
 if __name__ == "__main__":

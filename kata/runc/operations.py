@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from kata.errors import KataError, strerror
 from kata.runc.state import ContainerRecord, ContainerStore, now_rfc3339
 from kata.sandbox.paths import SandboxPaths, validate_sandbox_id
+from kata.sandbox.status import LIVE, Status, transition
 from kata.utils.process import ProcessId, signal_process, wait_exit
 
 if TYPE_CHECKING:
@@ -29,8 +30,6 @@ if TYPE_CHECKING:
     from kata import ttrpc
     from kata.agent_client.client import AgentClient
     from kata.agent_client.lite import LiteAgent
-    from kata.config import RuntimeConfig
-    from kata.oci.spec import Bundle
     from kata.runc.monitor_launch import PendingMonitor
 
 # Heavier modules (the agent's protobuf API, the configuration, the sandbox) are imported where they
@@ -52,7 +51,7 @@ def _proxy_client(rec: ContainerRecord) -> ttrpc.Client:
     from kata.agent_client.transport import TransportError, connect
     from kata.protocols.agent_api import AgentEndpoint
 
-    if rec.current_status() == "stopped":
+    if rec.current_status() is Status.STOPPED:
         raise StateError("container not running")
     try:
         return ttrpc.Client(connect(AgentEndpoint("serial", path=str(proxy_socket(rec.id))), 5.0))
@@ -85,68 +84,15 @@ def lite_agent_of(rec: ContainerRecord) -> Iterator[LiteAgent]:
         client.close()
 
 
-def _config_of(rec: ContainerRecord) -> RuntimeConfig:
-    from kata.config import apply_annotations, load_config
-
-    cfg = load_config(Path(rec.config) if rec.config else None)
-    return apply_annotations(cfg, rec.annotations)
-
-
 def _hooks(spec: dict[str, Any], kind: str, rec: ContainerRecord, status: str, fatal: bool) -> None:
     """Run the spec's ``kind`` hooks with the state runc gives them (``status``, and the pid of the
-    process standing for the container while there is one)."""
-    hooks = spec.get("hooks")
-    if not isinstance(hooks, dict) or not hooks.get(kind):
-        return
-    from kata.oci.hooks import run_hooks, state_for_hooks
+    process standing for the container while there is one: its monitor)."""
+    from kata.sandbox.pod import hook_state, run_hooks
 
-    pid = rec.pid if status != "stopped" else 0
-    state = state_for_hooks(rec.id, status, rec.bundle, pid=pid, annotations=rec.annotations)
-    run_hooks(spec, kind, state, fatal=fatal, log=log)
-
-
-def _host_network(bundle: Bundle) -> bool:
-    """No network namespace, or the one we run in (Docker's --net=host names its own by path)."""
-    from kata.utils import netns
-
-    ns = next((n for n in bundle.namespaces if n.type == "network"), None)
-    if ns is None:
-        return True
-    return ns.path is not None and netns.is_ours(ns.path)
-
-
-def _enter_network_namespace(bundle: Bundle, pin_at: Path) -> tuple[str, bool]:
-    """Move into the container's network namespace, where the VMM and the monitor live (see
-    kata.utils.netns). A new one is pinned at ``pin_at``, so that `start` and `delete` find it
-    after the processes in it are gone. Returns (its path, whether we pinned it)."""
-    from kata.utils import netns
-
-    for ns in bundle.namespaces:
-        if ns.type == "network":
-            if ns.path:
-                netns.enter(ns.path)
-                return ns.path, False
-            netns.unshare()
-            netns.pin(str(pin_at))
-            return str(pin_at), True
-    return "", False
+    run_hooks(spec, kind, hook_state(rec.id, status, rec.pid, rec.bundle, rec.annotations), fatal)
 
 
 # ---- create ---------------------------------------------------------------------------------
-def _check_before_boot(cid: str, bundle: Bundle, cfg: RuntimeConfig) -> None:
-    """Whatever in the bundle would fail the container, found before anything is made for it:
-    what the guest cannot be given, the VM's sizing, the network it would need."""
-    from kata.sandbox.container import check_container
-    from kata.sandbox.sandbox import size_vm
-
-    check_container(bundle, cid)
-    size_vm(cfg, bundle.spec)
-    if _host_network(bundle):
-        # Kata's documented limitation: the host's interfaces cannot be mirrored into a VM.
-        raise KataError("host networking is not supported: the container runs in a VM, which cannot "
-                        "share the host's network namespace")
-
-
 def check_console(terminal: bool, console_socket: str | None, foreground: bool) -> None:
     """runc's rules for a terminal (its checkTerminal), before anything is started. The socket must
     be there (runc dials it first), but we do not connect: its listener takes one connection, the
@@ -168,58 +114,51 @@ def create(store: ContainerStore, cid: str, bundle_dir: Path, *, config_path: Pa
            console_socket: str | None, debug: bool, foreground: bool = False) -> tuple[ContainerRecord,
                                                                                        subprocess.Popen[bytes]]:
     """Bring up the VM and the container in it, in runc's "created" state, with its monitor."""
-    from kata.config import apply_annotations, load_config
     from kata.oci.spec import load_bundle
-    from kata.runc import monitor_launch as monitor_proc
-    from kata.sandbox.container import Container
-    from kata.sandbox.sandbox import Sandbox
+    from kata.runc import monitor_launch
+    from kata.sandbox import pod as pods
     from kata.sandbox.timings import Timings
 
     timings = Timings()
     validate_sandbox_id(cid)  # the container is a sandbox of its own, named alike
     bundle = load_bundle(bundle_dir.resolve())
-    cfg = apply_annotations(load_config(config_path), bundle.annotations)
+    cfg = pods.load_pod_config(config_path, bundle.annotations)
     terminal = bool(bundle.spec.get("process", {}).get("terminal", False))
-    _check_before_boot(cid, bundle, cfg)
+    pods.check(cid, bundle, cfg)
     check_console(terminal, console_socket, foreground)
     store.reserve(cid)
     rec = ContainerRecord(id=cid, bundle=str(bundle.path), rootfs=str(bundle.root_path),
-                          created=now_rfc3339(),
-                          config=str(cfg.source), annotations=dict(bundle.annotations), status="creating",
-                          owner="root" if os.geteuid() == 0 else str(os.geteuid()))
-    sandbox: Sandbox | None = None
-    monitor: monitor_proc.PendingMonitor | None = None
+                          created=now_rfc3339(), config=str(cfg.source), annotations=dict(bundle.annotations),
+                          status=Status.CREATING, owner="root" if os.geteuid() == 0 else str(os.geteuid()))
+    pod: pods.Pod | None = None
+    monitors: list[monitor_launch.PendingMonitor] = []
     try:
         store.save(rec)
-        rec.netns, rec.netns_pinned = _enter_network_namespace(bundle, store.dir(cid) / "netns")
-        store.save(rec)
-        monitor = monitor_proc.PendingMonitor([cid])
-        sandbox = Sandbox.create(cid, cfg, bundle.spec, debug=debug, timings=timings)
-        Container(sandbox, cid, bundle).create()
-        assert sandbox.hypervisor is not None
-        agent_ep = sandbox.hypervisor.agent_endpoint()
-        vm = [[p.pid, p.start_time] for p in sandbox.vm_processes()]
-        sandbox.release()
+        # The monitor starts in the container's network namespace (Docker's prestart hook finds the
+        # namespace through its pid), before the VM boots, so that its Python start-up overlaps it.
+        pod = pods.Pod.create(cid, bundle, config_path, pin_netns_at=store.dir(cid) / "netns", debug=debug,
+                              timings=timings,
+                              entered=lambda: monitors.append(monitor_launch.PendingMonitor([cid])))
+        pod.add_container(cid, bundle)
+        agent_ep = pod.sandbox.require_hypervisor().agent_endpoint()
+        vm = [[p.pid, p.start_time] for p in pod.vm_processes()]
+        pod.release()
         conf = {"role": "init", "cid": cid, "agent": agent_ep._asdict(), "proxy": str(proxy_socket(cid)),
                 "terminal": terminal, "console_socket": console_socket, "foreground": foreground, "vm": vm}
-        ident = monitor.configure(conf)
+        ident = monitors[0].configure(conf)
         timings.mark("monitor_ready")
-        rec.pid, rec.pid_start, rec.status = ident.pid, ident.start_time, "created"
+        rec.pid, rec.pid_start, rec.status = ident.pid, ident.start_time, Status.CREATED
         store.save(rec)
-        for kind in ("prestart", "createRuntime", "createContainer"):
-            _hooks(bundle.spec, kind, rec, "creating", fatal=True)
+        for kind in pods.CREATE_HOOKS:
+            _hooks(bundle.spec, kind, rec, Status.CREATING, fatal=True)
         timings.mark("hooks_done")
         log.debug(f"timings {timings.as_json()}")  # bench/run_vs_runc.py reads this line
-        return rec, monitor.proc
+        return rec, monitors[0].proc
     except BaseException:
-        if monitor is not None:
+        for monitor in monitors:
             monitor.cancel()
-        if sandbox is not None:
-            sandbox.destroy()
-        if rec.netns_pinned:
-            from kata.utils import netns
-
-            netns.unpin(rec.netns)
+        if pod is not None:
+            pod.destroy()
         try:
             store.remove(cid)
         except KataError as exc:  # the create's own failure is the one to report
@@ -231,14 +170,14 @@ def create(store: ContainerStore, cid: str, bundle_dir: Path, *, config_path: Pa
 def start(store: ContainerStore, cid: str) -> None:
     with store.locked(cid) as rec:
         status = rec.current_status()
-        if status == "stopped":
+        if status is Status.STOPPED:
             raise StateError("cannot start a container that has stopped")
-        if status == "running":
+        if status is Status.RUNNING:
             raise StateError("cannot start an already running container")
-        if status != "created":
+        if status is not Status.CREATED:
             raise StateError(f"cannot start a container in the {status} state")
         spec = _spec_or_empty(rec)
-        _hooks(spec, "startContainer", rec, "created", fatal=True)
+        _hooks(spec, "startContainer", rec, Status.CREATED, fatal=True)
         from kata import ttrpc
 
         with lite_agent_of(rec) as agent:
@@ -259,27 +198,26 @@ def start(store: ContainerStore, cid: str) -> None:
             except ttrpc.TTRPCError as exc:
                 if exc.code != ttrpc.Code.UNAVAILABLE:
                     raise
-        rec.status = "running"
+        rec.status = transition(status, Status.RUNNING)
         store.save(rec)
         # The spec: a poststart hook's failure is logged, and the lifecycle goes on.
-        _hooks(spec, "poststart", rec, "running", fatal=False)
+        _hooks(spec, "poststart", rec, Status.RUNNING, fatal=False)
 
 
 def _mirror_network(store: ContainerStore, rec: ContainerRecord) -> None:
     """The interfaces Docker's (or CNI's) setup left in the container's namespace go into the VM."""
-    from kata.sandbox import network as networking
+    from kata.sandbox import network
+    from kata.sandbox.pod import Pod
 
-    if not rec.netns or not networking.may_have_endpoints(rec.pid):
+    if not network.may_have_endpoints(rec.pid):
         return
     with agent_of(rec) as agent:
-        made = networking.mirror(rec.netns, SandboxPaths(rec.id).vm_dir, agent)
-    rec.network = [list(pair) for pair in made]
-    store.save(rec)
+        Pod.attach(rec.id, agent).mirror_network()
 
 
 def kill(store: ContainerStore, cid: str, signum: int, all_processes: bool = False) -> None:
     rec = store.load(cid)
-    if rec.current_status() == "stopped":
+    if rec.current_status() is Status.STOPPED:
         raise StateError("container not running")
     from kata import ttrpc
 
@@ -306,23 +244,24 @@ def pause(store: ContainerStore, cid: str) -> None:
     """runc pauses a created container as well as a running one; resume brings back either."""
     with store.locked(cid) as rec:
         status = rec.current_status()
-        if status == "stopped":
+        if status is Status.STOPPED:
             raise StateError("container not running")
-        if status == "paused":
+        if status is Status.PAUSED:
             raise StateError("container already paused")
         with agent_of(rec) as agent:
             agent.pause_container(container_id=cid)
-        rec.paused_from, rec.status = status, "paused"
+        rec.paused_from, rec.status = status, transition(status, Status.PAUSED)
         store.save(rec)
 
 
 def resume(store: ContainerStore, cid: str) -> None:
     with store.locked(cid) as rec:
-        if rec.current_status() != "paused":
+        status = rec.current_status()
+        if status is not Status.PAUSED:
             raise StateError("container not paused")
         with agent_of(rec) as agent:
             agent.resume_container(container_id=cid)
-        rec.status = rec.paused_from or "running"
+        rec.status = transition(status, Status(rec.paused_from or Status.RUNNING))
         store.save(rec)
 
 
@@ -336,7 +275,7 @@ def delete(store: ContainerStore, cid: str, force: bool) -> None:
     try:
         with store.locked(cid) as rec:
             status = rec.current_status()
-            if status in ("running", "paused") and not force:
+            if status in LIVE and not force:
                 raise StateError(f"cannot delete container {cid} that is not stopped: {status}")
             _destroy(rec)
             store.remove(cid)
@@ -346,31 +285,31 @@ def delete(store: ContainerStore, cid: str, force: bool) -> None:
         store.remove(cid)
         if not force:
             raise
-        _destroy_leftovers(cid)
+        _destroy_sandbox(cid)  # a create killed half-way left no record, maybe a VM
 
 
 def _destroy(rec: ContainerRecord) -> None:
     """End the monitors and the VM with everything around it, then the poststop hooks."""
-    from kata.sandbox.sandbox import Sandbox
-
     monitor = rec.monitor()
     for proc in [*rec.live_execs().values(), *([monitor] if monitor else [])]:
         # As runc's --force: SIGKILL, so whoever waits on the monitor sees a death by signal 9.
         signal_process(proc, signal.SIGKILL)
         wait_exit(proc, 5.0)
+    _destroy_sandbox(rec.id)
+    _hooks(_spec_or_empty(rec), "poststop", rec, Status.STOPPED, fatal=False)
+
+
+def _destroy_sandbox(cid: str) -> None:
+    """The pod's VM and what it had on the host, with the configuration it was made with."""
+    from kata.sandbox.pod import Pod
+
+    if not Pod.exists(cid):
+        return
     try:
-        Sandbox.attach(rec.id, _config_of(rec)).destroy()
+        for problem in Pod.attach(cid).destroy():
+            log.warning(f"delete {cid}: {problem}")
     except KataError as exc:
-        log.debug(f"delete {rec.id}: {exc}")
-    if rec.network:
-        from kata.sandbox import network as networking
-
-        networking.unmirror(rec.netns, rec.network)
-    _hooks(_spec_or_empty(rec), "poststop", rec, "stopped", fatal=False)
-    if rec.netns_pinned:
-        from kata.utils import netns
-
-        netns.unpin(rec.netns)
+        log.debug(f"delete {cid}: {exc}")
 
 
 def _spec_or_empty(rec: ContainerRecord) -> dict[str, Any]:
@@ -386,24 +325,11 @@ def _spec_or_empty(rec: ContainerRecord) -> dict[str, Any]:
     return spec if isinstance(spec, dict) else {}
 
 
-def _destroy_leftovers(cid: str) -> None:
-    """A sandbox without a record (a create that was killed half-way): tear down what exists."""
-    if not SandboxPaths(cid).state_dir.exists():
-        return
-    from kata.config import load_config
-    from kata.sandbox.sandbox import Sandbox
-
-    try:
-        Sandbox.attach(cid, load_config(None)).destroy()
-    except KataError as exc:
-        log.debug(f"delete {cid}: {exc}")
-
-
 def vm_running(store: ContainerStore, cid: str) -> bool:
-    from kata.sandbox.sandbox import Sandbox
+    from kata.sandbox.pod import Pod
 
     try:
-        hyp = Sandbox.attach(cid, _config_of(store.load(cid))).hypervisor
+        hyp = Pod.attach(cid).sandbox.hypervisor
     except KataError:
         return False
     return hyp is not None and hyp.is_running()
@@ -419,10 +345,10 @@ def exec_process(store: ContainerStore, cid: str, process: dict[str, Any], *, co
     try:
         rec = store.load(cid)
         status = rec.current_status()
-        if status == "paused":
+        if status is Status.PAUSED:
             raise StateError("cannot exec in a paused container")
-        if status != "running":
-            raise StateError("cannot exec in a stopped container" if status == "stopped"
+        if status is not Status.RUNNING:
+            raise StateError("cannot exec in a stopped container" if status is Status.STOPPED
                              else f"cannot exec in a {status} container")
         terminal = bool(process.get("terminal"))
         check_console(terminal, console_socket, foreground)
@@ -444,23 +370,14 @@ def exec_process(store: ContainerStore, cid: str, process: dict[str, Any], *, co
 # ---- update ---------------------------------------------------------------------------------
 def update(store: ContainerStore, cid: str, resources: dict[str, Any]) -> None:
     """New limits for the container; the VM grows by hotplug first when they would not fit."""
-    from kata.sandbox.sandbox import Sandbox
+    from kata.sandbox.pod import Pod
 
-    rec = store.load(cid)
-    if rec.current_status() == "stopped":
-        raise StateError("container not running")
-    sandbox = Sandbox.attach(cid, _config_of(rec))
-    try:
+    with store.locked(cid) as rec:
+        if rec.current_status() is Status.STOPPED:
+            raise StateError("container not running")
         with agent_of(rec) as agent:
-            _grow_vm(sandbox, agent, resources)
-            agent.update_container(container_id=cid, resources_json=json.dumps(resources).encode())
-    finally:
-        sandbox.release()
-
-
-def _grow_vm(sandbox: Any, agent: AgentClient, resources: dict[str, Any]) -> None:
-    """The VM was sized as the configured default plus the container's limit (see vm_sizing):
-    a larger limit gets the difference hot-added, as Kata does."""
-    limit = (resources.get("memory") or {}).get("limit")
-    if limit and limit > 0:
-        sandbox.grow_memory(agent, sandbox.cfg.hypervisor.default_memory + -(-int(limit) // (1024 * 1024)))
+            pod = Pod.attach(cid, agent)
+            try:
+                pod.update(cid, resources)
+            finally:
+                pod.release()

@@ -16,6 +16,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 from kata.errors import KataError, strerror
 from kata.sandbox.paths import validate_id
+from kata.sandbox.status import Status
 from kata.utils.files import read_json, write_json
 from kata.utils.ids import shown
 from kata.utils.process import ProcessId
@@ -48,27 +49,24 @@ class ContainerRecord:
     created: str
     config: str  # the configuration.toml in effect, so later commands use the same one
     annotations: dict[str, str] = field(default_factory=dict)
-    status: str = "created"  # as last set: created, running or paused; "stopped" is derived
+    status: str = Status.CREATED  # as last set: created, running or paused; "stopped" is derived
     pid: int = 0  # the monitor standing for the container's process
     pid_start: int = 0
     owner: str = ""
     execs: dict[str, list[int]] = field(default_factory=dict)  # exec id -> [pid, start time]
-    paused_from: str = ""  # the status resume returns to
-    netns: str = ""  # the container's network namespace, where its VMM and monitor live
-    netns_pinned: bool = False  # we made it and pinned it at `netns`: delete unpins it
-    network: list[list[str]] = field(default_factory=list)  # [interface, tap] mirrored into the VM
+    paused_from: str = ""  # the status resume returns to (created or running)
 
     def monitor(self) -> ProcessId | None:
         return ProcessId(self.pid, self.pid_start) if self.pid else None
 
-    def current_status(self) -> str:
+    def current_status(self) -> Status:
         """The status runc would report: a container whose process is gone is stopped."""
         mon = self.monitor()
-        if self.status == "creating":
-            return "creating"
+        if self.status == Status.CREATING:
+            return Status.CREATING
         if mon is None or not mon.is_alive():
-            return "stopped"
-        return self.status
+            return Status.STOPPED
+        return Status(self.status)
 
     def live_execs(self) -> dict[str, ProcessId]:
         found = {}
@@ -81,8 +79,8 @@ class ContainerRecord:
     def oci_state(self) -> dict[str, Any]:
         """The state document hooks read on stdin and `state` prints (runc's field names)."""
         status = self.current_status()
-        return {"ociVersion": "1.0.2", "id": self.id, "status": status,
-                "pid": self.pid if status != "stopped" else 0, "bundle": self.bundle,
+        return {"ociVersion": "1.0.2", "id": self.id, "status": str(status),
+                "pid": self.pid if status is not Status.STOPPED else 0, "bundle": self.bundle,
                 "annotations": self.annotations}
 
 

@@ -1,7 +1,8 @@
-"""The container's network namespace mirrored into its VM at `start` (Kata's tcfilter model): for
-each interface there, a tap with traffic mirrored both ways by tc, a virtio-net device hot-added on
-it with the interface's MAC, and the guest interface configured like the original (addresses, MTU,
-routes). At `start`, because Docker connects its network through a prestart hook, after create.
+"""A pod's network namespace mirrored into its VM (Kata's tcfilter model): for each interface there,
+a tap with traffic mirrored both ways by tc, a network device hot-added on it with the interface's
+MAC, and the guest interface configured like the original (addresses, MTU, routes). The runc front
+end does it at `start` (Docker connects its network through a prestart hook, after create), the shim
+when it brings the pod up (CNI has set the namespace up before).
 
 Only the shape and order live here; netlink and tc are kata.network's, hotplug the hypervisor's.
 """
@@ -10,10 +11,11 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from kata.agent_client.client import AgentClient
+    from kata.hypervisor.base import Hypervisor
     from kata.network.endpoints import Endpoint
 
 log = logging.getLogger("kata.runc")
@@ -36,16 +38,14 @@ def may_have_endpoints(pid: int) -> bool:
     return any(line.split(":", 1)[0].strip() not in _NOT_ENDPOINTS for line in lines)
 
 
-def mirror(netns: str, vm_dir: Any, agent: AgentClient) -> list[tuple[str, str]]:
+def mirror(netns: str, hyp: Hypervisor, agent: AgentClient) -> list[tuple[str, str]]:
     """Mirror every endpoint of ``netns`` into the VM; returns the (interface, tap) pairs made."""
-    from kata.hypervisor.qemu import Qemu
     from kata.network import endpoints, tcfilter
 
     found = endpoints.discover(netns)
     made: list[tuple[str, str]] = []
     if not found:
         return made
-    hyp = Qemu.attach(vm_dir)
     queues = hyp.nic_queues()
     try:
         for index, ep in enumerate(found):

@@ -144,14 +144,14 @@ class Sandbox:
     def attach(cls, sid: str, cfg: RuntimeConfig) -> Sandbox:
         """The sandbox another process created, to inspect, resize or destroy it; no agent
         connection (the one who holds it, if any, is the container's monitor)."""
+        from kata import hypervisor
         from kata.fs_share.virtiofsd import Virtiofsd
-        from kata.hypervisor.qemu import Qemu
 
         sb = cls(sid, cfg)
         if not sb.paths.state_dir.exists():
             raise KataError(f"sandbox {sid} does not exist")
         try:
-            sb.hypervisor = Qemu.attach(sb.paths.vm_dir)
+            sb.hypervisor = hypervisor.attach(cfg.hypervisor, sb.paths.vm_dir)
         except HypervisorError:
             sb.hypervisor = None  # never launched, or already stopped
         if sb.paths.virtiofsd_socket.with_name(sb.paths.virtiofsd_socket.name + ".pid").exists():
@@ -233,7 +233,7 @@ class Sandbox:
 
         hv = self.cfg.hypervisor
         store = TemplateStore(Path(self.cfg.factory.template_path))
-        state, made = store.ensure(config, hv.boot_timeout, seccomp=hv.seccompsandbox)
+        state, made = store.ensure(config, hv)
         self.timings.mark("template_made" if made else "template_found")
         # The clone's own copy of the template's RAM, in a memfd: charged to QEMU's memory, never
         # to a filesystem the guest could fill (it lives as long as QEMU holds it).
@@ -254,18 +254,18 @@ class Sandbox:
 
     def _launch(self, config: VMConfig, restore_from: Path | None,
                 memory_fd: int | None = None) -> Hypervisor:
-        from kata.hypervisor.qemu import Qemu
+        from kata import hypervisor
 
-        qemu = Qemu(seccomp=self.cfg.hypervisor.seccompsandbox)
-        self.hypervisor = qemu
+        vmm = hypervisor.new(self.cfg.hypervisor)
+        self.hypervisor = vmm
         self.timings.mark("vmm_launch")
         if restore_from is None:
-            qemu.start(config, timeout=self.cfg.hypervisor.boot_timeout)
+            vmm.start(config, timeout=self.cfg.hypervisor.boot_timeout)
         else:
-            qemu.restore(config, restore_from, timeout=self.cfg.hypervisor.boot_timeout, memory_fd=memory_fd)
+            vmm.restore(config, restore_from, timeout=self.cfg.hypervisor.boot_timeout, memory_fd=memory_fd)
         self.timings.mark("vmm_running")
         self._save_state("creating")
-        return qemu
+        return vmm
 
     def _connect_agent(self, config: VMConfig) -> None:
         assert self.hypervisor is not None
@@ -399,6 +399,11 @@ class Sandbox:
         if self.virtiofsd is not None and self.virtiofsd.process_id is not None:
             found.append(self.virtiofsd.process_id)
         return found
+
+    def require_hypervisor(self) -> Hypervisor:
+        if self.hypervisor is None:
+            raise KataError(f"sandbox {self.id} has no VM")
+        return self.hypervisor
 
     def require_agent(self) -> AgentClient:
         if self.agent is None:

@@ -16,15 +16,13 @@ from collections.abc import Callable
 from kata import ttrpc
 from kata.agent_client import relay
 from kata.agent_client.lite import LiteAgent
+from kata.sandbox.status import VM_GONE_STATUS, Status, exit_status
 from kata.shim.stdio import ProcessIO, StdinOpener, StdioPaths, open_outputs
 from kata.utils.text import one_line
 
-# What a process's exit reads when the VM (or the connection to the agent) is gone: Kata's choice.
-VM_GONE_STATUS = 255
 # After an exit, how long its remaining output may take to drain before stdio is closed anyway.
 _DRAIN_TIMEOUT = 10.0
 
-CREATED, RUNNING, STOPPED, PAUSED = "created", "running", "stopped", "paused"
 log = logging.getLogger("kata.shim")
 
 
@@ -36,7 +34,7 @@ class Process:
         self.stdio = stdio
         self.namespace = namespace
         self.spec_json = spec_json  # an exec's OCI process, as JSON
-        self.status = CREATED
+        self.status = Status.CREATED
         self.exit_status = 0
         self.exited_at: float | None = None
         self.oom_killed = False
@@ -129,9 +127,9 @@ class Process:
             self._close_io()
         except Exception as exc:  # noqa: BLE001 - the exit is recorded all the same: Wait must end
             log.error(f"process {self.exec_id or self.container_id}: closing its stdio: {one_line(exc)}")
-        self.exit_status = status & 0xFF if status >= 0 else VM_GONE_STATUS
+        self.exit_status = exit_status(status)
         self.exited_at = time.time()
-        self.status = STOPPED
+        self.status = Status.STOPPED
         self._exited.set()
 
     def wait(self, timeout: float | None = None) -> bool:

@@ -16,8 +16,8 @@ from typing import NoReturn
 from kata import ttrpc
 from kata.shim import address, events
 from kata.shim.command import bundle_of
-from kata.shim.pod import Pod
 from kata.shim.service import SERVICE, TaskService
+from kata.shim.tasks import PodTasks
 from kata.utils.logfmt import LogfmtFormatter
 from kata.utils.text import one_line, thread_failure
 
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace, listen_fd: int) -> NoReturn:
     listener = socket.socket(fileno=listen_fd)
     ttrpc_address = os.environ.get("TTRPC_ADDRESS", "")
     publisher = events.Publisher(ttrpc_address, args.namespace) if ttrpc_address else None
-    pod = Pod(args.namespace, publisher)
+    pod = PodTasks(args.namespace, publisher)
     server = ttrpc.Server(max_workers=256)
     code = 0
     try:
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace, listen_fd: int) -> NoReturn:
     os._exit(code)
 
 
-def _serve(args: argparse.Namespace, pod: Pod, server: ttrpc.Server, listener: socket.socket) -> None:
+def _serve(args: argparse.Namespace, pod: PodTasks, server: ttrpc.Server, listener: socket.socket) -> None:
     done = threading.Event()
     config = os.environ.get("KATA_CONF_FILE")
     service = TaskService(pod, done.set, Path(config) if config else None)

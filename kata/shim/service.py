@@ -22,16 +22,17 @@ from kata.oci.spec import OCIError, validate_process, validate_resources
 from kata.protocols.containerd.api.types.task import task_pb2 as types
 from kata.protocols.containerd.runtime.v2.task import shim_pb2 as pb
 from kata.sandbox.paths import InvalidIdError, validate_id
+from kata.sandbox.status import Status
 from kata.shim import events
 from kata.shim.options import config_path
-from kata.shim.pod import CreateParams, Pod, ShimError
 from kata.shim.process import Process
 from kata.shim.stdio import StdioPaths
+from kata.shim.tasks import CreateParams, PodTasks, ShimError
 from kata.utils.text import one_line
 
 SERVICE = "containerd.task.v2.Task"
-_STATUS = {"created": types.CREATED, "running": types.RUNNING, "stopped": types.STOPPED,
-           "paused": types.PAUSED}
+_STATUS = {Status.CREATED: types.CREATED, Status.RUNNING: types.RUNNING, Status.STOPPED: types.STOPPED,
+           Status.PAUSED: types.PAUSED}
 log = logging.getLogger("kata.shim")
 
 
@@ -66,7 +67,7 @@ def config_path_of(options: Any) -> Path | None:
 
 
 class TaskService:
-    def __init__(self, pod: Pod, on_shutdown: Callable[[], None], default_config: Path | None) -> None:
+    def __init__(self, pod: PodTasks, on_shutdown: Callable[[], None], default_config: Path | None) -> None:
         self.pod = pod
         self.on_shutdown = on_shutdown
         self.default_config = default_config

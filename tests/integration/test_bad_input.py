@@ -52,8 +52,8 @@ from kata.protocols.containerd.runtime.v2.task import shim_pb2 as pb
 from kata.runc.state import ContainerRecord, ContainerStore
 from kata.sandbox import paths
 from kata.shim import address
-from kata.shim.pod import Pod
 from kata.shim.service import TaskService
+from kata.shim.tasks import PodTasks
 from kata.utils.ids import shown
 from tests.conftest import process_gone, runtime_bin
 
@@ -905,7 +905,7 @@ def _options(value: bytes) -> AnyPb:
     return AnyPb(type_url="runtimeoptions.v1.Options", value=value)
 
 
-_TYPES = {name: m.request_type for name, m in TaskService(Pod("default", None), lambda: None,
+_TYPES = {name: m.request_type for name, m in TaskService(PodTasks("default", None), lambda: None,
                                                           None).methods().items()}
 _WITH_EXEC = sorted(n for n, t in _TYPES.items() if "exec_id" in t.DESCRIPTOR.fields_by_name)
 _BAD_IDS = ["../x", "", "caf\u00e9", "a/b", "x" * 129, "a b", ".."]
@@ -1008,7 +1008,7 @@ def _shim_calls() -> list[ShimCall]:
                  "annotation io.katacontainers.config.hypervisor.image is not enabled",
                  _bundle(changed(annotations={"io.katacontainers.config.hypervisor.image": "/x.img"}))),
         ShimCall("shim-Create-host-network", "Create", _create(), ttrpc.Code.UNKNOWN,
-                 HOST_NETWORK.format(what="pod"), _bundle(changed(linux=linux(namespaces=[])))),
+                 HOST_NETWORK.format(what="container"), _bundle(changed(linux=linux(namespaces=[])))),
         ShimCall("shim-Create-rootfs-unknown-fs", "Create", _create(rootfs=bogus_fs), ttrpc.Code.UNKNOWN,
                  f"mounting the rootfs: mount {TAG}fs none on {{d}}/b/rootfs: No such device", _bundle()),
         ShimCall("shim-Create-rootfs-options-too-long", "Create", _create(rootfs=[mount_pb2.Mount(
@@ -1162,7 +1162,7 @@ def test_the_shim_answers_it_with_an_error_status_in_one_line(case: ShimCall, wo
     if case.setup is not None:
         case.setup(case_dir)
     snapshot = Snapshot(world, case_dir)
-    service = TaskService(Pod("default", None), on_shutdown=lambda: None, default_config=world.config)
+    service = TaskService(PodTasks("default", None), on_shutdown=lambda: None, default_config=world.config)
     with pytest.raises(ttrpc.TTRPCError) as failure:
         service.methods()[case.method].handler(None, case.request(case_dir))  # type: ignore[arg-type]
     assert failure.value.code == case.code, failure.value
@@ -1221,7 +1221,7 @@ def test_the_base_bundle_gets_past_every_check(world: World, case_dir: Path) -> 
 
 def test_the_shims_base_request_gets_past_every_check(world: World, case_dir: Path) -> None:
     _bundle()(case_dir)
-    service = TaskService(Pod("default", None), on_shutdown=lambda: None, default_config=world.config)
+    service = TaskService(PodTasks("default", None), on_shutdown=lambda: None, default_config=world.config)
     with pytest.raises(ttrpc.TTRPCError) as failure:
         service.methods()["Create"].handler(None, _create()(case_dir))  # type: ignore[arg-type]
     assert failure.value.code == ttrpc.Code.INTERNAL

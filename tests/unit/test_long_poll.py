@@ -24,11 +24,12 @@ from kata.guest.agent.sandbox import Process, Sandbox
 from kata.protocols import agent_pb2 as pb
 from kata.protocols.agent_api import AGENT_SERVICE
 from kata.protocols.containerd.runtime.v2.task import shim_pb2 as spb
-from kata.shim.pod import Pod, Task
+from kata.sandbox.status import Status
 from kata.shim.process import Process as ShimProcess
 from kata.shim.service import SERVICE as TASK_SERVICE
 from kata.shim.service import TaskService
 from kata.shim.stdio import StdioPaths
+from kata.shim.tasks import PodTasks, Task
 from tests.unit.guest_fakes import agent_server, close_processes, fake_process, serve_on_socketpair
 
 pytestmark = pytest.mark.timeout(120)
@@ -197,11 +198,11 @@ def test_proxy_forwards_every_process_and_still_answers(guest: Guest, tmp_path: 
 
 
 def test_shim_answers_with_every_task_waited_on(tmp_path: Path) -> None:
-    pod = Pod("test", publisher=None)
+    pod = PodTasks("test", publisher=None)
     for i in range(N):
         cid = f"t{i}"
         init = ShimProcess(cid, "", StdioPaths(), "test")
-        init.status = "running"
+        init.status = Status.RUNNING
         pod.tasks[cid] = Task(cid, tmp_path, init)
     server = ttrpc.Server(max_workers=8)  # fewer workers than waits, by far
     server.register_service(TASK_SERVICE, TaskService(pod, lambda: None, None).methods())

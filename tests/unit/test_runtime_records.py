@@ -100,7 +100,7 @@ def _plant(store: ContainerStore, cid: str, data: dict[str, Any]) -> None:
     ({"annotations": {"a": 1}}, "field annotations has the wrong type"),
     ({"execs": {"e": [1]}}, "field execs has the wrong shape"),
     ({"execs": {"e": ["1", 2]}}, "field execs has the wrong type"),
-    ({"network": [["eth0", 3]]}, "field network has the wrong type"),
+    ({"execs": {"e1": "x"}}, "field execs has the wrong type"),
     ({"surprise": 1}, "unknown field surprise"),
 ])
 def test_a_record_that_is_not_ours_is_not_trusted(tmp_path: Path, change: dict[str, Any],

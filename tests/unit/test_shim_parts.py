@@ -16,9 +16,9 @@ from kata.protocols import agent_pb2 as apb
 from kata.protocols.containerd.pkg.runtimeoptions.v1 import api_pb2 as runtimeoptions
 from kata.shim import address, events, metrics
 from kata.shim.options import config_path_of_any
-from kata.shim.pod import Pod
 from kata.shim.service import TaskService, config_path_of
 from kata.shim.stdio import binary_argv
+from kata.shim.tasks import PodTasks
 from kata.specconv import pod_role
 
 
@@ -101,7 +101,7 @@ def test_delete_response_without_protobuf_matches_the_generated_class() -> None:
 
 def test_every_request_with_a_bad_task_or_exec_id_is_an_invalid_argument() -> None:
     """Checked before the pod is asked: an empty pod would answer NotFound (or shut down)."""
-    service = TaskService(Pod("default", None), on_shutdown=lambda: None, default_config=None)
+    service = TaskService(PodTasks("default", None), on_shutdown=lambda: None, default_config=None)
     checked = 0
     for name, method in service.methods().items():
         fields = method.request_type.DESCRIPTOR.fields_by_name

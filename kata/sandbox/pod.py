@@ -1,0 +1,372 @@
+"""The sandbox service: one pod's VM as both front ends drive it, the runc CLI (one container per
+pod, each verb a process of its own) and containerd's shim (one process per pod).
+
+A Pod is made from a bundle and a configuration: the configuration is read (with the bundle's
+annotations, where allowed), host networking is refused, the network namespace is joined (or made,
+and pinned where the front end asks), the request is checked before anything is booted, and the VM
+comes up sized for it. Containers are added to it and removed from it, its VM grows for them from
+their recorded limits (so a repeated resize changes nothing), its network is mirrored in, the OCI
+hooks run, and the VM is watched and torn down. What a later process needs to find all of that again
+(the configuration it was made with, the namespace, the mirrored interfaces, the limits) is recorded
+with the sandbox's state, so every later command, `delete --force` and containerd's `shim delete`
+included, acts with the same configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kata.errors import KataError
+from kata.sandbox.paths import SandboxPaths
+from kata.sandbox.sandbox import Sandbox
+from kata.sandbox.timings import Timings
+from kata.utils.files import read_json, write_json
+
+if TYPE_CHECKING:
+    from kata.agent_client.client import AgentClient
+    from kata.config import RuntimeConfig
+    from kata.oci.spec import Bundle
+    from kata.sandbox.container import Container
+    from kata.utils.process import ProcessId
+
+log = logging.getLogger("kata.sandbox")
+
+# Hooks a container's creation runs, in order, with its status "creating" (the runtime-spec's).
+CREATE_HOOKS = ("prestart", "createRuntime", "createContainer")
+_RECORD = "pod.json"
+
+
+class HostNetworkError(KataError):
+    """Kata's documented limitation: a VM cannot share the host's network namespace."""
+
+    def __init__(self) -> None:
+        super().__init__("host networking is not supported: the container runs in a VM, which cannot "
+                         "share the host's network namespace")
+
+
+@dataclass
+class Limits:
+    """What a container's limits added to its VM (and what the next resize starts from)."""
+
+    vcpus: int = 0
+    memory_mib: int = 0
+
+
+@dataclass
+class PodRecord:
+    """What a later process needs to act on the pod as the one that made it (kept with the sandbox)."""
+
+    config: str  # the configuration.toml it was made with
+    annotations: dict[str, str]  # those of its first container, which the configuration took
+    netns: str = ""  # the network namespace the VMM lives in ("" for a new one nobody pinned)
+    netns_pinned: bool = False  # made and pinned by us: teardown unpins it
+    network: list[list[str]] = field(default_factory=list)  # [interface, tap] mirrored into the VM
+    sized_as_pod: bool = False  # the CRI sized the VM for the whole pod: containers add nothing
+    limits: dict[str, Limits] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> PodRecord:
+        data = read_json(path)
+        limits = {cid: Limits(**v) for cid, v in (data.pop("limits", None) or {}).items()}
+        return cls(**data, limits=limits)
+
+
+def load_pod_config(config_path: Path | None, annotations: Mapping[str, str]) -> RuntimeConfig:
+    """The configuration a pod is made with: the file, then the annotations it allows."""
+    from kata.config import apply_annotations, load_config
+
+    return apply_annotations(load_config(config_path), annotations)
+
+
+def check(cid: str, bundle: Bundle, cfg: RuntimeConfig | None) -> None:
+    """What would fail container ``cid`` of ``bundle``, found before anything is made for it: what the
+    guest cannot be given, host networking, and (``cfg``: it is a pod's first) the VM's sizing."""
+    from kata.sandbox.container import check_container
+    from kata.sandbox.sandbox import size_vm
+
+    check_container(bundle, cid)
+    if cfg is not None:
+        if _host_network(bundle):
+            raise HostNetworkError()
+        size_vm(cfg, bundle.spec)
+
+
+def _host_network(bundle: Bundle) -> bool:
+    """No network namespace, or the one we run in (Docker's --net=host names its own by path)."""
+    from kata.utils import netns
+
+    ns = next((n for n in bundle.namespaces if n.type == "network"), None)
+    return ns is None or (ns.path is not None and netns.is_ours(ns.path))
+
+
+def enter_network_namespace(bundle: Bundle, pin_at: Path | None) -> tuple[str, bool]:
+    """Move into the pod's network namespace, where the VMM (and the runc path's monitor) live: the
+    bundle's, or a new one, pinned at ``pin_at`` when given so that later commands find it after the
+    processes in it are gone. Returns (its path, whether we pinned it); HostNetworkError for none."""
+    from kata.utils import netns
+
+    if _host_network(bundle):
+        raise HostNetworkError()
+    ns = next(n for n in bundle.namespaces if n.type == "network")
+    if ns.path:
+        netns.enter(ns.path)
+        return ns.path, False
+    netns.unshare()
+    if pin_at is None:
+        return "", False
+    netns.pin(str(pin_at))
+    return str(pin_at), True
+
+
+def run_hooks(spec: dict[str, Any], kind: str, state: dict[str, Any], fatal: bool) -> None:
+    """The spec's ``kind`` hooks, in its order, with ``state`` (the OCI state) on their stdin."""
+    hooks = spec.get("hooks")
+    if not isinstance(hooks, dict) or not hooks.get(kind):
+        return
+    from kata.oci.hooks import run_hooks as run
+
+    run(spec, kind, state, fatal=fatal, log=log)
+
+
+def hook_state(cid: str, status: str, pid: int, bundle: Path | str, annotations: dict[str, str]
+               ) -> dict[str, Any]:
+    """The OCI state a hook reads on stdin: ``pid`` is what stands for the container on the host."""
+    from kata.oci.hooks import state_for_hooks
+
+    return state_for_hooks(cid, status, str(bundle), pid=pid if status != "stopped" else 0,
+                           annotations=annotations)
+
+
+class Pod:
+    """One pod's VM. Every mutating call holds the pod's lock."""
+
+    def __init__(self, sandbox: Sandbox, record: PodRecord) -> None:
+        self.sandbox = sandbox
+        self.record = record
+        self.lock = threading.RLock()
+        self._watch_stop = threading.Event()
+
+    # ---- bring-up and finding again ----------------------------------------------------------
+    @classmethod
+    def create(cls, sid: str, bundle: Bundle, config_path: Path | None, *, pin_netns_at: Path | None = None,
+               debug: bool = False, timings: Timings | None = None,
+               entered: Callable[[], object] | None = None) -> Pod:
+        """The pod's VM up, in its network namespace, sized for ``bundle`` (the pod's first
+        container, which add_container() then creates). ``entered`` runs once the namespace is
+        joined, before the VM boots (what the front end starts there lives in it)."""
+        from kata.specconv import pod_resources
+
+        cfg = load_pod_config(config_path, bundle.annotations)
+        check(sid, bundle, cfg)
+        netns, pinned = enter_network_namespace(bundle, pin_netns_at)
+        if entered is not None:
+            entered()
+        record = PodRecord(config=str(cfg.source), annotations=dict(bundle.annotations), netns=netns,
+                           netns_pinned=pinned, sized_as_pod=pod_resources(bundle.spec) is not None)
+        try:
+            sandbox = Sandbox.create(sid, cfg, bundle.spec, debug=debug, timings=timings)
+        except BaseException:
+            if pinned:
+                _unpin(netns)
+            raise
+        pod = cls(sandbox, record)
+        pod._save()
+        return pod
+
+    @classmethod
+    def attach(cls, sid: str, agent: AgentClient | None = None) -> Pod:
+        """The pod another process made, with the configuration it was made with; ``agent`` is a
+        connection to its agent when the caller has one (the runc path's, through the monitor)."""
+        paths = SandboxPaths(sid)
+        try:
+            record = PodRecord.load(paths.state_dir / _RECORD)
+        except FileNotFoundError:
+            raise KataError(f"sandbox {sid} does not exist") from None
+        except (OSError, ValueError, TypeError) as exc:
+            raise KataError(f"sandbox {sid}: unreadable record: {exc}") from None
+        cfg = load_pod_config(Path(record.config) if record.config else None, record.annotations)
+        sandbox = Sandbox.attach(sid, cfg)
+        sandbox.agent = agent
+        return cls(sandbox, record)
+
+    @staticmethod
+    def exists(sid: str) -> bool:
+        return SandboxPaths(sid).state_dir.exists()
+
+    def _save(self) -> None:
+        write_json(self.sandbox.paths.state_dir / _RECORD, dataclasses.asdict(self.record))
+
+    @property
+    def id(self) -> str:
+        return self.sandbox.id
+
+    @property
+    def cfg(self) -> RuntimeConfig:
+        return self.sandbox.cfg
+
+    @property
+    def pid(self) -> int:
+        """What a container manager knows the pod's processes by: the VMM's pid (0 once gone)."""
+        hyp = self.sandbox.hypervisor
+        if hyp is None:
+            return 0
+        try:
+            pids = hyp.pids()
+        except KataError:
+            return 0
+        return pids[0] if pids else 0
+
+    def agent(self) -> AgentClient:
+        return self.sandbox.require_agent()
+
+    # ---- containers ---------------------------------------------------------------------------
+    def add_container(self, cid: str, bundle: Bundle) -> Container:
+        """Create container ``cid`` in the VM. The pod's first container sized the VM; a later one
+        adds its limits to it (by hotplug, where the machine has it) unless the pod was sized whole."""
+        from kata.sandbox.container import Container
+        from kata.specconv import container_growth
+
+        with self.lock:
+            first = not self.record.limits
+            if not first:
+                check(cid, bundle, None)
+            vcpus, memory = container_growth(bundle.spec)
+            if not first and not self.record.sized_as_pod:
+                self._grow(vcpus, memory)
+            try:
+                container = Container(self.sandbox, cid, bundle)
+                container.create()
+            except BaseException:
+                self._forget_shares(cid)
+                raise
+            self.record.limits[cid] = Limits(vcpus, memory)
+            self._save()
+            return container
+
+    def remove_container(self, cid: str, container: Container | None = None) -> None:
+        """Remove ``cid`` from the guest (when it still runs) and its shares from the host."""
+        with self.lock:
+            if container is not None and self.sandbox.agent is not None:
+                try:
+                    container.remove()
+                except KataError as exc:  # the VM may be on its way out
+                    log.warning(f"container {cid}: removing it in the guest: {exc}")
+            self._forget_shares(cid)
+            if self.record.limits.pop(cid, None) is not None and self.exists(self.id):
+                self._save()
+
+    def _forget_shares(self, cid: str) -> None:
+        try:
+            self.sandbox.shared.remove(cid)
+        except KataError as exc:
+            log.warning(f"container {cid}: removing its shares: {exc}")
+
+    def update(self, cid: str, resources: dict[str, Any]) -> None:
+        """New limits for ``cid``: the VM grows by what they add over the recorded ones (so the same
+        update twice grows it once), then the guest applies them."""
+        with self.lock:
+            recorded = self.record.limits.get(cid, Limits())
+            memory = _memory_mib(resources)
+            if memory is not None and not self.record.sized_as_pod:
+                if memory > recorded.memory_mib:
+                    self._grow(0, memory - recorded.memory_mib)
+                self.record.limits[cid] = dataclasses.replace(recorded, memory_mib=memory)
+                self._save()
+            self.agent().update_container(container_id=cid, resources_json=json.dumps(resources).encode())
+
+    def _grow(self, vcpus: int, memory_mib: int) -> None:
+        """Hot-add ``memory_mib`` and ``vcpus`` where the machine allows it; a VM that cannot grow
+        keeps the limit in the guest (its own size caps it sooner), with a warning."""
+        hyp = self.sandbox.hypervisor
+        if hyp is None:
+            return
+        agent = self.agent()
+        try:
+            if memory_mib > 0:
+                self.sandbox.grow_memory(agent, hyp.memory_mib() + memory_mib)
+            if vcpus > 0:
+                added = hyp.hotplug_vcpus(vcpus)
+                if added:
+                    agent.online_cpu_mem(wait=True, nb_cpus=added, cpu_only=True)
+        except KataError as exc:
+            log.warning(f"pod {self.id}: cannot grow by {vcpus} vCPUs and {memory_mib} MiB: {exc}")
+        finally:
+            hyp.release()
+
+    # ---- network ------------------------------------------------------------------------------
+    def mirror_network(self) -> None:
+        """The interfaces the pod's namespace has now (Docker's or CNI's) go into the VM."""
+        from kata.sandbox import network
+
+        with self.lock:
+            hyp = self.sandbox.hypervisor
+            if not self.record.netns or self.record.network or hyp is None:
+                return
+            try:
+                made = network.mirror(self.record.netns, hyp, self.agent())
+            finally:
+                hyp.release()
+            self.record.network = [list(pair) for pair in made]
+            self._save()
+
+    # ---- the VM -------------------------------------------------------------------------------
+    def vm_processes(self) -> list[ProcessId]:
+        return self.sandbox.vm_processes()
+
+    def watch(self, on_gone: Callable[[str], None]) -> None:
+        """``on_gone(why)`` once, on a thread, when the VMM or virtiofsd dies; the VMM is stopped
+        first, so every call to the agent ends. destroy() ends the watch without a call."""
+        import signal
+
+        from kata.utils import pidwatch
+
+        procs = [(p.pid, p.start_time) for p in self.vm_processes()]
+
+        def gone() -> None:
+            hyp = self.sandbox.hypervisor
+            why = "virtiofsd has exited" if hyp is not None and hyp.is_running() else "the VMM has exited"
+            pidwatch.kill_all(procs, signal.SIGKILL)
+            on_gone(why)
+
+        pidwatch.watch(procs, gone, self._watch_stop)
+
+    def release(self) -> None:
+        """Leave the VM running for another process to reach (the runc path's monitor)."""
+        self.sandbox.release()
+
+    def destroy(self) -> list[str]:
+        """The VM and everything it had on the host: taps, virtiofsd, shares, state, the pinned
+        namespace. Every step runs; returns the failures."""
+        from kata.sandbox import network
+
+        with self.lock:
+            self._watch_stop.set()
+            problems = []
+            if self.record.network:
+                network.unmirror(self.record.netns, self.record.network)
+            problems += self.sandbox.destroy()
+            if self.record.netns_pinned:
+                _unpin(self.record.netns)
+            return problems
+
+
+def _unpin(path: str) -> None:
+    from kata.utils import netns
+
+    try:
+        netns.unpin(path)
+    except OSError as exc:
+        log.warning(f"network namespace {path}: {exc.strerror or exc}")
+
+
+def _memory_mib(resources: dict[str, Any]) -> int | None:
+    limit = (resources.get("memory") or {}).get("limit")
+    return math.ceil(limit / 2**20) if isinstance(limit, int) and limit > 0 else None

@@ -1,0 +1,72 @@
+"""Waiting for the first of some processes to end, from any process (pidfds, no polling), each known
+by its pid and start time so that a reused pid is never mistaken for it.
+
+Only os, select and threading: the per-process monitor loads it.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+from collections.abc import Callable, Sequence
+
+
+def start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (a reused pid has another); None once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
+def pidfd(pid: int, start: int) -> int | None:
+    """A pidfd of the process that has this pid and start time, or None when it has gone."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    if start_time(pid) != start:  # checked after the open: the fd cannot name a later process
+        os.close(fd)
+        return None
+    return fd
+
+
+def watch(procs: Sequence[tuple[int, int]], on_end: Callable[[], None],
+          stop: threading.Event | None = None) -> threading.Thread | None:
+    """Call ``on_end`` on a thread of its own as soon as any of ``procs`` (pid, start time) has ended,
+    at once when one is gone already; ``stop`` set ends the watch without a call (checked every
+    second). None when there is nothing to watch."""
+    if not procs:
+        return None
+    fds = [fd for fd in (pidfd(pid, start) for pid, start in procs) if fd is not None]
+
+    def run() -> None:
+        try:
+            if len(fds) == len(procs):  # all alive when we looked: wait for the first to end
+                poller = select.poll()
+                for fd in fds:
+                    poller.register(fd, select.POLLIN)
+                while not poller.poll(1000):
+                    if stop is not None and stop.is_set():
+                        return
+        finally:
+            for fd in fds:
+                os.close(fd)
+        on_end()
+
+    thread = threading.Thread(target=run, name="vm-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+def kill_all(procs: Sequence[tuple[int, int]], sig: int) -> None:
+    """Send ``sig`` to each of ``procs`` that is still the process it was."""
+    for pid, start in procs:
+        if start_time(pid) == start:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
