@@ -1,4 +1,11 @@
-"""The built-in demo: a busybox container in its own VM shows the guest's kernel, not the host's."""
+#!/usr/bin/env python3
+"""The demo setup.sh ends with: a busybox container in its own VM shows the guest's kernel, not the host's.
+
+    python scripts/demo.py
+
+It runs the installed ``kata-runtime`` (on PATH, or beside this Python) on a bundle made from the host's
+busybox-static; the repository root is put first on sys.path for the bundle helper.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,9 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from kata.bundles import make_busybox_bundle
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kata.bundles import make_busybox_bundle  # noqa: E402
 
 SCRIPT = (
     'echo "container kernel: $(uname -r)"; '
