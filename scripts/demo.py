@@ -4,7 +4,8 @@
     python scripts/demo.py
 
 It runs the installed ``kata-runtime`` (on PATH, or beside this Python) on a bundle made from the host's
-busybox-static; the repository root is put first on sys.path for the bundle helper.
+busybox-static by ``tests.support.bundles``, the recipe the tests and benchmarks use (the repository root is
+put first on sys.path for it).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kata.bundles import make_busybox_bundle  # noqa: E402
+from tests.support.bundles import make_busybox_bundle  # noqa: E402
 
 SCRIPT = (
     'echo "container kernel: $(uname -r)"; '
