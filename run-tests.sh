@@ -6,8 +6,8 @@ cd "$(dirname "$0")"
 VENV=/opt/kata-containers/venv
 ./scripts/install.sh
 "$VENV/bin/kata-osbuilder" build
-"$VENV/bin/ruff" check kata tests bench deploy
-"$VENV/bin/mypy" kata deploy
+"$VENV/bin/ruff" check kata tests bench deploy scripts
+"$VENV/bin/mypy" kata deploy scripts tests/support bench/ttrpc_roundtrip.py
 # -rfEs: failures, errors and skips (with reasons) in the short summary; --durations: the time budget.
 status=0
 "$VENV/bin/python" -m pytest -p no:cacheprovider -o console_output_style=classic -rfEs --durations=15 \

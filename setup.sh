@@ -7,4 +7,4 @@ cd "$(dirname "$0")"
 /opt/kata-containers/venv/bin/kata-osbuilder build
 # Boot and snapshot the template VM now, so that the first container starts as fast as the rest.
 /opt/kata-containers/venv/bin/kata-runtime factory init
-exec /opt/kata-containers/venv/bin/python -m kata.demo
+exec /opt/kata-containers/venv/bin/python scripts/demo.py

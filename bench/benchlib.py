@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from kata.devtools.daemons import DaemonError
+from tests.support.daemons import DaemonError
 
 # A daemon client: Dockerd.run or Containerd.ctr (``*args``, ``timeout=``), whose caller checks the status.
 Client = Callable[..., subprocess.CompletedProcess[str]]

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """kata-runtime against runc as Docker runtimes, in one run, on a private containerd and dockerd
-(kata.devtools.daemons) with the locally built busybox image:
+(tests.support.daemons) with the locally built busybox image:
 
 - `docker run --rm IMAGE true`: wall time, median of N;
 - `docker exec C true` into a `docker run -d IMAGE sleep 1000` container: wall time, median of N;
@@ -27,8 +27,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.benchlib import RuntimeFailed, checked, emit, fmt, pss_kib, ratio, timed  # noqa: E402
-from kata.devtools.daemons import Dockerd, Runtime, docker_daemons, kata_runtime_path  # noqa: E402
 from kata.errors import KataError  # noqa: E402
+from tests.support.daemons import Dockerd, Runtime, docker_daemons, kata_runtime_path  # noqa: E402
 
 RUNTIMES = ("runc", "kata")
 # issue 3's targets on this machine under TCG

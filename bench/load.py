@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.benchlib import emit, fmt  # noqa: E402
 from bench.shim_vs_runc import RUNTIMES, SHIM_DIR, find_shim  # noqa: E402
-from kata.devtools.daemons import Containerd, containerd_daemon  # noqa: E402
 from kata.errors import KataError  # noqa: E402
+from tests.support.daemons import Containerd, containerd_daemon  # noqa: E402
 
 
 def ctr_argv(c: Containerd, *args: str) -> list[str]:

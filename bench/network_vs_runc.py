@@ -29,8 +29,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.benchlib import emit  # noqa: E402
-from kata.devtools.daemons import Dockerd, Runtime, docker_daemons, kata_runtime_path  # noqa: E402
-from kata.devtools.netns import call_in_netns, temporary_netns  # noqa: E402
+from tests.support.daemons import Dockerd, Runtime, docker_daemons, kata_runtime_path  # noqa: E402
+from tests.support.netns import call_in_netns, temporary_netns  # noqa: E402
 
 PORT_IN, PORT_OUT, PORT_HTTP = 5001, 5002, 8080
 HOST_SIDE = "172.17.0.1"

@@ -27,9 +27,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kata.bundles import make_busybox_bundle  # noqa: E402
 from kata.config import dump_config, load_config  # noqa: E402
 from kata.config.toml_out import dumps  # noqa: E402
+from tests.support.bundles import make_busybox_bundle  # noqa: E402
 
 # Guest-side marks from the agent's console lines (seconds since the guest kernel started).
 _GUEST_MARKS = {"agent_main": re.compile(r"kata-agent\[\s*([\d.]+)\] info kata-agent starting"),

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """containerd's kata shim v2 (`containerd-shim-kata-v2`) against its runc shim, in one run, on a private
-containerd (kata.devtools.daemons) with the locally built busybox image:
+containerd (tests.support.daemons) with the locally built busybox image:
 
 - `ctr run --rm IMAGE ID true` with `--runtime io.containerd.kata.v2` and `io.containerd.runc.v2`:
   wall time, median of N (one untimed run first: kata's first sandbox makes its VM template);
@@ -44,8 +44,8 @@ from bench.benchlib import (  # noqa: E402
     timed,
     with_descendants,
 )
-from kata.devtools.daemons import Containerd, containerd_daemon  # noqa: E402
 from kata.errors import KataError  # noqa: E402
+from tests.support.daemons import Containerd, containerd_daemon  # noqa: E402
 
 RUNTIMES = {"runc": "io.containerd.runc.v2", "kata": "io.containerd.kata.v2"}
 KATA_SHIM = "containerd-shim-kata-v2"

@@ -27,7 +27,7 @@ APT_PACKAGES=(
   # containerd's .proto files (task API, events, cgroup metrics) for containerd-shim-kata-v2's code
   golang-github-containerd-containerd-dev golang-github-containerd-cgroups-dev
   # end-to-end tests and benchmarks with a real dockerd (kata-runtime as a Docker runtime) and CNI
-  # networking; skopeo and umoci build the busybox test image without a registry (kata/images.py)
+  # networking; skopeo and umoci build the busybox test image without a registry (tests/support/images.py)
   docker.io containernetworking-plugins skopeo umoci
 )
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from kata.devtools.daemons import (
+from tests.support.daemons import (
     Containerd,
     Dockerd,
     Runtime,
@@ -39,10 +39,10 @@ from kata.devtools.daemons import (
     kata_runtime_path,
     missing_tools,
 )
-from kata.devtools.netns import temporary_netns
+from tests.support.netns import temporary_netns
 
 if TYPE_CHECKING:
-    from kata.devtools.cri import CriClient
+    from tests.support.cri import CriClient
 
 
 def daemons_unavailable() -> str | None:

@@ -14,12 +14,12 @@ import pytest
 
 from kata.agent_client.client import AgentClient, StreamEOF
 from kata.agent_client.transport import connect
-from kata.bundles import make_rootfs
 from kata.hypervisor.base import SharedFs, VMConfig
 from kata.hypervisor.qemu import Qemu
 from kata.oci.default_spec import default_spec
 from kata.protocols import agent_pb2 as pb
 from kata.sandbox.vm import GUEST_KERNEL_PARAMS as KERNEL_PARAMS
+from tests.support.bundles import make_rootfs
 
 GUEST_DIR = Path("/usr/share/kata-containers")
 KERNEL = GUEST_DIR / "vmlinux.container"

@@ -19,14 +19,14 @@ from pathlib import Path
 import pytest
 
 from kata.config.load import PACKAGED_CONFIG
-from kata.devtools.cri import CriClient, CriError, ExecResult, Pod
-from kata.devtools.cri_config import CRI_NAMESPACE, DEFAULT_POD_SUBNET, KATA
-from kata.devtools.daemons import Containerd, cri_missing_tools
-from kata.devtools.netns import temporary_netns
-from kata.images import PAUSE_REF
 from kata.protocols.cri import api_pb2 as cri_pb
 from tests.conftest import process_gone
 from tests.integration.conftest import daemons_unavailable
+from tests.support.cri import CriClient, CriError, ExecResult, Pod
+from tests.support.cri_config import CRI_NAMESPACE, DEFAULT_POD_SUBNET, KATA
+from tests.support.daemons import Containerd, cri_missing_tools
+from tests.support.images import PAUSE_REF
+from tests.support.netns import temporary_netns
 
 # The kata handlers' configurations: the default one with the pods' sizing annotations allowed, and
 # the same on a q35 machine, whose VM can grow by hotplug.

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from kata.devtools.daemons import (
+from tests.conftest import process_gone
+from tests.integration.conftest import daemons_unavailable
+from tests.support.daemons import (
     SHIM_SOCKET_DIR,
     Containerd,
     Dockerd,
@@ -23,8 +25,6 @@ from kata.devtools.daemons import (
     kata_runtime_path,
     sweep_stale,
 )
-from tests.conftest import process_gone
-from tests.integration.conftest import daemons_unavailable
 
 TIMEOUT = 60
 
@@ -99,7 +99,7 @@ def test_stop_leaves_nothing_behind() -> None:
 
 _ABANDON = """
 import os, sys
-from kata.devtools.daemons import Containerd
+from tests.support.daemons import Containerd
 c = Containerd().start()
 c.import_image()
 proc = c.ctr("run", "-d", c.image, sys.argv[1], "sleep", "1000")

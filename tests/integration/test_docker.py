@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from kata.devtools.daemons import Dockerd
+from tests.support.daemons import Dockerd
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("needs_guest")]
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from kata.devtools.daemons import Dockerd, Runtime, docker_daemons, kata_runtime_path
-from kata.devtools.netns import in_netns, temporary_netns
 from tests.integration.conftest import _fail_on_leftovers, _kata_sandboxes, daemons_unavailable
+from tests.support.daemons import Dockerd, Runtime, docker_daemons, kata_runtime_path
+from tests.support.netns import in_netns, temporary_netns
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("needs_guest")]
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from kata.devtools.daemons import Containerd, Dockerd, Runtime, docker_daemons, kata_runtime_path
 from tests.conftest import leftovers
 from tests.integration.conftest import daemons_unavailable
+from tests.support.daemons import Containerd, Dockerd, Runtime, docker_daemons, kata_runtime_path
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("needs_guest")]
 

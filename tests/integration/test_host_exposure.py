@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from kata.bundles import make_busybox_bundle
 from tests.conftest import leftovers, runtime_bin
+from tests.support.bundles import make_busybox_bundle
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("needs_guest")]
 

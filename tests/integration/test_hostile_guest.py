@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 
 from kata.agent_client.client import AgentClient, StreamEOF
-from kata.bundles import make_busybox_bundle
 from kata.config import load_config
 from kata.oci.spec import load_bundle
 from kata.sandbox.container import Container
 from kata.sandbox.sandbox import Sandbox
 from kata.utils.mount import mount_points
 from tests.conftest import config_with, leftovers
+from tests.support.bundles import make_busybox_bundle
 
 pytestmark = pytest.mark.vm
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from kata.bundles import make_busybox_bundle
-from kata.devtools.netns import in_netns, temporary_netns
 from tests.conftest import leftovers, runtime_bin
+from tests.support.bundles import make_busybox_bundle
+from tests.support.netns import in_netns, temporary_netns
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("needs_guest")]
 

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import pytest
 from pyroute2.netns import create_socket
 
-from kata.devtools.netns import call_in_netns, temporary_netns
 from kata.network.endpoints import Endpoint, Neighbour, Route, discover
 from kata.network.tcfilter import connect, create_tap, delete_link, disconnect, tap_name
+from tests.support.netns import call_in_netns, temporary_netns
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not (shutil.which("ip") and shutil.which("tc") and os.path.exists("/dev/net/tun")),

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from kata.devtools.daemons import Containerd, kata_runtime_path
+from tests.support.daemons import Containerd, kata_runtime_path
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("needs_guest")]
 

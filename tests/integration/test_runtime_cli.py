@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from kata.bundles import make_busybox_bundle
 from tests.conftest import config_with, leftovers, process_gone, runtime_bin
+from tests.support.bundles import make_busybox_bundle
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("needs_guest")]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kata.devtools.daemons import Containerd
+from tests.support.daemons import Containerd
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("needs_guest")]
 

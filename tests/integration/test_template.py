@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from kata.bundles import make_busybox_bundle
 from tests.conftest import config_with, leftovers, runtime_bin
 from tests.integration.test_run import run
+from tests.support.bundles import make_busybox_bundle
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("needs_guest")]
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from kata.config.toml_out import dumps
-from kata.devtools.cri_config import CRI_PLUGIN, KATA, cni_bridge_name, cni_conflist, cri_plugin_config
-from kata.devtools.daemons import Containerd, DaemonError
-from kata.images import PAUSE_REF
+from tests.support.cri_config import CRI_PLUGIN, KATA, cni_bridge_name, cni_conflist, cri_plugin_config
+from tests.support.daemons import Containerd, DaemonError
+from tests.support.images import PAUSE_REF
 
 
 def test_toml_quotes_keys_that_are_not_bare() -> None:

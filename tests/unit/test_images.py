@@ -1,4 +1,5 @@
-"""kata.images: the busybox test image's archives, their cache, and one-line errors from failing tools."""
+"""tests.support.images: the busybox test image's archives, their cache, and one-line errors from failing
+tools."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from kata import images
-from kata.images import IMAGE_NAME, IMAGE_REF, PAUSE_REF, PAUSE_SCRIPT, ImageError, busybox_archives
+from tests.support import images
+from tests.support.images import IMAGE_NAME, IMAGE_REF, PAUSE_REF, PAUSE_SCRIPT, ImageError, busybox_archives
 
 
 def test_missing_tool_is_one_line() -> None:

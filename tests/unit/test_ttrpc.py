@@ -28,7 +28,6 @@ from kata.ttrpc import (
     fd_stream,
     socket_stream,
 )
-from kata.ttrpc.bench import pipe_pair, socket_pair
 from kata.ttrpc.frame import (
     FLAG_REMOTE_CLOSED,
     FLAG_REMOTE_OPEN,
@@ -39,6 +38,7 @@ from kata.ttrpc.frame import (
     FrameReader,
     encode,
 )
+from tests.support.streams import pipe_pair, socket_pair
 
 pytestmark = pytest.mark.timeout(30)
 

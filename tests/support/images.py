@@ -1,7 +1,7 @@
 """The busybox container image the end-to-end tests and benchmarks load into Docker and containerd.
 
-Built without a registry: the rootfs of ``kata.bundles.make_rootfs`` (busybox-static) becomes an OCI
-image layout with umoci (one layer, ``Cmd ["sh"]`` and a ``PATH``), which skopeo writes out twice:
+Built without a registry: the rootfs of ``tests.support.bundles.make_rootfs`` (busybox-static) becomes an
+OCI image layout with umoci (one layer, ``Cmd ["sh"]`` and a ``PATH``), which skopeo writes out twice:
 
 - a docker-archive, for ``docker load``;
 - an oci-archive named with the normalised reference, for ``ctr images import``.
@@ -24,8 +24,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from kata.bundles import BUSYBOX, make_rootfs
 from kata.errors import KataError
+from tests.support.bundles import BUSYBOX, make_rootfs
 
 # The name `docker images` shows, and the normalised reference containerd stores (`ctr images ls`,
 # what the CRI looks up for the short name).

@@ -11,8 +11,8 @@ the directory; ``leftovers()`` lists whatever survived.
         docker.run("run", "--rm", "--runtime", "kata", docker.image, "echo", "hi")
 
 ``Containerd(cri=True, netns=NAME, runtimes={"kata": KATA})`` serves the CRI API on its socket too
-(``kata.devtools.cri`` is a client), with the runtime handlers ``runc`` and those given, the locally built
-pause image as sandbox image and a CNI bridge network (``kata.devtools.cri_config``), in the network
+(``tests.support.cri`` is a client), with the runtime handlers ``runc`` and those given, the locally built
+pause image as sandbox image and a CNI bridge network (``tests.support.cri_config``), in the network
 namespace NAME so that the bridge and the pods' addresses stay off the host.
 
 A directory whose owner (the process that made it) is dead is swept at the next start.
@@ -36,7 +36,9 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
 from kata.config.toml_out import dumps
-from kata.devtools.cri_config import (
+from kata.errors import KataError
+from kata.utils.mount import mounts_under, unmount
+from tests.support.cri_config import (
     CNI_BIN_DIR,
     CNI_CACHE_DIR,
     CRI_NAMESPACE,
@@ -48,12 +50,16 @@ from kata.devtools.cri_config import (
     cri_plugin_config,
     write_cni_config,
 )
-from kata.errors import KataError
-from kata.images import IMAGE_NAME, IMAGE_REF, busybox_docker_archive, busybox_oci_archive, pause_oci_archive
-from kata.utils.mount import mounts_under, unmount
+from tests.support.images import (
+    IMAGE_NAME,
+    IMAGE_REF,
+    busybox_docker_archive,
+    busybox_oci_archive,
+    pause_oci_archive,
+)
 
 if TYPE_CHECKING:
-    from kata.devtools.cri import CriClient  # grpc and generated code: only for cri=True
+    from tests.support.cri import CriClient  # grpc and generated code: only for cri=True
 
 RUN_DIR = Path("/run")
 CONTAINERD_PREFIX = "ktc-"
@@ -468,7 +474,7 @@ class Containerd(_Daemon):
 
     def _prepare_cri(self, timeout: float) -> None:
         """The pause image in the CRI namespace, and the plugin ready (runtime and network)."""
-        from kata.devtools.cri import CriError
+        from tests.support.cri import CriError
 
         try:
             self.import_image(pause_oci_archive(), namespace=CRI_NAMESPACE)
@@ -482,7 +488,7 @@ class Containerd(_Daemon):
 
     def cri_client(self, timeout: float | None = None) -> CriClient:
         """A client of this containerd's CRI API (close it, or use it as a context manager)."""
-        from kata.devtools.cri import DEFAULT_TIMEOUT, CriClient
+        from tests.support.cri import DEFAULT_TIMEOUT, CriClient
 
         if not self.cri:
             raise DaemonError("this containerd runs without its CRI plugin (Containerd(cri=True))")
@@ -507,7 +513,7 @@ class Containerd(_Daemon):
 
     def _remove_pods(self, timeout: float) -> list[str]:
         """Stop and remove every CRI pod through the plugin, which tears down its network too."""
-        from kata.devtools.cri import CriError
+        from tests.support.cri import CriError
 
         try:
             with self.cri_client() as client:

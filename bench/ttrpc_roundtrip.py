@@ -1,4 +1,7 @@
-"""Round-trip benchmark of a small unary call: python -m kata.ttrpc.bench [--calls N] [--threads T].
+#!/usr/bin/env python3
+"""Round-trip benchmark of a small unary ttrpc call, no VM:
+
+    python bench/ttrpc_roundtrip.py [--calls N] [--threads T ...]
 
 Client and server run in this one process over a unix socketpair (and a pipe pair), which is the cost
 the agent channel adds on top of the transport itself.
@@ -7,30 +10,22 @@ the agent channel adds on top of the transport itself.
 from __future__ import annotations
 
 import argparse
-import os
-import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from google.protobuf.wrappers_pb2 import StringValue
 
-from kata.ttrpc import Client, Context, Method, Server, Stream, fd_stream, socket_stream
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kata.ttrpc import Client, Context, Method, Server, Stream  # noqa: E402
+from tests.support.streams import pipe_pair, socket_pair  # noqa: E402
 
 
 def _echo(ctx: Context, req: StringValue) -> StringValue:
     return req
-
-
-def socket_pair() -> tuple[Stream, Stream]:
-    a, b = socket.socketpair()
-    return socket_stream(a), socket_stream(b)
-
-
-def pipe_pair() -> tuple[Stream, Stream]:
-    c2s_r, c2s_w = os.pipe()
-    s2c_r, s2c_w = os.pipe()
-    return fd_stream(s2c_r, c2s_w), fd_stream(c2s_r, s2c_w)
 
 
 def run(pair: Callable[[], tuple[Stream, Stream]], calls: int, threads: int) -> str:

@@ -1,4 +1,12 @@
-"""The built-in demo: a busybox container in its own VM shows the guest's kernel, not the host's."""
+#!/usr/bin/env python3
+"""The demo setup.sh ends with: a busybox container in its own VM shows the guest's kernel, not the host's.
+
+    python scripts/demo.py
+
+It runs the installed ``kata-runtime`` (on PATH, or beside this Python) on a bundle made from the host's
+busybox-static by ``tests.support.bundles``, the recipe the tests and benchmarks use (the repository root is
+put first on sys.path for it).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +18,9 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from kata.bundles import make_busybox_bundle
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.support.bundles import make_busybox_bundle  # noqa: E402
 
 SCRIPT = (
     'echo "container kernel: $(uname -r)"; '
