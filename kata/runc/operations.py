@@ -301,12 +301,10 @@ def _destroy(rec: ContainerRecord) -> None:
 
 def _destroy_sandbox(cid: str) -> None:
     """The pod's VM and what it had on the host, with the configuration it was made with."""
-    from kata.sandbox.pod import Pod
+    from kata.sandbox.pod import tear_down
 
-    if not Pod.exists(cid):
-        return
     try:
-        for problem in Pod.attach(cid).destroy():
+        for problem in tear_down(cid):
             log.warning(f"delete {cid}: {problem}")
     except KataError as exc:
         log.debug(f"delete {cid}: {exc}")

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from kata.errors import KataError
 from kata.sandbox.paths import SandboxPaths
-from kata.sandbox.sandbox import Sandbox
+from kata.sandbox.sandbox import Sandbox, claim_id
 from kata.sandbox.timings import Timings
 from kata.utils.files import read_json, write_json
 
@@ -172,14 +172,16 @@ class Pod:
         record = PodRecord(config=str(cfg.source), annotations=dict(bundle.annotations), netns=netns,
                            netns_pinned=pinned, sized_as_pod=pod_resources(bundle.spec) is not None)
         try:
-            sandbox = Sandbox.create(sid, cfg, bundle.spec, debug=debug, timings=timings)
+            # The record goes first, so that whoever tears down a half-made pod (a shim killed
+            # during create, then containerd's `shim delete`) does so with this configuration.
+            paths = claim_id(sid)
+            write_json(paths.state_dir / _RECORD, dataclasses.asdict(record))
+            sandbox = Sandbox.create(sid, cfg, bundle.spec, debug=debug, timings=timings, claimed=True)
         except BaseException:
             if pinned:
                 _unpin(netns)
             raise
-        pod = cls(sandbox, record)
-        pod._save()
-        return pod
+        return cls(sandbox, record)
 
     @classmethod
     def attach(cls, sid: str, agent: AgentClient | None = None) -> Pod:
@@ -270,14 +272,14 @@ class Pod:
             log.warning(f"container {cid}: removing its shares: {exc}")
 
     def update(self, cid: str, resources: dict[str, Any]) -> None:
-        """New limits for ``cid``: the VM grows by what they add over the recorded ones (so the same
-        update twice grows it once), then the guest applies them."""
+        """New limits for ``cid``: the VM grows by what they add over the recorded ones, then the
+        guest applies them. The record keeps the most the VM grew to for ``cid`` (a VM does not
+        shrink), so the same update twice, or a lower limit and then the old one, grows it once."""
         with self.lock:
             recorded = self.record.limits.get(cid, Limits())
             memory = _memory_mib(resources)
-            if memory is not None and not self.record.sized_as_pod:
-                if memory > recorded.memory_mib:
-                    self._grow(0, memory - recorded.memory_mib)
+            if memory is not None and memory > recorded.memory_mib and not self.record.sized_as_pod:
+                self._grow(0, memory - recorded.memory_mib)
                 self.record.limits[cid] = dataclasses.replace(recorded, memory_mib=memory)
                 self._save()
             self.agent().update_container(container_id=cid, resources_json=json.dumps(resources).encode())
@@ -356,6 +358,24 @@ class Pod:
             if self.record.netns_pinned:
                 _unpin(self.record.netns)
             return problems
+
+
+def tear_down(sid: str) -> list[str]:
+    """Whatever sandbox ``sid`` left on the host goes, with the configuration it was made with:
+    for a front end whose own process is gone (`delete --force`, containerd's `shim delete`).
+    Returns the failures; a sandbox that is not there is no failure."""
+    if not Pod.exists(sid):
+        return []
+    try:
+        pod = Pod.attach(sid)
+    except KataError as exc:
+        # No readable record: the state directory was claimed but never filled in, or was
+        # damaged. The VM's own files still say what runs; the default configuration finds it.
+        from kata.config import load_config
+
+        log.warning(f"sandbox {sid}: {exc}; tearing it down with the default configuration")
+        return Sandbox.attach(sid, load_config(None)).destroy()
+    return pod.destroy()
 
 
 def _unpin(path: str) -> None:

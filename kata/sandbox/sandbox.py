@@ -111,6 +111,17 @@ def host_memory_mib() -> int:
     return 0
 
 
+def claim_id(sid: str) -> SandboxPaths:
+    """Make the sandbox's state directory, atomically: of two creates with one id, one fails."""
+    paths = SandboxPaths(sid)
+    paths.state_dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        paths.state_dir.mkdir(mode=0o700)
+    except FileExistsError:
+        raise KataError(f"container with id exists: {sid}") from None
+    return paths
+
+
 class Sandbox:
     def __init__(self, sid: str, cfg: RuntimeConfig, timings: Timings | None = None) -> None:
         self.id = sid
@@ -128,10 +139,11 @@ class Sandbox:
     # ---- bring-up -------------------------------------------------------------------------
     @classmethod
     def create(cls, sid: str, cfg: RuntimeConfig, spec: dict[str, Any], debug: bool = False,
-               timings: Timings | None = None) -> Sandbox:
-        paths = SandboxPaths(sid)
-        if paths.state_dir.exists():
-            raise KataError(f"container with id exists: {sid}")
+               timings: Timings | None = None, claimed: bool = False) -> Sandbox:
+        """Bring the VM up. ``claimed``: the caller made the state directory itself (claim_id) and
+        recorded there what tearing down needs; otherwise it is claimed here."""
+        if not claimed:
+            claim_id(sid)
         sb = cls(sid, cfg, timings)
         try:
             sb._bring_up(spec, debug)

@@ -15,16 +15,19 @@ from kata.shim.command import bundle_of, check_ids
 
 
 def run(args: argparse.Namespace) -> int:
-    from kata.sandbox.paths import SandboxPaths, max_sandbox_id_length
+    from kata.sandbox.paths import max_sandbox_id_length
 
     check_ids(args)  # nothing is torn down in the name of an invalid id
     bundle = bundle_of(args)
     # Only the pod's sandbox task has a VM (named after it); a longer id cannot be a sandbox's.
-    if len(args.id) <= max_sandbox_id_length() and SandboxPaths(args.id).state_dir.exists():
-        from kata.config import load_config
-        from kata.sandbox.sandbox import Sandbox
+    if len(args.id) <= max_sandbox_id_length():
+        from kata.sandbox.pod import tear_down
 
-        for problem in Sandbox.attach(args.id, load_config(None)).destroy():
+        try:
+            problems = tear_down(args.id)
+        except KataError as exc:
+            problems = [str(exc)]
+        for problem in problems:
             print(f"cleanup of sandbox {args.id}: {problem}", file=sys.stderr)
     rootfs.unmount_rootfs(bundle)
     try:

@@ -314,6 +314,9 @@ def test_memory_limit_sizes_the_vm_and_update_grows_it(tmp_path: Path, rt: Runti
         cg2, total2 = rt("exec", cid, "sh", "-c", probe).stdout.split()
         assert int(cg2) == 512 * 2**20
         assert int(total2) >= default_mib + 512 - 64, (total, total2)  # the VM grew by hotplug
+        # The same update again (each is a process of its own): the VM stays as it is.
+        rt("update", "--memory", "512m", cid)
+        assert rt("exec", cid, "sh", "-c", probe).stdout.split() == [cg2, total2]
     finally:
         rt("delete", "--force", cid, check=False)
     assert all_leftovers(cid, rt) == []

@@ -4,6 +4,7 @@ killed under a running task)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from kata.oci.default_spec import default_spec
+from tests.support.bundles import make_rootfs
 from tests.support.daemons import Containerd
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("needs_guest")]
@@ -248,3 +251,56 @@ def test_host_networking_is_refused_in_one_line(containerd: Containerd) -> None:
     containerd.ctr("container", "delete", "kshim-hostnet", timeout=60)
     wait_until(lambda: not shim_pids(), 30, "a shim outlived its refused create")
     assert (set(os.listdir("/run/vc/sbs")) if os.path.isdir("/run/vc/sbs") else set()) == before
+
+
+HOOK_KINDS = ["prestart", "createRuntime", "createContainer", "startContainer", "poststart", "poststop"]
+
+
+def spec_file(tmp_path: Path, args: list[str], hooks: dict[str, list[dict[str, object]]]) -> Path:
+    """A whole spec for `ctr run --config`: ctr then takes no image and the root is a directory."""
+    make_rootfs(tmp_path / "rootfs")
+    spec = default_spec(args)
+    spec["root"] = {"path": str(tmp_path / "rootfs")}
+    spec["hooks"] = hooks
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def test_hooks_run_under_the_shim_in_order_with_containerds_state(
+        containerd: Containerd, tmp_path: Path) -> None:
+    record = tmp_path / "hooks.log"
+    script = tmp_path / "hook.sh"
+    script.write_text(f"#!/bin/sh\necho \"$1 $(cat)\" >> {record}\n")
+    script.chmod(0o755)
+    spec = spec_file(tmp_path, ["sh", "-c", "exit 0"],
+                     {k: [{"path": str(script), "args": ["hook", k]}] for k in HOOK_KINDS})
+    proc = run(containerd, "--rm", "--config", str(spec), "kshim-hooks")
+    assert proc.returncode == 0, proc.stderr
+    wait_until(lambda: record.exists() and len(record.read_text().splitlines()) == len(HOOK_KINDS), 30,
+               "not every hook ran")
+    lines = record.read_text().splitlines()
+    assert [ln.split(" ", 1)[0] for ln in lines] == HOOK_KINDS
+    states = {ln.split(" ", 1)[0]: json.loads(ln.split(" ", 1)[1]) for ln in lines}
+    assert {s["id"] for s in states.values()} == {"kshim-hooks"}
+    assert states["prestart"]["status"] == "creating" and states["prestart"]["pid"] > 0
+    assert states["startContainer"]["status"] == "created"
+    assert states["poststart"]["status"] == "running"
+    assert states["poststop"]["status"] == "stopped"
+    # The bundle is containerd's, where it wrote the spec: the hooks are told where it is.
+    assert len({s["bundle"] for s in states.values()}) == 1 and "kshim-hooks" in states["prestart"]["bundle"]
+    wait_until(lambda: not shim_pids(), 30, "the shim outlived its task")
+
+
+def test_failing_prestart_hook_fails_create_and_leaves_nothing(
+        containerd: Containerd, tmp_path: Path) -> None:
+    before = set(os.listdir("/run/vc/sbs")) if os.path.isdir("/run/vc/sbs") else set()
+    spec = spec_file(tmp_path, ["true"],
+                     {"prestart": [{"path": "/bin/sh", "args": ["sh", "-c", "echo nope >&2; exit 3"]}]})
+    proc = run(containerd, "--rm", "--config", str(spec), "kshim-badhook")
+    assert proc.returncode != 0 and "prestart" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    containerd.ctr("container", "delete", "kshim-badhook", timeout=60)
+    wait_until(lambda: not shim_pids(), 30, "a shim outlived its failed create")
+    assert (set(os.listdir("/run/vc/sbs")) if os.path.isdir("/run/vc/sbs") else set()) == before
+    assert not any(_cmdline_has(int(p), b"qemu-system", b"kshim-badhook") for p in os.listdir("/proc")
+                   if p.isdigit())

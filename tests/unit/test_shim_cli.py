@@ -45,3 +45,45 @@ def test_delete_of_a_task_without_a_shim_answers_a_delete_response(tmp_path: Pat
     assert proc.returncode == 0, proc.stderr
     resp = shim_pb2.DeleteResponse.FromString(proc.stdout)
     assert resp.exit_status == 137 and resp.exited_at.seconds > 0
+
+
+def _leftover_sandbox(tmp_path: Path, sid: str,
+                      record: dict[str, object] | None) -> tuple[dict[str, str], Path]:
+    """A sandbox's state as a killed shim leaves it, under a state root of the test's own, with the
+    default configuration made unusable (KATA_CONF_FILE names a broken file)."""
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[hypervisor.qemu]\ndefault_memory = 'lots'\n")
+    env = {"KATA_STATE_ROOT": str(tmp_path / "vc"), "KATA_SHARED_ROOT": str(tmp_path / "shared"),
+           "KATA_CONF_FILE": str(broken)}
+    state = tmp_path / "vc" / "sbs" / sid
+    state.mkdir(parents=True)
+    if record is not None:
+        (state / "pod.json").write_text(json.dumps(record))
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "config.json").write_text("{}")
+    return env, state
+
+
+def _shim_delete(env: dict[str, str], sid: str, bundle: Path) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "kata.shim", "-namespace", "default", "-address",
+                           "/run/nothing.sock", "-id", sid, "delete"], capture_output=True, cwd=bundle,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **env}, timeout=60)
+
+
+def test_shim_delete_tears_down_with_the_configuration_the_pod_was_made_with(tmp_path: Path) -> None:
+    from kata.config.load import PACKAGED_CONFIG
+
+    env, state = _leftover_sandbox(tmp_path, "pod1", {"config": str(PACKAGED_CONFIG), "annotations": {}})
+    proc = _shim_delete(env, "pod1", tmp_path / "bundle")
+    assert proc.returncode == 0 and b"cleanup of sandbox" not in proc.stderr, proc.stderr
+    assert not state.exists()
+
+
+def test_shim_delete_without_a_record_says_what_it_could_not_do(tmp_path: Path) -> None:
+    # No record: only the default configuration is left, and it is broken here.
+    env, state = _leftover_sandbox(tmp_path, "pod1", None)
+    proc = _shim_delete(env, "pod1", tmp_path / "bundle")
+    assert proc.returncode == 0, proc.stderr  # containerd still gets its DeleteResponse
+    assert b"cleanup of sandbox pod1" in proc.stderr and b"default_memory" in proc.stderr, proc.stderr
+    assert b"Traceback" not in proc.stderr
+    assert state.exists()
