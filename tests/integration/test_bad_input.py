@@ -580,6 +580,12 @@ def _spec_cases() -> list[Cli]:
         ("namespace-path-not-ns", changed(linux=linux(namespaces=[{"type": "network",
                                                                    "path": "/etc/hostname"}])),
          "network namespace /etc/hostname: not a namespace"),
+        ("namespace-path-wrong-type", changed(linux=linux(namespaces=[
+            {"type": "network"}, {"type": "cgroup", "path": "/proc/self/ns/ipc"}])),
+         "cgroup namespace /proc/self/ns/ipc: the path is a namespace of type ipc, not cgroup"),
+        ("namespace-ipc-path-missing", changed(linux=linux(namespaces=[
+            {"type": "network"}, {"type": "ipc", "path": "/nonexistent/ns"}])),
+         "ipc namespace /nonexistent/ns: No such file or directory"),
         ("no-network-namespace", changed(linux=linux(namespaces=[{"type": "pid"}])),
          HOST_NETWORK.format(what="container")),
         ("host-network-namespace", changed(linux=linux(namespaces=[{"type": "network",

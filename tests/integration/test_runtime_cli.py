@@ -253,6 +253,22 @@ def test_a_runtime_spec_1_2_bundle_runs(tmp_path: Path, rt: Runtime, cid: str) -
     assert all_leftovers(cid, rt) == []
 
 
+def test_a_namespace_path_of_another_type_is_refused(tmp_path: Path, rt: Runtime, cid: str) -> None:
+    """An ipc namespace given as the cgroup namespace: one line, before anything is booted."""
+    ipc = f"/proc/{os.getpid()}/ns/ipc"
+    bundle = make_busybox_bundle(tmp_path / "b", ["true"])
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["linux"]["namespaces"] = [ns if ns["type"] != "cgroup" else {"type": "cgroup", "path": ipc}
+                                   for ns in spec["linux"]["namespaces"]]
+    (bundle / "config.json").write_text(json.dumps(spec))
+    proc = rt("create", "--bundle", str(bundle), cid, check=False)
+    err = proc.stderr.decode()
+    expect = f"cgroup namespace {ipc}: the path is a namespace of type ipc, not cgroup"
+    assert proc.returncode != 0 and len(err.strip().splitlines()) == 1 and expect in err, err
+    assert rt.last_error()["msg"].endswith(expect)
+    assert all_leftovers(cid, rt) == []
+
+
 def _receive_pty(listener: socket.socket) -> int:
     conn, _ = listener.accept()
     with conn:
