@@ -1,8 +1,9 @@
 """OCI spec + configuration -> what the VM and the guest agent need. Pure: no I/O, no mounts.
 
 The host spec describes a container on the host; the guest spec describes the same container as
-crun inside the VM must see it: paths point into the shared filesystem, and everything that names a
-host object (namespace files, device nodes, hooks, host cgroups, LSM labels) is removed.
+crun inside the VM must see it: paths point into the shared filesystem, everything that names a
+host object (namespace files, device nodes, hooks, host cgroups, LSM labels) is removed, and a newer
+runtime-spec version is told as one the guest's crun takes (kata.oci.versions says which).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from kata.config.model import HypervisorConfig
 from kata.errors import KataError
-from kata.oci import cri_annotations
+from kata.oci import cri_annotations, versions
 from kata.oci.spec import Bundle, Resources, linux_resources
 from kata.utils.ids import id_problem
 
@@ -78,6 +79,10 @@ def plan_container(bundle: Bundle, container_id: str) -> ContainerPlan:
     if problem:
         raise SpecConvError(problem)
     spec = copy.deepcopy(bundle.spec)  # bundle.spec is never modified
+    version = spec.get("ociVersion")
+    if isinstance(version, str):
+        # Validation refused what the guest's crun would not honour; the rest it takes as its own.
+        spec["ociVersion"] = versions.guest_version(version)
 
     # Shared writable even for a read-only root: the guest runtime must still create mount points
     # in it before it remounts the root read-only, as runc does on the host.
@@ -87,6 +92,9 @@ def plan_container(bundle: Bundle, container_id: str) -> ContainerPlan:
     shares = [rootfs]
     mounts = []
     for index, mount in enumerate(spec.get("mounts") or ()):
+        if not mount["destination"].startswith("/"):
+            # Relative to the container's root (runtime-spec 1.2): absolute, as every crun takes it.
+            mount = {**mount, "destination": "/" + mount["destination"]}
         options = mount.get("options") or []
         is_bind = mount.get("type") == "bind" or "bind" in options or "rbind" in options
         if is_bind:

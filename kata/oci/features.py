@@ -12,7 +12,7 @@ from typing import Any
 
 from kata import __version__
 
-# The runtime-spec version this runtime's state and features documents follow.
+# The runtime-spec version of the state documents, which `--version` names.
 OCI_SPEC_VERSION = "1.0.2"
 
 # runc 1.1's known mount options (mount flags, propagation, recursive attributes, tmpcopyup), which
@@ -52,11 +52,13 @@ def features(machine: str | None = None) -> dict[str, Any]:
     # validation holds specs to them.
     from kata.config.annotations import AGENT_PREFIX, HYPERVISOR_PREFIX, RUNTIME_PREFIX
     from kata.oci.spec import CAPABILITIES, GUEST_NAMESPACES, HOOK_KINDS
+    from kata.oci.versions import VERSION_MAX, VERSION_MIN
 
     arch = machine or os.uname().machine
     return {
-        "ociVersionMin": "1.0.0",
-        "ociVersionMax": OCI_SPEC_VERSION,
+        # The versions a bundle may have (kata.oci.versions), whatever the guest's crun is told.
+        "ociVersionMin": VERSION_MIN,
+        "ociVersionMax": VERSION_MAX,
         "hooks": list(HOOK_KINDS),
         "mountOptions": list(MOUNT_OPTIONS),
         "linux": {

@@ -16,7 +16,7 @@ from types import MappingProxyType
 from typing import Any
 
 from kata.errors import KataError
-from kata.oci import schema
+from kata.oci import schema, versions
 from kata.utils.files import NotReadable, read_regular_file
 from kata.utils.ids import shown
 
@@ -196,7 +196,7 @@ def load_process(path: Path) -> dict[str, Any]:
 def validate_spec(spec: Mapping[str, Any], *, require_process: bool = True) -> None:
     """Check a parsed config.json without touching the filesystem: the JSON type of every field we
     or the guest's crun read (kata.oci.schema), then what those values must mean."""
-    _check_version(spec.get("ociVersion"))
+    _raise(versions.version_problem(spec.get("ociVersion")))
     proc = spec.get("process")
     if proc is None and require_process:
         raise OCIError("process property must not be empty")
@@ -206,12 +206,13 @@ def validate_spec(spec: Mapping[str, Any], *, require_process: bool = True) -> N
     root = spec.get("root")
     if not isinstance(root, dict) or not root.get("path"):
         raise OCIError("root.path must be set")
-    _check_mounts(spec.get("mounts") or [])
+    _check_mounts(spec.get("mounts") or [], relative_ok=versions.relative_destinations(spec["ociVersion"]))
     _check_hooks(spec.get("hooks") or {})
     linux = spec.get("linux") or {}
     _check_namespaces(linux.get("namespaces") or [])
     _check_resources(linux.get("resources") or {}, "linux.resources")
     linux_resources(spec)
+    _raise(versions.unhonoured_in_spec(spec))
 
 
 def validate_resources(res: Any, where: str) -> None:
@@ -288,8 +289,6 @@ RLIMITS = frozenset({
     "RLIMIT_MSGQUEUE", "RLIMIT_NICE", "RLIMIT_NOFILE", "RLIMIT_NPROC", "RLIMIT_RSS", "RLIMIT_RTPRIO",
     "RLIMIT_RTTIME", "RLIMIT_SIGPENDING", "RLIMIT_STACK",
 })  # fmt: skip
-# A version this runtime reads: the runtime-spec's 1.x (runc spec writes "1.0.2-dev").
-_VERSION = re.compile(r"1\.[0-9]+\.[0-9]+(-[0-9A-Za-z.+-]+)?", re.ASCII)
 # A cpuset list as the kernel takes it: "0-3,5".
 _CPUSET = re.compile(r"[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*", re.ASCII)
 
@@ -329,13 +328,6 @@ def _raise(problem: str | None) -> None:
         raise OCIError(problem)
 
 
-def _check_version(version: Any) -> None:
-    if not isinstance(version, str) or not version:
-        raise OCIError("ociVersion must be set")
-    if not _VERSION.fullmatch(version):
-        raise OCIError(f"ociVersion {shown(version)} is not a version this runtime reads (1.x.y)")
-
-
 def _no_nul(value: str, where: str) -> None:
     # A NUL cannot reach exec(2) or a path: the guest's crun would fail on it after the VM booted.
     if "\0" in value:
@@ -368,6 +360,7 @@ def _check_process(proc: dict[str, Any], where: str) -> None:
     score = proc.get("oomScoreAdj")
     if score is not None and not -1000 <= score <= 1000:
         raise OCIError(f"{where}.oomScoreAdj must be from -1000 to 1000, got {score}")
+    _raise(versions.unhonoured_in_process(proc, where))
 
 
 def _check_env(entry: str) -> None:
@@ -380,12 +373,13 @@ def _check_env(entry: str) -> None:
     _no_nul(entry, f"environment variable {shown(name)!r}")
 
 
-def _check_mounts(mounts: list[dict[str, Any]]) -> None:
+def _check_mounts(mounts: list[dict[str, Any]], relative_ok: bool) -> None:
+    """``relative_ok``: the spec's version lets a destination be relative to the container's root."""
     for i, m in enumerate(mounts):
         dest = m.get("destination")
         if not dest:
             raise OCIError(f"mounts[{i}]: destination must not be empty")
-        if not dest.startswith("/"):
+        if not dest.startswith("/") and not relative_ok:
             raise OCIError(f"mounts[{i}]: destination must be an absolute path, got {dest!r}")
         for key in ("destination", "source", "type"):
             _no_nul(m.get(key) or "", f"mounts[{i}].{key}")

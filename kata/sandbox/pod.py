@@ -88,15 +88,28 @@ def load_pod_config(config_path: Path | None, annotations: Mapping[str, str]) ->
 
 def check(cid: str, bundle: Bundle, cfg: RuntimeConfig | None) -> None:
     """What would fail container ``cid`` of ``bundle``, found before anything is made for it: what the
-    guest cannot be given, host networking, and (``cfg``: it is a pod's first) the VM's sizing."""
+    guest cannot be given, a namespace path that names no namespace of its type, host networking, and
+    (``cfg``: it is a pod's first) the VM's sizing."""
     from kata.sandbox.container import check_container
     from kata.sandbox.sandbox import size_vm
 
     check_container(bundle, cid)
+    _check_namespace_paths(bundle)
     if cfg is not None:
         if _host_network(bundle):
             raise HostNetworkError()
         size_vm(cfg, bundle.spec)
+
+
+def _check_namespace_paths(bundle: Bundle) -> None:
+    """Each path names a namespace of its entry's type, as setns(2) would insist for runc. Only the
+    network one is joined (by the VMM); the guest makes its own of the others, ipc and uts joined
+    by path standing for the pod's (kata.specconv), but a mistyped path is a broken spec all the same."""
+    from kata.utils import nsfiles
+
+    for ns in bundle.namespaces:
+        if ns.path:
+            nsfiles.identify(ns.type, ns.path)
 
 
 def _host_network(bundle: Bundle) -> bool:

@@ -12,6 +12,7 @@ import os
 import threading
 
 from kata.errors import KataError
+from kata.utils import nsfiles
 from kata.utils.mount import MS_BIND, MountError, libc, mount, unmount
 
 CLONE_NEWNET = 0x40000000
@@ -23,14 +24,9 @@ class NetnsError(KataError):
 
 def is_ours(path: str) -> bool:
     """Whether ``path`` is the network namespace we run in (how Docker's --net=host names the
-    host's). NetnsError when it names no namespace at all: found before anything tries to join it."""
-    try:
-        theirs, ours = os.stat(path), os.stat("/proc/self/ns/net")
-    except OSError as exc:
-        raise NetnsError(f"network namespace {path}: {exc.strerror}") from exc
-    if theirs.st_dev != ours.st_dev:  # every namespace file is on nsfs
-        raise NetnsError(f"network namespace {path}: not a namespace")
-    return theirs.st_ino == ours.st_ino
+    host's). NamespacePathError when it names no network namespace: found before anything tries to
+    join it."""
+    return nsfiles.identify("network", path) == os.stat("/proc/self/ns/net").st_ino
 
 
 def enter(path: str) -> None:

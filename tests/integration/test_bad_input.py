@@ -407,11 +407,24 @@ def _spec_cases() -> list[Cli]:
         ("version-empty", changed(ociVersion=""), "ociVersion must be set"),
         ("version-number", changed(ociVersion=1), "ociVersion must be set"),
         ("version-garbage", changed(ociVersion="banana"), "ociVersion banana is not a version this runtime "
-                                                          "reads (1.x.y)"),
+                                                          "reads (1.0.x to 1.2.x)"),
         ("version-2", changed(ociVersion="2.0.0"),
-         "ociVersion 2.0.0 is not a version this runtime reads (1.x.y)"),
+         "ociVersion 2.0.0 is not a version this runtime reads (1.0.x to 1.2.x)"),
+        ("version-1.3", changed(ociVersion="1.3.0"),
+         "ociVersion 1.3.0 is not a version this runtime reads (1.0.x to 1.2.x)"),
         ("version-newline", changed(ociVersion="1.0.2\nx"), "ociVersion 1.0.2\\x0ax is not a version this "
-                                                            "runtime reads (1.x.y)"),
+                                                            "runtime reads (1.0.x to 1.2.x)"),
+        # what a newer spec may ask that the guest's crun (1.8.1) or the VM cannot honour
+        ("process-io-priority", changed(ociVersion="1.2.0", process=proc(ioPriority={
+            "class": "IOPRIO_CLASS_RT", "priority": 0})),
+         "process.ioPriority is not supported: the guest's crun (1.8.1) cannot apply it"),
+        ("process-scheduler", changed(ociVersion="1.2.0", process=proc(scheduler={"policy": "SCHED_BATCH"})),
+         "process.scheduler is not supported: the guest's crun (1.8.1) cannot apply it"),
+        ("intel-rdt", changed(linux=linux(intelRdt={"closID": "gold"})),
+         "linux.intelRdt is not supported: the VM has no Intel RDT (resctrl)"),
+        ("mount-idmap", changed(ociVersion="1.2.0", mounts=[{"destination": "/x", "type": "tmpfs",
+                                                             "options": ["idmap"]}]),
+         "mounts[0]: option 'idmap' is not supported: the guest kernel cannot idmap its mounts"),
         # process
         ("process-missing", changed(process=None), "process property must not be empty"),
         ("process-array", changed(process=[]), "process must be an object"),
@@ -567,6 +580,12 @@ def _spec_cases() -> list[Cli]:
         ("namespace-path-not-ns", changed(linux=linux(namespaces=[{"type": "network",
                                                                    "path": "/etc/hostname"}])),
          "network namespace /etc/hostname: not a namespace"),
+        ("namespace-path-wrong-type", changed(linux=linux(namespaces=[
+            {"type": "network"}, {"type": "cgroup", "path": "/proc/self/ns/ipc"}])),
+         "cgroup namespace /proc/self/ns/ipc: the path is a namespace of type ipc, not cgroup"),
+        ("namespace-ipc-path-missing", changed(linux=linux(namespaces=[
+            {"type": "network"}, {"type": "ipc", "path": "/nonexistent/ns"}])),
+         "ipc namespace /nonexistent/ns: No such file or directory"),
         ("no-network-namespace", changed(linux=linux(namespaces=[{"type": "pid"}])),
          HOST_NETWORK.format(what="container")),
         ("host-network-namespace", changed(linux=linux(namespaces=[{"type": "network",

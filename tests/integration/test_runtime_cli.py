@@ -228,6 +228,47 @@ def test_failing_prestart_hook_fails_create_and_cleans_up(tmp_path: Path, rt: Ru
     assert all_leftovers(cid, rt) == []
 
 
+def test_a_runtime_spec_1_2_bundle_runs(tmp_path: Path, rt: Runtime, cid: str) -> None:
+    """containerd 2.x writes ociVersion 1.2.x, which the guest's crun (1.8.1) refuses by itself: the
+    guest is told a version it takes. A relative mount destination (allowed from 1.2 on) works too."""
+    script = "echo spec-1.2; grep -q ' /tmp/rel tmpfs ' /proc/mounts && echo relative-ok"
+    bundle = make_busybox_bundle(tmp_path / "b", ["sh", "-c", script], spec_changes={"ociVersion": "1.2.0"})
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["mounts"].append({"destination": "tmp/rel", "type": "tmpfs", "source": "tmpfs"})
+    (bundle / "config.json").write_text(json.dumps(spec))
+    out, err = tmp_path / "out", tmp_path / "err"
+    try:
+        # The container's output goes where create's went (files: the monitor keeps them open).
+        with open(out, "wb") as o, open(err, "wb") as e:
+            proc = subprocess.run([runtime_bin(), "--root", str(rt.root), "create", "--bundle", str(bundle),
+                                   "--pid-file", str(tmp_path / "pid"), cid], stdin=subprocess.DEVNULL,
+                                  stdout=o, stderr=e, timeout=TIMEOUT)
+        assert proc.returncode == 0, err.read_text()
+        rt("start", cid)
+        wait_gone(int((tmp_path / "pid").read_text()))
+        assert out.read_text() == "spec-1.2\nrelative-ok\n", err.read_text()
+        rt("delete", cid)
+    finally:
+        rt("delete", "--force", cid, check=False)
+    assert all_leftovers(cid, rt) == []
+
+
+def test_a_namespace_path_of_another_type_is_refused(tmp_path: Path, rt: Runtime, cid: str) -> None:
+    """An ipc namespace given as the cgroup namespace: one line, before anything is booted."""
+    ipc = f"/proc/{os.getpid()}/ns/ipc"
+    bundle = make_busybox_bundle(tmp_path / "b", ["true"])
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["linux"]["namespaces"] = [ns if ns["type"] != "cgroup" else {"type": "cgroup", "path": ipc}
+                                   for ns in spec["linux"]["namespaces"]]
+    (bundle / "config.json").write_text(json.dumps(spec))
+    proc = rt("create", "--bundle", str(bundle), cid, check=False)
+    err = proc.stderr.decode()
+    expect = f"cgroup namespace {ipc}: the path is a namespace of type ipc, not cgroup"
+    assert proc.returncode != 0 and len(err.strip().splitlines()) == 1 and expect in err, err
+    assert rt.last_error()["msg"].endswith(expect)
+    assert all_leftovers(cid, rt) == []
+
+
 def _receive_pty(listener: socket.socket) -> int:
     conn, _ = listener.accept()
     with conn:

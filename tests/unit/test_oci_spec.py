@@ -164,6 +164,9 @@ def test_bad_json(tmp_path: Path, text: str, message: str) -> None:
         # What runc's Go types refuse, and what the guest's crun would refuse only after the VM booted.
         ({"ociVersion": "banana"}, "ociVersion banana is not a version this runtime reads"),
         ({"ociVersion": "2.0.0"}, "ociVersion 2.0.0 is not a version"),
+        ({"ociVersion": "1.3.0"}, "ociVersion 1.3.0 is not a version this runtime reads (1.0.x to 1.2.x)"),
+        ({"ociVersion": "1.2.0", "process": {"args": ["a"], "ioPriority": {"class": "IOPRIO_CLASS_RT"}}},
+         "process.ioPriority is not supported"),
         ({"process": {"args": ["a\u0000b"]}}, "process.args[0] contains a NUL byte"),
         ({"process": {"args": ["a"], "env": ["NOEQUALS"]}},
          "invalid environment variable 'NOEQUALS': missing"),

@@ -128,6 +128,30 @@ def test_empty_mounts_list() -> None:
     assert len(plan.shares) == 1
 
 
+# --- newer runtime-spec versions, told as one the guest's crun 1.8.1 takes ---
+
+
+@pytest.mark.parametrize(("version", "told"), [("1.0.2", "1.0.2"), ("1.1.0", "1.1.0"), ("1.2.0", "1.1.0"),
+                                               ("1.2.1", "1.1.0")])
+def test_the_guest_spec_carries_a_version_its_crun_takes(version: str, told: str) -> None:
+    spec = reference("ctr-create-config.json")
+    spec["ociVersion"] = version
+    g = plan_container(bundle_of(spec), CID).guest_spec
+    assert g["ociVersion"] == told
+    assert spec["ociVersion"] == version  # the bundle's spec is left as it was
+    assert g["process"] == spec["process"] and g["mounts"] == spec["mounts"]
+
+
+def test_relative_destinations_of_a_1_2_spec_become_absolute() -> None:
+    mounts = [{"destination": "run/x", "type": "tmpfs", "source": "tmpfs"},
+              {"destination": "data", "type": "bind", "source": "/srv/data", "options": ["rbind"]},
+              {"destination": "/abs", "type": "tmpfs", "source": "tmpfs"}]
+    g = plan_container(bundle_of(minimal(ociVersion="1.2.0", mounts=mounts)), CID).guest_spec
+    assert [m["destination"] for m in g["mounts"]] == ["/run/x", "/data", "/abs"]
+    assert g["mounts"][1]["source"] == f"{GUEST_SHARED_DIR}/c1/1-data"
+    assert mounts[0]["destination"] == "run/x"
+
+
 def test_readonly_rootfs() -> None:
     plan = plan_container(bundle_of(minimal(root={"path": "rootfs", "readonly": True})), CID)
     # The guest runtime makes the root read-only after creating mount points in it.
