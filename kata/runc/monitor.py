@@ -22,6 +22,7 @@ import socket
 import sys
 import termios
 import threading
+import time
 import tty
 from typing import Any
 
@@ -35,6 +36,12 @@ from kata.sandbox.status import VM_GONE_STATUS, exit_status
 from kata.utils import pidwatch
 from kata.utils.sockets import listen_private
 from kata.utils.text import one_line, thread_failure
+
+# How long a detached monitor waits, at its exit, for the command that started it to exit (it does
+# so right after it has written our pid), and how long after that, when the VM died under the
+# process, before it exits (LauncherWatch).
+LAUNCHER_TIMEOUT = 30.0
+PID_FILE_GRACE = 0.5
 
 # runc forwards every signal but these to the container.
 NOT_FORWARDED = {signal.SIGCHLD, signal.SIGWINCH, signal.SIGURG, signal.SIGKILL, signal.SIGSTOP,
@@ -247,6 +254,36 @@ class Monitor:
             pass
 
 
+class LauncherWatch:
+    """Holds a detached monitor's exit until the command that started it has exited, and a moment
+    more. Containerd's runc shim (1.6) learns our pid from the pid file that command writes, once
+    it has exited; an exit the shim reaps before that matches no process and is dropped, and the
+    task or exec then waits forever. A process in a VM that died can end within milliseconds of
+    starting, so this is not rare here. The command's end of the control socket closes when it
+    exits (kata.runc.monitor_launch keeps it open till then)."""
+
+    def __init__(self, control: socket.socket) -> None:
+        self._control = control
+        self._closed_at: float | None = None
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        try:
+            while self._control.recv(64):
+                pass
+        except OSError:
+            pass
+        self._closed_at = time.monotonic()
+
+    def outlive(self, grace: float) -> None:
+        """Return once the launcher has been gone for ``grace`` seconds (or LAUNCHER_TIMEOUT passed)."""
+        self._thread.join(LAUNCHER_TIMEOUT)
+        if self._closed_at is not None:
+            time.sleep(max(0.0, self._closed_at + grace - time.monotonic()))
+        self._control.close()
+
+
 def report(text: str) -> None:
     """One line on our stderr (the container's, unless it has a terminal): never a traceback."""
     try:
@@ -281,8 +318,15 @@ def run(control: socket.socket) -> int:
             _reply(control, f"error {one_line(exc)}")
             return VM_GONE_STATUS
         _reply(control, "ok")
-        control.close()
-        return mon.wait()
+        if conf.get("foreground"):
+            control.close()  # our launcher waits for our exit: nothing to wait for in return
+            return mon.wait()
+        launcher = LauncherWatch(control)
+        status = mon.wait()
+        # A process that ended on its own took long enough for the launcher's caller to have our
+        # pid; one whose VM died may end at once, so there the caller gets a moment more.
+        launcher.outlive(PID_FILE_GRACE if status == VM_GONE_STATUS else 0.0)
+        return status
     finally:
         mon.stop_proxy()
 

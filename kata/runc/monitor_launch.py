@@ -46,7 +46,12 @@ class PendingMonitor:
             theirs.close()
 
     def configure(self, conf: dict[str, Any], timeout: float = 60.0) -> ProcessId:
-        """Hand over the work and wait for "ok"; the monitor runs on its own from then on."""
+        """Hand over the work and wait for "ok"; the monitor runs on its own from then on.
+
+        A detached monitor outlives this process; its control socket stays open here until this
+        process exits, which is how the monitor learns that our caller has its pid (see
+        kata.runc.monitor.LauncherWatch). A foreground one is waited for: it is let go at once."""
+        reply = ""
         try:
             self._control.sendall(json.dumps(conf).encode() + b"\n")
             self._control.settimeout(timeout)
@@ -54,7 +59,10 @@ class PendingMonitor:
         except OSError as exc:
             reply = f"error no answer: {exc}"
         finally:
-            self._control.close()
+            if reply == "ok" and not conf.get("foreground"):
+                self._control.detach()  # the descriptor stays open until we exit (never collected)
+            else:
+                self._control.close()
         ident = ProcessId.of(self.proc.pid)
         if reply != "ok" or ident is None:
             self.cancel()
