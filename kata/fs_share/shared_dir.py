@@ -16,10 +16,10 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kata.errors import KataError
 from kata.sandbox.paths import validate_id
-from kata.specconv import HostShare
 from kata.utils import mountapi
 from kata.utils.mount import (
     MS_BIND,
@@ -33,6 +33,9 @@ from kata.utils.mount import (
     unmount,
 )
 from kata.utils.safepath import make_mount_point, remove_tree
+
+if TYPE_CHECKING:
+    from kata.specconv import HostShare  # the OCI translation: only what it hands us
 
 
 class ShareError(KataError):

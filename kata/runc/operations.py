@@ -207,10 +207,11 @@ def start(store: ContainerStore, cid: str) -> None:
 def _mirror_network(store: ContainerStore, rec: ContainerRecord) -> None:
     """The interfaces Docker's (or CNI's) setup left in the container's namespace go into the VM."""
     from kata.sandbox import network
-    from kata.sandbox.pod import Pod
 
     if not network.may_have_endpoints(rec.pid):
-        return
+        return  # the common case (--network none, or no CNI yet): the sandbox service is not loaded
+    from kata.sandbox.pod import Pod
+
     with agent_of(rec) as agent:
         Pod.attach(rec.id, agent).mirror_network()
 
