@@ -18,6 +18,10 @@ from kata.utils.process import ProcessId
 _PACKAGE_PARENT = str(Path(kata.__file__).resolve().parent.parent)
 
 
+# Control sockets of detached monitors, open until this process exits (see PendingMonitor.configure).
+_HELD: list[socket.socket] = []
+
+
 class MonitorError(KataError):
     pass
 
@@ -49,8 +53,9 @@ class PendingMonitor:
         """Hand over the work and wait for "ok"; the monitor runs on its own from then on.
 
         A detached monitor outlives this process; its control socket stays open here until this
-        process exits, which is how the monitor learns that our caller has its pid (see
-        kata.runc.monitor.LauncherWatch). A foreground one is waited for: it is let go at once."""
+        process exits (or calls release()), which is how the monitor learns that our caller has its
+        pid (see kata.runc.monitor.LauncherWatch). A foreground one is waited for: it is let go at
+        once."""
         reply = ""
         try:
             self._control.sendall(json.dumps(conf).encode() + b"\n")
@@ -60,7 +65,7 @@ class PendingMonitor:
             reply = f"error no answer: {exc}"
         finally:
             if reply == "ok" and not conf.get("foreground"):
-                self._control.detach()  # the descriptor stays open until we exit (never collected)
+                _HELD.append(self._control)  # not closed when this object is collected
             else:
                 self._control.close()
         ident = ProcessId.of(self.proc.pid)
@@ -69,6 +74,13 @@ class PendingMonitor:
             why = reply.removeprefix("error ").strip() or f"it exited with status {self.proc.returncode}"
             raise MonitorError(f"container monitor failed: {why}")
         return ident
+
+    def release(self) -> None:
+        """Let a configured monitor exit when it may: for a caller that lives on after handing the
+        monitor's pid over (kata-runtime itself lets process exit do it)."""
+        if self._control in _HELD:
+            _HELD.remove(self._control)
+        self._control.close()
 
     def cancel(self) -> None:
         self._control.close()  # an unconfigured monitor exits when its control socket closes

@@ -526,6 +526,7 @@ def run_monitor_case(seed: int, workdir: Path) -> str:
     configured = True
     try:
         monitor.configure(conf, timeout=HARD_LIMIT)
+        monitor.release()  # as kata-runtime's exit would: the caller has the monitor's pid now
         for _ in range(rng.choice([0, 0, 1, 3])):  # forwarded to the agent, whose answers are hostile too
             monitor.proc.send_signal(rng.choice([signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1]))
     except MonitorError as exc:
@@ -654,6 +655,7 @@ def test_a_burst_of_signals_never_wedges_the_monitor(workdir: Path) -> None:
             monitor.configure({"role": "init", "cid": CID, "terminal": False, "console_socket": None,
                                "foreground": False, "agent": agent, "proxy": str(where / "proxy.sock")},
                               timeout=HARD_LIMIT)
+            monitor.release()
             for i in range(3000):
                 monitor.proc.send_signal([signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP][i % 3])
             status = wait_monitor(monitor.proc, listener, lingers=True)

@@ -11,12 +11,14 @@ import pytest
 from kata.oci.spec import Bundle
 from kata.sandbox import pod as pods
 from kata.utils import netns, nsfiles
+from kata.utils.mount import MS_BIND, mount, unmount
 from tests.conftest import minimal_spec
 
 # The runtime-spec's types and the kernel's names for them, as /proc/self/ns has them (the guest
 # kernel lacks time namespaces; this host may have them or not).
-TYPES = [(kind, kernel) for kind, kernel in nsfiles.KERNEL_NAMES.items()
-         if os.path.exists(f"/proc/self/ns/{kernel}")]
+KERNEL_NAMES = {"network": "net", "mount": "mnt", "pid": "pid", "ipc": "ipc", "uts": "uts", "user": "user",
+                "cgroup": "cgroup", "time": "time"}
+TYPES = [(kind, kernel) for kind, kernel in KERNEL_NAMES.items() if os.path.exists(f"/proc/self/ns/{kernel}")]
 
 
 @pytest.mark.parametrize(("kind", "kernel"), TYPES)
@@ -28,10 +30,26 @@ def test_a_namespace_of_the_right_type_is_identified(kind: str, kernel: str) -> 
 @pytest.mark.parametrize(("kind", "other"), [("cgroup", "ipc"), ("network", "uts"), ("ipc", "network"),
                                              ("pid", "mount"), ("user", "pid"), ("mount", "cgroup")])
 def test_a_namespace_of_another_type_is_refused_in_one_line(kind: str, other: str) -> None:
-    path = f"/proc/{os.getpid()}/ns/{nsfiles.KERNEL_NAMES[other]}"
+    path = f"/proc/{os.getpid()}/ns/{KERNEL_NAMES[other]}"
     with pytest.raises(nsfiles.NamespacePathError) as e:
         nsfiles.identify(kind, path)
     assert str(e.value) == f"{kind} namespace {path}: the path is a namespace of type {other}, not {kind}"
+
+
+@pytest.mark.parametrize(("kind", "kernel"), [("network", "net"), ("ipc", "ipc"), ("uts", "uts")])
+def test_a_namespace_bind_mounted_elsewhere_is_identified(tmp_path: Path, kind: str, kernel: str) -> None:
+    # How `ip netns` and CNI pin a namespace (/run/netns/NAME): its file's link names the path, not
+    # the type, so the type comes from the kernel (NS_GET_NSTYPE).
+    pinned = tmp_path / "pinned"
+    pinned.touch()
+    mount(f"/proc/self/ns/{kernel}", str(pinned), "", MS_BIND, "")
+    try:
+        assert nsfiles.identify(kind, str(pinned)) == os.stat(f"/proc/self/ns/{kernel}").st_ino
+        other = "uts" if kind != "uts" else "ipc"
+        with pytest.raises(nsfiles.NamespacePathError, match=f"a namespace of type {kind}, not {other}$"):
+            nsfiles.identify(other, str(pinned))
+    finally:
+        unmount(str(pinned))
 
 
 def test_pid_for_children_is_a_pid_namespace() -> None:
