@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .host import HostCapabilities, cpu_flags, host_capabilities, kvm_module
+from .host import HostCapabilities, cpu_flags, host_capabilities, kvm_module, kvm_open_error
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +44,9 @@ class ProbeResult:
 
 def boot_probe(qemu_path: Path, kernel: Path, timeout: float = PROBE_TIMEOUT) -> tuple[Accel, str]:
     """Boot ``kernel`` under KVM until it prints; no root device, so it panics and QEMU exits."""
-    try:
-        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-        os.close(fd)
-    except OSError as exc:
-        return "tcg", f"/dev/kvm unusable ({exc.strerror})"
+    unusable = kvm_open_error()
+    if unusable is not None:
+        return "tcg", f"/dev/kvm unusable ({unusable})"
     argv = [
         str(qemu_path), "-machine", "microvm,x-option-roms=off,isa-serial=on,rtc=on",
         "-accel", "kvm", "-cpu", "host", "-m", "128M", "-smp", "1",

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_QEMU = Path("/usr/bin/qemu-system-x86_64")
+KVM_DEVICE = Path("/dev/kvm")
+# Present only in a kernel built with seccomp filters, which QEMU's -sandbox installs.
+SECCOMP_FILTER_SYSCTL = Path("/proc/sys/kernel/seccomp/actions_avail")
 VIRTIOFSD_CANDIDATES = (
     Path("/usr/libexec/virtiofsd"),
     Path("/usr/lib/qemu/virtiofsd"),
@@ -58,15 +62,43 @@ def find_virtiofsd() -> Path | None:
     return Path(found) if found else None
 
 
-def qemu_version(qemu_path: Path) -> str | None:
+def _run_qemu(qemu_path: Path, *args: str) -> subprocess.CompletedProcess[str] | None:
     try:
-        out = subprocess.run([str(qemu_path), "-version"], capture_output=True, text=True, timeout=10)
+        return subprocess.run([str(qemu_path), *args], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    first = out.stdout.splitlines()[0] if out.stdout else ""
+
+
+def qemu_version(qemu_path: Path) -> str | None:
+    out = _run_qemu(qemu_path, "-version")
+    first = out.stdout.splitlines()[0] if out is not None and out.stdout else ""
     # "QEMU emulator version 7.2.22 (Debian …)"
     parts = first.split("version", 1)
     return parts[1].split()[0] if len(parts) == 2 and parts[1].split() else None
+
+
+def qemu_seccomp(qemu_path: Path) -> bool | None:
+    """Whether this QEMU takes ``-sandbox on`` (it was built with libseccomp); None if it does not run.
+
+    QEMU reads its options in order, so ``-version`` after ``-sandbox`` exits before any VM exists."""
+    out = _run_qemu(qemu_path, "-sandbox", "on", "-version")
+    return None if out is None else out.returncode == 0
+
+
+def kernel_seccomp() -> bool:
+    return SECCOMP_FILTER_SYSCTL.exists()
+
+
+def kvm_open_error(device: Path = KVM_DEVICE) -> str | None:
+    """Why ``device`` cannot be opened read-write, as QEMU's -accel kvm opens it; None when it can.
+
+    An open that succeeds says nothing about whether a guest runs (see accel.py)."""
+    try:
+        fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    os.close(fd)
+    return None
 
 
 @dataclass(frozen=True)
@@ -92,7 +124,7 @@ def host_capabilities(qemu_path: Path = DEFAULT_QEMU) -> HostCapabilities:
     return HostCapabilities(
         cpu_vmx="vmx" in flags,
         cpu_svm="svm" in flags,
-        dev_kvm=Path("/dev/kvm").exists(),
+        dev_kvm=KVM_DEVICE.exists(),
         kvm_module=kvm_module(),
         dev_vhost_vsock=Path("/dev/vhost-vsock").exists(),
         dev_vhost_net=Path("/dev/vhost-net").exists(),

@@ -89,18 +89,39 @@ def unescape_mountinfo(field: bytes) -> bytes:
     return bytes(out)
 
 
-def mount_points(mountinfo: bytes | None = None) -> list[str]:
-    """Every mount point of this mount namespace, as Python paths (os.fsdecode of the raw bytes, so
-    that a non-UTF-8 name compares equal to the path that names it)."""
+def _mounts(mountinfo: bytes | None) -> list[tuple[str, str]]:
+    """(mount point, filesystem type) of each mount, in mount order (a later one covers an earlier
+    one on the same point). Points are Python paths (os.fsdecode of the raw bytes, so that a
+    non-UTF-8 name compares equal to the path that names it)."""
     if mountinfo is None:
         with open("/proc/self/mountinfo", "rb") as f:
             mountinfo = f.read()
-    points = []
+    found = []
     for line in mountinfo.split(b"\n"):
         fields = line.split(b" ")
         if len(fields) > 4:
-            points.append(os.fsdecode(unescape_mountinfo(fields[4])))
-    return points
+            # The type is the field after the "-" that ends the optional fields.
+            kind = fields[fields.index(b"-") + 1] if b"-" in fields[:-1] else b""
+            found.append((os.fsdecode(unescape_mountinfo(fields[4])), os.fsdecode(kind)))
+    return found
+
+
+def mount_points(mountinfo: bytes | None = None) -> list[str]:
+    """Every mount point of this mount namespace."""
+    return [point for point, _ in _mounts(mountinfo)]
+
+
+def fs_type(path: str, mountinfo: bytes | None = None) -> str | None:
+    """The filesystem type that holds ``path`` (or would, for a path not made yet): the type of the
+    deepest mount at or above it. None when no mount covers it."""
+    path = os.path.normpath(path)
+    best: tuple[int, str] | None = None
+    for point, kind in _mounts(mountinfo):
+        if path == point or path.startswith(point.rstrip("/") + "/"):
+            depth = 0 if point == "/" else point.count("/")
+            if best is None or depth >= best[0]:
+                best = (depth, kind)
+    return best[1] if best else None
 
 
 def mounts_under(prefix: str, mountinfo: bytes | None = None) -> list[str]:
