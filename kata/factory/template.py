@@ -6,6 +6,10 @@ files (by identity), machine, accelerator, vCPUs, memory, kernel command line an
 differs per sandbox (its id, run directory, console log and the host directory behind its 9p share)
 is left out of the key: those come from QEMU's command line at restore time. A virtio-fs share is
 hot-added to each clone after the restore, since QEMU cannot snapshot a vhost-user-fs device.
+
+A template keeps its guest RAM in a file beside its state (the snapshot leaves RAM out). A virtio-fs
+clone needs RAM that virtiofsd can map as well, so it gets its own copy (a memfd); a 9p clone maps
+the file itself copy-on-write, so clones share every page none of them has written.
 """
 
 from __future__ import annotations
@@ -28,11 +32,11 @@ from kata.utils.files import locked
 from kata.utils.safepath import remove_tree
 
 # Bump when the way templates are made changes (e.g. the agent's state at snapshot time).
-TEMPLATE_FORMAT = "4"
+TEMPLATE_FORMAT = "5"
 _STATE = "state"
 _META = "meta.json"
-# A virtio-fs template's guest RAM (its VM maps it shared, so the snapshot leaves RAM out). Each
-# clone maps a sparse copy of it: only the ~60 MB the template wrote, where restoring RAM from the
+# A template's guest RAM (its VM maps it shared, so the snapshot leaves RAM out). A virtio-fs clone
+# maps a sparse copy of it: only the ~60 MB the template wrote, where restoring RAM from the
 # migration stream into shared memory would fill every page of the guest's size.
 MEMORY = "memory"
 # How long to wait, once the agent answers, for its warm-up (AgentDetails.warm) before snapshotting
@@ -183,10 +187,8 @@ class TemplateStore:
         # most, and template_path may be long), but not beside the sandboxes' run dirs, where a
         # sandbox id could name this one.
         run_dir = TEMPLATE_VM_ROOT / tdir.name
-        virtio_fs = config.shared_fs is not None and config.shared_fs.kind == "virtio-fs"
         tconfig = dataclasses.replace(
-            config, id=f"template-{tdir.name}", run_dir=run_dir,
-            memory_file=tdir / MEMORY if virtio_fs else None,
+            config, id=f"template-{tdir.name}", run_dir=run_dir, memory_file=tdir / MEMORY,
             shared_fs=(dataclasses.replace(config.shared_fs, host_dir=share,
                                            vhost_user_socket=work / "vfs.sock")
                        if config.shared_fs else None),
@@ -222,6 +224,12 @@ class TemplateStore:
             shutil.rmtree(run_dir, ignore_errors=True)
             # A failed make leaves nothing behind; a good one keeps only its state and record.
             shutil.rmtree(work if made else tdir, ignore_errors=True)
+
+    @staticmethod
+    def memory_file(state: Path) -> Path | None:
+        """The template's RAM file, for clones that map it copy-on-write (None: RAM is in the state)."""
+        src = state.parent / MEMORY
+        return src if src.is_file() else None
 
     @staticmethod
     def clone_memory(state: Path, name: str) -> int | None:

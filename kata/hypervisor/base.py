@@ -68,9 +68,10 @@ class Hypervisor(abc.ABC):
 
     @abc.abstractmethod
     def restore(self, config: VMConfig, state_file: Path, timeout: float,
-                memory_fd: int | None = None) -> None:
-        """Launch the VM that save() wrote to ``state_file`` (same config) and let it run on.
-        ``memory_fd``: the guest's RAM, when the saved VM kept it in a file (a copy for this VM)."""
+                memory_fd: int | None = None, memory_path: Path | None = None) -> None:
+        """Launch the VM that save() wrote to ``state_file`` (same config) and let it run on. When
+        the saved VM kept its RAM in a file: ``memory_fd``, a copy for this VM, or ``memory_path``,
+        that file itself, mapped copy-on-write."""
 
     @abc.abstractmethod
     def agent_endpoint(self) -> AgentEndpoint: ...

@@ -83,7 +83,7 @@ class Qemu(Hypervisor):
         self._launch(config, timeout, restore=None)
 
     def restore(self, config: VMConfig, state_file: Path, timeout: float,
-                memory_fd: int | None = None) -> None:
+                memory_fd: int | None = None, memory_path: Path | None = None) -> None:
         """Start the VM that ``save`` wrote to ``state_file`` (same config) and let it run on.
 
         QEMU reads the state from a descriptor it inherits (its seccomp filter forbids the exec:
@@ -94,7 +94,7 @@ class Qemu(Hypervisor):
             state_fd = os.open(state_file, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise HypervisorError(f"no saved VM state at {state_file}: {exc.strerror}") from None
-        restore = Restore(state_fd, memory_fd)
+        restore = Restore(state_fd, memory_fd, memory_path)
         deadline = time.monotonic() + timeout
         try:
             self._launch(config, timeout, restore=restore)
@@ -160,7 +160,7 @@ class Qemu(Hypervisor):
             memory_mib=config.memory_mib,
             max_memory_mib=config.max_memory_mib,
             shared_memory=fs is not None and fs.kind == "virtio-fs",
-            memory_file=(str(config.memory_file or "memfd") if file_backed_ram(config, restore) else ""),
+            memory_file=_memory_file(config, restore),
             vcpus=config.vcpus,
         )
         # Written before waiting, so that a crashed caller still leaves enough to clean up.
@@ -365,3 +365,12 @@ class Qemu(Hypervisor):
             qmp.run("object-del", id=f"hotmem{n}")
             raise
         return size_mib
+
+
+def _memory_file(config: VMConfig, restore: Restore | None) -> str:
+    """Where the VM's RAM lives, for QemuState ("" for QEMU's own anonymous memory)."""
+    if config.memory_file is not None:
+        return str(config.memory_file)
+    if restore is not None and restore.memory_path is not None:
+        return f"{restore.memory_path} (copy-on-write)"
+    return "memfd" if file_backed_ram(config, restore) else ""

@@ -55,11 +55,14 @@ DEFAULT_SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourceco
 
 @dataclass(frozen=True)
 class Restore:
-    """What a restore hands QEMU as inherited descriptors: the saved state, and for a clone of a
-    file-backed template, the clone's private copy of the template's RAM (a memfd)."""
+    """What a restore hands QEMU: the saved state as an inherited descriptor, and for a clone of a
+    file-backed template its RAM: either its own copy (``memory_fd``, a memfd, shared with
+    virtiofsd) or the template's file mapped copy-on-write (``memory_path``: clones share every page
+    none of them wrote; only without vhost-user, which needs RAM it can map too)."""
 
     state_fd: int
     memory_fd: int | None = None
+    memory_path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -121,11 +124,29 @@ def validate(config: VMConfig) -> None:
 
 
 def file_backed_ram(config: VMConfig, restore: Restore | None = None) -> bool:
-    """Guest RAM lives in a file (config.memory_file, or the restore's memfd), so a snapshot leaves
-    it out (x-ignore-shared)."""
+    """Guest RAM lives in a file (config.memory_file, or the restore's memfd or template file), so a
+    snapshot leaves it out and a restore takes it from there (x-ignore-shared)."""
+    return config.memory_file is not None or (
+        restore is not None and (restore.memory_fd is not None or restore.memory_path is not None))
+
+
+def ram_backend(config: VMConfig, restore: Restore | None) -> str | None:
+    """The -object that holds guest RAM, when it is not QEMU's anonymous memory."""
+    size = f"size={config.memory_mib}M"
     fs = config.shared_fs
-    in_file = config.memory_file is not None or (restore is not None and restore.memory_fd is not None)
-    return in_file and fs is not None and fs.kind == "virtio-fs"
+    if restore is not None and restore.memory_path is not None:
+        if fs is not None and fs.kind == "virtio-fs":
+            raise HypervisorError("a copy-on-write clone cannot have virtio-fs: vhost-user needs shared RAM")
+        # share=off: the clone's writes go to its own anonymous pages, never to the template's file.
+        return f"memory-backend-file,id=mem,{size},mem-path={restore.memory_path},share=off"
+    memory_file: Path | str | None = config.memory_file
+    if restore is not None and restore.memory_fd is not None:
+        memory_file = f"/proc/self/fd/{restore.memory_fd}"  # QEMU opens its inherited memfd again
+    if memory_file is not None:
+        return f"memory-backend-file,id=mem,{size},mem-path={memory_file},share=on"
+    if fs is not None and fs.kind == "virtio-fs":
+        return f"memory-backend-memfd,id=mem,{size},share=on"  # vhost-user needs RAM it can map
+    return None
 
 
 def build_argv(config: VMConfig, vsock: Vsock | None = None, restore: Restore | None = None,
@@ -148,8 +169,9 @@ def build_argv(config: VMConfig, vsock: Vsock | None = None, restore: Restore | 
     machine = MICROVM_MACHINE if mmio else config.machine_type
     fs = config.shared_fs
     virtio_fs = fs is not None and fs.kind == "virtio-fs"
-    if virtio_fs:
-        # vhost-user needs guest RAM in shared memory; memory-backend= works on microvm and q35/pc alike.
+    ram = ram_backend(config, restore)
+    if ram is not None:
+        # memory-backend= works on microvm and q35/pc alike.
         machine += ",memory-backend=mem"
     fs_hotplug = virtio_fs and fs is not None and fs.hotplug
     if fs_hotplug and mmio:
@@ -181,14 +203,8 @@ def build_argv(config: VMConfig, vsock: Vsock | None = None, restore: Restore | 
     if hotplug and config.max_memory_mib > config.memory_mib:
         memory += f",slots={MEMORY_SLOTS},maxmem={config.max_memory_mib}M"
     argv += ["-m", memory]
-    memory_file: Path | str | None = config.memory_file
-    if restore is not None and restore.memory_fd is not None:
-        memory_file = f"/proc/self/fd/{restore.memory_fd}"  # QEMU opens its inherited memfd again
-    if virtio_fs and memory_file is not None:
-        argv += ["-object", f"memory-backend-file,id=mem,size={config.memory_mib}M,"
-                            f"mem-path={memory_file},share=on"]
-    elif virtio_fs:
-        argv += ["-object", f"memory-backend-memfd,id=mem,size={config.memory_mib}M,share=on"]
+    if ram is not None:
+        argv += ["-object", ram]
 
     argv += [
         "-chardev", f"socket,id=qmp,path={paths.qmp_socket},server=on,wait=off",

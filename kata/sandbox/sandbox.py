@@ -247,14 +247,21 @@ class Sandbox:
         store = TemplateStore(Path(self.cfg.factory.template_path))
         state, made = store.ensure(config, hv)
         self.timings.mark("template_made" if made else "template_found")
-        # The clone's own copy of the template's RAM, in a memfd: charged to QEMU's memory, never
-        # to a filesystem the guest could fill (it lives as long as QEMU holds it).
-        memory_fd = store.clone_memory(state, f"kata-{self.id}")
-        if memory_fd is not None:
-            self.timings.mark("memory_copied")
+        memory_fd = memory_path = None
+        if config.shared_fs is not None and config.shared_fs.kind == "virtio-fs":
+            # virtiofsd maps guest RAM too, so the clone gets its own copy of the template's, in a
+            # memfd: charged to QEMU's memory, never to a filesystem the guest could fill (it lives
+            # as long as QEMU holds it).
+            memory_fd = store.clone_memory(state, f"kata-{self.id}")
+            if memory_fd is not None:
+                self.timings.mark("memory_copied")
+        else:
+            # The template's file, mapped copy-on-write: the clone's writes go to its own memory.
+            memory_path = store.memory_file(state)
         try:
             self._start_virtiofsd(config)
-            hypervisor = self._launch(config, restore_from=state, memory_fd=memory_fd)
+            hypervisor = self._launch(config, restore_from=state, memory_fd=memory_fd,
+                                      memory_path=memory_path)
         finally:
             if memory_fd is not None:
                 os.close(memory_fd)
@@ -265,7 +272,7 @@ class Sandbox:
         self._fresh_clone = True
 
     def _launch(self, config: VMConfig, restore_from: Path | None,
-                memory_fd: int | None = None) -> Hypervisor:
+                memory_fd: int | None = None, memory_path: Path | None = None) -> Hypervisor:
         from kata import hypervisor
 
         vmm = hypervisor.new(self.cfg.hypervisor)
@@ -274,7 +281,8 @@ class Sandbox:
         if restore_from is None:
             vmm.start(config, timeout=self.cfg.hypervisor.boot_timeout)
         else:
-            vmm.restore(config, restore_from, timeout=self.cfg.hypervisor.boot_timeout, memory_fd=memory_fd)
+            vmm.restore(config, restore_from, timeout=self.cfg.hypervisor.boot_timeout, memory_fd=memory_fd,
+                        memory_path=memory_path)
         self.timings.mark("vmm_running")
         self._save_state("creating")
         return vmm

@@ -183,3 +183,22 @@ def test_hot_added_virtio_fs_gets_a_root_port_not_a_device() -> None:
     assert any(d.startswith("pcie-root-port,id=fsport") for d in devices)
     assert not any("vhost-user-fs" in d for d in devices)
     assert "pcie_ports=native" in kernel_cmdline(config(shared_fs=fs), vsock=False).split()
+
+
+def test_a_9p_clone_maps_the_template_copy_on_write() -> None:
+    fs = SharedFs("virtio-9p", Path("/share"))
+    argv = build_argv(config(shared_fs=fs), restore=Restore(state_fd=7, memory_path=Path("/t/memory")))
+    assert "memory-backend-file,id=mem,size=512M,mem-path=/t/memory,share=off" in option(argv, "-object")
+    assert "memory-backend=mem" in option(argv, "-machine")[0]
+    assert option(argv, "-incoming") == ["defer"]
+
+
+def test_a_virtio_fs_clone_cannot_be_copy_on_write() -> None:
+    fs = SharedFs("virtio-fs", Path("/share"), vhost_user_socket=Path("/run/vfs.sock"), hotplug=True)
+    with pytest.raises(HypervisorError, match="vhost-user needs shared RAM"):
+        build_argv(config(shared_fs=fs), restore=Restore(state_fd=7, memory_path=Path("/t/memory")))
+
+
+def test_a_9p_template_keeps_its_ram_in_a_shared_file() -> None:
+    argv = build_argv(config(shared_fs=SharedFs("virtio-9p", Path("/share")), memory_file=Path("/t/memory")))
+    assert "memory-backend-file,id=mem,size=512M,mem-path=/t/memory,share=on" in option(argv, "-object")
