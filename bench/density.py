@@ -1,0 +1,328 @@
+#!/usr/bin/env python3
+"""How many idle pods this host holds, and what each costs: N idle busybox pods (`sleep`) started one
+after another, under containerd (`ctr run -d`, kata's shim against runc's and crun's) and Docker
+(`docker run -d --runtime ...`), in one run:
+
+- the time to start each pod (the first, the median and the last);
+- host memory per pod: the drop in MemAvailable over N, and the PSS of the pods' host processes
+  by kind (VMM, virtiofsd, shim, monitor, container) over N;
+- the host's CPU while the N pods idle, over --idle seconds, as a share of all cores, less what the
+  host used before the first pod started, and each kind of process's share of one core;
+- whether every pod answers an exec (`true`) afterwards.
+
+    python bench/density.py [--counts 1,10,50] [--front containerd,docker] [--runtimes runc,crun,kata]
+                            [--settle S] [--idle S] [--json FILE]
+
+``--counts max`` keeps adding pods (up to --max-pods) until a start fails, an exec does not answer,
+or MemAvailable falls under --floor-mb: the largest N this host holds. The pods of one count are
+removed before the next count starts. Figures are from a noisy 2-core machine: read them as orders
+of magnitude, and as ratios to runc's within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.benchlib import (  # noqa: E402
+    Client,
+    RuntimeFailed,
+    checked,
+    emit,
+    fmt,
+    processes,
+    pss_kib,
+    timed,
+)
+from kata.errors import KataError  # noqa: E402
+from tests.support.daemons import (  # noqa: E402
+    Runtime,
+    containerd_daemon,
+    docker_daemons,
+    kata_runtime_path,
+)
+
+SHIM_TYPES = {"runc": "io.containerd.runc.v2", "crun": "io.containerd.runc.v2",
+              "kata": "io.containerd.kata.v2"}
+CRUN = "/usr/bin/crun"
+KINDS = ("qemu", "virtiofsd", "shim", "monitor", "container")
+# issue 11's targets on this machine under TCG
+TARGET_MB_PER_POD = 60.0
+TARGET_IDLE_CPU_AT_100 = 0.25
+TARGET_LAST_OVER_FIRST = 1.5
+
+
+def mem_available_kib() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1])
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+def cpu_busy_fraction(seconds: float) -> float:
+    """The share of all cores busy over ``seconds`` (from /proc/stat: everything but idle and iowait)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        idle = fields[3] + fields[4]
+        return sum(fields[:8]) - idle, sum(fields[:8])
+
+    busy0, total0 = sample()
+    time.sleep(seconds)
+    busy1, total1 = sample()
+    return (busy1 - busy0) / max(1, total1 - total0)
+
+
+def process_kind(argv: list[str]) -> str | None:
+    """What a host process is to a pod, by its command line; None for what is not a pod's."""
+    names = [Path(a).name for a in argv[:3]]
+    joined = " ".join(names)
+    if names and names[0].startswith("qemu-system"):
+        return "qemu"
+    if names and names[0].startswith("virtiofsd"):
+        return "virtiofsd"
+    if "containerd-shim" in joined:
+        return "shim"
+    if "kata.runc.monitor" in argv[:4] or "kata-runtime" in joined:
+        return "monitor"
+    if names and names[0] == "sleep":
+        return "container"  # runc's and crun's pods run on the host
+    return None
+
+
+def pss_by_kind() -> dict[str, int]:
+    totals = dict.fromkeys(KINDS, 0)
+    for pid, (_, argv) in processes().items():
+        k = process_kind(argv)
+        if k is not None:
+            totals[k] += pss_kib(pid) or 0
+    return totals
+
+
+def cpu_ticks_by_kind() -> dict[str, int]:
+    """utime + stime (clock ticks) of the pods' host processes, summed by kind."""
+    totals = dict.fromkeys(KINDS, 0)
+    for pid, (_, argv) in processes().items():
+        k = process_kind(argv)
+        if k is None:
+            continue
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        totals[k] += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return totals
+
+
+def idle_cpu(seconds: float) -> tuple[float, dict[str, float]]:
+    """The host's busy share over ``seconds``, and each kind's share of one core over it."""
+    ticks0 = cpu_ticks_by_kind()
+    busy = cpu_busy_fraction(seconds)
+    ticks1 = cpu_ticks_by_kind()
+    hz = os.sysconf("SC_CLK_TCK")
+    return busy, {k: (ticks1[k] - ticks0[k]) / hz / seconds for k in KINDS}
+
+
+@dataclass
+class Front:
+    """How one container manager starts, probes and removes an idle pod of one runtime."""
+
+    name: str
+    runtime: str
+    run: Client
+    start_args: Callable[[str], list[str]]
+    exec_args: Callable[[str], list[str]]
+    remove: Callable[[str], None]
+
+
+def containerd_front(c: Any, runtime: str, kata_config: str | None) -> Front:
+    extra = ["--runc-binary", CRUN] if runtime == "crun" else []
+    if runtime == "kata" and kata_config:
+        extra = ["--runtime-config-path", kata_config]  # as the CRI's ConfigPath
+
+    def remove(pid: str) -> None:
+        c.ctr("tasks", "delete", "--force", pid, timeout=120)
+        c.ctr("containers", "delete", pid, timeout=60)
+
+    return Front("containerd", runtime, c.ctr,
+                 lambda pid: ["run", "-d", "--null-io", "--runtime", SHIM_TYPES[runtime], *extra, c.image,
+                              pid, "sleep", "1000000"],
+                 lambda pid: ["tasks", "exec", "--exec-id", f"x{uuid.uuid4().hex[:8]}", pid, "true"],
+                 remove)
+
+
+def docker_front(d: Any, runtime: str) -> Front:
+    def remove(pid: str) -> None:
+        d.run("rm", "-f", pid, timeout=120)
+
+    return Front("docker", runtime, d.run,
+                 lambda pid: ["run", "-d", "--runtime", runtime, "--name", pid, d.image, "sleep", "1000000"],
+                 lambda pid: ["exec", pid, "true"],
+                 remove)
+
+
+def measure(front: Front, count: int | None, args: argparse.Namespace) -> dict[str, Any]:
+    """Start ``count`` pods (None: as many as the host holds), measure them idle, remove them."""
+    time.sleep(args.settle)
+    base_mem = mem_available_kib()
+    base_pss = pss_by_kind()
+    base_cpu = cpu_busy_fraction(args.idle)
+    pods: list[str] = []
+    starts: list[float] = []
+    stopped_by = ""
+    limit = count if count is not None else args.max_pods
+    try:
+        while len(pods) < limit:
+            pid = f"dens-{front.runtime}-{len(pods)}-{uuid.uuid4().hex[:6]}"
+            pods.append(pid)
+            try:
+                starts.append(timed(front.run, *front.start_args(pid), timeout=args.timeout))
+            except RuntimeFailed as e:
+                if count is not None:
+                    raise
+                stopped_by = f"start {len(pods)} failed: {e}"
+                break
+            if count is None and mem_available_kib() < args.floor_mb * 1024:
+                stopped_by = f"MemAvailable under {args.floor_mb} MB"
+                break
+            if count is None and len(pods) % 10 == 0:
+                probe = front.run(*front.exec_args(pods[-1]), timeout=args.timeout)
+                if probe.returncode != 0:
+                    stopped_by = f"pod {len(pods)} did not answer an exec"
+                    break
+        n = len(starts)
+        time.sleep(args.settle)  # boot-time pages settle; guests go idle
+        mem_drop = base_mem - mem_available_kib()
+        pss = {k: v - base_pss[k] for k, v in pss_by_kind().items()}
+        busy, by_kind = idle_cpu(args.idle)
+        idle = max(0.0, busy - base_cpu)
+        answered = sum(1 for pid in pods[:n]
+                       if front.run(*front.exec_args(pid), timeout=args.timeout).returncode == 0)
+    finally:
+        t0 = time.monotonic()
+        for pid in pods:
+            front.remove(pid)
+        removal = time.monotonic() - t0
+    res: dict[str, Any] = {
+        "pods": n, "answered": answered, "start_s": [round(s, 3) for s in starts],
+        "first_start_s": starts[0] if starts else None,
+        "median_start_s": statistics.median(starts) if starts else None,
+        "last_start_s": starts[-1] if starts else None,
+        "mem_per_pod_mb": mem_drop / 1024 / n if n else None,
+        "pss_per_pod_mb": {k: v / 1024 / n for k, v in pss.items()} if n else {},
+        "idle_cpu": idle, "idle_cpu_per_pod": idle / n if n else None,
+        # each kind's share of one core per pod (a process that ended in the window counts partly)
+        "idle_core_per_pod": {k: v / n for k, v in by_kind.items()} if n else {},
+        "host_cpu_before": base_cpu, "removal_s": removal,
+    }
+    if stopped_by:
+        res["stopped_by"] = stopped_by
+    return res
+
+
+def measure_counts(front: Front, counts: list[int | None], args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    warm = f"dens-warm-{uuid.uuid4().hex[:6]}"
+    try:
+        # One untimed pod first: kata's first sandbox makes its VM template.
+        checked(front.run, *front.start_args(warm), timeout=args.timeout)
+    except RuntimeFailed as e:
+        return [{"front": front.name, "runtime": front.runtime, "error": str(e)}]
+    finally:
+        front.remove(warm)
+    for count in counts:
+        row: dict[str, Any] = {"front": front.name, "runtime": front.runtime, "count": count}
+        try:
+            row.update(measure(front, count, args))
+        except RuntimeFailed as e:
+            row["error"] = str(e)
+        rows.append(row)
+        print(f"... {front.name} {front.runtime} N={row.get('pods', count)} done", flush=True)
+    return rows
+
+
+@contextmanager
+def fronts(name: str, runtimes: list[str], kata_config: str | None) -> Iterator[list[Front]]:
+    if name == "containerd":
+        with containerd_daemon() as c:
+            yield [containerd_front(c, rt, kata_config) for rt in runtimes]
+    else:
+        kata_args = ("--config", kata_config) if kata_config else ()
+        kata = {"kata": Runtime(kata_runtime_path(), kata_args)} if "kata" in runtimes else {}
+        crun = {"crun": Runtime(CRUN, ())} if "crun" in runtimes else {}
+        with docker_daemons(runtimes={**kata, **crun}) as d:
+            yield [docker_front(d, rt) for rt in runtimes]
+
+
+def report(rows: list[dict[str, Any]]) -> None:
+    print(f"{'front':10s} {'runtime':7s} {'N':>4s} {'ok':>4s} {'first s':>8s} {'median s':>8s} "
+          f"{'last s':>8s} "
+          f"{'MB/pod':>7s} {'PSS/pod':>7s} {'idle CPU':>8s} {'/pod':>6s}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['front']:10s} {r['runtime']:7s} FAILED: {r['error']}")
+            continue
+        pss = sum(r["pss_per_pod_mb"].values()) if r["pss_per_pod_mb"] else None
+        per_pod = r["idle_cpu_per_pod"] * 100 if r["idle_cpu_per_pod"] is not None else None
+        print(f"{r['front']:10s} {r['runtime']:7s} {r['pods']:4d} {r['answered']:4d} "
+              f"{fmt(r['first_start_s'], '8.2f')} {fmt(r['median_start_s'], '8.2f')} "
+              f"{fmt(r['last_start_s'], '8.2f')} "
+              f"{fmt(r['mem_per_pod_mb'], '7.1f')} {fmt(pss, '7.1f')} {r['idle_cpu'] * 100:7.1f}% "
+              f"{fmt(per_pod, '5.2f', '%')}" + (f"  ({r['stopped_by']})" if "stopped_by" in r else ""))
+    print(f"targets (kata, default configuration): <= {TARGET_MB_PER_POD:g} MB/pod at N=20; 100 pods idle "
+          f"<= {TARGET_IDLE_CPU_AT_100 * 100:g}% of the host's CPU; "
+          f"last start <= {TARGET_LAST_OVER_FIRST:g}x first")
+    for r in rows:
+        if r.get("pss_per_pod_mb"):
+            kinds = ", ".join(f"{k} {v:.1f}" for k, v in r["pss_per_pod_mb"].items() if abs(v) >= 0.05)
+            cpu = ", ".join(f"{k} {v * 100:.2f}%" for k, v in r["idle_core_per_pod"].items() if v)
+            print(f"{r['front']} {r['runtime']} N={r['pods']}: per pod, PSS by kind (MB): {kinds}; "
+                  f"idle CPU by kind (of one core): {cpu or 'none'}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--counts", default="1,10", help="comma-separated pod counts; 'max' for as many as fit")
+    ap.add_argument("--front", default="containerd", help="containerd, docker, or both (comma-separated)")
+    ap.add_argument("--runtimes", default="runc,crun,kata")
+    ap.add_argument("--settle", type=float, default=5.0, help="seconds before each measurement")
+    ap.add_argument("--idle", type=float, default=10.0, help="seconds over which idle CPU is measured")
+    ap.add_argument("--max-pods", type=int, default=200, help="the most pods 'max' starts")
+    ap.add_argument("--floor-mb", type=int, default=1024,
+                    help="'max' stops when MemAvailable falls under this")
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds for each client command")
+    ap.add_argument("--kata-config", default=None,
+                    help="configuration.toml for kata (e.g. with shared_fs = \"virtio-9p\")")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results to this file")
+    args = ap.parse_args()
+    counts: list[int | None] = [None if c == "max" else int(c) for c in args.counts.split(",")]
+    runtimes = args.runtimes.split(",")
+    rows: list[dict[str, Any]] = []
+    for front_name in args.front.split(","):
+        try:
+            with fronts(front_name, runtimes, args.kata_config) as fs:
+                for front in fs:
+                    rows += measure_counts(front, counts, args)
+        except KataError as e:
+            print(f"density: {front_name}: {e}", file=sys.stderr)
+            return 1
+    report(rows)
+    emit({"bench": "density", "settle_s": args.settle, "idle_s": args.idle, "rows": rows}, args.json)
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
