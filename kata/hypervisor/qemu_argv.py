@@ -15,6 +15,7 @@ MACHINES = ("microvm", "q35", "pc")
 MEMORY_SLOTS = 8
 # microvm: no PCI, no option ROMs; ISA serial for the console; ACPI stays on, it is how microvm powers off.
 MICROVM_MACHINE = "microvm,x-option-roms=off,isa-serial=on,rtc=on"
+TCG_CPU = "qemu64,+rdrand,+arat,+tsc-deadline"
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,10 @@ def build_argv(config: VMConfig, vsock: Vsock | None = None, restore: Restore | 
         # TCG's default model is faster to emulate than -cpu max, but lacks RDRAND: the guest's
         # entropy pool then fills only by jitter, and Python's first getrandom() burns ~3 s of
         # guest CPU at agent start. TCG emulates RDRAND from the host's random source.
-        argv += ["-cpu", "qemu64,+rdrand"]
+        # ARAT says the APIC timer keeps running while the CPU idles, which QEMU's does: without it
+        # Linux cannot stop its tick in idle (no broadcast timer on these machines), and an idle VM
+        # woke QEMU 250 times a second. TSC-deadline makes each timer a single MSR write.
+        argv += ["-cpu", TCG_CPU]
 
     hotplug = hotplug_capable(config.machine_type)
     maxcpus = config.max_vcpus if hotplug else config.vcpus

@@ -281,3 +281,15 @@ def test_vm_gone_between_create_and_start(tmp_path: Path, cid: str) -> None:
         delete = subprocess.run([*cli, "delete", "--force", cid], capture_output=True, timeout=60)
     assert delete.returncode == 0, delete.stderr
     assert leftovers(cid) == []
+
+
+def test_an_idle_guest_stops_its_tick(tmp_path: Path, cid: str) -> None:
+    """While the container sleeps, the guest's CPU idles without a periodic tick (NO_HZ_IDLE, which
+    needs the CPU's ARAT flag under TCG): far fewer local timer interrupts than HZ (100) a second.
+    Each one costs QEMU a wake-up, so an idle pod's host CPU follows from this."""
+    probe = "grep LOC: /proc/interrupts; sleep 3; grep LOC: /proc/interrupts"
+    proc = run(make_busybox_bundle(tmp_path / "b", ["sh", "-c", probe]), cid)
+    assert proc.returncode == 0, proc.stderr.decode()
+    before, after = (int(line.split()[1]) for line in proc.stdout.decode().splitlines())
+    assert after - before < 150, f"{after - before} timer interrupts in 3 s of idle"
+    assert leftovers(cid) == []

@@ -47,7 +47,7 @@ def test_microvm_virtiofs_serial() -> None:
         assert flag in argv
     assert option(argv, "-accel") == ["tcg"]
     assert option(argv, "-global") == ["virtio-mmio.force-legacy=false"]
-    assert option(argv, "-cpu") == ["qemu64,+rdrand"]
+    assert option(argv, "-cpu") == ["qemu64,+rdrand,+arat,+tsc-deadline"]
     # No hotplug on microvm: no spare CPUs or DIMM slots.
     assert option(argv, "-smp") == ["1,maxcpus=1"]
     assert option(argv, "-m") == ["512M"]
@@ -113,8 +113,9 @@ def test_kvm_uses_host_cpu_tcg_does_not() -> None:
     assert option(kvm, "-accel") == ["kvm"]
     assert option(kvm, "-cpu") == ["host"]
     tcg = build_argv(config(accel="tcg"))
-    # TCG keeps its cheap default model, plus RDRAND so the guest has entropy at once.
-    assert option(tcg, "-cpu") == ["qemu64,+rdrand"]
+    # TCG keeps its cheap default model, plus RDRAND so the guest has entropy at once, and ARAT so
+    # that an idle guest can stop its tick.
+    assert option(tcg, "-cpu")[0].split(",")[:3] == ["qemu64", "+rdrand", "+arat"]
 
 
 def test_no_memory_hotplug_when_max_equals_memory() -> None:
