@@ -204,6 +204,8 @@ class Pod:
         try:
             record = PodRecord.load(paths.state_dir / _RECORD)
         except FileNotFoundError:
+            if paths.state_dir.exists():  # claimed, but the record never written (or from before records)
+                raise KataError(f"sandbox {sid} has no record of how it was made") from None
             raise KataError(f"sandbox {sid} does not exist") from None
         except (OSError, ValueError, TypeError) as exc:
             raise KataError(f"sandbox {sid}: unreadable record: {exc}") from None
