@@ -41,7 +41,8 @@ def test_microvm_virtiofs_serial() -> None:
     fs = SharedFs(kind="virtio-fs", host_dir=Path("/s"), tag="kataShared", vhost_user_socket=RUN / "vfs.sock")
     argv = build_argv(config(shared_fs=fs))
     assert argv[0] == "/usr/bin/qemu-system-x86_64"
-    assert option(argv, "-machine") == ["microvm,x-option-roms=off,isa-serial=on,rtc=on,memory-backend=mem"]
+    assert option(argv, "-machine") == [
+        "microvm,x-option-roms=off,isa-serial=on,rtc=on,pit=off,memory-backend=mem"]
     assert "memory-backend-memfd,id=mem,size=512M,share=on" in option(argv, "-object")
     for flag in ("-nodefaults", "-no-user-config", "-nographic", "-no-reboot"):
         assert flag in argv
