@@ -59,7 +59,7 @@ class HypervisorConfig:
     msize_9p: int = 8192
     block_device_driver: str = "virtio-blk"
     disable_block_device_use: bool = False
-    disable_vhost_net: bool = True
+    disable_vhost_net: bool = False
     enable_annotations: tuple[str, ...] = ()
     valid_hypervisor_paths: tuple[str, ...] = ("/usr/bin/qemu-system-x86_64",)
     enable_debug: bool = False

@@ -16,7 +16,7 @@ def new(hv: HypervisorConfig) -> Hypervisor:
     if hv.name == "qemu":
         from kata.hypervisor.qemu import Qemu
 
-        return Qemu(seccomp=hv.seccompsandbox)
+        return Qemu(seccomp=hv.seccompsandbox, vhost_net=not hv.disable_vhost_net)
     raise ValueError(f"no driver for hypervisor {hv.name!r}")
 
 
@@ -25,5 +25,5 @@ def attach(hv: HypervisorConfig, run_dir: Path) -> Hypervisor:
     if hv.name == "qemu":
         from kata.hypervisor.qemu import Qemu
 
-        return Qemu.attach(run_dir)
+        return Qemu.attach(run_dir, vhost_net=not hv.disable_vhost_net)
     raise ValueError(f"no driver for hypervisor {hv.name!r}")

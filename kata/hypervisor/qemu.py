@@ -62,17 +62,20 @@ class QemuState:
 
 
 class Qemu(Hypervisor):
-    def __init__(self, seccomp: str = DEFAULT_SECCOMP) -> None:
+    def __init__(self, seccomp: str = DEFAULT_SECCOMP, vhost_net: bool = True) -> None:
+        """``vhost_net``: hot-added NICs may use the host kernel's vhost-net (where it exists);
+        the configuration's disable_vhost_net turns it off."""
         self._seccomp = seccomp
+        self._vhost_net = vhost_net
         self._paths: RunPaths | None = None
         self._state: QemuState | None = None
         self._qmp: Qmp | None = None
 
     @classmethod
-    def attach(cls, run_dir: Path) -> Qemu:
+    def attach(cls, run_dir: Path, vhost_net: bool = True) -> Qemu:
         """The VM that ``start`` launched with this run_dir, possibly from another process."""
         paths = RunPaths(run_dir)
-        vm = cls()
+        vm = cls(vhost_net=vhost_net)
         vm._paths = paths
         vm._state = QemuState.load(paths.state_file)
         return vm
@@ -275,12 +278,14 @@ class Qemu(Hypervisor):
 
     def hotplug_nic(self, index: int, tap: str, mac: str, mtu: int, queues: int = 1) -> None:
         """Add virtio-net device ``index`` on the existing tap device ``tap`` (in QEMU's network
-        namespace), with the guest-side MAC ``mac``; vhost where /dev/vhost-net exists."""
+        namespace), with the guest-side MAC ``mac``; vhost where /dev/vhost-net exists and the
+        configuration allows it (disable_vhost_net)."""
         if index >= len(NIC_ROOT_PORTS):
             raise HypervisorError(f"no free root port for network interface {index}")
         qmp = self._monitor()
+        vhost = self._vhost_net and os.path.exists("/dev/vhost-net")
         netdev: dict[str, object] = {"type": "tap", "id": f"net{index}", "ifname": tap, "script": "no",
-                                     "downscript": "no", "vhost": os.path.exists("/dev/vhost-net")}
+                                     "downscript": "no", "vhost": vhost}
         if queues > 1:
             netdev["queues"] = queues
         qmp.run("netdev_add", **netdev)
