@@ -29,6 +29,7 @@ from kata.sandbox.paths import SandboxPaths
 from kata.sandbox.sandbox import Sandbox, claim_id
 from kata.sandbox.timings import Timings
 from kata.utils.files import read_json, write_json
+from kata.utils.safepath import remove_tree
 
 if TYPE_CHECKING:
     from kata.agent_client.client import AgentClient
@@ -188,7 +189,11 @@ class Pod:
             # The record goes first, so that whoever tears down a half-made pod (a shim killed
             # during create, then containerd's `shim delete`) does so with this configuration.
             paths = claim_id(sid)
-            write_json(paths.state_dir / _RECORD, dataclasses.asdict(record))
+            try:
+                write_json(paths.state_dir / _RECORD, dataclasses.asdict(record))
+            except BaseException:
+                remove_tree(str(paths.state_dir))  # an id claimed with no record would be taken for good
+                raise
             sandbox = Sandbox.create(sid, cfg, bundle.spec, debug=debug, timings=timings, claimed=True)
         except BaseException:
             if pinned:

@@ -92,3 +92,25 @@ def test_the_record_is_read_back_by_the_next_process(tmp_path: Path) -> None:
     again = Pod(cast(Sandbox, sandbox), PodRecord.load(tmp_path / "pod.json"))
     again.update("c1", memory(512))
     assert sandbox.grown == [448]
+
+
+def test_a_record_that_cannot_be_written_leaves_the_id_free(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from kata.sandbox import paths as sandbox_paths
+    from kata.sandbox import pod as pods
+    from kata.utils.files import write_json
+
+    monkeypatch.setattr(sandbox_paths, "STATE_ROOT", tmp_path)
+    monkeypatch.setattr(pods, "load_pod_config", lambda path, annotations: SimpleNamespace(source="c.toml"))
+    monkeypatch.setattr(pods, "check", lambda *a: None)
+    monkeypatch.setattr(pods, "enter_network_namespace", lambda bundle, pin: ("", False))
+
+    def full(path: Path, data: Any) -> None:
+        write_json(path, data)  # the file is there, half-made, when the disk fills
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pods, "write_json", full)
+    bundle = SimpleNamespace(annotations={}, spec={})
+    with pytest.raises(OSError, match="No space"):
+        Pod.create("pod1", cast(Any, bundle), None)
+    assert not (tmp_path / "sbs" / "pod1").exists()
