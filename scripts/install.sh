@@ -29,6 +29,9 @@ APT_PACKAGES=(
   # end-to-end tests and benchmarks with a real dockerd (kata-runtime as a Docker runtime) and CNI
   # networking; skopeo and umoci build the busybox test image without a registry (tests/support/images.py)
   docker.io containernetworking-plugins skopeo umoci
+  # operators' tools: podman with conmon (kata-runtime as podman's OCI runtime), a Prometheus that
+  # scrapes kata-monitor, and a local image registry for the CRI tests' PullImage
+  podman conmon prometheus docker-registry
 )
 
 step() { printf '==> %s\n' "$*"; }
