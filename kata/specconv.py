@@ -9,6 +9,7 @@ runtime-spec version is told as one the guest's crun takes (kata.oci.versions sa
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import posixpath
 import re
@@ -17,7 +18,7 @@ from typing import Any
 
 from kata.config.model import HypervisorConfig
 from kata.errors import KataError
-from kata.oci import cri_annotations, versions
+from kata.oci import cri_annotations, sysctls, versions
 from kata.oci.spec import Bundle, Resources, linux_resources
 from kata.utils.ids import id_problem
 
@@ -55,6 +56,8 @@ class HostShare:
 class ContainerPlan:
     guest_spec: dict[str, Any]
     shares: tuple[HostShare, ...]  # shares[0] is the rootfs
+    # Sysctls of namespaces the container shares with its pod: the agent sets them in the guest's own.
+    pod_sysctls: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -128,18 +131,43 @@ def plan_container(bundle: Bundle, container_id: str) -> ContainerPlan:
         for key in _LSM_PROCESS_KEYS:
             process.pop(key, None)
 
+    pod_sysctls: dict[str, str] = {}
     linux = spec.get("linux")
     if isinstance(linux, dict):
-        _convert_linux(linux, container_id)
+        is_pod_sandbox = (spec.get("annotations") or {}).get(CRI_CONTAINER_TYPE) == "sandbox"
+        _convert_linux(linux, container_id, is_pod_sandbox)
+        if is_pod_sandbox:
+            # The pod's IPC and UTS namespaces are the guest's own, which its containers join
+            # (below); the sandbox container joins them too, so that its sysctls and hostname are
+            # the pod's. The agent set the hostname when it made the sandbox.
+            spec.pop("hostname", None)
+        pod_sysctls = _route_sysctls(linux)
 
-    return ContainerPlan(guest_spec=spec, shares=tuple(shares))
+    return ContainerPlan(guest_spec=spec, shares=tuple(shares), pod_sysctls=pod_sysctls)
+
+
+def _route_sysctls(linux: dict[str, Any]) -> dict[str, str]:
+    """Leave in the spec the sysctls crun can set; return those of the pod's namespaces."""
+    wanted = linux.get("sysctl")
+    if not wanted:
+        return {}
+    own_namespaces = {ns["type"] for ns in linux.get("namespaces") or ()}
+    try:
+        own, pod = sysctls.split(wanted, own_namespaces)
+    except sysctls.SysctlError as e:
+        raise SpecConvError(str(e)) from None
+    if own:
+        linux["sysctl"] = own
+    else:
+        del linux["sysctl"]
+    return pod
 
 
 GUEST_NETNS = {"type": "network", "path": "/proc/1/ns/net"}
 _POD_SHARED_NAMESPACES = ("ipc", "uts")
 
 
-def _convert_linux(linux: dict[str, Any], container_id: str) -> None:
+def _convert_linux(linux: dict[str, Any], container_id: str, is_pod_sandbox: bool) -> None:
     if "namespaces" in linux:
         # The guest creates fresh namespaces: host paths mean nothing there. The container's network
         # is the VM's own (it mirrors the host netns), so a network namespace becomes the guest's
@@ -149,7 +177,8 @@ def _convert_linux(linux: dict[str, Any], container_id: str) -> None:
         # its sandbox's): in the VM, which is the pod's, the guest's own stand for them.
         linux["namespaces"] = [GUEST_NETNS if ns.get("type") == "network" else {"type": ns["type"]}
                                for ns in linux["namespaces"]
-                               if not (ns.get("type") in _POD_SHARED_NAMESPACES and ns.get("path"))]
+                               if not (ns.get("type") in _POD_SHARED_NAMESPACES
+                                       and (ns.get("path") or is_pod_sandbox))]
         # The guest is cgroup v2, where runtimes give each container its own cgroup namespace (a
         # v1 host's spec, e.g. Docker's, asks for none): /sys/fs/cgroup then shows the container's
         # own cgroup and its limits, not the guest's root.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TypeVar
 
 from google.protobuf.empty_pb2 import Empty
@@ -102,10 +102,11 @@ class AgentClient:
     # containers -----------------------------------------------------------------------------
     def create_container(
         self, *, container_id: str, oci_spec_json: bytes, exec_id: str = "",
-        storages: Iterable[pb.Storage] = (),
+        storages: Iterable[pb.Storage] = (), pod_sysctls: Mapping[str, str] | None = None,
     ) -> Empty:
         req = pb.CreateContainerRequest(container_id=container_id, exec_id=exec_id,
-                                        oci_spec_json=oci_spec_json, storages=list(storages))
+                                        oci_spec_json=oci_spec_json, storages=list(storages),
+                                        pod_sysctls=dict(pod_sysctls or {}))
         return self._call("CreateContainer", req, Empty)
 
     def start_container(self, *, container_id: str) -> Empty:

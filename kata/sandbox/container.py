@@ -38,7 +38,8 @@ class Container:
             self.sandbox.shared.add(share)
         agent = self.sandbox.require_agent()
         agent.create_container(container_id=self.id, exec_id=INIT_EXEC_ID,
-                               oci_spec_json=json.dumps(self.plan.guest_spec).encode())
+                               oci_spec_json=json.dumps(self.plan.guest_spec).encode(),
+                               pod_sysctls=self.plan.pod_sysctls)
         self.sandbox.containers[self.id] = self
         self.sandbox.timings.mark("container_created")
 

@@ -82,3 +82,64 @@ def test_pod_member_keeps_the_vms_ipc_and_uts() -> None:
     guest = plan_container(Bundle(path=Path("/b"), spec=spec), "c2").guest_spec
     assert guest["linux"]["namespaces"] == [{"type": "pid"}, {"type": "mount"},
                                             {"type": "network", "path": "/proc/1/ns/net"}, {"type": "cgroup"}]
+
+
+POD_NAMESPACES = [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+                  {"type": "network", "path": "/var/run/netns/cni-1"}]
+
+
+def test_pod_sandbox_joins_the_vms_ipc_and_uts_and_its_sysctls_go_to_the_agent() -> None:
+    spec = {**sandbox_spec(), "root": {"path": "rootfs"}, "hostname": "pod-a",
+            "linux": {"namespaces": POD_NAMESPACES, "sysctl": {
+                "kernel.shm_rmid_forced": "1", "kernel.msgmax": "10000", "fs.mqueue.msg_max": "20",
+                "net.ipv4.ip_unprivileged_port_start": "80"}}}
+    plan = plan_container(Bundle(path=Path("/b"), spec=spec), "p1")
+    linux = plan.guest_spec["linux"]
+    # Its containers join the pod's ipc and uts, which in the VM are the guest's: so does the sandbox.
+    assert [ns["type"] for ns in linux["namespaces"]] == ["pid", "mount", "network", "cgroup"]
+    assert "hostname" not in plan.guest_spec  # the agent's CreateSandbox set it
+    assert plan.pod_sysctls == {"kernel.shm_rmid_forced": "1", "kernel.msgmax": "10000",
+                                "fs.mqueue.msg_max": "20"}
+    # The network namespace is the VM's own, which crun names by path: crun sets those.
+    assert linux["sysctl"] == {"net.ipv4.ip_unprivileged_port_start": "80"}
+
+
+def test_a_container_with_its_own_namespaces_has_crun_set_its_sysctls() -> None:
+    spec = {"root": {"path": "rootfs"}, "hostname": "c",
+            "linux": {"namespaces": POD_NAMESPACES, "sysctl": {"kernel.shm_rmid_forced": "1",
+                                                               "kernel.domainname": "example"}}}
+    plan = plan_container(Bundle(path=Path("/b"), spec=spec), "c1")
+    assert plan.guest_spec["linux"]["sysctl"] == {"kernel.shm_rmid_forced": "1",
+                                                  "kernel.domainname": "example"}
+    assert plan.pod_sysctls == {}
+    assert plan.guest_spec["hostname"] == "c"
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("vm.swappiness", "not namespaced"),
+    ("kernel.pid_max", "not namespaced"),
+    ("kernel.hostname", "set the spec's hostname"),
+    ("net/../../etc/x", "not a sysctl name"),
+    ("net.", "not a sysctl name"),
+])
+def test_sysctls_no_container_may_set_are_refused_in_one_line(name: str, problem: str) -> None:
+    spec = {"root": {"path": "rootfs"}, "linux": {"namespaces": POD_NAMESPACES, "sysctl": {name: "1"}}}
+    with pytest.raises(SpecConvError, match=problem):
+        plan_container(Bundle(path=Path("/b"), spec=spec), "c1")
+
+
+def test_the_agent_writes_pod_sysctls_below_proc_sys_only(tmp_path: Path) -> None:
+    from kata.guest.agent.sandbox import InvalidArgument
+    from kata.guest.agent.sysctl import set_sysctls
+
+    (tmp_path / "kernel").mkdir()
+    (tmp_path / "kernel" / "shm_rmid_forced").write_text("0")
+    (tmp_path / "net" / "ipv4" / "conf" / "eth0.100").mkdir(parents=True)
+    (tmp_path / "net" / "ipv4" / "conf" / "eth0.100" / "forwarding").write_text("0")
+    set_sysctls({"kernel.shm_rmid_forced": "1", "net/ipv4/conf/eth0.100/forwarding": "1"}, str(tmp_path))
+    assert (tmp_path / "kernel" / "shm_rmid_forced").read_text() == "1"
+    assert (tmp_path / "net/ipv4/conf/eth0.100/forwarding").read_text() == "1"
+    with pytest.raises(InvalidArgument, match="no such sysctl"):
+        set_sysctls({"kernel.msgmax": "1"}, str(tmp_path))
+    with pytest.raises(InvalidArgument, match="not namespaced"):
+        set_sysctls({"vm.overcommit_memory": "1"}, str(tmp_path))

@@ -16,6 +16,7 @@ from kata.guest.agent import log
 from kata.guest.agent.crun import CrunError
 from kata.guest.agent.sandbox import AlreadyExists, InvalidArgument, NotFound, Sandbox
 from kata.guest.agent.stdio import EndOfStream
+from kata.guest.agent.sysctl import set_sysctls
 from kata.protocols import agent_pb2 as pb
 from kata.protocols import health_pb2 as hpb
 from kata.protocols.agent_api import AGENT_SERVICE, HEALTH_SERVICE, LONG_POLL_METHODS
@@ -106,6 +107,7 @@ class AgentService:
     # containers ---------------------------------------------------------------------------
     def create_container(self, ctx: ttrpc.Context, req: pb.CreateContainerRequest) -> empty_pb2.Empty:
         self._mount_all(req.storages)
+        set_sysctls(req.pod_sysctls)
         self.sandbox.create_container(req.container_id, req.oci_spec_json)
         try:
             self._oom_watcher().watch(req.container_id, self.sandbox.cgroup_dir(req.container_id))
