@@ -9,6 +9,7 @@ from typing import Any
 from kata.guest.agent import log
 from kata.guest.agent.crun import ConsoleSocket, Crun, CrunError
 from kata.guest.agent.reaper import Exit, Reaper
+from kata.guest.agent.settle import exe_of, wait_settled
 from kata.guest.agent.stdio import Stdio
 from kata.utils.ids import id_problem
 
@@ -172,9 +173,11 @@ class Sandbox:
         c = self.container(cid)
         if c.started:
             raise InvalidArgument(f"container {cid!r} already started")
+        launcher = exe_of(c.init.pid) if c.init is not None else None
         self.crun.run(["start", cid], log_file=c.log_file)
         c.started = True
-        log.info(f"started container {cid}")
+        waited = wait_settled(c.init.pid, launcher) if c.init is not None and launcher else 0.0
+        log.info(f"started container {cid} (its process settled after {waited * 1000:.0f} ms)")
 
     def exec_process(self, cid: str, exec_id: str, process_json: bytes) -> None:
         c = self.container(cid)
