@@ -184,8 +184,9 @@ def _convert_linux(linux: dict[str, Any], container_id: str, is_pod_sandbox: boo
         # own cgroup and its limits, not the guest's root.
         if not any(ns["type"] == "cgroup" for ns in linux["namespaces"]):
             linux["namespaces"].append({"type": "cgroup"})
-    # Device nodes named by host major/minor; the guest's devices are its own.
-    linux.pop("devices", None)
+    # linux.devices stay: crun makes the nodes in the container, as runc does on the host. Their
+    # numbers name the VM's devices, not the host's (no host device is passed into the VM): the
+    # memory, tty, fuse and tun devices are the same everywhere; a host disk's numbers are not.
     linux["cgroupsPath"] = guest_cgroups_path(container_id)
     for key in _LSM_LINUX_KEYS:
         linux.pop(key, None)

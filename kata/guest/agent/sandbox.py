@@ -8,6 +8,7 @@ from typing import Any
 
 from kata.guest.agent import log
 from kata.guest.agent.crun import ConsoleSocket, Crun, CrunError
+from kata.guest.agent.devices import fix_device_modes
 from kata.guest.agent.reaper import Exit, Reaper
 from kata.guest.agent.settle import exe_of, wait_settled
 from kata.guest.agent.stdio import Stdio
@@ -167,6 +168,7 @@ class Sandbox:
                 self.containers.pop(cid, None)
             _rmtree(bundle)
             raise
+        fix_device_modes(c.init.pid, spec)
         log.info(f"created container {cid} init pid {c.init.pid}")
 
     def start_container(self, cid: str) -> None:
