@@ -38,6 +38,9 @@ if TYPE_CHECKING:
     from kata.specconv import HostShare  # the OCI translation: only what it hands us
 
 
+SHARE_DIR_MODE = 0o711
+
+
 class ShareError(KataError):
     pass
 
@@ -57,8 +60,13 @@ class SharedDir:
 
     def create(self) -> None:
         """Both directories, and the propagation from ``mounts/`` to the read-only ``shared/``."""
-        for d in (self.mounts.parent, self.mounts, self.shared):
-            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # The sandbox's directory keeps other host users out (0700). What the guest sees below it
+        # may be traversed by anyone (0711): a container in a user namespace whose root is not the
+        # guest's must reach its rootfs through these directories (runc needs the same of a bundle).
+        self.mounts.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for d in (self.mounts, self.shared):
+            d.mkdir(mode=0o700, exist_ok=True)
+            d.chmod(SHARE_DIR_MODE)
         try:
             # A mount of its own, private first so nothing of ours reaches the parent's peers, then
             # shared so that what is mounted below it shows in shared/ too.
@@ -85,7 +93,7 @@ class SharedDir:
             directory = stat.S_ISDIR(os.fstat(source).st_mode)
             root = os.open(self.mounts, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             fds.append(root)
-            target = make_mount_point(root, share.name, directory)
+            target = make_mount_point(root, share.name, directory, mode=SHARE_DIR_MODE)
             fds.append(target)
             tree = mountapi.clone_tree(source)
             fds.append(tree)
