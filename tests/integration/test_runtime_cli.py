@@ -228,14 +228,8 @@ def test_failing_prestart_hook_fails_create_and_cleans_up(tmp_path: Path, rt: Ru
     assert all_leftovers(cid, rt) == []
 
 
-def test_a_runtime_spec_1_2_bundle_runs(tmp_path: Path, rt: Runtime, cid: str) -> None:
-    """containerd 2.x writes ociVersion 1.2.x, which the guest's crun (1.8.1) refuses by itself: the
-    guest is told a version it takes. A relative mount destination (allowed from 1.2 on) works too."""
-    script = "echo spec-1.2; grep -q ' /tmp/rel tmpfs ' /proc/mounts && echo relative-ok"
-    bundle = make_busybox_bundle(tmp_path / "b", ["sh", "-c", script], spec_changes={"ociVersion": "1.2.0"})
-    spec = json.loads((bundle / "config.json").read_text())
-    spec["mounts"].append({"destination": "tmp/rel", "type": "tmpfs", "source": "tmpfs"})
-    (bundle / "config.json").write_text(json.dumps(spec))
+def _run_to_exit(rt: Runtime, bundle: Path, cid: str, tmp_path: Path) -> str:
+    """create + start + wait + delete, as containerd's runc shim does; the container's stdout."""
     out, err = tmp_path / "out", tmp_path / "err"
     try:
         # The container's output goes where create's went (files: the monitor keeps them open).
@@ -246,11 +240,54 @@ def test_a_runtime_spec_1_2_bundle_runs(tmp_path: Path, rt: Runtime, cid: str) -
         assert proc.returncode == 0, err.read_text()
         rt("start", cid)
         wait_gone(int((tmp_path / "pid").read_text()))
-        assert out.read_text() == "spec-1.2\nrelative-ok\n", err.read_text()
         rt("delete", cid)
+        return out.read_text() + err.read_text()
     finally:
         rt("delete", "--force", cid, check=False)
-    assert all_leftovers(cid, rt) == []
+        assert all_leftovers(cid, rt) == []
+
+
+def test_a_runtime_spec_1_2_bundle_runs(tmp_path: Path, rt: Runtime, cid: str) -> None:
+    """containerd 2.x writes ociVersion 1.2.x, which the guest's crun (1.8.1) refuses by itself: the
+    guest is told a version it takes. A relative mount destination (allowed from 1.2 on) works too."""
+    script = "echo spec-1.2; grep -q ' /tmp/rel tmpfs ' /proc/mounts && echo relative-ok"
+    bundle = make_busybox_bundle(tmp_path / "b", ["sh", "-c", script], spec_changes={"ociVersion": "1.2.0"})
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["mounts"].append({"destination": "tmp/rel", "type": "tmpfs", "source": "tmpfs"})
+    (bundle / "config.json").write_text(json.dumps(spec))
+    assert _run_to_exit(rt, bundle, cid, tmp_path) == "spec-1.2\nrelative-ok\n"
+
+
+def test_every_namespace_new_and_device_nodes(tmp_path: Path, rt: Runtime, cid: str) -> None:
+    """runtime-tools' checks runc passes: a spec with every namespace new (none named by path), and
+    linux.devices made as nodes in the container with their type, numbers and mode (the numbers name
+    the VM's devices). Then the same with a user namespace too, whose mappings apply."""
+    script = "cat /proc/self/uid_map; stat -c '%n %F %t:%T %a' /dev/kt-char /dev/kt-block /dev/kt-fifo"
+    bundle = make_busybox_bundle(tmp_path / "b", ["sh", "-c", script])
+    spec = json.loads((bundle / "config.json").read_text())
+    linux = spec["linux"]
+    linux["namespaces"] = [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount", "cgroup")]
+    linux["devices"] = [
+        {"path": "/dev/kt-char", "type": "c", "major": 10, "minor": 666, "fileMode": 0o660, "uid": 0},
+        {"path": "/dev/kt-block", "type": "b", "major": 8, "minor": 666, "fileMode": 0o640},
+        {"path": "/dev/kt-fifo", "type": "p", "fileMode": 0o600},
+    ]
+    (bundle / "config.json").write_text(json.dumps(spec))
+    lines = _run_to_exit(rt, bundle, cid, tmp_path).splitlines()
+    assert lines[0].split() == ["0", "0", "4294967295"], lines  # no user namespace: the guest's
+    # stat prints device numbers in hex
+    assert lines[1:] == ["/dev/kt-char character special file a:29a 660",
+                         "/dev/kt-block block special file 8:29a 640",
+                         "/dev/kt-fifo fifo 0:0 600"], lines
+    # A user namespace as well: the device nodes cannot be made in it (runc refuses such a spec),
+    # so only its mappings are checked.
+    linux["namespaces"].append({"type": "user"})
+    linux["uidMappings"] = linux["gidMappings"] = [{"containerID": 0, "hostID": 1000, "size": 65536}]
+    del linux["devices"]
+    (bundle / "config.json").write_text(json.dumps(spec))
+    (tmp_path / "user").mkdir()
+    out = _run_to_exit(rt, bundle, cid, tmp_path / "user")
+    assert out.split()[:3] == ["0", "1000", "65536"], out
 
 
 def test_a_namespace_path_of_another_type_is_refused(tmp_path: Path, rt: Runtime, cid: str) -> None:
