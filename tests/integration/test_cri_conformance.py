@@ -1,11 +1,13 @@
 """What Kubernetes' CRI validation checks of a runtime, with runc (the reference) and kata side by side:
 a pod's sysctls seen by its containers, what a privileged container builds in its network (a bridge,
-a veth pair), and a stop sent right after a start ending at once instead of after the grace period."""
+a veth pair), a stop sent right after a start ending at once instead of after the grace period, and
+an image pulled through PullImage from a registry (a local one, in containerd's network namespace)."""
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator
 
 import pytest
 
@@ -13,6 +15,8 @@ from kata.protocols.cri import api_pb2 as cri_pb
 from tests.support.cri import CriClient, Pod
 from tests.support.cri_config import KATA
 from tests.support.daemons import Containerd
+from tests.support.images import busybox_oci_archive
+from tests.support.registry import local_registry, push
 
 CRI_RUNTIMES = {"kata": KATA}
 HANDLERS = ["runc", pytest.param("kata", marks=pytest.mark.vm)]
@@ -87,5 +91,29 @@ def test_a_stop_right_after_the_start_is_not_lost(cri: CriClient, cri_containerd
         status = cri.container_status(cid).status
         # exit 0 is the trap's: the SIGTERM was handled, not replaced by the grace period's SIGKILL (137)
         assert (status.exit_code, took < STOP_GRACE / 3) == (0, True), (status.exit_code, took)
+    finally:
+        cri.remove_pod(pod.id)
+
+
+@pytest.fixture(scope="module")
+def registry_image(cri_containerd: Containerd) -> Iterator[str]:
+    """The busybox image, in a registry on loopback of containerd's network namespace."""
+    assert cri_containerd.netns
+    with local_registry(cri_containerd.netns, cri_containerd.base / "registry") as address:
+        ref = f"{address}/kata-test/pulled:v1"
+        push(cri_containerd.netns, busybox_oci_archive(), ref)
+        yield ref
+
+
+@pytest.mark.parametrize("handler", HANDLERS, indirect=True)
+def test_an_image_pulled_from_a_registry_runs(cri: CriClient, cri_containerd: Containerd, registry_image: str,
+                                              handler: str) -> None:
+    image_id = cri.pull_image(registry_image, timeout=120)
+    status = cri.image_status(registry_image)
+    assert status is not None and registry_image in status.repo_tags and status.id == image_id
+    pod = _pod(cri, cri_containerd, "pulled", handler)
+    try:
+        cid = cri.run_container(pod, "from-registry", registry_image, SLEEPER)
+        assert _sh(cri, cid, "echo pulled-$(uname -s)") == "pulled-Linux"
     finally:
         cri.remove_pod(pod.id)

@@ -303,6 +303,11 @@ class CriClient:
         return list(self._call(IMAGE_SERVICE, "ListImages", cri.ListImagesRequest(), cri.ListImagesResponse,
                                timeout).images)
 
+    def pull_image(self, image: str, timeout: float | None = None) -> str:
+        """PullImage, as a kubelet does before it creates a container; the image's reference (id)."""
+        request = cri.PullImageRequest(image=cri.ImageSpec(image=image))
+        return self._call(IMAGE_SERVICE, "PullImage", request, cri.PullImageResponse, timeout).image_ref
+
     def image_status(self, image: str, timeout: float | None = None) -> cri.Image | None:
         """The image as the CRI plugin knows it (by name, id or digest), None if it has no such image."""
         request = cri.ImageStatusRequest(image=cri.ImageSpec(image=image))

@@ -40,6 +40,7 @@ class CriRuntime:
 
 
 RUNC = CriRuntime("io.containerd.runc.v2")
+LOCAL_REGISTRY = "127.0.0.1:5000"
 # containerd finds containerd-shim-kata-v2 on its PATH for this type; the annotations let a pod choose
 # Kata settings (io.katacontainers.config.*), as Kata's documentation configures containerd.
 KATA = CriRuntime("io.containerd.kata.v2", pod_annotations=("io.katacontainers.*",))
@@ -70,6 +71,8 @@ def cri_plugin_config(base: Path, runtimes: Mapping[str, CriRuntime],
         "stream_server_address": "127.0.0.1",
         "stream_server_port": "0",
         "cni": {"bin_dir": CNI_BIN_DIR, "conf_dir": str(cni_conf_dir(base)), "max_conf_num": 1},
+        # the tests' local registry (tests/support/registry.py) speaks plain http on loopback
+        "registry": {"mirrors": {LOCAL_REGISTRY: {"endpoint": [f"http://{LOCAL_REGISTRY}"]}}},
         "containerd": {"default_runtime_name": "runc", "snapshotter": "overlayfs", "runtimes": handlers},
     }
 
