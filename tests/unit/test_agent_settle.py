@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -36,10 +37,13 @@ def test_a_busy_program_without_handlers_is_waited_for_at_most_the_limit() -> No
         assert 0.2 <= wait_settled(p.pid, "/usr/bin/crun", limit=0.2) < 2
 
 
-def test_a_program_with_a_handler_is_settled_while_busy() -> None:
+def test_a_program_with_a_sigterm_handler_is_settled_while_busy_but_not_one_for_another_signal() -> None:
     # bash traps TERM, then spins without sleeping: its handler is what makes it ready.
     with running("bash", "-c", "trap 'exit 0' TERM; while :; do :; done") as p:
         assert wait_settled(p.pid, "/usr/bin/crun", limit=5) < 5
+    with running("python3", "-c", "import signal; signal.signal(signal.SIGUSR1, print)\nwhile True: pass") as p:
+        time.sleep(1)  # past its start-up, which may sleep on I/O
+        assert not settled(p.pid, "/usr/bin/crun")
 
 
 def test_a_process_that_is_gone_is_settled() -> None:

@@ -4,19 +4,23 @@ crun start returns once the container's init has been released to exec, not once
 runs. Under TCG the exec and the workload's own start take tens of milliseconds, and a SIGTERM in
 that window reaches a PID 1 without a handler yet: the kernel drops it, and a stop waits out its
 whole grace period. So StartContainer returns only when the new program runs and has either
-installed a signal handler or gone to sleep (waiting for work, for a child, for input), or has
-exited; a program that does neither (busy from its first instruction) is waited for at most
-SETTLE_LIMIT.
+decided what SIGTERM (the stop signal of Kubernetes and Docker) does to it (a handler, or ignored),
+or gone to sleep (waiting for work, for a child, for input), or has exited; a program that does
+none of these (busy from its first instruction) is waited for at most SETTLE_LIMIT. A handler for
+another signal does not count: a shell installs its SIGCHLD handler before it runs the script that
+traps SIGTERM.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 SETTLE_LIMIT = 0.5  # seconds; also the most a start can take longer because of this
 _POLL = 0.002
 _SETTLED_STATES = frozenset("SZXTtI")  # sleeping, exited, stopped, traced, idle
+_SIGTERM_BIT = 1 << (signal.SIGTERM - 1)  # in /proc/PID/status's signal masks
 
 
 def _status(pid: int) -> dict[str, str] | None:
@@ -35,7 +39,7 @@ def exe_of(pid: int) -> str | None:
 
 
 def settled(pid: int, launcher_exe: str) -> bool:
-    """The process is gone, or runs its own program and has a handler or sleeps. ``launcher_exe``:
+    """The process is gone, or runs its own program and has decided on SIGTERM or sleeps. ``launcher_exe``:
     what /proc/PID/exe showed before the start (crun's init, which may run from a memfd copy)."""
     status = _status(pid)
     if status is None:
@@ -45,7 +49,8 @@ def settled(pid: int, launcher_exe: str) -> bool:
         return True
     if exe_of(pid) in (launcher_exe, None):
         return False  # still crun's init, between the start fifo and execve
-    return state in _SETTLED_STATES or int(status.get("SigCgt", "0") or "0", 16) != 0
+    decided = int(status.get("SigCgt", "0") or "0", 16) | int(status.get("SigIgn", "0") or "0", 16)
+    return state in _SETTLED_STATES or bool(decided & _SIGTERM_BIT)
 
 
 def wait_settled(pid: int, launcher_exe: str, limit: float = SETTLE_LIMIT) -> float:
