@@ -16,7 +16,8 @@ import pytest
 from kata.fs_share.shared_dir import SharedDir, ShareError
 from kata.sandbox.paths import InvalidIdError
 from kata.specconv import HostShare, bind_share
-from kata.utils.mount import MS_BIND, MS_SHARED, mount, mounts_under, unmount
+from kata.utils.mount import mount, mounts_under, unmount
+from tests.support.mounts import mount_tmpfs, shared_volume
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")
 
@@ -61,19 +62,8 @@ def test_guest_view_is_read_only_and_receives_mounts(shared: SharedDir, tmp_path
 
 @pytest.fixture
 def volume(tmp_path: Path) -> Iterator[Path]:
-    """A host directory with a tmpfs mounted below it, itself a shared mount (as a kubelet's
-    volumes are): what propagation and read-only flags act on."""
-    vol = tmp_path / "vol"
-    (vol / "sub").mkdir(parents=True)
-    (vol / "late").mkdir()
-    mount(str(vol), str(vol), None, MS_BIND)
-    try:
-        mount(None, str(vol), None, MS_SHARED)
-        mount("tmpfs", str(vol / "sub"), "tmpfs")
+    with shared_volume(tmp_path / "vol") as vol:
         yield vol
-    finally:
-        for point in mounts_under(str(vol)):
-            unmount(point)
 
 
 def test_read_only_share_is_read_only_at_its_top_only(shared: SharedDir, volume: Path) -> None:
@@ -106,8 +96,7 @@ def test_a_non_recursive_bind_shares_no_submount(shared: SharedDir, volume: Path
 def test_a_slave_share_receives_later_host_mounts_and_sends_none(shared: SharedDir, volume: Path,
                                                                  propagation: str) -> None:
     shared.add(bind_share(str(volume), "c1/0-vol", ["rbind", propagation]))
-    mount("tmpfs", str(volume / "late"), "tmpfs")
-    (volume / "late" / "file").write_text("made after the share")
+    mount_tmpfs(volume / "late", "file", "made after the share")
     for view in (shared.mounts, shared.shared):
         assert (view / "c1" / "0-vol" / "late" / "file").read_text() == "made after the share"
     # A mount made below the share (by the host: the guest cannot mount there) stays there.
@@ -119,8 +108,7 @@ def test_a_slave_share_receives_later_host_mounts_and_sends_none(shared: SharedD
 
 def test_a_private_share_keeps_out_later_host_mounts(shared: SharedDir, volume: Path) -> None:
     shared.add(bind_share(str(volume), "c1/0-vol", ["rbind", "rprivate"]))
-    mount("tmpfs", str(volume / "late"), "tmpfs")
-    (volume / "late" / "file").write_text("made after the share")
+    mount_tmpfs(volume / "late", "file", "made after the share")
     assert not (shared.shared / "c1" / "0-vol" / "late" / "file").exists()
     assert shared.submounts("c1/0-vol") == [("sub", False)]
 
