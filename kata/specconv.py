@@ -168,6 +168,18 @@ def plan_container(bundle: Bundle, container_id: str) -> ContainerPlan:
     return ContainerPlan(guest_spec=spec, shares=tuple(shares))
 
 
+def shared_binds(guest_spec: dict[str, Any]) -> list[str]:
+    """The destinations of the shares whose bind asks for shared propagation, which a VM honours
+    one way only: the host's mounts come in, the guest's never go out (see docs/security.md)."""
+    found = []
+    for m in guest_spec.get("mounts") or ():
+        propagation = [opt for opt in m.get("options") or () if opt in _PROPAGATION]
+        last = propagation[-1] if propagation else ""
+        if last in ("shared", "rshared") and str(m.get("source", "")).startswith(GUEST_SHARED_DIR + "/"):
+            found.append(m["destination"])
+    return found
+
+
 # Per volume: what a host with many mounts below a read-only volume (e.g. "/" for a node agent)
 # adds to the guest spec at most. The rest stay read-only in the container: the safe side.
 MAX_SUBMOUNT_BINDS = 64

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from kata.fs_share.shared_dir import check_source
 from kata.oci.spec import Bundle
-from kata.specconv import MAX_SUBMOUNT_BINDS, ContainerPlan, plan_container, submount_binds
+from kata.specconv import MAX_SUBMOUNT_BINDS, ContainerPlan, plan_container, shared_binds, submount_binds
 
 if TYPE_CHECKING:
     from kata.sandbox.sandbox import Sandbox
@@ -38,6 +38,9 @@ class Container:
 
     def create(self) -> None:
         spec = self.plan.guest_spec
+        for destination in shared_binds(spec):
+            log.warning(f"container {self.id}: mount {destination} is shared one way only: the host's mounts "
+                        "below it come in, mounts made in the VM never reach the host")
         for share in self.plan.shares:
             self.sandbox.shared.add(share)
             if share.read_only_at_top:

@@ -20,6 +20,7 @@ from kata.specconv import (
     VMSizing,
     bind_share,
     plan_container,
+    shared_binds,
     submount_binds,
     vm_sizing,
 )
@@ -239,9 +240,12 @@ def test_propagation_options_reach_the_guest_unchanged() -> None:
     """crun in the guest applies them to the container's own mount (what runtime-tools looks at)."""
     mounts = [{"destination": f"/m{i}", "source": "/etc", "options": ["bind", prop]}
               for i, prop in enumerate(["shared", "rshared", "slave", "rslave"])]
+    mounts.append({"destination": "/t", "type": "tmpfs", "source": "tmpfs", "options": ["shared"]})
     plan = plan_container(bundle_of(minimal(mounts=mounts)), CID)
     assert [m["options"] for m in plan.guest_spec["mounts"]] == [m["options"] for m in mounts]
     assert all(s.slave for s in plan.shares[1:])
+    # The binds warned about: shared one way only (a tmpfs of the guest's own is shared in full).
+    assert shared_binds(plan.guest_spec) == ["/m0", "/m1"]
 
 
 def test_each_submount_of_a_volume_read_only_at_its_top_gets_its_host_flag() -> None:
