@@ -13,6 +13,7 @@ import dataclasses
 import math
 import posixpath
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +50,42 @@ class HostShare:
 
     source: str
     name: str
-    read_only: bool
+    read_only: bool  # the share's own mount; its submounts keep their flags (runc's "ro")
+    recursive: bool = True  # the source's submounts come along ("rbind"), each a mount of its own
+    recursive_read_only: bool = False  # ...read-only as well ("rro")
+    # Mounts made below the source later appear in the share (and so in the guest); none travels
+    # back. For "slave"/"rslave", and for "shared"/"rshared", which a VM can only half honour.
+    slave: bool = False
+
+    @property
+    def read_only_at_top(self) -> bool:
+        """Read-only itself while its submounts keep their own flags (see submount_binds)."""
+        return self.read_only and self.recursive and not self.recursive_read_only
+
+
+# Propagation options that ask for the host's later mounts below a bind's source.
+_RECEIVING_PROPAGATION = frozenset({"slave", "rslave", "shared", "rshared"})
+_PROPAGATION = _RECEIVING_PROPAGATION | {"private", "rprivate", "unbindable", "runbindable"}
+
+
+def bind_share(source: str, name: str, options: list[str]) -> HostShare:
+    """The share behind a bind mount with runc's reading of its options: "ro"/"rw" set the mount's
+    own flag, "rro"/"rrw" then set or clear it on every mount of the tree (the last of each pair
+    wins), and the last propagation option decides whether later host mounts reach it."""
+    read_only = False
+    recursive_attr: bool | None = None  # True: rro, False: rrw, None: neither
+    propagation = "rprivate"
+    for opt in options:
+        if opt in ("ro", "rw"):
+            read_only = opt == "ro"
+        elif opt in ("rro", "rrw"):
+            recursive_attr = opt == "rro"
+        elif opt in _PROPAGATION:
+            propagation = opt
+    if recursive_attr is not None:
+        read_only = recursive_attr
+    return HostShare(source, name, read_only=read_only, recursive="rbind" in options,
+                     recursive_read_only=bool(recursive_attr), slave=propagation in _RECEIVING_PROPAGATION)
 
 
 @dataclass(frozen=True)
@@ -105,13 +141,10 @@ def plan_container(bundle: Bundle, container_id: str) -> ContainerPlan:
                 raise SpecConvError(f"mount {mount['destination']}: bind mount without a source")
             # A relative source is relative to the bundle, as for runc (whose working directory it is).
             source = posixpath.join(str(bundle.path), mount["source"])
-            share = HostShare(
-                source=posixpath.normpath(source),
-                # Under the container's own directory: a name beside it ("ID-0-x") would share
-                # its prefix with another container's ("ID-0" is a valid id too).
-                name=f"{container_id}/{index}-{_share_basename(source)}",
-                read_only="ro" in options,
-            )
+            # Under the container's own directory: a name beside it ("ID-0-x") would share its
+            # prefix with another container's ("ID-0" is a valid id too).
+            name = f"{container_id}/{index}-{_share_basename(source)}"
+            share = bind_share(posixpath.normpath(source), name, options)
             shares.append(share)
             mount = {**mount, "source": guest_path(share.name)}
         elif mount.get("type") not in GUEST_LOCAL_FS_TYPES:
@@ -161,6 +194,54 @@ def _route_sysctls(linux: dict[str, Any]) -> dict[str, str]:
     else:
         del linux["sysctl"]
     return pod
+
+
+def shared_binds(guest_spec: dict[str, Any]) -> list[str]:
+    """The destinations of the shares whose bind asks for shared propagation, which a VM honours
+    one way only: the host's mounts come in, the guest's never go out (see docs/security.md)."""
+    found = []
+    for m in guest_spec.get("mounts") or ():
+        propagation = [opt for opt in m.get("options") or () if opt in _PROPAGATION]
+        last = propagation[-1] if propagation else ""
+        if last in ("shared", "rshared") and str(m.get("source", "")).startswith(GUEST_SHARED_DIR + "/"):
+            found.append(m["destination"])
+    return found
+
+
+# Per volume: what a host with many mounts below a read-only volume (e.g. "/" for a node agent)
+# adds to the guest spec at most. The rest stay read-only in the container: the safe side.
+MAX_SUBMOUNT_BINDS = 64
+
+
+def submount_binds(guest_spec: dict[str, Any], share: HostShare,
+                   submounts: Sequence[tuple[str, bool]]) -> dict[str, Any]:
+    """The guest spec with a bind of its own, right after ``share``'s mount, for each of the share's
+    submounts (path relative to the share, read-only on the host), with the host's flag.
+
+    A volume read-only at its top only needs them: in the guest, virtio-fs mounts a submount on
+    first use with the flags of the mount it is found under (read-only there, whatever the host
+    says), and 9p shows no submounts at all. The host enforces its own flags either way; these
+    binds give the container the same ones."""
+    if not share.read_only_at_top or not submounts:
+        return guest_spec
+    spec = copy.deepcopy(guest_spec)
+    mounts = spec.get("mounts") or []
+    source = guest_path(share.name)
+    index = next((i for i, m in enumerate(mounts) if m.get("source") == source), None)
+    if index is None:
+        raise SpecConvError(f"share {share.name}: no mount of the guest spec uses it")
+    parent = mounts[index]
+    propagation = [opt for opt in parent.get("options") or () if opt in _PROPAGATION]
+    binds = []
+    for relative, read_only in submounts[:MAX_SUBMOUNT_BINDS]:
+        relative = posixpath.normpath(relative)
+        if relative.startswith(("/", "..")) or relative == ".":
+            continue  # never outside the share (mountinfo gives paths below it: a stale read)
+        binds.append({"destination": posixpath.join(parent["destination"], relative), "type": "bind",
+                      "source": posixpath.join(source, relative),
+                      "options": ["rbind", "ro" if read_only else "rw", *propagation]})
+    mounts[index + 1:index + 1] = binds
+    return spec
 
 
 GUEST_NETNS = {"type": "network", "path": "/proc/1/ns/net"}

@@ -7,8 +7,11 @@ and the guest is given ``shared/``, a read-only view of it that receives every m
 never follows a symlink below ``mounts/``: targets are created and opened with no-follow rules and
 mounted through their file descriptors.
 
-A share is a detached clone of its source's mount tree, made read-only (recursively: submounts too)
-before it becomes visible, then attached; the propagated copy in ``shared/`` carries the same flags.
+A share is a detached clone of its source's mount (with its submounts for "rbind"), given its
+flags and propagation before it becomes visible, then attached; the propagated copy in ``shared/``
+carries the same flags. A read-only share is read-only at its top, as runc's "ro" is, and all the
+way down for "rro"; a submount of a share stays a mount of its own with its own flags (virtiofsd
+announces it to the guest as such).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from kata.utils.mount import (
     MS_SLAVE,
     mount,
     mounts_under,
+    submounts,
     unmount,
 )
 from kata.utils.safepath import make_mount_point, remove_tree
@@ -95,17 +99,26 @@ class SharedDir:
             fds.append(root)
             target = make_mount_point(root, share.name, directory, mode=SHARE_DIR_MODE)
             fds.append(target)
-            tree = mountapi.clone_tree(source)
+            tree = mountapi.clone_tree(source, recursive=share.recursive)
             fds.append(tree)
-            # Private: later mounts at the source stay out of the guest's view (as runc's default).
-            mountapi.set_attributes(tree, attr_set=mountapi.MOUNT_ATTR_RDONLY if share.read_only else 0,
-                                    propagation=MS_PRIVATE)
+            # Private: later mounts at the source stay out of the guest's view (runc's default).
+            # Slave: they come in (mount events flow from the source's peers to the share only,
+            # never back, so nothing made below the share reaches the source).
+            mountapi.set_attributes(tree, propagation=MS_SLAVE if share.slave else MS_PRIVATE)
+            if share.read_only:
+                # All flags are set while the tree is detached: the guest never sees it writable.
+                mountapi.set_attributes(tree, attr_set=mountapi.MOUNT_ATTR_RDONLY,
+                                        recursive=share.recursive_read_only)
             mountapi.attach(tree, target)
         except OSError as exc:
             raise ShareError(f"sharing {share.source} as {share.name}: {exc.strerror or exc}") from exc
         finally:
             for fd in fds:
                 os.close(fd)
+
+    def submounts(self, name: str) -> list[tuple[str, bool]]:
+        """The mounts below the share ``name`` now (relative path, read-only), parents first."""
+        return submounts(str(self.mounts / name))
 
     def remove(self, container_id: str) -> None:
         """Unmount and delete everything a container shared (all of it under the directory named by

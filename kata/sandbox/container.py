@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import TYPE_CHECKING
 
 from kata.fs_share.shared_dir import check_source
 from kata.oci.spec import Bundle
-from kata.specconv import ContainerPlan, plan_container
+from kata.specconv import MAX_SUBMOUNT_BINDS, ContainerPlan, plan_container, shared_binds, submount_binds
 
 if TYPE_CHECKING:
     from kata.sandbox.sandbox import Sandbox
+
+log = logging.getLogger(__name__)
 
 # The init process of a container is addressed with an empty exec id in the agent API.
 INIT_EXEC_ID = ""
@@ -34,11 +37,21 @@ class Container:
         self.terminal = bool(bundle.spec.get("process", {}).get("terminal", False))
 
     def create(self) -> None:
+        spec = self.plan.guest_spec
+        for destination in shared_binds(spec):
+            log.warning(f"container {self.id}: mount {destination} is shared one way only: the host's mounts "
+                        "below it come in, mounts made in the VM never reach the host")
         for share in self.plan.shares:
             self.sandbox.shared.add(share)
+            if share.read_only_at_top:
+                found = self.sandbox.shared.submounts(share.name)
+                if len(found) > MAX_SUBMOUNT_BINDS:
+                    log.warning(f"container {self.id}: {share.source} has {len(found)} mounts below it; the "
+                                f"ones after the first {MAX_SUBMOUNT_BINDS} are read-only in the container")
+                spec = submount_binds(spec, share, found)
         agent = self.sandbox.require_agent()
         agent.create_container(container_id=self.id, exec_id=INIT_EXEC_ID,
-                               oci_spec_json=json.dumps(self.plan.guest_spec).encode(),
+                               oci_spec_json=json.dumps(spec).encode(),
                                pod_sysctls=self.plan.pod_sysctls)
         self.sandbox.containers[self.id] = self
         self.sandbox.timings.mark("container_created")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Iterable
+from typing import NamedTuple
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -89,26 +90,41 @@ def unescape_mountinfo(field: bytes) -> bytes:
     return bytes(out)
 
 
-def _mounts(mountinfo: bytes | None) -> list[tuple[str, str]]:
-    """(mount point, filesystem type) of each mount, in mount order (a later one covers an earlier
-    one on the same point). Points are Python paths (os.fsdecode of the raw bytes, so that a
-    non-UTF-8 name compares equal to the path that names it)."""
+class _Mount(NamedTuple):
+    point: str
+    kind: str
+    read_only: bool  # the mount's own flag (not its superblock's)
+
+
+def _mounts(mountinfo: bytes | None) -> list[_Mount]:
+    """Each mount, in mount order (a later one covers an earlier one on the same point). Points
+    are Python paths (os.fsdecode of the raw bytes, so that a non-UTF-8 name compares equal to the
+    path that names it)."""
     if mountinfo is None:
         with open("/proc/self/mountinfo", "rb") as f:
             mountinfo = f.read()
     found = []
     for line in mountinfo.split(b"\n"):
         fields = line.split(b" ")
-        if len(fields) > 4:
+        if len(fields) > 5:
             # The type is the field after the "-" that ends the optional fields.
             kind = fields[fields.index(b"-") + 1] if b"-" in fields[:-1] else b""
-            found.append((os.fsdecode(unescape_mountinfo(fields[4])), os.fsdecode(kind)))
+            found.append(_Mount(os.fsdecode(unescape_mountinfo(fields[4])), os.fsdecode(kind),
+                                b"ro" in fields[5].split(b",")))
     return found
 
 
 def mount_points(mountinfo: bytes | None = None) -> list[str]:
     """Every mount point of this mount namespace."""
-    return [point for point, _ in _mounts(mountinfo)]
+    return [m.point for m in _mounts(mountinfo)]
+
+
+def submounts(top: str, mountinfo: bytes | None = None) -> list[tuple[str, bool]]:
+    """The mounts strictly below the mount point ``top``: (path relative to it, read-only), a
+    parent before its children."""
+    prefix = top.rstrip("/") + "/"
+    found = [(m.point[len(prefix):], m.read_only) for m in _mounts(mountinfo) if m.point.startswith(prefix)]
+    return sorted(found, key=lambda sub: sub[0].count("/"))
 
 
 def fs_type(path: str, mountinfo: bytes | None = None) -> str | None:
@@ -116,7 +132,7 @@ def fs_type(path: str, mountinfo: bytes | None = None) -> str | None:
     deepest mount at or above it. None when no mount covers it."""
     path = os.path.normpath(path)
     best: tuple[int, str] | None = None
-    for point, kind in _mounts(mountinfo):
+    for point, kind, _ in _mounts(mountinfo):
         if path == point or path.startswith(point.rstrip("/") + "/"):
             depth = 0 if point == "/" else point.count("/")
             if best is None or depth >= best[0]:

@@ -9,6 +9,7 @@ kata, the pod's containers share one VM (one QEMU, one shim), whose eth0 has the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import os
 import time
@@ -26,6 +27,7 @@ from tests.support.cri import CriClient, CriError, ExecResult, Pod
 from tests.support.cri_config import CRI_NAMESPACE, DEFAULT_POD_SUBNET, KATA
 from tests.support.daemons import Containerd, cri_missing_tools
 from tests.support.images import PAUSE_REF
+from tests.support.mounts import PROBE_WRITE, mount_tmpfs, shared_volume
 from tests.support.netns import temporary_netns
 
 # The kata handlers' configurations: the default one with the pods' sizing annotations allowed, and
@@ -201,6 +203,39 @@ def test_pods_share_and_reach_networks(cri: CriClient, cri_containerd: Container
     assert cri.list_pod_sandbox() == []
     assert _ctr_ids(cri_containerd, "containers") == [] and _ctr_ids(cri_containerd, "tasks") == []
     assert [t for pod in pods for t in cri_containerd.traces_of(pod.id)] == []
+
+
+@pytest.mark.parametrize("handler", HANDLERS)
+def test_volumes_read_only_over_a_submount_and_host_mounts_propagated(
+        cri: CriClient, cri_containerd: Containerd, handler: str, request: pytest.FixtureRequest,
+        tmp_path: Path) -> None:
+    """Volumes of a host directory with a tmpfs below it, the same checks for runc and kata.
+    readonly, which containerd 1.6 applies to the volume's own mount only (it has no
+    recursive_read_only; rro is tested through kata-runtime): the top is read-only, the tmpfs
+    writable. HOST_TO_CONTAINER (rslave) and BIDIRECTIONAL (rshared, which kata takes as rslave):
+    a tmpfs the host mounts after the start appears in the container; a private volume keeps it out."""
+    if handler == "kata":
+        request.getfixturevalue("needs_guest")
+    with shared_volume(tmp_path / "vol") as vol:
+        pod = _run_pod(cri, cri_containerd, "volumes", handler)
+        try:
+            mounts = [cri_pb.Mount(container_path="/ro", host_path=str(vol), readonly=True)] + [
+                cri_pb.Mount(container_path=path, host_path=str(vol), propagation=propagation)
+                for path, propagation in (("/h2c", cri_pb.PROPAGATION_HOST_TO_CONTAINER),
+                                          ("/bidi", cri_pb.PROPAGATION_BIDIRECTIONAL))]
+            cid = cri.run_container(pod, "volumes", cri_containerd.image, SLEEPER, mounts=mounts)
+            probe = PROBE_WRITE + "w /ro/top; w /ro/sub/f"
+            assert cri.exec_sync(cid, ["sh", "-c", probe]) == ExecResult(0, "/ro/top ro\n/ro/sub/f rw\n", "")
+            assert (vol / "sub" / "f").read_text() == "x\n"
+
+            mount_tmpfs(vol / "late", "file", "mounted after the start\n")
+            for path in ("/h2c/late/file", "/bidi/late/file"):
+                seen = _until(functools.partial(cri.exec_sync, cid, ["cat", path]))
+                assert seen == ExecResult(0, "mounted after the start\n", ""), (path, seen)
+            assert cri.exec_sync(cid, ["ls", "/ro/late"]) == ExecResult(0, "", "")
+        finally:
+            cri.remove_pod(pod.id)
+        assert cri_containerd.traces_of(pod.id) == []
 
 
 def test_stop_removes_running_pods() -> None:

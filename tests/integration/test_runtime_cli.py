@@ -16,8 +16,10 @@ from typing import Any
 
 import pytest
 
+from kata.utils.mount import mounts_under
 from tests.conftest import config_with, leftovers, process_gone, runtime_bin
 from tests.support.bundles import make_busybox_bundle
+from tests.support.mounts import PROBE_WRITE, mount_tmpfs, shared_volume
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("needs_guest")]
 
@@ -304,6 +306,53 @@ def test_a_namespace_path_of_another_type_is_refused(tmp_path: Path, rt: Runtime
     assert proc.returncode != 0 and len(err.strip().splitlines()) == 1 and expect in err, err
     assert rt.last_error()["msg"].endswith(expect)
     assert all_leftovers(cid, rt) == []
+
+
+# runtime-tools' validation/mounts: a bind with each propagation option (runc shows them all).
+PROPAGATED = {"shared": ["bind", "shared"], "rshared": ["rbind", "rshared"], "slave": ["bind", "slave"],
+              "rslave": ["rbind", "rslave"]}
+
+
+@pytest.mark.parametrize("shared_fs", ["virtio-fs", "virtio-9p"])
+def test_bind_mounts_read_only_flags_and_propagation(tmp_path: Path, rt: Runtime, cid: str,
+                                                     shared_fs: str) -> None:
+    """A host volume with a tmpfs below it: "ro" leaves the tmpfs writable (runc's reading), "rro"
+    does not, the top is read-only for both. Binds with any propagation option appear; the slave
+    and shared ones (shared is slave in a VM) receive a mount the host makes after the start,
+    the private one does not."""
+    with shared_volume(tmp_path / "vol") as vol:
+        (vol / "hello").write_text("hi\n")
+        bundle = make_busybox_bundle(tmp_path / "b", ["sleep", "1000"])
+        spec = json.loads((bundle / "config.json").read_text())
+        binds = {**PROPAGATED, "private": ["rbind", "rprivate"], "ro": ["rbind", "ro"],
+                 "rro": ["rbind", "rro"]}
+        spec["mounts"] += [{"destination": f"/mnt/{name}", "source": str(vol), "options": options}
+                           for name, options in binds.items()]
+        (bundle / "config.json").write_text(json.dumps(spec))
+        conf = config_with(tmp_path, {"hypervisor.qemu": {"shared_fs": shared_fs}})
+        rt("--config", str(conf), "create", "--bundle", str(bundle), cid)
+        try:
+            rt("start", cid)
+            shown = rt("exec", cid, "sh", "-c", "for m in /mnt/*; do echo $m $(cat $m/hello); done").stdout
+            assert shown.decode().split("\n")[:-1] == [f"/mnt/{name} hi" for name in sorted(binds)]
+            probe = PROBE_WRITE + "for m in ro rro; do w /mnt/$m/top; w /mnt/$m/sub/f; done"
+            assert rt("exec", cid, "sh", "-c", probe).stdout.decode().split("\n")[:-1] == [
+                "/mnt/ro/top ro", "/mnt/ro/sub/f rw", "/mnt/rro/top ro", "/mnt/rro/sub/f ro"]
+            assert (vol / "sub" / "f").read_text() == "x\n"  # written through the host's own mount
+            assert not (vol / "top").exists()
+
+            mount_tmpfs(vol / "late", "file", "mounted after the start\n")
+            wait = "i=0; while [ $i -lt 150 ] && ! [ -e /mnt/$0/late/file ]; do sleep 0.2; i=$((i+1)); done"
+            for name in PROPAGATED:
+                seen = rt("exec", cid, "sh", "-c", f"{wait}; cat /mnt/$0/late/file", name, check=False)
+                assert seen.stdout == b"mounted after the start\n", (name, seen.stderr)
+            assert rt("exec", cid, "ls", "/mnt/private/late").stdout == b""
+            rt("kill", cid, "KILL")
+        finally:
+            rt("delete", "--force", cid, check=False)
+        assert all_leftovers(cid, rt) == []
+        # Only the host's own mounts are left below the volume for shared_volume to undo.
+        assert sorted(mounts_under(str(vol))) == [str(vol), str(vol / "late"), str(vol / "sub")]
 
 
 def _receive_pty(listener: socket.socket) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kata.utils import safepath
-from kata.utils.mount import MS_BIND, mount, mounts_under, unescape_mountinfo, unmount
+from kata.utils.mount import MS_BIND, mount, mounts_under, submounts, unescape_mountinfo, unmount
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")
 
@@ -28,6 +28,17 @@ def test_mounts_under_non_ascii_names() -> None:
             b"4 1 0:7 / /run/volume rw - tmpfs t rw\n")
     found = mounts_under("/run/vol café", info)
     assert found == [os.fsdecode(b"/run/vol caf\xc3\xa9/\xff\xfe"), "/run/vol café"]
+
+
+def test_submounts_relative_with_their_own_read_only_flag_parents_first() -> None:
+    info = (b"1 0 8:1 / / rw - ext4 /dev/sda rw\n"
+            b"2 1 8:1 /srv/v /m/c1/0-v ro,relatime - ext4 /dev/sda rw\n"
+            b"5 3 0:9 / /m/c1/0-v/a\\040b/deep ro,nosuid master:3 - tmpfs t rw\n"
+            # The superblock's "ro" (after the "-") is not the mount's own flag.
+            b"3 2 0:6 / /m/c1/0-v/a\\040b rw,relatime shared:7 - tmpfs t ro\n"
+            b"4 1 0:7 / /m/c1/0-vol rw - tmpfs t rw\n")  # a sibling whose name only starts alike
+    assert submounts("/m/c1/0-v", info) == [("a b", False), ("a b/deep", True)]
+    assert submounts("/m/c1/0-v/", info) == submounts("/m/c1/0-v", info)
 
 
 def test_components_refuse_escapes() -> None:

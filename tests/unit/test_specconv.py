@@ -14,10 +14,14 @@ from kata.config.model import HypervisorConfig
 from kata.oci.spec import Bundle
 from kata.specconv import (
     GUEST_SHARED_DIR,
+    MAX_SUBMOUNT_BINDS,
     HostShare,
     SpecConvError,
     VMSizing,
+    bind_share,
     plan_container,
+    shared_binds,
+    submount_binds,
     vm_sizing,
 )
 from tests.conftest import minimal_spec as minimal
@@ -178,12 +182,13 @@ def test_bind_variants_and_read_only() -> None:
         {"destination": "/odd", "type": "bind", "source": "/srv/a b:c", "options": []},
     ]
     plan = plan_container(bundle_of(minimal(mounts=mounts)), CID)
+    # "rbind" takes the source's submounts along; "bind" (or no option: runc's default) does not.
     assert plan.shares[1:] == (
         HostShare("/srv/data", "c1/0-data", True),
-        HostShare("/etc/app", "c1/1-app", False),
+        HostShare("/etc/app", "c1/1-app", False, recursive=False),
         HostShare(str(BUNDLE / "volumes/v1"), "c1/2-v1", False),
         HostShare("/", "c1/3-root", False),
-        HostShare("/srv/a b:c", "c1/4-a_b_c", False),
+        HostShare("/srv/a b:c", "c1/4-a_b_c", False, recursive=False),
     )
     g = plan.guest_spec["mounts"]
     assert g[0] == {
@@ -199,6 +204,85 @@ def test_bind_variants_and_read_only() -> None:
     names = [s.name for s in plan.shares]
     assert len(set(names)) == len(names)
     assert all(n.startswith("c1/") for n in names)
+
+
+@pytest.mark.parametrize(("options", "top", "below"), [
+    (["rbind", "ro"], True, False),  # runc's "ro": the mount itself; submounts keep their flags
+    (["rbind", "rro"], True, True),  # runtime-spec 1.1's recursive read-only
+    (["rbind", "ro", "rw"], False, False),  # the last of ro/rw wins
+    (["rbind", "rro", "rw"], True, True),  # rro is applied after the flags, as runc does
+    (["rbind", "ro", "rrw"], False, False),  # ...and so is rrw, which clears every mount's flag
+    (["rbind", "rrw", "rro"], True, True),  # the last of rro/rrw wins
+    (["rbind"], False, False),
+])
+def test_read_only_options_as_runc_reads_them(options: list[str], top: bool, below: bool) -> None:
+    share = bind_share("/src", "c1/0-src", options)
+    assert (share.read_only, share.recursive_read_only) == (top, below)
+    assert share.read_only_at_top == (top and not below)
+
+
+@pytest.mark.parametrize(("options", "slave"), [
+    (["rbind", "rslave"], True),
+    (["bind", "slave"], True),
+    # A VM cannot send the guest's mounts to the host: shared becomes slave (see docs/security.md).
+    (["rbind", "rshared"], True),
+    (["bind", "shared"], True),
+    (["rbind", "rprivate"], False),
+    (["rbind", "rslave", "rprivate"], False),  # the last propagation option wins
+    (["rbind", "runbindable"], False),
+    (["rbind"], False),
+])
+def test_propagation_options_decide_whether_host_mounts_come_in(options: list[str], slave: bool) -> None:
+    assert bind_share("/src", "c1/0-src", options).slave is slave
+
+
+def test_propagation_options_reach_the_guest_unchanged() -> None:
+    """crun in the guest applies them to the container's own mount (what runtime-tools looks at)."""
+    mounts = [{"destination": f"/m{i}", "source": "/etc", "options": ["bind", prop]}
+              for i, prop in enumerate(["shared", "rshared", "slave", "rslave"])]
+    mounts.append({"destination": "/t", "type": "tmpfs", "source": "tmpfs", "options": ["shared"]})
+    plan = plan_container(bundle_of(minimal(mounts=mounts)), CID)
+    assert [m["options"] for m in plan.guest_spec["mounts"]] == [m["options"] for m in mounts]
+    assert all(s.slave for s in plan.shares[1:])
+    # The binds warned about: shared one way only (a tmpfs of the guest's own is shared in full).
+    assert shared_binds(plan.guest_spec) == ["/m0", "/m1"]
+
+
+def test_each_submount_of_a_volume_read_only_at_its_top_gets_its_host_flag() -> None:
+    volume = {"destination": "/vol", "type": "bind", "source": "/srv/v", "options": ["rbind", "ro", "rslave"]}
+    mounts = [volume, {"destination": "/after", "type": "tmpfs", "source": "tmpfs"}]
+    plan = plan_container(bundle_of(minimal(mounts=mounts)), CID)
+    share = plan.shares[1]
+    subs = [("a", False), ("a/b c", True), ("d", False)]
+    spec = submount_binds(plan.guest_spec, share, subs)
+    source = f"{GUEST_SHARED_DIR}/c1/0-v"
+
+    def bind(relative: str, flag: str) -> dict[str, Any]:
+        return {"destination": f"/vol/{relative}", "type": "bind", "source": f"{source}/{relative}",
+                "options": ["rbind", flag, "rslave"]}
+
+    added = [bind("a", "rw"), bind("a/b c", "ro"), bind("d", "rw")]
+    assert spec["mounts"] == [volume | {"source": source}, *added, mounts[1]]
+    assert len(plan.guest_spec["mounts"]) == 2  # the plan's own spec is left alone
+
+
+def test_submount_binds_are_bounded_and_stay_below_the_volume() -> None:
+    mounts = [{"destination": "/vol", "source": "/srv/vol", "options": ["rbind", "ro"]}]
+    plan = plan_container(bundle_of(minimal(mounts=mounts)), CID)
+    many = [(f"m{i}", False) for i in range(MAX_SUBMOUNT_BINDS + 10)]
+    spec = submount_binds(plan.guest_spec, plan.shares[1], [("../x", False), ("/etc", False), *many])
+    added = spec["mounts"][1:]
+    assert len(added) == MAX_SUBMOUNT_BINDS - 2
+    assert all(m["destination"].startswith("/vol/m") for m in added)
+
+
+@pytest.mark.parametrize("options", [["rbind", "rro"], ["rbind"], ["bind", "ro"]])
+def test_no_submount_binds_where_the_guest_flags_are_right_already(options: list[str]) -> None:
+    """rro: every guest submount inherits the volume's read-only flag, as it should; rw: they
+    inherit rw and the host refuses what its flags refuse; "bind": the share has no submounts."""
+    mounts = [{"destination": "/v", "source": "/s", "options": options}]
+    plan = plan_container(bundle_of(minimal(mounts=mounts)), CID)
+    assert submount_binds(plan.guest_spec, plan.shares[1], [("a", False)]) is plan.guest_spec
 
 
 @pytest.mark.parametrize("cid", ["../c1", "", "c/1"])
