@@ -68,4 +68,5 @@ def _run(args: list[str], script: str | None, missing_ok: bool = False) -> None:
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise RedirectError(f"nft {args[0]}: {one_line(exc)}") from None
     if proc.returncode != 0 and not (missing_ok and "No such file or directory" in proc.stderr):
-        raise RedirectError(f"nft {' '.join(args[:2])}: {one_line(proc.stderr.strip() or f'exit status {proc.returncode}')}")
+        why = proc.stderr.strip() or f"exit status {proc.returncode}"
+        raise RedirectError(f"nft {' '.join(args[:2])}: {one_line(why)}")
