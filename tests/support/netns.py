@@ -27,9 +27,10 @@ def temporary_netns(prefix: str) -> Iterator[str]:
 
 def in_netns(name: str, *cmd: str, check: bool = True,
              timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    """Run ``cmd`` in the namespace: nsenter rather than `ip netns exec`, which remounts /sys and
-    hides the cgroup mounts (FACTS.md)."""
-    return subprocess.run(["nsenter", f"--net={NETNS_DIR}/{name}", *cmd], capture_output=True, text=True,
+    """Run ``cmd`` in the namespace (an `ip netns` name, or the path of one, such as a CRI pod's):
+    nsenter rather than `ip netns exec`, which remounts /sys and hides the cgroup mounts (FACTS.md)."""
+    path = name if name.startswith("/") else f"{NETNS_DIR}/{name}"
+    return subprocess.run(["nsenter", f"--net={path}", *cmd], capture_output=True, text=True,
                           check=check, timeout=timeout)
 
 
