@@ -24,6 +24,9 @@ APT_PACKAGES=(
   iproute2 runc util-linux procps psmisc findutils
   # containerd-shim-runc-v2: the Go ttrpc server tests/unit/test_ttrpc_interop.py talks to
   containerd
+  # nft: containerd-shim-kata-v2 redirects a pod's loopback TCP to its port forwarder (Debian's default
+  # firewall tool; kata/network/loopback_redirect.py)
+  nftables
   # containerd's .proto files (task API, events, cgroup metrics) for containerd-shim-kata-v2's code
   golang-github-containerd-containerd-dev golang-github-containerd-cgroups-dev
   # end-to-end tests and benchmarks with a real dockerd (kata-runtime as a Docker runtime) and CNI

@@ -103,7 +103,9 @@ def ci_prerequisites_missing() -> list[str]:
             missing.append(path)
     for tool in ("mkfs.erofs", "fsck.erofs", "cpio", "apt-get", "dpkg-deb", "containerd-shim-runc-v2",
                  # the real daemons and the busybox image of tests/integration/conftest.py
-                 "containerd", "ctr", "runc", "dockerd", "docker", "skopeo", "umoci", "nsenter"):
+                 "containerd", "ctr", "runc", "dockerd", "docker", "skopeo", "umoci", "nsenter",
+                 # the kata shim's port forwarder (tests/unit/test_portforward.py skips without it)
+                 "nft"):
         if shutil.which(tool) is None:
             missing.append(tool)
     from kata.hypervisor.host import find_virtiofsd

@@ -215,3 +215,36 @@ class AgentClient:
                        mem_mib: int = 0) -> Empty:
         req = pb.OnlineCPUMemRequest(wait=wait, nb_cpus=nb_cpus, cpu_only=cpu_only, mem_mib=mem_mib)
         return self._call("OnlineCPUMem", req, Empty)
+
+    # port forwarding ------------------------------------------------------------------------
+    def port_forward_connect(self, *, conn_id: int, port: int, ipv6: bool = False,
+                             timeout: float | None = _DEFAULT) -> Empty:
+        """The agent dials ``port`` on the guest's loopback (``ipv6``: ::1 first) as ``conn_id``."""
+        req = pb.PortForwardConnectRequest(conn_id=conn_id, port=port,
+                                           family=pb.IPFamily.v6 if ipv6 else pb.IPFamily.v4)
+        return self._call("PortForwardConnect", req, Empty, timeout)
+
+    def port_forward_write(self, *, conn_id: int, data: bytes) -> pb.WriteStreamResponse:
+        """Blocks until the guest's server has room for ``data``: no deadline."""
+        req = pb.PortForwardWriteRequest(conn_id=conn_id, data=data)
+        return self._call("PortForwardWrite", req, pb.WriteStreamResponse)
+
+    def port_forward_read(self, *, conn_id: int, length: int) -> bytes:
+        """The next bytes the guest's server sent, at most ``length`` (more is the agent's error);
+        StreamEOF once it has closed its end. Blocks until it sends: no deadline."""
+        req = pb.PortForwardReadRequest(conn_id=conn_id, len=length)
+        try:
+            data = self._call("PortForwardRead", req, pb.ReadStreamResponse).data
+        except AgentError as e:
+            if e.code == EOF_CODE:
+                raise StreamEOF(f"PortForwardRead {conn_id}: end of stream") from None
+            raise
+        if len(data) > length:
+            raise AgentError("PortForwardRead", ttrpc.Code.INTERNAL,
+                             f"{len(data)} bytes for a read of at most {length}")
+        return data
+
+    def port_forward_close(self, *, conn_id: int, write_only: bool = False,
+                           timeout: float | None = _DEFAULT) -> Empty:
+        req = pb.PortForwardCloseRequest(conn_id=conn_id, write_only=write_only)
+        return self._call("PortForwardClose", req, Empty, timeout)

@@ -15,9 +15,11 @@ AGENT_SERIAL_PORT_NAME = "agent.channel.0"
 AGENT_SERVICE = "grpc.AgentService"
 HEALTH_SERVICE = "grpc.Health"
 # The agent's long-poll methods: each waits as long as a process or its streams take (an exit, output,
-# room in a stdin nobody reads, an OOM kill). The agent serves each such call on a thread of its own,
-# clients call them without a deadline, and every other call gets one (the monitor's proxy included).
-LONG_POLL_METHODS = frozenset({"WaitProcess", "ReadStdout", "ReadStderr", "WriteStdin", "GetOOMEvent"})
+# room in a stdin nobody reads, an OOM kill, a forwarded connection's next bytes or room for them).
+# The agent serves each such call on a thread of its own, clients call them without a deadline, and
+# every other call gets one (the monitor's proxy included).
+LONG_POLL_METHODS = frozenset({"WaitProcess", "ReadStdout", "ReadStderr", "WriteStdin", "GetOOMEvent",
+                               "PortForwardRead", "PortForwardWrite"})
 
 
 # A NamedTuple, not a dataclass: the guest agent imports this module for its constants, and

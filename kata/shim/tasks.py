@@ -28,15 +28,19 @@ from kata.shim.oom import OomForwarder
 from kata.shim.process import Process
 from kata.shim.stdio import StdioPaths
 from kata.specconv import pod_role
+from kata.utils.text import one_line
 
 if TYPE_CHECKING:
     from kata.agent_client.client import AgentClient
     from kata.oci.spec import Bundle
     from kata.protocols.cgroups.stats.v1.metrics_pb2 import Metrics
     from kata.sandbox.container import Container
+    from kata.sandbox.portforward import Forwarder
     from kata.sandbox.timings import Timings
 
 log = logging.getLogger("kata.shim")
+# How long teardown waits for the port forwarder's threads (their agent calls end with the VM).
+_FORWARDER_JOIN = 5.0
 
 
 class ShimError(KataError):
@@ -95,6 +99,7 @@ class PodTasks:
         self.tasks: dict[str, Task] = {}
         self.lock = threading.RLock()
         self.vm_gone = False
+        self.forwarder: Forwarder | None = None
 
     # ---- helpers -------------------------------------------------------------------------------
     @property
@@ -186,11 +191,34 @@ class PodTasks:
         self.lite = LiteAgent(self.agent.client)
         self.pod.mirror_network()
         timings.mark("network_mirrored")
+        self._forward_ports(bundle)
+        timings.mark("ports_forwarded")
         self.pod.watch(self._vm_gone)
         agent = self.agent
         ooms = OomForwarder(lambda: agent.get_oom_event().container_id, self.tasks.__contains__,
                             self._report_oom)
         threading.Thread(target=ooms.run, name="oom", daemon=True).start()
+
+    def _forward_ports(self, bundle: Bundle) -> None:
+        """A CRI pod's loopback connections on the host go to its VM (the CRI's port-forward dials
+        them; kata.sandbox.portforward). Only a CRI sandbox: the namespace is then the pod's alone,
+        while a lone container may share one whose loopback is someone else's. The pod works
+        without it, with a warning."""
+        from kata.sandbox.portforward import Forwarder
+        from kata.specconv import CRI_CONTAINER_TYPE
+
+        assert self.pod is not None and self.agent is not None
+        netns = self.pod.record.netns
+        if bundle.annotations.get(CRI_CONTAINER_TYPE) != "sandbox" or not netns:
+            return
+        try:
+            self.forwarder = Forwarder.start(self.agent, netns)
+        except (KataError, OSError) as exc:
+            log.warning(f"pod {self.sandbox_id}: no port forwarding: {one_line(exc)}")
+
+    def _stop_forwarder(self) -> None:
+        if self.forwarder is not None:
+            self.forwarder.stop()
 
     # ---- start, exec -----------------------------------------------------------------------------
     def start(self, cid: str, exec_id: str) -> int:
@@ -346,6 +374,7 @@ class PodTasks:
         self._hooks(task, ("poststop",), "stopped", fatal=False)
 
     def _drop_agent(self) -> None:
+        self._stop_forwarder()  # first: the guest sees its connections closed
         self.vm_gone = True
         if self.agent is not None:
             self.agent.close()
@@ -357,10 +386,15 @@ class PodTasks:
         """The VM and everything it had on the host: taps, virtiofsd, shares, state."""
         pod, self.pod = self.pod, None
         self.vm_gone = True
+        self._stop_forwarder()
         if pod is not None:
             for problem in pod.destroy():
                 log.warning(f"pod {pod.id}: {problem}")
         self.agent = self.lite = None
+        forwarder, self.forwarder = self.forwarder, None
+        if forwarder is not None and not forwarder.join(_FORWARDER_JOIN):
+            # Only a guest that never answered a forwarded read: its calls ended with the VM.
+            log.warning(f"pod {self.sandbox_id}: port forwarding threads still running")
 
     def shutdown(self, now: bool = False) -> bool:
         """containerd's Shutdown: True when the shim should exit: no task left, or ``now`` (the

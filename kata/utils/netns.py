@@ -10,12 +10,15 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 from kata.errors import KataError
 from kata.utils import nsfiles
 from kata.utils.mount import MS_BIND, MountError, libc, mount, unmount
 
 CLONE_NEWNET = 0x40000000
+T = TypeVar("T")
 
 
 class NetnsError(KataError):
@@ -68,3 +71,25 @@ def unpin(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def call_in(path: str, fn: Callable[[], T]) -> T:
+    """``fn()`` on a thread of its own that joined the network namespace at ``path``, re-raising
+    what it raises: setns moves only the calling thread, and the caller's must stay where it is.
+    Sockets ``fn`` makes, and processes it starts, belong to that namespace."""
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            enter(path)
+            result.append(fn())
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            error.append(exc)
+
+    thread = threading.Thread(target=body, name="in-netns")
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]

@@ -297,6 +297,12 @@ class CriClient:
         return ExecResult(reply.exit_code, reply.stdout.decode(errors="replace"),
                           reply.stderr.decode(errors="replace"))
 
+    def port_forward(self, pod_id: str, ports: Sequence[int], timeout: float | None = None) -> str:
+        """The streaming server's URL for forwarding ``ports`` of the pod (tests.support.portforward
+        speaks its protocol)."""
+        request = cri.PortForwardRequest(pod_sandbox_id=pod_id, port=list(ports))
+        return self._runtime("PortForward", request, cri.PortForwardResponse, timeout).url
+
     # --- images ---------------------------------------------------------------------------------------
 
     def list_images(self, timeout: float | None = None) -> list[cri.Image]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-import threading
 import uuid
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -28,30 +27,16 @@ def temporary_netns(prefix: str) -> Iterator[str]:
 
 def in_netns(name: str, *cmd: str, check: bool = True,
              timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    """Run ``cmd`` in the namespace: nsenter rather than `ip netns exec`, which remounts /sys and
-    hides the cgroup mounts (FACTS.md)."""
-    return subprocess.run(["nsenter", f"--net={NETNS_DIR}/{name}", *cmd], capture_output=True, text=True,
+    """Run ``cmd`` in the namespace (an `ip netns` name, or the path of one, such as a CRI pod's):
+    nsenter rather than `ip netns exec`, which remounts /sys and hides the cgroup mounts (FACTS.md)."""
+    path = name if name.startswith("/") else f"{NETNS_DIR}/{name}"
+    return subprocess.run(["nsenter", f"--net={path}", *cmd], capture_output=True, text=True,
                           check=check, timeout=timeout)
 
 
 def call_in_netns(name: str, fn: Callable[[], T]) -> T:
-    """``fn()`` on a thread that joined the namespace, re-raising what it raises: setns moves only
-    the calling thread, and the caller's own thread must stay where it is."""
+    """``fn()`` on a thread that joined the namespace (kata.utils.netns.call_in), re-raising what it
+    raises: the caller's own thread stays where it is."""
     from kata.utils import netns
 
-    result: list[T] = []
-    error: list[BaseException] = []
-
-    def body() -> None:
-        try:
-            netns.enter(f"{NETNS_DIR}/{name}")
-            result.append(fn())
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            error.append(exc)
-
-    t = threading.Thread(target=body)
-    t.start()
-    t.join()
-    if error:
-        raise error[0]
-    return result[0]
+    return netns.call_in(f"{NETNS_DIR}/{name}", fn)

@@ -75,6 +75,7 @@ class AgentService:
         self.power_off = power_off
         self.mount_storage = mount_storage
         self._oom: Any = None  # kata.guest.agent.oom.OomWatcher, from the first container on
+        self._forwards: Any = None  # kata.guest.agent.portforward.Forwards, from the first one on
 
     # sandbox ------------------------------------------------------------------------------
     def create_sandbox(self, ctx: ttrpc.Context, req: pb.CreateSandboxRequest) -> empty_pb2.Empty:
@@ -242,6 +243,32 @@ class AgentService:
         reseed_random(req.data)
         return empty_pb2.Empty()
 
+    # port forwarding ----------------------------------------------------------------------
+    def _fwd(self) -> Any:
+        if self._forwards is None:
+            from kata.guest.agent.portforward import Forwards
+
+            self._forwards = Forwards()
+        return self._forwards
+
+    def port_forward_connect(self, ctx: ttrpc.Context, req: pb.PortForwardConnectRequest) -> empty_pb2.Empty:
+        self._fwd().connect(req.conn_id, req.port, ipv6=req.family == pb.IPFamily.v6)
+        return empty_pb2.Empty()
+
+    def port_forward_write(self, ctx: ttrpc.Context,
+                           req: pb.PortForwardWriteRequest) -> pb.WriteStreamResponse:
+        return pb.WriteStreamResponse(len=self._fwd().write(req.conn_id, req.data))
+
+    def port_forward_read(self, ctx: ttrpc.Context, req: pb.PortForwardReadRequest) -> pb.ReadStreamResponse:
+        try:
+            return pb.ReadStreamResponse(data=self._fwd().read(req.conn_id, req.len))
+        except EndOfStream:
+            raise ttrpc.TTRPCError(EOF_CODE, EOF_MESSAGE) from None
+
+    def port_forward_close(self, ctx: ttrpc.Context, req: pb.PortForwardCloseRequest) -> empty_pb2.Empty:
+        self._fwd().close(req.conn_id, req.write_only)
+        return empty_pb2.Empty()
+
     # health -------------------------------------------------------------------------------
     def check(self, ctx: ttrpc.Context, req: hpb.CheckRequest) -> hpb.HealthCheckResponse:
         if not self._answered_check:
@@ -285,6 +312,10 @@ class AgentService:
             "SetGuestDateTime": (pb.SetGuestDateTimeRequest, self.set_guest_date_time),
             "ReseedRandomDev": (pb.ReseedRandomDevRequest, self.reseed_random_dev),
             "GetOOMEvent": (pb.GetOOMEventRequest, self.get_oom_event),
+            "PortForwardConnect": (pb.PortForwardConnectRequest, self.port_forward_connect),
+            "PortForwardWrite": (pb.PortForwardWriteRequest, self.port_forward_write),
+            "PortForwardRead": (pb.PortForwardReadRequest, self.port_forward_read),
+            "PortForwardClose": (pb.PortForwardCloseRequest, self.port_forward_close),
         }
         health = {
             "Check": (hpb.CheckRequest, self.check),
