@@ -125,6 +125,10 @@ def test_run_rm_exit_codes_and_runtime_by_path(podman: Podman) -> None:
                        timeout=TIMEOUT)
     assert uname.returncode == 0, uname.stderr
     assert uname.stdout.strip() != Path("/proc/sys/kernel/osrelease").read_text().strip()
+    # A VM cannot share the host's network namespace: refused in one line (Kata's limitation).
+    host = podman.run("run", "--rm", "--network", "host", podman.image, "true", timeout=TIMEOUT)
+    refusals = [line for line in host.stderr.splitlines() if "host networking is not supported" in line]
+    assert host.returncode != 0 and len(refusals) == 1, host.stderr
 
 
 def test_run_it_has_a_terminal_of_the_callers_size(podman: Podman) -> None:
@@ -152,6 +156,14 @@ def test_detached_exec_logs_stop_kill_and_rm(podman: Podman) -> None:
         assert (piped.returncode, piped.stdout) == (0, "piped\n"), piped.stderr
         status, out = run_in_pty(podman.command("exec", "-it", "kd", "tty"), podman.env())
         assert status == 0 and "/dev/pts/" in out, out
+        # ps(1) descriptors make podman run ps in the container: the guest's processes.
+        top = podman.run("top", "kd", "-eo", "pid,comm", timeout=TIMEOUT)
+        assert top.returncode == 0, top.stderr
+        assert top.stdout.splitlines()[1].split() == ["1", "sh"], top.stdout
+        assert podman.run("pause", "kd", timeout=60).returncode == 0
+        assert inspect(podman, "kd")["State"]["Status"] == "paused"
+        assert podman.run("unpause", "kd", timeout=60).returncode == 0
+        assert inspect(podman, "kd")["State"]["Status"] == "running"
 
         # SIGTERM reaches the container's trap: stop returns long before its 30 s timeout.
         started = time.monotonic()
