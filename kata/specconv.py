@@ -323,22 +323,24 @@ CRI_SANDBOX_MEMORY = cri_annotations.SANDBOX_MEMORY
 @dataclass(frozen=True)
 class PodRole:
     """What a container is to its pod: the sandbox (whose VM it brings up), or a container that
-    joins the sandbox ``sandbox_id``. A container without CRI annotations is a pod of its own."""
+    joins the sandbox ``sandbox_id``. A container without CRI (or CRI-O) annotations is a pod of its
+    own; so is podman's infra container, which has none."""
 
     is_sandbox: bool
     sandbox_id: str
 
 
 def pod_role(annotations: dict[str, str] | Any, container_id: str) -> PodRole:
-    kind = annotations.get(CRI_CONTAINER_TYPE, "")
-    sandbox_id = annotations.get(CRI_SANDBOX_ID, "") or container_id
+    type_key, sandbox_key = cri_annotations.pod_keys(annotations)
+    kind = annotations.get(type_key, "")
+    sandbox_id = annotations.get(sandbox_key, "") or container_id
     if kind == "container":
         if sandbox_id == container_id:
-            raise SpecConvError(f"container {container_id}: {CRI_CONTAINER_TYPE} is container, "
-                                f"but {CRI_SANDBOX_ID} names no other sandbox")
+            raise SpecConvError(f"container {container_id}: {type_key} is container, "
+                                f"but {sandbox_key} names no other sandbox")
         problem = id_problem(sandbox_id)
         if problem:
-            raise SpecConvError(f"annotation {CRI_SANDBOX_ID}: {problem}")
+            raise SpecConvError(f"annotation {sandbox_key}: {problem}")
         return PodRole(is_sandbox=False, sandbox_id=sandbox_id)
     return PodRole(is_sandbox=True, sandbox_id=container_id)
 

@@ -1,12 +1,14 @@
 """The host process that stands for one container process in the guest (the pid in `--pid-file`).
 
-Started by `kata-runtime create` (role "init") or `exec` (role "exec"). It lives exactly as long as
+Started by `kata-runtime create` (role "init"; "member" for a container created in the VM of its
+pod's sandbox container) or `exec` (role "exec"). It lives exactly as long as
 the guest process and exits with its status (128+N for a death by signal N, 255 when the VM is gone),
 relays the process's stdio (the inherited descriptors, or a pty handed out on the console socket),
 and forwards the signals it receives to the process. containerd's shim and Docker wait on it.
 
 The init monitor also holds the sandbox's only agent connection (a virtio-serial port takes one
-client) and forwards every other runtime call to it through a ttrpc proxy socket.
+client) and forwards every other runtime call to it through a ttrpc proxy socket, which the monitors
+of execs and of the pod's other containers connect to.
 
 It is started as `python -S -m kata.runc.monitor` and imports no protobuf: there is one per container
 process, so its memory counts for density. The parent sends its configuration as one JSON line on
@@ -82,7 +84,7 @@ class Monitor:
 
     # ---- bring-up --------------------------------------------------------------------------
     def connect(self) -> None:
-        # The agent's own channel, or (an exec's monitor) the init monitor's proxy: a unix socket too.
+        # The agent's own channel, or (an exec's or a pod member's monitor) the init monitor's proxy.
         endpoint = (AgentEndpoint(**self.conf["agent"]) if self.conf.get("agent")
                     else AgentEndpoint("serial", path=self.conf["proxy"]))
         self.agent = LiteAgent(ttrpc.Client(connect(endpoint, 10.0)))
@@ -244,6 +246,12 @@ class Monitor:
     def stop_proxy(self) -> None:
         if self.server is None:
             return
+        # A pod's other containers (podman's pod members, in our VM) reach the agent through us, each
+        # monitor on a connection of its own: while one runs, we stay, so that it ends as it would under
+        # runc (podman stops a pod's containers all at once), not with the VM's channel. Its delete
+        # takes it off the pod's record.
+        while self._pod_members() and not self.server.wait_idle(0.5):
+            pass
         # The container's other processes died with it: their monitors, connected through us, get
         # their statuses before the agent connection goes (briefly: we stand for a process that ended).
         self.server.wait_idle(1.0)
@@ -252,6 +260,20 @@ class Monitor:
             os.unlink(self.conf["proxy"])
         except OSError:
             pass
+
+
+    def _pod_members(self) -> bool:
+        """Whether the pod's record lists containers other than ours (bounded read: it is ours, but
+        a monitor must never hang or fail on it)."""
+        path = self.conf.get("pod_record")
+        if not path:
+            return False
+        try:
+            with open(path, "rb") as f:
+                limits = json.loads(f.read(1 << 20)).get("limits") or {}
+        except (OSError, ValueError, AttributeError):
+            return False
+        return isinstance(limits, dict) and any(cid != self.cid for cid in limits)
 
 
 class LauncherWatch:

@@ -1,9 +1,11 @@
 """The runc lifecycle on VMs: what `create`, `start`, `kill`, `delete`, `exec`, `pause`, `resume` and
-`update` do, with runc's state rules and wording. One container per sandbox (VM), named alike.
+`update` do, with runc's state rules and wording. A container gets a sandbox (VM) of its own, named
+alike, unless its annotations make it a member of a pod (CRI's or CRI-O's, which podman sets on the
+containers of a `podman pod`): it is then created in the VM of its pod's sandbox container.
 
 `create` boots the VM, creates the container in it and hands the agent connection to the init
-monitor, which stands for the container's process on the host from then on; every later command
-reaches the agent through that monitor's proxy socket.
+monitor, which stands for the container's process on the host from then on; every later command,
+and every member's monitor, reaches the agent through that monitor's proxy socket.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     from kata import ttrpc
     from kata.agent_client.client import AgentClient
     from kata.agent_client.lite import LiteAgent
+    from kata.oci.spec import Bundle
     from kata.runc.monitor_launch import PendingMonitor
 
 # Heavier modules (the agent's protobuf API, the configuration, the sandbox) are imported where they
@@ -46,7 +49,7 @@ def proxy_socket(cid: str) -> Path:
 
 
 def _proxy_client(rec: ContainerRecord) -> ttrpc.Client:
-    """A ttrpc connection to the agent, through the container's monitor."""
+    """A ttrpc connection to the agent, through the monitor of the container's sandbox."""
     from kata import ttrpc
     from kata.agent_client.transport import TransportError, connect
     from kata.protocols.agent_api import AgentEndpoint
@@ -54,7 +57,7 @@ def _proxy_client(rec: ContainerRecord) -> ttrpc.Client:
     if rec.current_status() is Status.STOPPED:
         raise StateError("container not running")
     try:
-        return ttrpc.Client(connect(AgentEndpoint("serial", path=str(proxy_socket(rec.id))), 5.0))
+        return ttrpc.Client(connect(AgentEndpoint("serial", path=str(proxy_socket(rec.sandbox_id()))), 5.0))
     except TransportError as exc:
         raise StateError(f"container {rec.id}: its monitor does not answer: {exc}") from exc
 
@@ -118,12 +121,17 @@ def create(store: ContainerStore, cid: str, bundle_dir: Path, *, config_path: Pa
     from kata.runc import monitor_launch
     from kata.sandbox import pod as pods
     from kata.sandbox.timings import Timings
+    from kata.specconv import pod_role
 
     timings = Timings()
     validate_sandbox_id(cid)  # the container is a sandbox of its own, named alike
     bundle = load_bundle(bundle_dir.resolve())
-    cfg = pods.load_pod_config(config_path, bundle.annotations)
     terminal = bool(bundle.spec.get("process", {}).get("terminal", False))
+    role = pod_role(bundle.annotations, cid)
+    if not role.is_sandbox:
+        return _create_member(store, cid, bundle, role.sandbox_id, terminal=terminal,
+                              console_socket=console_socket, foreground=foreground)
+    cfg = pods.load_pod_config(config_path, bundle.annotations)
     pods.check(cid, bundle, cfg)
     check_console(terminal, console_socket, foreground)
     store.reserve(cid)
@@ -144,7 +152,8 @@ def create(store: ContainerStore, cid: str, bundle_dir: Path, *, config_path: Pa
         vm = [[p.pid, p.start_time] for p in pod.vm_processes()]
         pod.release()
         conf = {"role": "init", "cid": cid, "agent": agent_ep._asdict(), "proxy": str(proxy_socket(cid)),
-                "terminal": terminal, "console_socket": console_socket, "foreground": foreground, "vm": vm}
+                "terminal": terminal, "console_socket": console_socket, "foreground": foreground, "vm": vm,
+                "pod_record": str(pods.record_path(cid))}
         ident = monitors[0].configure(conf)
         timings.mark("monitor_ready")
         rec.pid, rec.pid_start, rec.status = ident.pid, ident.start_time, Status.CREATED
@@ -164,6 +173,105 @@ def create(store: ContainerStore, cid: str, bundle_dir: Path, *, config_path: Pa
         except KataError as exc:  # the create's own failure is the one to report
             log.warning(f"create {cid}: {exc}")
         raise
+
+
+def _create_member(store: ContainerStore, cid: str, bundle: Bundle, sid: str, *, terminal: bool,
+                   console_socket: str | None, foreground: bool) -> tuple[ContainerRecord,
+                                                                     subprocess.Popen[bytes]]:
+    """A pod's container, created in the VM of its sandbox container ``sid`` (podman's infra
+    container, a CRI pause container) through that container's monitor, as Kata does: the pod's
+    containers share the VM, its network and localhost. Its own monitor joins the pod's network
+    namespace and reaches the agent through the same proxy."""
+    from kata.runc import monitor_launch
+    from kata.sandbox.pod import CREATE_HOOKS, Pod
+    from kata.utils import netns
+
+    check_console(terminal, console_socket, foreground)
+    netns_path = _pod_network(store, cid, bundle, sid)
+    store.reserve(cid)
+    rec = ContainerRecord(id=cid, bundle=str(bundle.path), rootfs=str(bundle.root_path),
+                          created=now_rfc3339(), config="", annotations=dict(bundle.annotations),
+                          status=Status.CREATING, owner="root" if os.geteuid() == 0 else str(os.geteuid()),
+                          sandbox=sid)
+    monitor: monitor_launch.PendingMonitor | None = None
+    joined = False
+    try:
+        store.save(rec)
+        netns.enter(netns_path)
+        monitor = monitor_launch.PendingMonitor([cid])
+        # The sandbox's lock: a pod's record (its containers' limits) changes one container at a time.
+        with store.locked(sid) as sandbox, agent_of(sandbox) as agent:
+            pod = Pod.attach(sid, agent)
+            rec.config = str(pod.cfg.source)
+            pod.add_container(cid, bundle)
+            joined = True
+        conf = {"role": "member", "cid": cid, "proxy": str(proxy_socket(sid)), "terminal": terminal,
+                "console_socket": console_socket, "foreground": foreground}
+        ident = monitor.configure(conf)
+        rec.pid, rec.pid_start, rec.status = ident.pid, ident.start_time, Status.CREATED
+        store.save(rec)
+        for kind in CREATE_HOOKS:
+            _hooks(bundle.spec, kind, rec, Status.CREATING, fatal=True)
+        return rec, monitor.proc
+    except BaseException:
+        if monitor is not None:
+            monitor.cancel()
+        if joined:
+            _leave_pod(store, cid, sid)
+        try:
+            store.remove(cid)
+        except KataError as exc:
+            log.warning(f"create {cid}: {exc}")
+        raise
+
+
+def _pod_network(store: ContainerStore, cid: str, bundle: Bundle, sid: str) -> str:
+    """The network namespace a member of ``sid``'s pod names, which must be its sandbox's: a VM has
+    one network, so a member cannot have another (podman's `pod create --share` without net)."""
+    from kata.runc.state import ContainerNotFound
+    from kata.utils import nsfiles
+
+    try:
+        sandbox = store.load(sid)
+    except ContainerNotFound:
+        raise KataError(f"container {cid}: its pod's sandbox container {sid} is not a kata container "
+                        f"under {store.root}") from None
+    if sandbox.sandbox:
+        raise KataError(f"container {cid}: {sid} is a member of pod {sandbox.sandbox}, not a sandbox")
+    status = sandbox.current_status()
+    if status not in (Status.CREATED, Status.RUNNING):
+        raise StateError(f"container {cid}: its pod's sandbox container {sid} is {status}")
+    ns = next((n for n in bundle.namespaces if n.type == "network"), None)
+    if ns is None or not ns.path or (nsfiles.identify("network", ns.path)
+                                     != nsfiles.identify("network", f"/proc/{sandbox.pid}/ns/net")):
+        raise KataError(f"container {cid}: it joins the VM of {sid}, so it must share its network "
+                        "namespace (a VM has one network)")
+    return ns.path
+
+
+def _leave_pod(store: ContainerStore, cid: str, sid: str) -> None:
+    """A member's part of its pod's VM goes: the container in the guest (crun kills what still runs
+    there) and its shares on the host. The VM stays for the rest of the pod; a sandbox deleted first
+    took everything with it."""
+    from kata import ttrpc
+    from kata.sandbox.pod import Pod
+
+    if not Pod.exists(sid):
+        return
+    try:
+        with store.locked(sid) as sandbox, agent_of(sandbox) as agent:
+            try:
+                agent.remove_container(container_id=cid)
+            except (KataError, ttrpc.TTRPCError) as exc:
+                log.warning(f"delete {cid}: removing it in the guest: {exc}")
+            Pod.attach(sid, agent).remove_container(cid)
+            return
+    except KataError as exc:  # the sandbox stopped, or is being deleted: the host's part alone
+        log.debug(f"delete {cid}: sandbox {sid}: {exc}")
+    try:
+        Pod.attach(sid).remove_container(cid)
+    except KataError as exc:
+        log.debug(f"delete {cid}: sandbox {sid}: {exc}")
 
 
 # ---- start, kill, pause, resume -------------------------------------------------------------
@@ -205,10 +313,11 @@ def start(store: ContainerStore, cid: str) -> None:
 
 
 def _mirror_network(store: ContainerStore, rec: ContainerRecord) -> None:
-    """The interfaces Docker's (or CNI's) setup left in the container's namespace go into the VM."""
+    """The interfaces Docker's (or CNI's) setup left in the container's namespace go into the VM
+    (a pod's member shares the network its sandbox mirrored)."""
     from kata.sandbox import network
 
-    if not network.may_have_endpoints(rec.pid):
+    if rec.sandbox or not network.may_have_endpoints(rec.pid):
         return  # the common case (--network none, or no CNI yet): the sandbox service is not loaded
     from kata.sandbox.pod import Pod
 
@@ -278,7 +387,7 @@ def delete(store: ContainerStore, cid: str, force: bool) -> None:
             status = rec.current_status()
             if status in LIVE and not force:
                 raise StateError(f"cannot delete container {cid} that is not stopped: {status}")
-            _destroy(rec)
+            _destroy(store, rec)
             store.remove(cid)
     except ContainerNotFound:
         # As runc: a directory without a record (a create killed before its first save) goes, or
@@ -289,14 +398,18 @@ def delete(store: ContainerStore, cid: str, force: bool) -> None:
         _destroy_sandbox(cid)  # a create killed half-way left no record, maybe a VM
 
 
-def _destroy(rec: ContainerRecord) -> None:
-    """End the monitors and the VM with everything around it, then the poststop hooks."""
+def _destroy(store: ContainerStore, rec: ContainerRecord) -> None:
+    """End the monitors and the VM with everything around it (a pod's member: its part of the
+    pod's VM), then the poststop hooks."""
     monitor = rec.monitor()
     for proc in [*rec.live_execs().values(), *([monitor] if monitor else [])]:
         # As runc's --force: SIGKILL, so whoever waits on the monitor sees a death by signal 9.
         signal_process(proc, signal.SIGKILL)
         wait_exit(proc, 5.0)
-    _destroy_sandbox(rec.id)
+    if rec.sandbox:
+        _leave_pod(store, rec.id, rec.sandbox)
+    else:
+        _destroy_sandbox(rec.id)
     _hooks(_spec_or_empty(rec), "poststop", rec, Status.STOPPED, fatal=False)
 
 
@@ -328,7 +441,7 @@ def vm_running(store: ContainerStore, cid: str) -> bool:
     from kata.sandbox.pod import Pod
 
     try:
-        hyp = Pod.attach(cid).sandbox.hypervisor
+        hyp = Pod.attach(store.load(cid).sandbox_id()).sandbox.hypervisor
     except KataError:
         return False
     return hyp is not None and hyp.is_running()
@@ -355,7 +468,7 @@ def exec_process(store: ContainerStore, cid: str, process: dict[str, Any], *, co
         monitor.cancel()
         raise
     exec_id = secrets.token_hex(8)
-    conf = {"role": "exec", "cid": cid, "exec_id": exec_id, "proxy": str(proxy_socket(cid)),
+    conf = {"role": "exec", "cid": cid, "exec_id": exec_id, "proxy": str(proxy_socket(rec.sandbox_id())),
             "terminal": terminal, "console_socket": console_socket, "foreground": foreground,
             "process": process}
     ident = monitor.configure(conf)
@@ -375,7 +488,7 @@ def update(store: ContainerStore, cid: str, resources: dict[str, Any]) -> None:
         if rec.current_status() is Status.STOPPED:
             raise StateError("container not running")
         with agent_of(rec) as agent:
-            pod = Pod.attach(cid, agent)
+            pod = Pod.attach(rec.sandbox_id(), agent)
             try:
                 pod.update(cid, resources)
             finally:

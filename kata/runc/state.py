@@ -55,6 +55,11 @@ class ContainerRecord:
     owner: str = ""
     execs: dict[str, list[int]] = field(default_factory=dict)  # exec id -> [pid, start time]
     paused_from: str = ""  # the status resume returns to (created or running)
+    sandbox: str = ""  # the container whose VM this one joined (a pod's member), "" for its own VM
+
+    def sandbox_id(self) -> str:
+        """The sandbox (VM) the container lives in: its own, or the one of the pod it joined."""
+        return self.sandbox or self.id
 
     def monitor(self) -> ProcessId | None:
         return ProcessId(self.pid, self.pid_start) if self.pid else None

@@ -80,6 +80,11 @@ class PodRecord:
         return cls(**data, limits=limits)
 
 
+def record_path(sid: str) -> Path:
+    """Where a pod's record is kept (the runc path's init monitor reads which containers it has)."""
+    return SandboxPaths(sid).state_dir / _RECORD
+
+
 def load_pod_config(config_path: Path | None, annotations: Mapping[str, str]) -> RuntimeConfig:
     """The configuration a pod is made with: the file, then the annotations it allows."""
     from kata.config import apply_annotations, load_config

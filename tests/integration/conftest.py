@@ -11,6 +11,9 @@
 sets extra arguments for it with a module-level ``KATA_RUNTIME_ARGS = ("--debug", ...)``. Teardown
 removes every container, stops the daemons, and fails if a process, mount or directory of theirs is left.
 
+`podman` is tests.support.podman's Podman: podman 4.3 with the runtime "kata", its own storage, configuration
+and CNI network, in a network namespace of its own.
+
 `cri_containerd` is a containerd with its CRI plugin, run in a network namespace of its own (the pods' CNI
 bridge lives there), the busybox image in namespace "k8s.io", and the runtime handler "runc" plus a test
 module's ``CRI_RUNTIMES = {"kata": cri_config.KATA}``; `cri` is a CriClient of it.
@@ -40,6 +43,7 @@ from tests.support.daemons import (
     missing_tools,
 )
 from tests.support.netns import temporary_netns
+from tests.support.podman import Podman, podman_missing_tools
 
 if TYPE_CHECKING:
     from tests.support.cri import CriClient
@@ -70,7 +74,7 @@ def _kata_sandboxes() -> set[str]:
     return found
 
 
-def _fail_on_leftovers(*daemons: Containerd | Dockerd, kata_before: set[str] | None = None) -> None:
+def _fail_on_leftovers(*daemons: Containerd | Dockerd | Podman, kata_before: set[str] | None = None) -> None:
     left = [item for d in daemons for item in d.leftovers()]
     if kata_before is not None:
         left += sorted(_kata_sandboxes() - kata_before)
@@ -116,6 +120,25 @@ def cri_containerd(request: pytest.FixtureRequest) -> Iterator[Containerd]:
             containerd_daemon(cri=True, netns=netns, runtimes=runtimes) as daemon:
         yield daemon
     _fail_on_leftovers(daemon, kata_before=before)
+
+
+@pytest.fixture(scope="module")
+def podman() -> Iterator[Podman]:
+    """podman with runtime "kata" (kata-runtime from PATH), its state private, run in a network
+    namespace of its own (tests.support.podman)."""
+    if os.geteuid() != 0:
+        pytest.skip("podman tests need root")
+    missing = podman_missing_tools() + [t for t in missing_tools() if t in ("skopeo", "umoci")]
+    if missing:
+        pytest.skip(f"podman tests need {', '.join(missing)} (scripts/install.sh installs them)")
+    before = _kata_sandboxes()
+    netns_before = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+    with temporary_netns("ktpod") as netns, Podman(kata_runtime_path(), netns) as pm:
+        yield pm
+    _fail_on_leftovers(pm, kata_before=before)
+    left = set(os.listdir("/run/netns")) - netns_before if os.path.isdir("/run/netns") else set()
+    if left:
+        pytest.fail(f"podman left network namespaces: {', '.join(sorted(left))}")
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from kata.config.model import HypervisorConfig
+from kata.oci.cri_annotations import CRIO_CONTAINER_TYPE, CRIO_SANDBOX_ID
 from kata.oci.spec import Bundle
 from kata.specconv import (
     CRI_CONTAINER_TYPE,
@@ -37,6 +38,18 @@ def test_roles_from_cri_annotations() -> None:
     assert pod_role(member, "c2") == PodRole(is_sandbox=False, sandbox_id="p1")
     with pytest.raises(SpecConvError, match="names no other sandbox"):
         pod_role({CRI_CONTAINER_TYPE: "container"}, "c3")
+
+
+def test_roles_from_cri_o_annotations_as_podman_sets_them() -> None:
+    """podman's pod members name the infra container with CRI-O's keys; the infra has none."""
+    member = {CRIO_CONTAINER_TYPE: "container", CRIO_SANDBOX_ID: "infra1", "io.container.manager": "libpod"}
+    assert pod_role(member, "c2") == PodRole(is_sandbox=False, sandbox_id="infra1")
+    assert pod_role({"io.container.manager": "libpod"}, "infra1") == PodRole(True, "infra1")
+    with pytest.raises(SpecConvError, match=f"annotation {CRIO_SANDBOX_ID}: invalid id format"):
+        pod_role({CRIO_CONTAINER_TYPE: "container", CRIO_SANDBOX_ID: "../x"}, "c3")
+    # containerd's keys win where a spec has both
+    both = {CRI_CONTAINER_TYPE: "sandbox", CRIO_CONTAINER_TYPE: "container", CRIO_SANDBOX_ID: "p9"}
+    assert pod_role(both, "c4") == PodRole(True, "c4")
 
 
 def sandbox_spec(**annotations: str) -> dict[str, Any]:
