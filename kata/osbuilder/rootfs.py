@@ -80,6 +80,7 @@ class RootfsSpec:
         "kata/__init__.py", "kata/ttrpc", "kata/protocols", "kata/oci/__init__.py",
         "kata/oci/default_spec.py",
         "kata/utils/__init__.py", "kata/utils/mount.py", "kata/utils/ids.py", "kata/utils/text.py",
+        "kata/utils/procfs.py",
         "kata/guest",
     )  # fmt: skip
     # Files, or directories skipped whole: the host's build tools and containerd's and CRI's APIs.

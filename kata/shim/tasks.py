@@ -31,6 +31,7 @@ from kata.specconv import pod_role
 
 if TYPE_CHECKING:
     from kata.agent_client.client import AgentClient
+    from kata.metrics.endpoint import Endpoint
     from kata.oci.spec import Bundle
     from kata.protocols.cgroups.stats.v1.metrics_pb2 import Metrics
     from kata.sandbox.container import Container
@@ -95,6 +96,7 @@ class PodTasks:
         self.tasks: dict[str, Task] = {}
         self.lock = threading.RLock()
         self.vm_gone = False
+        self.metrics: Endpoint | None = None
 
     # ---- helpers -------------------------------------------------------------------------------
     @property
@@ -187,10 +189,21 @@ class PodTasks:
         self.pod.mirror_network()
         timings.mark("network_mirrored")
         self.pod.watch(self._vm_gone)
+        self._serve_metrics()
         agent = self.agent
         ooms = OomForwarder(lambda: agent.get_oom_event().container_id, self.tasks.__contains__,
                             self._report_oom)
         threading.Thread(target=ooms.run, name="oom", daemon=True).start()
+
+    def _serve_metrics(self) -> None:
+        """The pod's Prometheus text on its socket, for kata-monitor and `kata-runtime metrics`."""
+        from kata.metrics.sandbox import serve
+
+        assert self.pod is not None
+        try:
+            self.metrics = serve(self.sandbox_id, self.pod.sandbox.vm_processes_by_kind(), lambda: self.lite)
+        except OSError as exc:  # the pod runs without: say so
+            log.warning(f"pod {self.sandbox_id}: no metrics: {exc}")
 
     # ---- start, exec -----------------------------------------------------------------------------
     def start(self, cid: str, exec_id: str) -> int:
@@ -357,6 +370,9 @@ class PodTasks:
         """The VM and everything it had on the host: taps, virtiofsd, shares, state."""
         pod, self.pod = self.pod, None
         self.vm_gone = True
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         if pod is not None:
             for problem in pod.destroy():
                 log.warning(f"pod {pod.id}: {problem}")

@@ -74,6 +74,8 @@ class AgentService:
         self.power_off = power_off
         self.mount_storage = mount_storage
         self._oom: Any = None  # kata.guest.agent.oom.OomWatcher, from the first container on
+        self._scrapes = 0
+        self._scrapes_lock = threading.Lock()
 
     # sandbox ------------------------------------------------------------------------------
     def create_sandbox(self, ctx: ttrpc.Context, req: pb.CreateSandboxRequest) -> empty_pb2.Empty:
@@ -240,6 +242,21 @@ class AgentService:
         reseed_random(req.data)
         return empty_pb2.Empty()
 
+    # metrics ------------------------------------------------------------------------------
+    def get_metrics(self, ctx: ttrpc.Context, req: pb.GetMetricsRequest) -> pb.Metrics:
+        from kata.guest.agent.metrics import guest_metrics  # only a scrape needs it
+
+        with self._scrapes_lock:
+            self._scrapes += 1
+            scrapes = self._scrapes
+        containers = []
+        for cid in list(self.sandbox.containers):
+            try:
+                containers.append((cid, self.sandbox.cgroup_dir(cid)))
+            except (OSError, NotFound):
+                pass  # not running (yet, or any more): no cgroup to read
+        return guest_metrics(containers, scrapes)
+
     # health -------------------------------------------------------------------------------
     def check(self, ctx: ttrpc.Context, req: hpb.CheckRequest) -> hpb.HealthCheckResponse:
         if not self._answered_check:
@@ -283,6 +300,7 @@ class AgentService:
             "SetGuestDateTime": (pb.SetGuestDateTimeRequest, self.set_guest_date_time),
             "ReseedRandomDev": (pb.ReseedRandomDevRequest, self.reseed_random_dev),
             "GetOOMEvent": (pb.GetOOMEventRequest, self.get_oom_event),
+            "GetMetrics": (pb.GetMetricsRequest, self.get_metrics),
         }
         health = {
             "Check": (hpb.CheckRequest, self.check),
