@@ -32,7 +32,8 @@ _STAT_ITEMS = ("utime", "stime", "cutime", "cstime")
 _IO_ITEMS = ("rchar", "wchar", "syscr", "syscw", "read_bytes", "write_bytes", "cancelled_write_bytes")
 # /proc/meminfo names that the plain CamelCase rule below does not turn into Kata's items.
 _MEMINFO_ITEMS = {"SReclaimable": "s_reclaimable", "SUnreclaim": "s_unreclaim",
-                  "KReclaimable": "k_reclaimable", "AnonHugePages": "anon_hugepages", "ShmemHugePages": "shmem_hugepages",
+                  "KReclaimable": "k_reclaimable", "AnonHugePages": "anon_hugepages",
+                  "ShmemHugePages": "shmem_hugepages",
                   "ShmemPmdMapped": "shmem_pmd_mapped", "FileHugePages": "file_hugepages",
                   "FilePmdMapped": "file_pmd_mapped", "HugePages_Total": "hugepages_total",
                   "HugePages_Free": "hugepages_free", "HugePages_Rsvd": "hugepages_rsvd",

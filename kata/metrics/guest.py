@@ -93,7 +93,8 @@ def _container(f: wire.Fields) -> ContainerFigures:
     if problem:
         raise GuestMetricsError(f"a container id: {problem}")
     return ContainerFigures(id=cid, cpu=_figures(f, 2, "container cpu"),
-                            memory=_figures(f, 3, "container memory"), pids=_figures(f, 4, "container pids"), io=_figures(f, 5, "container io"))
+                            memory=_figures(f, 3, "container memory"), pids=_figures(f, 4, "container pids"),
+                            io=_figures(f, 5, "container io"))
 
 
 def _named(f: wire.Fields, number: int, what: str, pattern: re.Pattern[str], limit: int
