@@ -1,6 +1,7 @@
 """One sandbox's metrics over its unix socket: HTTP/1.0 `GET /metrics`, one request per connection.
 
-The socket is born 0600 in the sandbox's root-only state directory (kata.utils.sockets.listen_private).
+The socket is born root-only (umask 077, kata.utils.sockets.listen_private) in the sandbox's root-only
+state directory.
 The server holds no thread while idle beyond its accept loop, serves a few scrapes at once and drops
 connections past that, and gives every connection a deadline, so a stuck client holds nothing for long.
 Nothing heavy is imported until a scrape comes (prometheus-client costs the runc path's monitor ~14 MB).

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import Metric
@@ -37,8 +38,10 @@ _WORKERS = 32
 
 
 class Monitor:
-    def __init__(self, scrape_timeout: float) -> None:
+    def __init__(self, scrape_timeout: float, root: Path | None = None) -> None:
+        """``root``: the state root sandboxes are found under (kata.sandbox.paths.STATE_ROOT by default)."""
         self.scrape_timeout = scrape_timeout
+        self.root = root
         self.pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix="scrape")
         self.registry = CollectorRegistry(auto_describe=False)
         ProcessCollector(namespace="kata_monitor", registry=self.registry)
@@ -56,7 +59,7 @@ class Monitor:
     def metrics(self) -> bytes:
         start = time.monotonic()
         self.scrapes.inc()
-        found = running_sandboxes()
+        found = running_sandboxes(self.root)
         self.running.set(len(found))
         texts = self.scrape(found)
         sandboxes = _Sandboxes(found, texts)
@@ -122,7 +125,7 @@ def _handler(monitor: Monitor) -> type[BaseHTTPRequestHandler]:
             if path == "/metrics":
                 self._reply(200, monitor.metrics(), CONTENT_TYPE)
             elif path == "/sandboxes":
-                ids = "".join(f"{f.id}\n" for f in running_sandboxes())
+                ids = "".join(f"{f.id}\n" for f in running_sandboxes(monitor.root))
                 self._reply(200, ids.encode(), "text/plain; charset=utf-8")
             else:
                 self._reply(404, b"not found: try /metrics or /sandboxes\n", "text/plain")
