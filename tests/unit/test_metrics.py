@@ -205,14 +205,18 @@ def test_the_agents_answer_becomes_a_sandboxs_text(real_agent: LiteAgent) -> Non
     assert got[("kata_guest_meminfo", (("item", "mem_total"),))] == procfs.meminfo()["MemTotal"]
     assert got[("kata_hypervisor_process_cpu_seconds_total", ())] > 0
     assert got[("kata_agent_scrape_count_total", ())] == 1
-    assert samples(SandboxMetrics({}, lambda: real_agent).render())[("kata_agent_scrape_count_total", ())] == 2
+    again = samples(SandboxMetrics({}, lambda: real_agent).render())
+    assert again[("kata_agent_scrape_count_total", ())] == 2
     with pytest.raises(MetricsError, match="not connected"):
         SandboxMetrics({}, lambda: None).render()
 
 
 # ---- the socket ----------------------------------------------------------------------------------
+Serve = Callable[[str, Callable[[], bytes]], Endpoint]
+
+
 @pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Callable[[str, Callable[[], bytes]], Endpoint]]:
+def serve(tmp_path: Path) -> Iterator[Serve]:
     endpoints: list[Endpoint] = []
 
     def start(name: str, render: Callable[[], bytes]) -> Endpoint:
@@ -228,7 +232,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[[str, Callable[[], bytes]], Endpo
         e.close()
 
 
-def test_the_socket_serves_and_reports_failures(serve: Callable[[str, Callable[[], bytes]], Endpoint]) -> None:
+def test_the_socket_serves_and_reports_failures(serve: Serve) -> None:
     def failing() -> bytes:
         raise RuntimeError("the agent said no\nforged")
 
@@ -252,7 +256,7 @@ def test_the_socket_serves_and_reports_failures(serve: Callable[[str, Callable[[
 
 
 def test_kata_monitor_labels_each_sandbox_and_skips_a_slow_one(
-        tmp_path: Path, serve: Callable[[str, Callable[[], bytes]], Endpoint]) -> None:
+        tmp_path: Path, serve: Serve) -> None:
     import json
 
     sbs = tmp_path / "sbs"
