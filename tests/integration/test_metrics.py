@@ -31,6 +31,7 @@ from tests.support.prometheus import PROMETHEUS, Monitor, Prometheus, kata_monit
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("needs_guest")]
 
 CRI_RUNTIMES = {"kata": KATA}
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "kata-dashboard.json"
 TIMEOUT = 180
 
 
@@ -79,6 +80,11 @@ def agent_cpu_per_scrape(sock: Path, scrapes: int) -> float:
     return (cpu1 - cpu0) / (n1 - n0)
 
 
+def dashboard_queries() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [t["expr"].replace("$sandbox", ".*") for p in dashboard["panels"] for t in p["targets"]]
+
+
 def kata_runtime(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([kata_runtime_path(), *args], capture_output=True, text=True, timeout=60)
 
@@ -121,6 +127,9 @@ def test_prometheus_scrapes_every_sandbox_through_kata_monitor(
         assert [r["metric"]["sandbox_id"] for r in usage] == [pods[0].id]
         for family in ("kata_virtiofsd_process_pss_bytes", "kata_shim_process_resident_memory_bytes"):
             assert set(sandboxes) <= set(by_sandbox(prometheus, family)), family
+        # Every query of the Grafana dashboard in deploy/ answers, over these sandboxes.
+        for expr in dashboard_queries():
+            wait_for(lambda e=expr: prometheus.query(e), 30, f"the dashboard's {expr}")
         status, listed = monitor.get("/sandboxes")
         assert status == 200 and set(sandboxes) <= set(listed.split())
 
