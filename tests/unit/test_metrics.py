@@ -286,3 +286,19 @@ def test_kata_monitor_flags() -> None:
     for bad in ("8090", "host:", "h:99999", ":80"):
         with pytest.raises(UsageError):
             parse_listen_address(bad)
+
+
+def test_the_typed_client_gets_the_agents_figures_as_sent(tmp_path: Path) -> None:
+    from kata.agent_client.client import AgentClient
+
+    server, _ = agent_server(tmp_path, max_workers=4)
+    host, guest = serve_on_socketpair(server)
+    try:
+        with AgentClient(host, timeout=10.0) as client:
+            answer = client.get_metrics()
+        assert answer.clock_ticks == procfs.clock_ticks() and answer.scrapes == 1
+        assert answer.agent.open_fds > 0 and not answer.containers
+        assert {f.name for f in answer.meminfo} >= {"MemTotal", "MemAvailable"}
+    finally:
+        server.shutdown()
+        guest.close()
