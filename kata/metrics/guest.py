@@ -4,7 +4,7 @@ The guest is not trusted: its answer is read with kata.ttrpc.wire (no protobuf i
 monitor), and every name must look like the kernel's, every count of entries is bounded, every number
 fits, and no name repeats. Anything else fails the whole answer with one line (GuestMetricsError): a
 sandbox whose guest lies has its scrape fail, and nothing the guest wrote reaches the host's text.
-Field numbers are those of kata/protocols/agent.proto (tests/unit/test_metrics.py checks them against
+Field numbers are those of kata/protocols/agent.proto (tests/unit/test_metrics_figures.py checks them against
 the generated classes).
 """
 

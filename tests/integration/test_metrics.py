@@ -133,6 +133,11 @@ def test_prometheus_scrapes_every_sandbox_through_kata_monitor(
         status, listed = monitor.get("/sandboxes")
         assert status == 200 and set(sandboxes) <= set(listed.split())
 
+        serving = by_sandbox(prometheus, "kata_shim_process_pss_bytes")
+        print("\nPSS of the process serving each sandbox, scraped: " + ", ".join(
+            f"{'shim' if name else 'init monitor'} {float(serving[sid]['value'][1]) / 2**20:.1f} MB"
+            for sid, name in sandboxes.items()))
+
         # One sandbox's figures from the command line; a bad or unknown id is one line.
         for sid in (pods[1].id, container):
             one = kata_runtime("metrics", sid)
