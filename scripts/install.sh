@@ -81,7 +81,7 @@ step "config: default configuration in /usr/share/defaults/kata-containers"
 install -D -m 0644 "$REPO/kata/config/configuration-qemu.toml" \
   /usr/share/defaults/kata-containers/configuration.toml
 
-for cmd in kata-runtime kata-osbuilder containerd-shim-kata-v2; do
+for cmd in kata-runtime kata-osbuilder containerd-shim-kata-v2 kata-monitor; do
   ln -sf "$VENV/bin/$cmd" "$BIN_DIR/$cmd"
 done
 step "installed: $(command -v kata-runtime)"

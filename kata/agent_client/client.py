@@ -211,6 +211,10 @@ class AgentClient:
         """Blocks until a container is killed for lack of memory: no deadline."""
         return self._call("GetOOMEvent", pb.GetOOMEventRequest(), pb.OOMEvent)
 
+    def get_metrics(self) -> pb.Metrics:
+        """The guest's figures as it sends them: unchecked (kata.metrics.guest checks them)."""
+        return self._call("GetMetrics", pb.GetMetricsRequest(), pb.Metrics)
+
     def online_cpu_mem(self, *, wait: bool = False, nb_cpus: int = 0, cpu_only: bool = False,
                        mem_mib: int = 0) -> Empty:
         req = pb.OnlineCPUMemRequest(wait=wait, nb_cpus=nb_cpus, cpu_only=cpu_only, mem_mib=mem_mib)

@@ -108,5 +108,9 @@ class LiteAgent:
     def close_stdin(self, cid: str, exec_id: str) -> None:
         self._call("CloseStdin", wire.encode(((1, cid), (2, exec_id))))
 
+    def get_metrics(self, timeout: float) -> wire.Fields:
+        """The guest's figures, as fields: kata.metrics.guest checks them."""
+        return self._call("GetMetrics", b"", timeout)
+
     def resize(self, cid: str, exec_id: str, rows: int, cols: int) -> None:
         self._call("TtyWinResize", wire.encode(((1, cid), (2, exec_id), (3, rows), (4, cols))))

@@ -13,6 +13,9 @@ SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
 SANDBOX_CPU_QUOTA = "io.kubernetes.cri.sandbox-cpu-quota"
 SANDBOX_CPU_PERIOD = "io.kubernetes.cri.sandbox-cpu-period"
 SANDBOX_MEMORY = "io.kubernetes.cri.sandbox-memory"  # bytes
+SANDBOX_UID = "io.kubernetes.cri.sandbox-uid"  # the pod's Kubernetes uid, name and namespace
+SANDBOX_NAME = "io.kubernetes.cri.sandbox-name"
+SANDBOX_NAMESPACE = "io.kubernetes.cri.sandbox-namespace"
 
 CRIO_CONTAINER_TYPE = "io.kubernetes.cri-o.ContainerType"  # "sandbox" or "container"
 CRIO_SANDBOX_ID = "io.kubernetes.cri-o.SandboxID"

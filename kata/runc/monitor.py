@@ -74,6 +74,7 @@ class Monitor:
         self.terminal = bool(conf.get("terminal"))
         self.agent: LiteAgent | None = None
         self.server: ttrpc.Server | None = None
+        self.metrics: Any = None  # kata.metrics.endpoint.Endpoint, for an init monitor
         self.tty_fd: int | None = None  # the host pty's slave, or our own terminal in the foreground
         self.outputs: list[threading.Thread] = []
         # Signals to forward, one byte each: the handler only writes to this pipe (see below).
@@ -243,6 +244,28 @@ class Monitor:
 
         pidwatch.watch(procs, gone)
 
+    def serve_metrics(self) -> None:
+        """The sandbox's Prometheus text on its socket (kata.metrics.sandbox, which the shim serves for a
+        pod). prometheus-client is imported by the first scrape, from where the launcher found it."""
+        conf = self.conf.get("metrics")
+        if not conf:
+            return
+        from kata.metrics.sandbox import serve
+        from kata.utils.process import ProcessId
+
+        if conf.get("library") and conf["library"] not in sys.path:
+            sys.path.append(conf["library"])  # after PYTHONPATH: our kata package stays the one used
+        procs = {kind: [ProcessId(int(pid), int(start)) for pid, start in found]
+                 for kind, found in conf.get("processes", {}).items()}
+        try:
+            self.metrics = serve(self.cid, procs, lambda: self.agent)
+        except OSError as exc:  # the container runs without
+            report(f"no metrics: {one_line(exc)}")
+
+    def stop_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+
     def stop_proxy(self) -> None:
         if self.server is None:
             return
@@ -350,6 +373,7 @@ def run(control: socket.socket) -> int:
         launcher.outlive(PID_FILE_GRACE if status == VM_GONE_STATUS else 0.0)
         return status
     finally:
+        mon.stop_metrics()
         mon.stop_proxy()
 
 
@@ -369,6 +393,7 @@ def _bring_up(mon: Monitor, conf: dict[str, Any]) -> None:
     if conf["role"] == "init":
         mon.serve_proxy()
         mon.watch_vm()
+        mon.serve_metrics()
     if mon.terminal:
         mon.open_terminal()
     if conf["role"] == "exec":

@@ -18,6 +18,15 @@ from kata.utils.process import ProcessId
 _PACKAGE_PARENT = str(Path(kata.__file__).resolve().parent.parent)
 
 
+def metrics_library() -> str:
+    """Where prometheus-client is installed: the monitor, started with -S, adds it to its path on the
+    first scrape of its sandbox's metrics (and only then pays for the import)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("prometheus_client")
+    return str(Path(spec.origin).parent.parent) if spec is not None and spec.origin else ""
+
+
 # Control sockets of detached monitors, open until this process exits (see PendingMonitor.configure).
 _HELD: list[socket.socket] = []
 

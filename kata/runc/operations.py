@@ -150,10 +150,13 @@ def create(store: ContainerStore, cid: str, bundle_dir: Path, *, config_path: Pa
         pod.add_container(cid, bundle)
         agent_ep = pod.sandbox.require_hypervisor().agent_endpoint()
         vm = [[p.pid, p.start_time] for p in pod.vm_processes()]
+        metrics = {kind: [[p.pid, p.start_time] for p in procs]
+                   for kind, procs in pod.sandbox.vm_processes_by_kind().items()}
         pod.release()
         conf = {"role": "init", "cid": cid, "agent": agent_ep._asdict(), "proxy": str(proxy_socket(cid)),
                 "terminal": terminal, "console_socket": console_socket, "foreground": foreground, "vm": vm,
-                "pod_record": str(pods.record_path(cid))}
+                "pod_record": str(pods.record_path(cid)),
+                "metrics": {"processes": metrics, "library": monitor_launch.metrics_library()}}
         ident = monitors[0].configure(conf)
         timings.mark("monitor_ready")
         rec.pid, rec.pid_start, rec.status = ident.pid, ident.start_time, Status.CREATED

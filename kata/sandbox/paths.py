@@ -81,6 +81,12 @@ class SandboxPaths:
         return self.state_dir / "lock"
 
     @property
+    def metrics_socket(self) -> Path:
+        """Where the process that serves the sandbox (the shim, or the runc path's init monitor) serves
+        its Prometheus text (kata.metrics); its path is shorter than the VM sockets'."""
+        return self.state_dir / "metrics.sock"
+
+    @property
     def vm_dir(self) -> Path:
         return VM_ROOT / self.id
 

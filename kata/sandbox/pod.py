@@ -42,7 +42,7 @@ log = logging.getLogger("kata.sandbox")
 
 # Hooks a container's creation runs, in order, with its status "creating" (the runtime-spec's).
 CREATE_HOOKS = ("prestart", "createRuntime", "createContainer")
-_RECORD = "pod.json"
+RECORD = "pod.json"
 
 
 class HostNetworkError(KataError):
@@ -82,7 +82,7 @@ class PodRecord:
 
 def record_path(sid: str) -> Path:
     """Where a pod's record is kept (the runc path's init monitor reads which containers it has)."""
-    return SandboxPaths(sid).state_dir / _RECORD
+    return SandboxPaths(sid).state_dir / RECORD
 
 
 def load_pod_config(config_path: Path | None, annotations: Mapping[str, str]) -> RuntimeConfig:
@@ -195,7 +195,7 @@ class Pod:
             # during create, then containerd's `shim delete`) does so with this configuration.
             paths = claim_id(sid)
             try:
-                write_json(paths.state_dir / _RECORD, dataclasses.asdict(record))
+                write_json(paths.state_dir / RECORD, dataclasses.asdict(record))
             except BaseException:
                 remove_tree(str(paths.state_dir))  # an id claimed with no record would be taken for good
                 raise
@@ -212,7 +212,7 @@ class Pod:
         connection to its agent when the caller has one (the runc path's, through the monitor)."""
         paths = SandboxPaths(sid)
         try:
-            record = PodRecord.load(paths.state_dir / _RECORD)
+            record = PodRecord.load(paths.state_dir / RECORD)
         except FileNotFoundError:
             if paths.state_dir.exists():  # claimed, but the record never written (or from before records)
                 raise KataError(f"sandbox {sid} has no record of how it was made") from None
@@ -229,7 +229,7 @@ class Pod:
         return SandboxPaths(sid).state_dir.exists()
 
     def _save(self) -> None:
-        write_json(self.sandbox.paths.state_dir / _RECORD, dataclasses.asdict(self.record))
+        write_json(self.sandbox.paths.state_dir / RECORD, dataclasses.asdict(self.record))
 
     @property
     def id(self) -> str:

@@ -415,9 +415,13 @@ class Sandbox:
         """The host processes without which the VM is gone: the VMM, and virtiofsd (a guest whose
         shared filesystem died would hang on its next file access). One that has died already is
         listed too: whoever watches them must see the VM gone at once."""
-        found = self.hypervisor.process_ids() if self.hypervisor is not None else []
+        return [p for procs in self.vm_processes_by_kind().values() for p in procs]
+
+    def vm_processes_by_kind(self) -> dict[str, list[ProcessId]]:
+        """vm_processes() by what each is: "hypervisor" and "virtiofsd" (what the metrics report)."""
+        found = {"hypervisor": self.hypervisor.process_ids() if self.hypervisor is not None else []}
         if self.virtiofsd is not None and self.virtiofsd.process_id is not None:
-            found.append(self.virtiofsd.process_id)
+            found["virtiofsd"] = [self.virtiofsd.process_id]
         return found
 
     def require_hypervisor(self) -> Hypervisor:

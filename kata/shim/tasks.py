@@ -32,6 +32,7 @@ from kata.utils.text import one_line
 
 if TYPE_CHECKING:
     from kata.agent_client.client import AgentClient
+    from kata.metrics.endpoint import Endpoint
     from kata.oci.spec import Bundle
     from kata.protocols.cgroups.stats.v1.metrics_pb2 import Metrics
     from kata.sandbox.container import Container
@@ -100,6 +101,7 @@ class PodTasks:
         self.lock = threading.RLock()
         self.vm_gone = False
         self.forwarder: Forwarder | None = None
+        self.metrics: Endpoint | None = None
 
     # ---- helpers -------------------------------------------------------------------------------
     @property
@@ -194,6 +196,7 @@ class PodTasks:
         self._forward_ports(bundle)
         timings.mark("ports_forwarded")
         self.pod.watch(self._vm_gone)
+        self._serve_metrics()
         agent = self.agent
         ooms = OomForwarder(lambda: agent.get_oom_event().container_id, self.tasks.__contains__,
                             self._report_oom)
@@ -219,6 +222,16 @@ class PodTasks:
     def _stop_forwarder(self) -> None:
         if self.forwarder is not None:
             self.forwarder.stop()
+
+    def _serve_metrics(self) -> None:
+        """The pod's Prometheus text on its socket, for kata-monitor and `kata-runtime metrics`."""
+        from kata.metrics.sandbox import serve
+
+        assert self.pod is not None
+        try:
+            self.metrics = serve(self.sandbox_id, self.pod.sandbox.vm_processes_by_kind(), lambda: self.lite)
+        except OSError as exc:  # the pod runs without: say so
+            log.warning(f"pod {self.sandbox_id}: no metrics: {exc}")
 
     # ---- start, exec -----------------------------------------------------------------------------
     def start(self, cid: str, exec_id: str) -> int:
@@ -387,6 +400,9 @@ class PodTasks:
         pod, self.pod = self.pod, None
         self.vm_gone = True
         self._stop_forwarder()
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         if pod is not None:
             for problem in pod.destroy():
                 log.warning(f"pod {pod.id}: {problem}")

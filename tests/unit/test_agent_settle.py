@@ -41,7 +41,8 @@ def test_a_program_with_a_sigterm_handler_is_settled_while_busy_but_not_one_for_
     # bash traps TERM, then spins without sleeping: its handler is what makes it ready.
     with running("bash", "-c", "trap 'exit 0' TERM; while :; do :; done") as p:
         assert wait_settled(p.pid, "/usr/bin/crun", limit=5) < 5
-    with running("python3", "-c", "import signal; signal.signal(signal.SIGUSR1, print)\nwhile True: pass") as p:
+    spin = "import signal; signal.signal(signal.SIGUSR1, print)\nwhile True: pass"
+    with running("python3", "-c", spin) as p:
         time.sleep(1)  # past its start-up, which may sleep on I/O
         assert not settled(p.pid, "/usr/bin/crun")
 

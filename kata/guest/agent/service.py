@@ -76,6 +76,8 @@ class AgentService:
         self.mount_storage = mount_storage
         self._oom: Any = None  # kata.guest.agent.oom.OomWatcher, from the first container on
         self._forwards: Any = None  # kata.guest.agent.portforward.Forwards, from the first one on
+        self._scrapes = 0
+        self._scrapes_lock = threading.Lock()
 
     # sandbox ------------------------------------------------------------------------------
     def create_sandbox(self, ctx: ttrpc.Context, req: pb.CreateSandboxRequest) -> empty_pb2.Empty:
@@ -269,6 +271,21 @@ class AgentService:
         self._fwd().close(req.conn_id, req.write_only)
         return empty_pb2.Empty()
 
+    # metrics ------------------------------------------------------------------------------
+    def get_metrics(self, ctx: ttrpc.Context, req: pb.GetMetricsRequest) -> pb.Metrics:
+        from kata.guest.agent.metrics import guest_metrics  # only a scrape needs it
+
+        with self._scrapes_lock:
+            self._scrapes += 1
+            scrapes = self._scrapes
+        containers = []
+        for cid in list(self.sandbox.containers):
+            try:
+                containers.append((cid, self.sandbox.cgroup_dir(cid)))
+            except (OSError, NotFound):
+                pass  # not running (yet, or any more): no cgroup to read
+        return guest_metrics(containers, scrapes)
+
     # health -------------------------------------------------------------------------------
     def check(self, ctx: ttrpc.Context, req: hpb.CheckRequest) -> hpb.HealthCheckResponse:
         if not self._answered_check:
@@ -316,6 +333,7 @@ class AgentService:
             "PortForwardWrite": (pb.PortForwardWriteRequest, self.port_forward_write),
             "PortForwardRead": (pb.PortForwardReadRequest, self.port_forward_read),
             "PortForwardClose": (pb.PortForwardCloseRequest, self.port_forward_close),
+            "GetMetrics": (pb.GetMetricsRequest, self.get_metrics),
         }
         health = {
             "Check": (hpb.CheckRequest, self.check),
