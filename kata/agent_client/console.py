@@ -46,7 +46,7 @@ class Session:
         self.early: list[tuple[bytes, bytes]] = []  # frames that came with STARTED
 
     @classmethod
-    def open(cls, endpoint: AgentEndpoint, where: str, *, rows: int, cols: int, echo: bool, term: str,
+    def open(cls, endpoint: AgentEndpoint, where: str, *, rows: int, cols: int, tty: bool, term: str,
              timeout: float = START_TIMEOUT) -> Session:
         """Connect and ask for a shell; returns once the guest says it runs."""
         try:
@@ -56,7 +56,7 @@ class Session:
                                f"{exc.strerror or exc}") from None
         session = cls(sock, where)
         try:
-            session._start(proto.open_frame(rows, cols, echo, term), timeout)
+            session._start(proto.open_frame(rows, cols, tty, term), timeout)
         except BaseException:
             sock.close()
             raise

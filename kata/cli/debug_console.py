@@ -2,8 +2,8 @@
 terminal (Kata's `kata-ctl exec`; runc's `exec` keeps its meaning). Needs debug_console_enabled.
 
 On a terminal, the terminal goes raw and the guest's pty does the line discipline; otherwise (pipe
-mode, for scripts) the guest's pty neither echoes nor prompts, and the end of our input ends the
-shell's. The command exits with the shell's status.
+mode, for scripts) the shell runs on pipes as a script's would (no prompt, no echo), and the end of
+our input is the end of its. The command exits with the shell's status.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     endpoint = Pod.attach(sid).debug_console()
     interactive = os.isatty(0)
     rows, cols = terminal_size(0)
-    session = Session.open(endpoint, f"sandbox {sid}", rows=rows, cols=cols, echo=interactive,
+    session = Session.open(endpoint, f"sandbox {sid}", rows=rows, cols=cols, tty=interactive,
                            term=os.environ.get("TERM", "") if interactive else "dumb")
     try:
         sys.stdout.flush()

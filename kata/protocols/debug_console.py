@@ -29,7 +29,7 @@ MAX_PAYLOAD = 16 * 1024
 OPEN = b"O"  # the session's first frame: rows, cols (u16 each), flags (u8), then TERM (ASCII)
 DATA = b"D"  # keystrokes, or piped input
 RESIZE = b"W"  # rows, cols (u16 each)
-EOF = b"E"  # piped input has ended: the guest's pty gets its end-of-file character
+EOF = b"E"  # the host's input has ended: so does the shell's (a pty gets its end-of-file character)
 # guest -> host (DATA as well: what the shell wrote)
 STARTED = b"S"  # the shell runs: the session is this host's
 EXITED = b"X"  # the shell has exited: its status (u8, 128+N for a death by signal N)
@@ -37,7 +37,7 @@ EXITED = b"X"  # the shell has exited: its status (u8, 128+N for a death by sign
 HOST_KINDS = frozenset({OPEN, DATA, RESIZE, EOF})
 GUEST_KINDS = frozenset({DATA, STARTED, EXITED})
 
-FLAG_ECHO = 1  # an interactive terminal: the pty echoes and translates newlines, as a terminal does
+FLAG_TTY = 1  # the host is a terminal: the shell runs on a pty (else on pipes, for a script)
 _OPEN = struct.Struct(">HHB")
 _SIZE = struct.Struct(">HH")
 MAX_TERM = 64
@@ -59,18 +59,18 @@ def data_frames(data: bytes) -> bytes:
     return b"".join(frame(DATA, data[i:i + MAX_PAYLOAD]) for i in range(0, len(data), MAX_PAYLOAD))
 
 
-def open_frame(rows: int, cols: int, echo: bool, term: str) -> bytes:
+def open_frame(rows: int, cols: int, tty: bool, term: str) -> bytes:
     raw = term.encode("ascii", "replace")[:MAX_TERM]
-    return frame(OPEN, _OPEN.pack(_clamp(rows), _clamp(cols), FLAG_ECHO if echo else 0) + raw)
+    return frame(OPEN, _OPEN.pack(_clamp(rows), _clamp(cols), FLAG_TTY if tty else 0) + raw)
 
 
 def parse_open(payload: bytes) -> tuple[int, int, bool, str]:
-    """(rows, cols, echo, TERM) of an OPEN frame; a TERM outside [A-Za-z0-9.+-_] becomes ''."""
+    """(rows, cols, tty, TERM) of an OPEN frame; a TERM outside [A-Za-z0-9.+-_] becomes ''."""
     if len(payload) < _OPEN.size or len(payload) > _OPEN.size + MAX_TERM:
         raise ProtocolError(f"open frame of {len(payload)} bytes")
     rows, cols, flags = _OPEN.unpack_from(payload)
     term = payload[_OPEN.size:]
-    return rows, cols, bool(flags & FLAG_ECHO), term.decode() if set(term) <= _TERM_CHARS else ""
+    return rows, cols, bool(flags & FLAG_TTY), term.decode() if set(term) <= _TERM_CHARS else ""
 
 
 def resize_frame(rows: int, cols: int) -> bytes:

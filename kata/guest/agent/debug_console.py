@@ -2,8 +2,8 @@
 its own, for the operator's `kata-runtime debug-console`.
 
 One session at a time. When the host connects, it sends OPEN (its terminal's size, whether it is
-one); the shell then runs on a new pty, in the guest's root namespaces as the agent (PID 1) is, and
-this thread relays between the channel and the pty master in frames
+one); the shell then runs on a new pty (on pipes, for a piped session), in the guest's root
+namespaces as the agent (PID 1) is, and this thread relays between the channel and the shell in frames
 (:mod:`kata.protocols.debug_console`). When the shell exits, its status goes to the host; when the
 host goes, every process of the shell's session gets SIGHUP, the shell SIGKILL after a grace, and
 the port waits for the next host. Its own thread, with bounded buffers, never the agent channel's.
@@ -132,21 +132,29 @@ def _session_members(sid: int, proc: str = "/proc") -> list[int]:
                 fields = f.read().rsplit(b")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        if len(fields) > 4 and int(fields[4]) == sid:  # field 6, session, counted after the name
+        # After the name: state, ppid, pgrp, session (stat's fields 3 to 6).
+        if len(fields) > 3 and int(fields[3]) == sid:
             found.append(int(name))
     return found
 
 
 class Session:
-    """One host's shell: relay between ``chan`` (non-blocking) and a pty until either side ends."""
+    """One host's shell: relay between ``chan`` (non-blocking) and the shell until either side ends.
+
+    On a terminal (the host's OPEN says so) the shell runs on a pty; piped, on pipes (stdout and
+    stderr on one), as a script's shell would: no prompts, no echo, and the end of the host's input
+    closes the shell's."""
 
     def __init__(self, chan: int, reaper: Reaper) -> None:
         self.chan = chan
         self.reaper = reaper
         self.decoder = proto.Decoder(proto.HOST_KINDS)
         self.to_chan = bytearray()
-        self.to_pty = bytearray()
-        self.master: int | None = None
+        self.to_shell = bytearray()
+        self.tty: int | None = None  # the pty master: the shell's input and output both
+        self.shell_out: int | None = None  # what the shell writes (the master, or a pipe)
+        self.shell_in: int | None = None  # what it reads (the master, or a pipe)
+        self.input_ended = False
         self.shell: Exit | None = None
         self.host_gone = False
 
@@ -177,51 +185,70 @@ class Session:
                 return proto.parse_open(payload)
         return None
 
-    def _start_shell(self, rows: int, cols: int, echo: bool, term: str) -> None:
-        master, slave = os.openpty()
-        try:
-            _set_size(master, rows, cols)
-            if not echo:
-                # Piped: no echo of the input, and newlines as they are, as a script expects.
-                attrs = termios.tcgetattr(slave)
-                attrs[1] &= ~termios.ONLCR
-                attrs[3] &= ~(termios.ECHO | termios.ECHONL)
-                termios.tcsetattr(slave, termios.TCSANOW, attrs)
-            env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "HOME": "/",
-                   "TERM": term or "vt100"}
-            if not echo:
-                env.update(PS1="", PS2="")
-            shell = next((s for s in SHELLS if os.access(s, os.X_OK)), None)
-            if shell is None or not os.access(SETSID[0], os.X_OK):
-                raise OSError(errno.ENOENT, "the guest has no shell (or no busybox for setsid)")
-            self.shell = self.reaper.spawn([*SETSID, shell], stdin=slave, stdout=slave, stderr=slave, env=env)
-        finally:
-            os.close(slave)
-        os.set_blocking(master, False)
-        self.master = master
+    def _start_shell(self, rows: int, cols: int, tty: bool, term: str) -> None:
+        shell = next((s for s in SHELLS if os.access(s, os.X_OK)), None)
+        if shell is None or (tty and not os.access(SETSID[0], os.X_OK)):
+            raise OSError(errno.ENOENT, "the guest has no shell (or no busybox for setsid)")
+        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "HOME": "/"}
+        if tty:
+            master, slave = os.openpty()
+            try:
+                _set_size(master, rows, cols)
+                self.shell = self.reaper.spawn([*SETSID, shell], stdin=slave, stdout=slave, stderr=slave,
+                                               env={**env, "TERM": term or "vt100"})
+            except BaseException:
+                os.close(master)
+                raise
+            finally:
+                os.close(slave)
+            self.tty = self.shell_out = self.shell_in = master
+        else:
+            in_r, in_w = os.pipe2(os.O_CLOEXEC)
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            try:
+                # A session of its own all the same, so that its end finds every process it left.
+                self.shell = self.reaper.spawn([shell], stdin=in_r, stdout=out_w, stderr=out_w, env=env,
+                                               setsid=True)
+            except BaseException:
+                os.close(in_w)
+                os.close(out_r)
+                raise
+            finally:
+                os.close(in_r)
+                os.close(out_w)
+            self.shell_in, self.shell_out = in_w, out_r
+        for fd in {self.shell_in, self.shell_out}:
+            os.set_blocking(fd, False)
         self.to_chan += proto.frame(proto.STARTED)
         log.info(f"debug console: shell {self.shell.pid} started")
 
     def _relay(self) -> None:
         assert self.shell is not None
         while not self.host_gone:
-            if self.master is None and self.shell.done():
-                break  # the pty is drained and the shell gone: report its status
+            if self.shell_out is None and self.shell.done():
+                break  # its output is drained and the shell gone: report its status
+            events: dict[int, int] = {
+                self.chan: (select.POLLIN if len(self.to_shell) < BUFFER_LIMIT else 0)
+                | (select.POLLOUT if self.to_chan else 0)}
+            if self.shell_out is not None and len(self.to_chan) < BUFFER_LIMIT:
+                events[self.shell_out] = events.get(self.shell_out, 0) | select.POLLIN
+            if self.shell_in is not None and self.to_shell:
+                events[self.shell_in] = events.get(self.shell_in, 0) | select.POLLOUT
             p = select.poll()
-            p.register(self.chan, (select.POLLIN if len(self.to_pty) < BUFFER_LIMIT else 0)
-                       | (select.POLLOUT if self.to_chan else 0))
-            if self.master is not None:
-                p.register(self.master, (select.POLLIN if len(self.to_chan) < BUFFER_LIMIT else 0)
-                           | (select.POLLOUT if self.to_pty else 0))
-            # With the pty closed, only the shell's exit is awaited: look at it often.
-            for fd, ev in p.poll((EXIT_POLL if self.master is not None else 0.02) * 1000):
+            for fd, ev in events.items():
+                p.register(fd, ev)
+            # With the shell's output closed, only its exit is awaited: look at it often.
+            for fd, ev in p.poll((EXIT_POLL if self.shell_out is not None else 0.02) * 1000):
                 if fd == self.chan:
                     self._on_chan(ev)
-                elif fd == self.master:
-                    self._on_master(ev)
-            if self.master is not None and self.shell.done() and not self._readable(self.master):
-                # The shell is gone but something it left keeps the pty open: the session is over.
-                self._close_master()
+                    continue
+                if fd == self.shell_in and ev & (select.POLLOUT | select.POLLERR):
+                    self._write_shell()
+                if fd == self.shell_out and ev & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                    self._read_shell()
+            if self.shell_out is not None and self.shell.done() and not self._readable(self.shell_out):
+                # The shell is gone but something it left keeps its output open: the session is over.
+                self._close_shell_fds()
         if self.host_gone:
             return
         self.to_chan += proto.exited_frame(self.shell.wait(HANGUP_GRACE) or 0)
@@ -242,42 +269,55 @@ class Session:
 
     def _on_frame(self, kind: bytes, payload: bytes) -> None:
         if kind == proto.DATA:
-            self.to_pty += payload
-        elif kind == proto.RESIZE and self.master is not None:
-            _set_size(self.master, *proto.parse_resize(payload))
+            if not self.input_ended:
+                self.to_shell += payload
+        elif kind == proto.RESIZE:
+            if self.tty is not None:
+                _set_size(self.tty, *proto.parse_resize(payload))
         elif kind == proto.EOF:
-            self.to_pty += _TTY_EOF
+            if self.tty is not None:
+                self.to_shell += _TTY_EOF  # the terminal's end of file, as a typed ^D
+            else:
+                self.input_ended = True
+                self._write_shell()
         elif kind == proto.OPEN:
             raise proto.ProtocolError("a second OPEN frame")
 
-    def _on_master(self, ev: int) -> None:
-        assert self.master is not None
-        if ev & select.POLLOUT and self.to_pty:
-            try:
-                del self.to_pty[:os.write(self.master, self.to_pty)]
-            except BlockingIOError:
-                pass
-            except OSError as e:
-                if e.errno != errno.EIO:
-                    raise
-                self.to_pty.clear()  # nobody holds the pty's other side to read it
-        if ev & (select.POLLIN | select.POLLHUP | select.POLLERR):
-            try:
-                data = os.read(self.master, READ_CHUNK)
-            except BlockingIOError:
-                return
-            except OSError as e:
-                if e.errno != errno.EIO:  # EIO: the last holder of the pty's other side closed it
-                    raise
-                data = b""
-            if data:
-                self.to_chan += proto.data_frames(data)
-            else:
-                self._close_master()
+    def _write_shell(self) -> None:
+        if self.shell_in is None:
+            self.to_shell.clear()
+            return
+        try:
+            if self.to_shell:
+                del self.to_shell[:os.write(self.shell_in, self.to_shell)]
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            if e.errno not in (errno.EIO, errno.EPIPE):
+                raise
+            self.to_shell.clear()  # nobody reads the shell's input any more
+        if self.input_ended and not self.to_shell and self.tty is None:
+            os.close(self.shell_in)
+            self.shell_in = None
+
+    def _read_shell(self) -> None:
+        assert self.shell_out is not None
+        try:
+            data = os.read(self.shell_out, READ_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            if e.errno != errno.EIO:  # EIO: the last holder of the pty's other side closed it
+                raise
+            data = b""
+        if data:
+            self.to_chan += proto.data_frames(data)
+        else:
+            self._close_shell_fds()
 
     def _end(self) -> None:
-        """Leave nothing of the session: the shell and its session are hung up, then killed."""
-        self._close_master()
+        """Leave nothing of the session: its processes are hung up, and the shell killed if it stays."""
+        self._close_shell_fds(also_input=True)
         shell = self.shell
         if shell is None:
             return
@@ -335,12 +375,18 @@ class Session:
     def _readable(fd: int) -> bool:
         p = select.poll()
         p.register(fd, select.POLLIN)
-        return bool(p.poll(0))
+        return any(ev & select.POLLIN for _, ev in p.poll(0))
 
-    def _close_master(self) -> None:
-        if self.master is not None:
-            os.close(self.master)
-            self.master = None
+    def _close_shell_fds(self, also_input: bool = False) -> None:
+        """The shell's output is done with (for a pty, its input too: one descriptor)."""
+        fds = {self.shell_out}
+        self.shell_out = None
+        if self.tty is not None or also_input:
+            fds.add(self.shell_in)
+            self.shell_in = self.tty = None
+        for fd in fds:
+            if fd is not None:
+                os.close(fd)
 
 
 def _set_size(fd: int, rows: int, cols: int) -> None:
