@@ -79,9 +79,20 @@ def read_until(fd: int, pattern: bytes, deadline: float, out: bytearray, start: 
     return found
 
 
+def console_pid(sandbox: str) -> int:
+    for pid in os.listdir("/proc"):
+        try:
+            if f"debug-console\0{sandbox}\0".encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return int(pid)
+        except (OSError, ValueError):
+            continue
+    raise AssertionError("no debug-console process")
+
+
 def test_a_shell_on_the_operators_terminal(sandbox: str) -> None:
-    # The command runs on a pty, as from an operator's terminal, twice in a row; a shell around it
-    # shows the terminal's settings before and after, and the command's status.
+    # The command runs on a pty, as from an operator's terminal, twice in a row (the second time
+    # ended by SIGTERM); a shell around it shows the terminal's settings before and after, and the
+    # command's statuses.
     command = f"{runtime_bin()} debug-console {sandbox}; echo rc=$?"
     pid, master = pty.fork()
     if pid == 0:
@@ -91,7 +102,7 @@ def test_a_shell_on_the_operators_terminal(sandbox: str) -> None:
     deadline = time.monotonic() + 90
     try:
         start = 0
-        for _ in (1, 2):
+        for session in (1, 2):
             # Typed once the guest's shell prompts: going raw, the command drops what was typed before.
             start = read_until(master, rb"built-in shell \(ash\).*?# ", deadline, out, start).end()
             # The marker is split in the typed line: only the command's output has it whole.
@@ -99,8 +110,16 @@ def test_a_shell_on_the_operators_terminal(sandbox: str) -> None:
             found = read_until(master, rb"KERNEL=([^=\s]+)=\r\n40 120\r\n/dev/pts/\d+\r\n", deadline, out,
                                start)
             assert found.group(1).decode() != HOST_KERNEL, (found.group(1), HOST_KERNEL)
-            os.write(master, b"exit\r")
-            start = read_until(master, rb"rc=\d+\r\n", deadline, out, found.end()).end()
+            if session == 1:
+                # The pty is the shell's controlling terminal: ^C reaches its foreground job.
+                os.write(master, b"sleep 600\r")
+                time.sleep(0.5)
+                os.write(master, b"\x03echo A''FTER\r")
+                start = read_until(master, rb"AFTER\r\n", deadline, out, found.end()).end()
+                os.write(master, b"exit\r")
+            else:
+                os.kill(console_pid(sandbox), signal.SIGTERM)
+            start = read_until(master, rb"rc=\d+\r\n", deadline, out, start).end()
         read_until(master, rb"[0-9a-f]+(:[0-9a-f]+)+\r\n", deadline, out, start)
     except BaseException:
         os.kill(pid, signal.SIGKILL)
@@ -108,7 +127,7 @@ def test_a_shell_on_the_operators_terminal(sandbox: str) -> None:
     finally:
         _, status = os.waitpid(pid, 0)
         os.close(master)
-    assert re.findall(rb"rc=(\d+)", out) == [b"0", b"0"], bytes(out)
+    assert re.findall(rb"rc=(\d+)", out) == [b"0", b"143"], bytes(out)
     text = bytes(out).decode(errors="replace")
     settings = [ln for ln in text.replace("\r", "").split("\n")
                 if re.fullmatch(r"[0-9a-f]+(:[0-9a-f]+)+", ln)]
