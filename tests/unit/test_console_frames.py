@@ -117,8 +117,9 @@ def test_a_console_vm_has_a_template_of_its_own(tmp_path: Path) -> None:
 
 def test_config_key_is_katas_and_off_by_default(tmp_path: Path) -> None:
     from kata.config import load_config
+    from kata.config.load import PACKAGED_CONFIG
 
-    assert load_config(config_with(tmp_path, {})).agent.debug_console_enabled is False
+    assert load_config(PACKAGED_CONFIG).agent.debug_console_enabled is False
     cfg = load_config(config_with(tmp_path, {"agent.kata": {"debug_console_enabled": True}}))
     assert cfg.agent.debug_console_enabled is True
     (tmp_path / "bad.toml").write_text('[hypervisor.qemu]\n[agent.kata]\ndebug_console_enabled = "yes"\n')
