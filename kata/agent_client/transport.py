@@ -17,7 +17,8 @@ class TransportError(KataError):
     """The agent channel could not be opened; the message is one line."""
 
 
-def _connect_once(endpoint: AgentEndpoint, timeout: float) -> socket.socket:
+def open_socket(endpoint: AgentEndpoint, timeout: float) -> socket.socket:
+    """One connection attempt to ``endpoint`` (the agent's, or another guest channel's)."""
     if endpoint.kind == "serial":
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         addr: str | tuple[int, int] = endpoint.path
@@ -49,7 +50,7 @@ def connect(endpoint: AgentEndpoint, timeout: float) -> ttrpc.Stream:
             last = FileNotFoundError(f"{endpoint.path} does not exist")
         else:
             try:
-                return ttrpc.socket_stream(_connect_once(endpoint, remaining))
+                return ttrpc.socket_stream(open_socket(endpoint, remaining))
             except TransportError:
                 raise
             except OSError as e:

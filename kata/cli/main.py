@@ -14,14 +14,15 @@ from kata.utils.usage import Parser, UsageError
 
 # Each module adds its verbs with add_parser(subparsers); a verb's parser sets func(args) -> int.
 _VERB_MODULES = ("lifecycle", "exec", "inspect", "update", "spec", "features", "check", "env", "factory",
-                 "metrics", "version")
+                 "metrics", "debug_console", "version")
 # Which module has each verb: a command loads only its own module (containerd runs one kata-runtime
 # per step, so every millisecond of start-up counts), help and unknown verbs load them all.
 _MODULE_OF = {
     **dict.fromkeys(("create", "run", "start", "kill", "delete", "pause", "resume"), "lifecycle"),
     **dict.fromkeys(("state", "list", "ps", "events"), "inspect"),
     "exec": "exec", "update": "update", "spec": "spec", "features": "features", "check": "check",
-    "kata-check": "check", "env": "env", "factory": "factory", "metrics": "metrics", "version": "version",
+    "kata-check": "check", "env": "env", "factory": "factory", "metrics": "metrics",
+    "debug-console": "debug_console", "version": "version",
 }
 # Global options that take a value (as a separate word), to find the verb after them.
 _VALUED_OPTIONS = {"--root", "--log", "--log-format", "--config", "--kata-config", "--criu"}

@@ -80,6 +80,8 @@ class AgentConfig:
     enable_debug: bool = False
     dial_timeout: int = 45
     kernel_modules: tuple[str, ...] = ()
+    # Kata's key: the guest offers a root shell to `kata-runtime debug-console` (off: none exists).
+    debug_console_enabled: bool = False
     # Ours: how the host reaches the agent.
     agent_channel: str = "auto"
 

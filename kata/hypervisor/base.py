@@ -57,6 +57,8 @@ class VMConfig:
     # clone's private copy of it is handed to restore() as a memfd instead. None: in an anonymous
     # memfd (virtio-fs) or private memory.
     memory_file: Path | None = None
+    # The guest agent offers a root shell on a channel of its own (Kata's debug_console_enabled).
+    debug_console: bool = False
 
 
 class Hypervisor(abc.ABC):
@@ -75,6 +77,10 @@ class Hypervisor(abc.ABC):
 
     @abc.abstractmethod
     def agent_endpoint(self) -> AgentEndpoint: ...
+
+    def debug_console_endpoint(self) -> AgentEndpoint | None:
+        """Where the guest's debug console answers; None when the VM was given none."""
+        return None
 
     def log_tail(self) -> str:
         """The last lines of the VMM's own output, as one line for an error message; "" when none."""

@@ -9,6 +9,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from kata.protocols import debug_console
 from kata.protocols.agent_api import AgentEndpoint
 from kata.utils import process
 from kata.utils.files import write_private
@@ -49,6 +50,7 @@ class QemuState:
     shared_memory: bool  # guest RAM is on a shared memfd (virtio-fs): hotplugged RAM must be too
     memory_file: str = ""  # guest RAM is this file's shared mapping: snapshots leave it out
     vcpus: int = 1  # at launch (hot-added ones are not counted)
+    debug_console: bool = False  # the guest offers a debug console (its port, or a vsock port)
 
     def save(self, path: Path) -> None:
         write_private(path, json.dumps(asdict(self)))
@@ -134,7 +136,8 @@ class Qemu(Hypervisor):
             else:
                 if process.ProcessId(old.pid, old.start_time).is_alive():
                     raise HypervisorError(f"a VM (pid {old.pid}) is already running in {paths.run_dir}")
-        for stale in (paths.qmp_socket, paths.agent_socket, paths.pid_file, paths.log_file):
+        for stale in (paths.qmp_socket, paths.agent_socket, paths.console_socket, paths.pid_file,
+                      paths.log_file):
             stale.unlink(missing_ok=True)
 
         vsock: Vsock | None = reserve_cid() if config.agent_channel == "vsock" else None
@@ -165,6 +168,7 @@ class Qemu(Hypervisor):
             shared_memory=fs is not None and fs.kind == "virtio-fs",
             memory_file=_memory_file(config, restore),
             vcpus=config.vcpus,
+            debug_console=config.debug_console,
         )
         # Written before waiting, so that a crashed caller still leaves enough to clean up.
         self._state.save(paths.state_file)
@@ -207,8 +211,8 @@ class Qemu(Hypervisor):
             self._qmp.close()
             self._qmp = None
         if self._paths is not None:
-            for path in (self._paths.qmp_socket, self._paths.agent_socket, self._paths.pid_file,
-                         self._paths.state_file):  # fmt: skip
+            for path in (self._paths.qmp_socket, self._paths.agent_socket, self._paths.console_socket,
+                         self._paths.pid_file, self._paths.state_file):  # fmt: skip
                 path.unlink(missing_ok=True)
         self._state = None
 
@@ -244,6 +248,15 @@ class Qemu(Hypervisor):
         if state.agent_channel == "vsock":
             return AgentEndpoint(kind="vsock", cid=state.vsock_cid)
         return AgentEndpoint(kind="serial", path=str(self._paths.agent_socket))
+
+    def debug_console_endpoint(self) -> AgentEndpoint | None:
+        state = self._require()
+        assert self._paths is not None
+        if not state.debug_console:
+            return None
+        if state.agent_channel == "vsock":
+            return AgentEndpoint(kind="vsock", cid=state.vsock_cid, port=debug_console.VSOCK_PORT)
+        return AgentEndpoint(kind="serial", path=str(self._paths.console_socket))
 
     def log_tail(self) -> str:
         """QEMU's own stderr, for error reports by the caller."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from kata.protocols import debug_console
 from kata.protocols.agent_api import AGENT_SERIAL_PORT_NAME
 
 from .base import HypervisorError, VMConfig
@@ -33,6 +34,11 @@ class RunPaths:
     @property
     def agent_socket(self) -> Path:
         return self.run_dir / "agent.sock"
+
+    @property
+    def console_socket(self) -> Path:
+        """The host end of the debug console's virtio-serial port."""
+        return self.run_dir / "console.sock"
 
     @property
     def pid_file(self) -> Path:
@@ -91,13 +97,21 @@ def kernel_cmdline(config: VMConfig, vsock: bool) -> str:
 
     A driver parameter is left out when the caller already sets the same key.
     """
-    given = {p.split("=", 1)[0] for p in config.kernel_params}
+    # The debug console's parameters are the driver's alone: only a VM given the console's channel
+    # gets them, whatever the caller's kernel_params say.
+    callers = [p for p in config.kernel_params
+               if p.split("=", 1)[0] not in (debug_console.KERNEL_PARAM, debug_console.VPORT_PARAM)]
+    given = {p.split("=", 1)[0] for p in callers}
     own: list[str] = ["console=ttyS0"]
     if config.image is not None:
         # The image is the only virtio-blk disk, hence vda.
         own += ["root=/dev/vda", "rootfstype=erofs", "ro"]
     if vsock:
         own.append("agent.channel=vsock")
+    if config.debug_console:
+        own.append(debug_console.KERNEL_PARAM)
+        if vsock:
+            own.append(f"{debug_console.VPORT_PARAM}={debug_console.VSOCK_PORT}")
     fs = config.shared_fs
     if fs is not None and fs.kind == "virtio-fs" and fs.hotplug and config.machine_type == "microvm":
         # microvm's ACPI tables do not hand PCIe hotplug to the OS: without this the kernel never
@@ -108,7 +122,7 @@ def kernel_cmdline(config: VMConfig, vsock: bool) -> str:
         # marks the TSC unstable and most boots hang. TCG's TSC is the host's, so its rate is known.
         own += tcg_kernel_params()
     kept = [p for p in own if p.split("=", 1)[0] not in given]
-    return " ".join([*kept, *config.kernel_params])
+    return " ".join([*kept, *callers])
 
 
 def validate(config: VMConfig) -> None:
@@ -250,6 +264,13 @@ def build_argv(config: VMConfig, vsock: Vsock | None = None, restore: Restore | 
             "-chardev", f"socket,id=agent,path={paths.agent_socket},server=on,wait=off",
             "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_SERIAL_PORT_NAME}",
         ]  # fmt: skip
+        if config.debug_console:
+            # A port of its own beside the agent's, behind a socket in the same root-only directory
+            # (on vsock the guest listens on a port of the device the agent already has).
+            argv += [
+                "-chardev", f"socket,id=dbgcon,path={paths.console_socket},server=on,wait=off",
+                "-device", f"virtserialport,bus=vser0.0,chardev=dbgcon,name={debug_console.SERIAL_PORT_NAME}",
+            ]  # fmt: skip
 
     if fs_hotplug:
         argv += ["-device", f"pcie-root-port,id={FS_ROOT_PORT},bus=pcie.0,chassis=1,slot=0"]

@@ -19,8 +19,8 @@ VM_ROOT = STATE_ROOT / "vm"
 TEMPLATE_VM_ROOT = STATE_ROOT / "template-vm"
 
 # Every unix socket in a sandbox's VM directory (QEMU's QMP and agent ports, virtiofsd's, the init
-# monitor's agent proxy): their paths, with the id in them, must fit in sun_path.
-VM_SOCKETS = ("qmp.sock", "agent.sock", "vhost-fs.sock", "agent-proxy.sock")
+# monitor's agent proxy, the debug console's port): their paths, with the id in them, must fit in sun_path.
+VM_SOCKETS = ("qmp.sock", "agent.sock", "console.sock", "vhost-fs.sock", "agent-proxy.sock")
 # sun_path is 108 bytes, the terminating NUL included.
 SOCKET_PATH_MAX = 107
 

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from kata.agent_client.client import AgentClient
     from kata.config import RuntimeConfig
     from kata.oci.spec import Bundle
+    from kata.protocols.agent_api import AgentEndpoint
     from kata.sandbox.container import Container
     from kata.utils.process import ProcessId
 
@@ -364,6 +365,21 @@ class Pod:
             on_gone(why)
 
         pidwatch.watch(procs, gone, self._watch_stop)
+
+    def debug_console(self) -> AgentEndpoint:
+        """Where the guest's debug console answers; KataError, one line, when this pod offers none."""
+        agent = self.cfg.agent
+        if not agent.debug_console_enabled:
+            raise KataError(f"the debug console is disabled for sandbox {self.id} (set [agent.{agent.name}] "
+                            f"debug_console_enabled = true in {self.cfg.source})")
+        hyp = self.sandbox.hypervisor
+        if hyp is None or not hyp.is_running():
+            raise KataError(f"sandbox {self.id} has no running VM")
+        endpoint = hyp.debug_console_endpoint()
+        if endpoint is None:
+            raise KataError(f"the VM of sandbox {self.id} has no debug console channel (it was started "
+                            "while debug_console_enabled was off)")
+        return endpoint
 
     def release(self) -> None:
         """Leave the VM running for another process to reach (the runc path's monitor)."""

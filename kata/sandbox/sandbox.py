@@ -57,7 +57,8 @@ def plan_vm(cfg: RuntimeConfig, sid: str, spec: dict[str, Any], paths: SandboxPa
     # vsock clones would keep their template's CID: those VMs boot cold.
     use_template = cfg.factory.enable_template and channel == "virtio-serial"
     config = vm.build_vm_config(sid, hv, sizing, paths, probe.accel, channel, vm.GUEST_KERNEL_PARAMS,
-                                debug or cfg.agent.enable_debug, from_template=use_template)
+                                debug or cfg.agent.enable_debug, from_template=use_template,
+                                debug_console=cfg.agent.debug_console_enabled)
     return config, use_template
 
 

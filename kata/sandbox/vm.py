@@ -52,8 +52,10 @@ def vsock_available() -> bool:
 
 def build_vm_config(sid: str, hv: HypervisorConfig, sizing: VMSizing, paths: SandboxPaths,
                     accel: Literal["kvm", "tcg"], channel: Literal["vsock", "virtio-serial"],
-                    base_params: tuple[str, ...], debug: bool, from_template: bool = False) -> VMConfig:
-    """``from_template``: the VM is restored from a snapshot, so a virtio-fs share is hot-added."""
+                    base_params: tuple[str, ...], debug: bool, from_template: bool = False,
+                    debug_console: bool = False) -> VMConfig:
+    """``from_template``: the VM is restored from a snapshot, so a virtio-fs share is hot-added.
+    ``debug_console``: the guest offers a root shell on a channel of its own."""
     params = [*base_params, AGENT_INIT_PARAM]
     if debug:
         params.append("agent.log=debug")
@@ -80,5 +82,6 @@ def build_vm_config(sid: str, hv: HypervisorConfig, sizing: VMSizing, paths: San
         agent_channel=channel,
         run_dir=paths.vm_dir,
         shared_fs=shared,
+        debug_console=debug_console,
     )
 

@@ -58,8 +58,10 @@ def serve_serial(server: ttrpc.Server, path: str) -> None:
     emulation too); the port raises SIGIO when its host side opens, so wait for that, with a slow
     poll behind it in case a signal is missed.
     """
+    from kata.guest.agent import sigio
+
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    wake = _sigio_pipe(fd)
+    wake = sigio.watch(fd)
     stream = ttrpc.fd_stream(fd)
     log.info(f"serving on virtio-serial {path}")
     while True:
@@ -68,40 +70,7 @@ def serve_serial(server: ttrpc.Server, path: str) -> None:
             time.sleep(RECONNECT_POLL)
             continue
         select.select([wake], [], [], IDLE_POLL)
-        try:
-            while os.read(wake, 64):
-                pass
-        except BlockingIOError:
-            pass
-
-
-def _sigio_pipe(fd: int) -> int | None:
-    """The read end of a pipe that gets a byte on each SIGIO from ``fd`` (call from the main thread).
-
-    The handler only writes to a non-blocking pipe: a handler that took a lock (threading.Event.set)
-    could interrupt the main thread while it holds that same lock, and hang the agent.
-    """
-    import fcntl
-    import signal
-
-    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-
-    def on_sigio(_sig: int, _frame: object) -> None:
-        try:
-            os.write(w, b"x")
-        except BlockingIOError:
-            pass  # a wake-up is pending already
-
-    try:
-        signal.signal(signal.SIGIO, on_sigio)
-        fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC)
-    except (OSError, ValueError) as e:
-        log.warn(f"no SIGIO from the agent port, polling for the host instead: {e}")
-        os.close(r)
-        os.close(w)
-        return None
-    return r
+        sigio.drain(wake)
 
 
 def serve(server: ttrpc.Server, want_vsock: bool, wait_port: float = 10.0) -> None:

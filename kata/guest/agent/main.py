@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from kata.guest.agent import log
 
 if TYPE_CHECKING:
+    from kata.guest.agent.reaper import Reaper
     from kata.protocols.agent_pb2 import Storage
 
 
@@ -103,6 +104,8 @@ def main() -> int:
     server = ttrpc.Server()
     svc.register(server)
     warmup.start()
+    if "agent.debug_console" in args:
+        _start_debug_console(reaper, args, want_vsock=args.get("agent.channel") == "vsock")
     try:
         channel.serve(server, want_vsock=args.get("agent.channel") == "vsock")
     except Exception as e:
@@ -110,6 +113,20 @@ def main() -> int:
     if is_init:
         power_off()  # PID 1 must not return: the kernel would panic
     return 1
+
+
+def _start_debug_console(reaper: Reaper, args: dict[str, str], want_vsock: bool) -> None:
+    """The operator's root shell (Kata's agent.debug_console), on a vsock port when the channels
+    are vsock (agent.debug_console_vport), else on a virtio-serial port of its own."""
+    from kata.guest.agent import debug_console
+
+    port: int | None = None
+    if want_vsock:
+        try:
+            port = int(args.get("agent.debug_console_vport", ""))
+        except ValueError:
+            log.warn("agent.debug_console_vport is not a port number: debug console on virtio-serial")
+    debug_console.start(reaper, port)
 
 
 def _mount_storage(s: Storage) -> None:
