@@ -134,17 +134,22 @@ class Sandbox:
         self.agent: AgentClient | None = None
         self.containers: dict[str, Any] = {}
         self._fresh_clone = False
+        self._before_launch: Callable[[], None] | None = None
         self.log = logging.getLogger(__name__)  # a child of the CLI's "kata" logger
 
     # ---- bring-up -------------------------------------------------------------------------
     @classmethod
     def create(cls, sid: str, cfg: RuntimeConfig, spec: dict[str, Any], debug: bool = False,
-               timings: Timings | None = None, claimed: bool = False) -> Sandbox:
+               timings: Timings | None = None, claimed: bool = False,
+               before_launch: Callable[[], None] | None = None) -> Sandbox:
         """Bring the VM up. ``claimed``: the caller made the state directory itself (claim_id) and
-        recorded there what tearing down needs; otherwise it is claimed here."""
+        recorded there what tearing down needs; otherwise it is claimed here. ``before_launch`` runs
+        once, right before the sandbox's own processes (virtiofsd, the VMM) are started, after a
+        template VM that outlives it was made: what it does to this process (its cgroups) they inherit."""
         if not claimed:
             claim_id(sid)
         sb = cls(sid, cfg, timings)
+        sb._before_launch = before_launch
         try:
             sb._bring_up(spec, debug)
         except BaseException:
@@ -226,7 +231,13 @@ class Sandbox:
             self.virtiofsd.start(timeout=5.0)
             self.timings.mark("virtiofsd_ready")
 
+    def _launching(self) -> None:
+        hook, self._before_launch = self._before_launch, None
+        if hook is not None:
+            hook()
+
     def _boot_cold(self, config: VMConfig) -> None:
+        self._launching()
         self._start_virtiofsd(config)
         # A rare boot hangs silently (FACTS.md): one more try is safe, nothing has run in the guest yet.
         for attempt in (1, 2):
@@ -247,6 +258,8 @@ class Sandbox:
         store = TemplateStore(Path(self.cfg.factory.template_path))
         state, made = store.ensure(config, hv)
         self.timings.mark("template_made" if made else "template_found")
+        # The clone's memory copy below is charged to the cgroup of whoever writes it: ours, from here.
+        self._launching()
         memory_fd = memory_path = None
         if config.shared_fs is not None and config.shared_fs.kind == "virtio-fs":
             # virtiofsd maps guest RAM too, so the clone gets its own copy of the template's, in a
