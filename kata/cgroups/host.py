@@ -133,7 +133,7 @@ class HostCgroups(abc.ABC):
         made: dict[str, list[str]] = {}
         try:
             for h in self.hierarchies.values():
-                made[h.name] = self._make_in(h, rel)
+                self._make_in(h, rel, made.setdefault(h.name, []))
         except BaseException:
             self.remove(made, timeout=0.0)
             raise
@@ -257,18 +257,16 @@ class HostCgroups(abc.ABC):
             finally:
                 os.close(fd)
 
-    def _make_in(self, h: Hierarchy, rel: str) -> list[str]:
-        made: list[str] = []
+    def _make_in(self, h: Hierarchy, rel: str, made: list[str]) -> None:
         # A parent that pods share can vanish under us (its last pod removed it): walk again.
         for attempt in range(3):
             try:
                 self._walk_making(h, rel, made)
-                return made
+                return
             except FileNotFoundError:
                 if attempt == 2:
                     where = self.path(h.name, rel)
                     raise CgroupError(f"cgroup {where}: its parent keeps vanishing") from None
-        return made
 
     def _walk_making(self, h: Hierarchy, rel: str, made: list[str]) -> None:
         parts = rel.split("/")
@@ -356,7 +354,7 @@ def _refuge(rel: str, made: list[str]) -> str:
 
 def _write_at(dir_fd: int, file: str, value: str, where: str) -> None:
     try:
-        fd = openat2(dir_fd, file, os.O_WRONLY, _RESOLVE)
+        fd = openat2(dir_fd, file, os.O_WRONLY | os.O_TRUNC, _RESOLVE)
     except OSError as exc:
         raise CgroupError(f"cgroup {where}: {file}: {os.strerror(exc.errno or 0)}") from None
     try:
