@@ -437,9 +437,9 @@ class Pod:
             problems = []
             if self.record.network:
                 network.unmirror(self.record.netns, self.record.network)
-            problems += self.sandbox.destroy()
-            if self.cgroups is not None:
-                problems += self.cgroups.remove()
+            # The cgroups go before the record that names them (a teardown killed in between is
+            # finished by the next one, containerd's `shim delete`).
+            problems += self.sandbox.destroy(self.cgroups.remove if self.cgroups is not None else None)
             if self.record.netns_pinned:
                 _unpin(self.record.netns)
             return problems

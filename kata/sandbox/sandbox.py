@@ -354,8 +354,10 @@ class Sandbox:
         write_json(self.paths.state_file, data)
 
     # ---- teardown -------------------------------------------------------------------------
-    def destroy(self) -> list[str]:
-        """Tear everything down; every step runs even if an earlier one failed. Returns the failures."""
+    def destroy(self, before_state_goes: Callable[[], list[str]] | None = None) -> list[str]:
+        """Tear everything down; every step runs even if an earlier one failed. Returns the failures.
+        ``before_state_goes`` runs once the VM's processes are gone, while the state that names what
+        else the sandbox holds is still there for whoever finishes a teardown killed half-way."""
         errors: list[str] = []
 
         def step(what: str, fn: Any) -> None:
@@ -383,6 +385,9 @@ class Sandbox:
         if self.virtiofsd is not None:
             step("stop virtiofsd", self.virtiofsd.stop)
         step("unmount shared directory", self.shared.destroy)
+        if before_state_goes is not None:
+            hook = before_state_goes
+            step("release what the sandbox held", lambda: errors.extend(hook()))
         for d in self.paths.all_dirs():
             # Never into a mount: a volume the steps above could not unmount keeps its files.
             step(f"remove {d}", lambda d=d: remove_tree(str(d)))
