@@ -360,10 +360,10 @@ def exec_process(store: ContainerStore, cid: str, process: dict[str, Any], *, co
             "terminal": terminal, "console_socket": console_socket, "foreground": foreground,
             "process": process}
     ident = monitor.configure(conf)
-    from kata.sandbox.pod import Pod
+    from kata.sandbox.host_cgroups import join_pod
 
     try:
-        Pod.join_cgroup(cid, ident.pid)  # where the init monitor is: the pod's host cgroup
+        join_pod(cid, ident.pid)  # where the init monitor is: the pod's host cgroup
     except KataError as exc:
         log.warning(f"exec in {cid}: the monitor stays out of the pod's cgroup: {exc}")
     with store.locked(cid) as rec:

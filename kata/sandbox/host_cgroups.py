@@ -228,8 +228,17 @@ def _join_sets(values: Iterable[str | None]) -> str | None:
     return ",".join(ranges)
 
 
-def join_recorded(cgroups: Mapping[str, Any] | None, pid: int) -> None:
-    """``pid`` (a later exec's monitor) joins the pod's home cgroup, as the record names it."""
-    pod = PodCgroups.of(cgroups or {})
+def join_pod(sid: str, pid: int) -> None:
+    """``pid`` (a process a front end starts for the pod later: an exec's monitor) joins the pod's
+    home cgroup, as its record names it; nothing else of the pod is loaded."""
+    from kata.errors import KataError
+    from kata.sandbox.paths import SandboxPaths
+    from kata.utils.files import read_json
+
+    try:
+        data = read_json(SandboxPaths(sid).pod_record)
+    except (OSError, ValueError) as exc:
+        raise KataError(f"sandbox {sid}: unreadable record: {exc}") from None
+    pod = PodCgroups.of(data.get("cgroups") or {})
     if pod is not None:
         pod.join(pid)

@@ -77,6 +77,11 @@ class SandboxPaths:
         return self.state_dir / "state.json"
 
     @property
+    def pod_record(self) -> Path:
+        """What kata.sandbox.pod records of the pod (its configuration, namespace, cgroups, limits)."""
+        return self.state_dir / "pod.json"
+
+    @property
     def lock_file(self) -> Path:
         return self.state_dir / "lock"
 

@@ -44,7 +44,6 @@ log = logging.getLogger("kata.sandbox")
 
 # Hooks a container's creation runs, in order, with its status "creating" (the runtime-spec's).
 CREATE_HOOKS = ("prestart", "createRuntime", "createContainer")
-_RECORD = "pod.json"
 
 
 class HostNetworkError(KataError):
@@ -206,14 +205,14 @@ class Pod:
             # during create, then containerd's `shim delete`) does so with this configuration.
             paths = claim_id(sid)
             try:
-                write_json(paths.state_dir / _RECORD, dataclasses.asdict(record))
+                write_json(paths.pod_record, dataclasses.asdict(record))
             except BaseException:
                 remove_tree(str(paths.state_dir))  # an id claimed with no record would be taken for good
                 raise
             cgroups = host_cgroups.PodCgroups.make(sid, bundle.spec, cfg)
             if cgroups is not None:
                 record.cgroups = cgroups.as_dict()
-                write_json(paths.state_dir / _RECORD, dataclasses.asdict(record))
+                write_json(paths.pod_record, dataclasses.asdict(record))
                 # Held to the pod's figures before anything of it runs there.
                 cgroups.apply(_pod_limits(record, {sid: _figures_of(bundle.spec)}))
             joined = cgroups
@@ -238,7 +237,7 @@ class Pod:
         connection to its agent when the caller has one (the runc path's, through the monitor)."""
         paths = SandboxPaths(sid)
         try:
-            record = PodRecord.load(paths.state_dir / _RECORD)
+            record = PodRecord.load(paths.pod_record)
         except FileNotFoundError:
             if paths.state_dir.exists():  # claimed, but the record never written (or from before records)
                 raise KataError(f"sandbox {sid} has no record of how it was made") from None
@@ -257,7 +256,7 @@ class Pod:
         return SandboxPaths(sid).state_dir.exists()
 
     def _save(self) -> None:
-        write_json(self.sandbox.paths.state_dir / _RECORD, dataclasses.asdict(self.record))
+        write_json(self.sandbox.paths.pod_record, dataclasses.asdict(self.record))
 
     @property
     def id(self) -> str:
@@ -443,18 +442,6 @@ class Pod:
             if self.record.netns_pinned:
                 _unpin(self.record.netns)
             return problems
-
-    @staticmethod
-    def join_cgroup(sid: str, pid: int) -> None:
-        """``pid`` (a process a front end starts for the pod later: an exec's monitor) joins the
-        pod's host cgroup; the record alone says which (no configuration is read)."""
-        from kata.sandbox.host_cgroups import join_recorded
-
-        try:
-            data = read_json(SandboxPaths(sid).state_dir / _RECORD)
-        except (OSError, ValueError) as exc:
-            raise KataError(f"sandbox {sid}: unreadable record: {exc}") from None
-        join_recorded(data.get("cgroups"), pid)
 
 
 def tear_down(sid: str) -> list[str]:
