@@ -67,6 +67,8 @@ def leftovers(cid: str) -> list[str]:
               Path("/run/kata-containers/shared/sandboxes") / cid):
         if d.exists():
             found.append(f"directory {d}")
+    # the host cgroups named after it (the manager's cgroupsPath ends with the id; kata_overhead/<id>)
+    found += [f"cgroup {p}" for p in Path("/sys/fs/cgroup").glob(f"*/**/{cid}")]
     return found
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, cast
 
+from kata.cgroups.host import Layout as CgroupLayout
+from kata.cgroups.host import layout
 from kata.config import RuntimeConfig
 from kata.hypervisor.accel import ProbeResult, choose_accel
 from kata.hypervisor.host import (
@@ -22,9 +24,7 @@ from kata.hypervisor.host import (
 )
 from kata.utils.mount import fs_type
 
-CgroupLayout = Literal["v2", "hybrid", "v1", "none"]
 AccelChoice = Literal["auto", "kvm", "tcg"]
-CGROUP_ROOT = "/sys/fs/cgroup"
 
 
 @dataclass(frozen=True)
@@ -46,14 +46,7 @@ class HostFacts:
     present: frozenset[str]  # which of the configuration's asset files exist
 
 
-def cgroup_layout(mountinfo: bytes | None = None) -> CgroupLayout:
-    """v2: cgroup2 on /sys/fs/cgroup; hybrid: v1 controllers there plus cgroup2 at unified/."""
-    top = fs_type(CGROUP_ROOT, mountinfo)
-    if top == "cgroup2":
-        return "v2"
-    if top == "tmpfs":
-        return "hybrid" if fs_type(f"{CGROUP_ROOT}/unified", mountinfo) == "cgroup2" else "v1"
-    return "none"
+cgroup_layout = layout  # v2, hybrid (v1 with cgroup2 at unified/), v1 or none
 
 
 def template_dir(path: str, mountinfo: bytes | None = None) -> TemplateDir:

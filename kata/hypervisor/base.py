@@ -132,6 +132,10 @@ class Hypervisor(abc.ABC):
         """Add network interface ``index`` on the existing tap device ``tap`` (in the VMM's network
         namespace), with the guest-side MAC ``mac``."""
 
+    def vcpu_threads(self) -> list[int]:
+        """The host thread ids of the VM's vCPUs (the host's cgroups hold them apart from the rest)."""
+        raise HypervisorError(f"{type(self).__name__} cannot name its vCPU threads")
+
     @abc.abstractmethod
     def pids(self) -> list[int]:
         """Host processes of this VM (the VMM itself first)."""

@@ -356,6 +356,17 @@ class Qemu(Hypervisor):
             added += 1
         return added
 
+    def vcpu_threads(self) -> list[int]:
+        """From QMP; only ids that are threads of this QEMU count (a thread id is written to a cgroup)."""
+        pid = self._require().pid
+        found = []
+        for cpu in self._monitor().run("query-cpus-fast"):
+            tid = cpu.get("thread-id") if isinstance(cpu, dict) else None
+            if isinstance(tid, int) and not isinstance(tid, bool) and tid > 0 \
+                    and os.path.isdir(f"/proc/{pid}/task/{tid}"):
+                found.append(tid)
+        return found
+
     def memory_mib(self) -> int:
         state = self._require()
         if not hotplug_capable(state.machine_type):

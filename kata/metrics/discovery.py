@@ -45,10 +45,11 @@ def running_sandboxes(root: Path | None = None) -> list[Found]:
 
 def cri_labels(state_dir: Path) -> dict[str, str]:
     """cri_uid, cri_name and cri_namespace from the pod's record, where the CRI made it."""
-    from kata.sandbox.pod import RECORD, PodRecord
+    from kata.sandbox.paths import POD_RECORD_NAME
+    from kata.sandbox.pod import PodRecord
 
     try:
-        annotations = PodRecord.load(state_dir / RECORD).annotations
+        annotations = PodRecord.load(state_dir / POD_RECORD_NAME).annotations
     except (OSError, ValueError, TypeError):
         return {}  # no record (yet), or not one we read: the sandbox id labels it alone
     return {label: str(annotations[key])[:_MAX_LABEL] for label, key in CRI_LABELS.items()

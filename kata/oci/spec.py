@@ -81,6 +81,7 @@ class Resources:
     cpu_period: int | None = None  # microseconds
     cpuset_cpus: str | None = None
     cpuset_mems: str | None = None
+    cpu_shares: int | None = None  # a relative weight: it sizes nothing, the host's cgroup carries it
 
 
 @dataclass(frozen=True)
@@ -258,6 +259,7 @@ def linux_resources(spec: Mapping[str, Any]) -> Resources:
     limit = _opt_int(memory.get("limit"), "linux.resources.memory.limit")
     quota = _opt_int(cpu.get("quota"), "linux.resources.cpu.quota")
     period = _opt_int(cpu.get("period"), "linux.resources.cpu.period")
+    shares = _opt_int(cpu.get("shares"), "linux.resources.cpu.shares")
     cpus = cpu.get("cpus")
     mems = cpu.get("mems")
     _expect(cpus if cpus is not None else "", str, "linux.resources.cpu.cpus")
@@ -269,6 +271,7 @@ def linux_resources(spec: Mapping[str, Any]) -> Resources:
         cpu_period=period if period is not None and period > 0 else None,
         cpuset_cpus=cpus or None,
         cpuset_mems=mems or None,
+        cpu_shares=shares if shares is not None and shares > 0 else None,
     )
 
 

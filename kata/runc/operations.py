@@ -146,7 +146,8 @@ def create(store: ContainerStore, cid: str, bundle_dir: Path, *, config_path: Pa
         # namespace through its pid), before the VM boots, so that its Python start-up overlaps it.
         pod = pods.Pod.create(cid, bundle, config_path, pin_netns_at=store.dir(cid) / "netns", debug=debug,
                               timings=timings,
-                              entered=lambda: monitors.append(monitor_launch.PendingMonitor([cid])))
+                              entered=lambda: monitors.append(monitor_launch.PendingMonitor([cid])),
+                              members=lambda: [m.proc.pid for m in monitors])
         pod.add_container(cid, bundle)
         agent_ep = pod.sandbox.require_hypervisor().agent_endpoint()
         vm = [[p.pid, p.start_time] for p in pod.vm_processes()]
@@ -475,6 +476,12 @@ def exec_process(store: ContainerStore, cid: str, process: dict[str, Any], *, co
             "terminal": terminal, "console_socket": console_socket, "foreground": foreground,
             "process": process}
     ident = monitor.configure(conf)
+    from kata.sandbox.host_cgroups import join_pod
+
+    try:
+        join_pod(cid, ident.pid)  # where the init monitor is: the pod's host cgroup
+    except KataError as exc:
+        log.warning(f"exec in {cid}: the monitor stays out of the pod's cgroup: {exc}")
     with store.locked(cid) as rec:
         rec.execs = {k: [p.pid, p.start_time] for k, p in rec.live_execs().items()}
         rec.execs[exec_id] = [ident.pid, ident.start_time]

@@ -25,6 +25,8 @@ VM_SOCKETS = ("qmp.sock", "agent.sock", "console.sock", "vhost-fs.sock", "agent-
 SOCKET_PATH_MAX = 107
 
 
+POD_RECORD_NAME = "pod.json"
+
 class InvalidIdError(KataError, ValueError):
     pass
 
@@ -75,6 +77,11 @@ class SandboxPaths:
     @property
     def state_file(self) -> Path:
         return self.state_dir / "state.json"
+
+    @property
+    def pod_record(self) -> Path:
+        """What kata.sandbox.pod records of the pod (its configuration, namespace, cgroups, limits)."""
+        return self.state_dir / POD_RECORD_NAME
 
     @property
     def lock_file(self) -> Path:

@@ -33,17 +33,18 @@ from kata.utils.safepath import remove_tree
 
 if TYPE_CHECKING:
     from kata.agent_client.client import AgentClient
+    from kata.cgroups.host import Limits as CgroupLimits
     from kata.config import RuntimeConfig
     from kata.oci.spec import Bundle
     from kata.protocols.agent_api import AgentEndpoint
     from kata.sandbox.container import Container
+    from kata.sandbox.host_cgroups import PodCgroups
     from kata.utils.process import ProcessId
 
 log = logging.getLogger("kata.sandbox")
 
 # Hooks a container's creation runs, in order, with its status "creating" (the runtime-spec's).
 CREATE_HOOKS = ("prestart", "createRuntime", "createContainer")
-RECORD = "pod.json"
 
 
 class HostNetworkError(KataError):
@@ -73,6 +74,11 @@ class PodRecord:
     network: list[list[str]] = field(default_factory=list)  # [interface, tap] mirrored into the VM
     sized_as_pod: bool = False  # the CRI sized the VM for the whole pod: containers add nothing
     limits: dict[str, Limits] = field(default_factory=dict)
+    # The host cgroups (kata.sandbox.host_cgroups.CgroupRecord; {} for none), and the figures they sum:
+    # each container's, and the pod's own when the CRI passed them on the sandbox.
+    cgroups: dict[str, Any] = field(default_factory=dict)
+    figures: dict[str, dict[str, Any]] = field(default_factory=dict)
+    pod_figures: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> PodRecord:
@@ -83,7 +89,7 @@ class PodRecord:
 
 def record_path(sid: str) -> Path:
     """Where a pod's record is kept (the runc path's init monitor reads which containers it has)."""
-    return SandboxPaths(sid).state_dir / RECORD
+    return SandboxPaths(sid).pod_record
 
 
 def load_pod_config(config_path: Path | None, annotations: Mapping[str, str]) -> RuntimeConfig:
@@ -97,6 +103,7 @@ def check(cid: str, bundle: Bundle, cfg: RuntimeConfig | None) -> None:
     """What would fail container ``cid`` of ``bundle``, found before anything is made for it: what the
     guest cannot be given, a namespace path that names no namespace of its type, host networking, and
     (``cfg``: it is a pod's first) the VM's sizing."""
+    from kata.sandbox import host_cgroups
     from kata.sandbox.container import check_container
     from kata.sandbox.sandbox import size_vm
 
@@ -106,6 +113,7 @@ def check(cid: str, bundle: Bundle, cfg: RuntimeConfig | None) -> None:
         if _host_network(bundle):
             raise HostNetworkError()
         size_vm(cfg, bundle.spec)
+        host_cgroups.check(bundle.spec)
 
 
 def _check_namespace_paths(bundle: Bundle) -> None:
@@ -168,9 +176,10 @@ def hook_state(cid: str, status: str, pid: int, bundle: Path | str, annotations:
 class Pod:
     """One pod's VM. Every mutating call holds the pod's lock."""
 
-    def __init__(self, sandbox: Sandbox, record: PodRecord) -> None:
+    def __init__(self, sandbox: Sandbox, record: PodRecord, cgroups: PodCgroups | None = None) -> None:
         self.sandbox = sandbox
         self.record = record
+        self.cgroups = cgroups
         self.lock = threading.RLock()
         self._watch_stop = threading.Event()
 
@@ -178,10 +187,13 @@ class Pod:
     @classmethod
     def create(cls, sid: str, bundle: Bundle, config_path: Path | None, *, pin_netns_at: Path | None = None,
                debug: bool = False, timings: Timings | None = None,
-               entered: Callable[[], object] | None = None) -> Pod:
-        """The pod's VM up, in its network namespace, sized for ``bundle`` (the pod's first
-        container, which add_container() then creates). ``entered`` runs once the namespace is
-        joined, before the VM boots (what the front end starts there lives in it)."""
+               entered: Callable[[], object] | None = None,
+               members: Callable[[], list[int]] | None = None) -> Pod:
+        """The pod's VM up, in its network namespace and its host cgroups, sized for ``bundle`` (the
+        pod's first container, which add_container() then creates). ``entered`` runs once the
+        namespace is joined, before the VM boots (what the front end starts there lives in it);
+        ``members`` are the front end's processes that join the pod's cgroup with this one."""
+        from kata.sandbox import host_cgroups
         from kata.specconv import pod_resources
 
         cfg = load_pod_config(config_path, bundle.annotations)
@@ -189,23 +201,41 @@ class Pod:
         netns, pinned = enter_network_namespace(bundle, pin_netns_at)
         if entered is not None:
             entered()
+        whole = pod_resources(bundle.spec)
         record = PodRecord(config=str(cfg.source), annotations=dict(bundle.annotations), netns=netns,
-                           netns_pinned=pinned, sized_as_pod=pod_resources(bundle.spec) is not None)
+                           netns_pinned=pinned, sized_as_pod=whole is not None,
+                           pod_figures=host_cgroups.figures(whole) if whole is not None else {})
+        cgroups: host_cgroups.PodCgroups | None = None
         try:
             # The record goes first, so that whoever tears down a half-made pod (a shim killed
             # during create, then containerd's `shim delete`) does so with this configuration.
             paths = claim_id(sid)
             try:
-                write_json(paths.state_dir / RECORD, dataclasses.asdict(record))
+                write_json(paths.pod_record, dataclasses.asdict(record))
             except BaseException:
                 remove_tree(str(paths.state_dir))  # an id claimed with no record would be taken for good
                 raise
-            sandbox = Sandbox.create(sid, cfg, bundle.spec, debug=debug, timings=timings, claimed=True)
+            cgroups = host_cgroups.PodCgroups.make(sid, bundle.spec, cfg)
+            if cgroups is not None:
+                record.cgroups = cgroups.as_dict()
+                write_json(paths.pod_record, dataclasses.asdict(record))
+                # Held to the pod's figures before anything of it runs there.
+                cgroups.apply(_pod_limits(record, {sid: _figures_of(bundle.spec)}))
+            joined = cgroups
+            before_launch = None if joined is None else (
+                lambda: joined.join_self(members() if members is not None else ()))
+            sandbox = Sandbox.create(sid, cfg, bundle.spec, debug=debug, timings=timings, claimed=True,
+                                     before_launch=before_launch)
+            pod = cls(sandbox, record, cgroups)
+            pod._place_vcpus()
         except BaseException:
+            if cgroups is not None:
+                for problem in cgroups.remove():
+                    log.warning(f"sandbox {sid}: {problem}")
             if pinned:
                 _unpin(netns)
             raise
-        return cls(sandbox, record)
+        return pod
 
     @classmethod
     def attach(cls, sid: str, agent: AgentClient | None = None) -> Pod:
@@ -213,7 +243,7 @@ class Pod:
         connection to its agent when the caller has one (the runc path's, through the monitor)."""
         paths = SandboxPaths(sid)
         try:
-            record = PodRecord.load(paths.state_dir / RECORD)
+            record = PodRecord.load(paths.pod_record)
         except FileNotFoundError:
             if paths.state_dir.exists():  # claimed, but the record never written (or from before records)
                 raise KataError(f"sandbox {sid} has no record of how it was made") from None
@@ -223,14 +253,16 @@ class Pod:
         cfg = load_pod_config(Path(record.config) if record.config else None, record.annotations)
         sandbox = Sandbox.attach(sid, cfg)
         sandbox.agent = agent
-        return cls(sandbox, record)
+        from kata.sandbox.host_cgroups import PodCgroups
+
+        return cls(sandbox, record, PodCgroups.of(record.cgroups))
 
     @staticmethod
     def exists(sid: str) -> bool:
         return SandboxPaths(sid).state_dir.exists()
 
     def _save(self) -> None:
-        write_json(self.sandbox.paths.state_dir / RECORD, dataclasses.asdict(self.record))
+        write_json(self.sandbox.paths.pod_record, dataclasses.asdict(self.record))
 
     @property
     def id(self) -> str:
@@ -276,7 +308,9 @@ class Pod:
                 self._forget_shares(cid)
                 raise
             self.record.limits[cid] = Limits(vcpus, memory)
+            self.record.figures[cid] = _figures_of(bundle.spec)
             self._save()
+            self._apply_limits()  # a failure here is the create's: the front end removes the container
             return container
 
     def remove_container(self, cid: str, container: Container | None = None) -> None:
@@ -288,8 +322,13 @@ class Pod:
                 except KataError as exc:  # the VM may be on its way out
                     log.warning(f"container {cid}: removing it in the guest: {exc}")
             self._forget_shares(cid)
+            self.record.figures.pop(cid, None)
             if self.record.limits.pop(cid, None) is not None and self.exists(self.id):
                 self._save()
+                try:
+                    self._apply_limits()
+                except KataError as exc:  # memory the pod holds now may exceed its new total
+                    log.warning(f"pod {self.id}: host cgroup after removing {cid}: {exc}")
 
     def _forget_shares(self, cid: str) -> None:
         try:
@@ -307,8 +346,30 @@ class Pod:
             if memory is not None and memory > recorded.memory_mib and not self.record.sized_as_pod:
                 self._grow(0, memory - recorded.memory_mib)
                 self.record.limits[cid] = dataclasses.replace(recorded, memory_mib=memory)
-                self._save()
             self.agent().update_container(container_id=cid, resources_json=json.dumps(resources).encode())
+            if cid in self.record.figures:
+                from kata.sandbox.host_cgroups import updated
+
+                self.record.figures[cid] = updated(self.record.figures[cid],
+                                                   _figures_of({"linux": {"resources": resources}}))
+            self._save()
+            self._apply_limits()
+
+    def _apply_limits(self) -> None:
+        """The host cgroup follows the pod's total."""
+        if self.cgroups is not None:
+            self.cgroups.apply(_pod_limits(self.record, self.record.figures))
+
+    def _place_vcpus(self) -> None:
+        """QEMU's vCPU threads (all of them, hot-added ones too) into the sandbox cgroup, when the
+        rest of the pod lives apart from it."""
+        hyp = self.sandbox.hypervisor
+        if self.cgroups is None or not self.cgroups.record.overhead or hyp is None:
+            return
+        try:
+            self.cgroups.place_vcpus(hyp.vcpu_threads())
+        finally:
+            hyp.release()
 
     def _grow(self, vcpus: int, memory_mib: int) -> None:
         """Hot-add ``memory_mib`` and ``vcpus`` where the machine allows it; a VM that cannot grow
@@ -324,6 +385,7 @@ class Pod:
                 added = hyp.hotplug_vcpus(vcpus)
                 if added:
                     agent.online_cpu_mem(wait=True, nb_cpus=added, cpu_only=True)
+                    self._place_vcpus()
         except KataError as exc:
             log.warning(f"pod {self.id}: cannot grow by {vcpus} vCPUs and {memory_mib} MiB: {exc}")
         finally:
@@ -395,7 +457,9 @@ class Pod:
             problems = []
             if self.record.network:
                 network.unmirror(self.record.netns, self.record.network)
-            problems += self.sandbox.destroy()
+            # The cgroups go before the record that names them (a teardown killed in between is
+            # finished by the next one, containerd's `shim delete`).
+            problems += self.sandbox.destroy(self.cgroups.remove if self.cgroups is not None else None)
             if self.record.netns_pinned:
                 _unpin(self.record.netns)
             return problems
@@ -426,6 +490,23 @@ def _unpin(path: str) -> None:
         netns.unpin(path)
     except OSError as exc:
         log.warning(f"network namespace {path}: {exc.strerror or exc}")
+
+
+def _figures_of(spec: dict[str, Any]) -> dict[str, Any]:
+    from kata.oci.spec import linux_resources
+    from kata.sandbox.host_cgroups import figures
+
+    return figures(linux_resources(spec))
+
+
+def _pod_limits(record: PodRecord, containers: dict[str, dict[str, Any]]) -> CgroupLimits:
+    from kata.oci.spec import Resources
+    from kata.sandbox.host_cgroups import pod_limits
+
+    whole = record.pod_figures
+    pod = Resources(memory_limit=whole.get("memory"), cpu_quota=whole.get("quota"),
+                    cpu_period=whole.get("period")) if whole else None
+    return pod_limits(containers.values(), pod)
 
 
 def _memory_mib(resources: dict[str, Any]) -> int | None:

@@ -135,17 +135,22 @@ class Sandbox:
         self.agent: AgentClient | None = None
         self.containers: dict[str, Any] = {}
         self._fresh_clone = False
+        self._before_launch: Callable[[], None] | None = None
         self.log = logging.getLogger(__name__)  # a child of the CLI's "kata" logger
 
     # ---- bring-up -------------------------------------------------------------------------
     @classmethod
     def create(cls, sid: str, cfg: RuntimeConfig, spec: dict[str, Any], debug: bool = False,
-               timings: Timings | None = None, claimed: bool = False) -> Sandbox:
+               timings: Timings | None = None, claimed: bool = False,
+               before_launch: Callable[[], None] | None = None) -> Sandbox:
         """Bring the VM up. ``claimed``: the caller made the state directory itself (claim_id) and
-        recorded there what tearing down needs; otherwise it is claimed here."""
+        recorded there what tearing down needs; otherwise it is claimed here. ``before_launch`` runs
+        once, right before the sandbox's own processes (virtiofsd, the VMM) are started, after a
+        template VM that outlives it was made: what it does to this process (its cgroups) they inherit."""
         if not claimed:
             claim_id(sid)
         sb = cls(sid, cfg, timings)
+        sb._before_launch = before_launch
         try:
             sb._bring_up(spec, debug)
         except BaseException:
@@ -227,7 +232,13 @@ class Sandbox:
             self.virtiofsd.start(timeout=5.0)
             self.timings.mark("virtiofsd_ready")
 
+    def _launching(self) -> None:
+        hook, self._before_launch = self._before_launch, None
+        if hook is not None:
+            hook()
+
     def _boot_cold(self, config: VMConfig) -> None:
+        self._launching()
         self._start_virtiofsd(config)
         # A rare boot hangs silently (FACTS.md): one more try is safe, nothing has run in the guest yet.
         for attempt in (1, 2):
@@ -248,6 +259,8 @@ class Sandbox:
         store = TemplateStore(Path(self.cfg.factory.template_path))
         state, made = store.ensure(config, hv)
         self.timings.mark("template_made" if made else "template_found")
+        # The clone's memory copy below is charged to the cgroup of whoever writes it: ours, from here.
+        self._launching()
         memory_fd = memory_path = None
         if config.shared_fs is not None and config.shared_fs.kind == "virtio-fs":
             # virtiofsd maps guest RAM too, so the clone gets its own copy of the template's, in a
@@ -342,8 +355,10 @@ class Sandbox:
         write_json(self.paths.state_file, data)
 
     # ---- teardown -------------------------------------------------------------------------
-    def destroy(self) -> list[str]:
-        """Tear everything down; every step runs even if an earlier one failed. Returns the failures."""
+    def destroy(self, before_state_goes: Callable[[], list[str]] | None = None) -> list[str]:
+        """Tear everything down; every step runs even if an earlier one failed. Returns the failures.
+        ``before_state_goes`` runs once the VM's processes are gone, while the state that names what
+        else the sandbox holds is still there for whoever finishes a teardown killed half-way."""
         errors: list[str] = []
 
         def step(what: str, fn: Any) -> None:
@@ -371,6 +386,9 @@ class Sandbox:
         if self.virtiofsd is not None:
             step("stop virtiofsd", self.virtiofsd.stop)
         step("unmount shared directory", self.shared.destroy)
+        if before_state_goes is not None:
+            hook = before_state_goes
+            step("release what the sandbox held", lambda: errors.extend(hook()))
         for d in self.paths.all_dirs():
             # Never into a mount: a volume the steps above could not unmount keeps its files.
             step(f"remove {d}", lambda d=d: remove_tree(str(d)))

@@ -599,6 +599,19 @@ def _spec_cases() -> list[Cli]:
         ("uid-mappings", changed(linux=linux(uidMappings=[{"containerID": 0, "hostID": -5, "size": 1}])),
          "linux.uidMappings[0].hostID must be an integer from 0 to 4294967295"),
         ("cgroups-path-number", changed(linux=linux(cgroupsPath=5)), "linux.cgroupsPath must be a string"),
+        # cgroupsPath: the host's cgroups are made from it (kata.cgroups.path)
+        ("cgroups-path-dotdot", changed(linux=linux(cgroupsPath="/kubepods/../../etc")),
+         "cgroupsPath /kubepods/../../etc: '..' would leave the path it names"),
+        ("cgroups-path-root", changed(linux=linux(cgroupsPath="//")),
+         "cgroupsPath //: names the root cgroup, which a container may not take over"),
+        ("cgroups-path-interface-file", changed(linux=linux(cgroupsPath="/kubepods/cgroup.procs")),
+         "cgroupsPath /kubepods/cgroup.procs: cgroup.procs names a cgroup interface file"),
+        ("cgroups-path-newline", changed(linux=linux(cgroupsPath="/kubepods/a\nb")),
+         "cgroupsPath /kubepods/a\\x0ab: control characters in a component"),
+        ("cgroups-path-overhead", changed(linux=linux(cgroupsPath="/kata_overhead/other")),
+         "cgroupsPath /kata_overhead/other: kata_overhead is the runtime's own"),
+        ("cgroups-path-systemd-slice", changed(linux=linux(cgroupsPath="kubepods:cri-containerd:x")),
+         "cgroupsPath kubepods:cri-containerd:x: kubepods is not a slice (.slice)"),
         ("devices-object", changed(linux=linux(devices={})), "linux.devices must be an array"),
         # linux.resources
         ("resources-array", changed(linux=linux(resources=[])), f"{res} must be an object"),
@@ -1236,6 +1249,18 @@ def test_the_base_bundle_gets_past_every_check(world: World, case_dir: Path) -> 
     assert os.listdir(world.root) == [] and _ours(world) == []
     for top in (world.state / "sbs", world.state / "vm", world.shared):
         assert not top.exists() or os.listdir(top) == [], top
+
+
+def test_a_failed_create_takes_its_cgroups_back(world: World, case_dir: Path) -> None:
+    """The base bundle with a cgroupsPath: its cgroups are made before the VM would boot, and go
+    again with everything else when the QEMU that does not exist fails the create."""
+    top = f"kata-bad-input-{uuid.uuid4().hex[:8]}"
+    _bundle(changed(linux=linux(cgroupsPath=f"/{top}/pod/{CID}")))(case_dir)
+    argv = ["--root", str(world.root), "--config", str(world.config), "create", "--bundle",
+            str(case_dir / "b"), CID]
+    outcome = _subprocess(argv, "", world, case_dir, "cgroups")
+    assert _one_line(outcome.stderr).startswith(f"kata-runtime: hypervisor {NOWHERE}/qemu does not exist")
+    assert not list(Path("/sys/fs/cgroup").glob(f"*/{top}")) and not list(Path("/sys/fs/cgroup").glob(top))
 
 
 def test_the_shims_base_request_gets_past_every_check(world: World, case_dir: Path) -> None:

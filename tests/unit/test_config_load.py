@@ -124,6 +124,7 @@ debug_console_enabled = true
 internetworking_model = "none"
 experimental = ["newstore"]
 enable_pprof = true
+sandbox_cgroup_only = true
 [factory]
 enable_template = false
 """,
@@ -142,6 +143,7 @@ enable_template = false
     assert cfg.agent.agent_channel == "virtio-serial"
     assert cfg.runtime.internetworking_model == "none"
     assert cfg.runtime.experimental == ("newstore",)
+    assert cfg.runtime.sandbox_cgroup_only is True and RuntimeSection().sandbox_cgroup_only is False
 
 
 @pytest.mark.parametrize(
@@ -183,6 +185,7 @@ enable_template = false
         (Q + "[agent.kata]\nagent_channel = \"tcp\"\n", "agent.kata.agent_channel: unsupported"),
         (Q + "[runtime]\ninternetworking_model = \"bridged\"\n", "runtime.internetworking_model"),
         (Q + "[runtime]\nexperimental = [1]\n", "runtime.experimental: must be an array of strings"),
+        (Q + "[runtime]\nsandbox_cgroup_only = \"yes\"\n", "runtime.sandbox_cgroup_only: must be a bool"),
     ],
 )
 def test_invalid_files(tmp_path: Path, text: str, message: str | None) -> None:

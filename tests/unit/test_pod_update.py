@@ -21,7 +21,7 @@ class FakeSandbox:
 
     def __init__(self, state_dir: Path, memory_mib: int) -> None:
         self.id = "pod1"
-        self.paths = SimpleNamespace(state_dir=state_dir)
+        self.paths = SimpleNamespace(state_dir=state_dir, pod_record=state_dir / "pod.json")
         self.memory_mib = memory_mib
         self.grown: list[int] = []
         self.updates: list[tuple[str, dict[str, Any]]] = []
