@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
         monitor.cancel()
         raise
     fg = not args.detach
-    with foreground.raw_terminal(bool(process.get("terminal")) and fg and not args.console_socket):
+    with foreground.raw_terminal(bool(process.get("terminal")) and fg and not args.console_socket), \
+            foreground.forwarding_signals(monitor.proc, enabled=fg):
         ident = operations.exec_process(st, args.container_id, process, console_socket=args.console_socket,
                                         foreground=fg, monitor=monitor)
         if args.pid_file:

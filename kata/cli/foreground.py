@@ -40,8 +40,12 @@ def raw_terminal(enabled: bool) -> Iterator[None]:
                 signal.signal(signal.SIGTTOU, old)
 
 
-def wait(proc: subprocess.Popen[bytes], on_signal: Callable[[int], None] | None = None) -> int:
-    """Forward our signals to the monitor until it exits; its exit status, as a shell would give it."""
+@contextmanager
+def forwarding_signals(proc: subprocess.Popen[bytes], enabled: bool = True,
+                       on_signal: Callable[[int], None] | None = None) -> Iterator[None]:
+    """Our signals go to the monitor while the block runs. Entered before the process starts: once
+    it runs, a caller may signal us (it has seen the process's output), and the default action
+    would end us and leave the container behind."""
     def forward(signum: int, _frame: Any) -> None:
         if on_signal is not None:
             on_signal(signum)
@@ -51,20 +55,26 @@ def wait(proc: subprocess.Popen[bytes], on_signal: Callable[[int], None] | None 
             pass
 
     previous = {}
-    for s in signal.Signals:
-        if s not in NOT_FORWARDED or s == signal.SIGWINCH:
-            try:
-                previous[s] = signal.signal(s, forward)
-            except (OSError, ValueError):
-                pass
+    if enabled:
+        for s in signal.Signals:
+            if s not in NOT_FORWARDED or s == signal.SIGWINCH:
+                try:
+                    previous[s] = signal.signal(s, forward)
+                except (OSError, ValueError):
+                    pass
     try:
-        while True:
-            try:
-                code = proc.wait()
-                break
-            except InterruptedError:
-                continue
+        yield
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def wait(proc: subprocess.Popen[bytes]) -> int:
+    """The monitor's exit status, as a shell would give it (run inside forwarding_signals)."""
+    while True:
+        try:
+            code = proc.wait()
+            break
+        except InterruptedError:
+            continue
     return code if code >= 0 else 128 - code

@@ -156,10 +156,11 @@ def run(args: argparse.Namespace) -> int:
                                           foreground=not args.detach)
             _write_pid_file_or_delete(st, args.container_id, args.pid_file, rec.pid)
         try:
-            operations.start(st, args.container_id)
-            if args.detach:
-                return 0
-            status = foreground.wait(proc)
+            with foreground.forwarding_signals(proc, enabled=not args.detach):
+                operations.start(st, args.container_id)
+                if args.detach:
+                    return 0
+                status = foreground.wait(proc)
             if status == VM_GONE_STATUS and not operations.vm_running(st, args.container_id):
                 raise KataError(f"container {args.container_id}: its VM stopped under it")
         finally:
