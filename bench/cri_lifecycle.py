@@ -50,12 +50,34 @@ PHASES = (*LIFECYCLE[:3], "ExecSync", *LIFECYCLE[3:], "cycle")
 SLEEPER = ["sleep", "1000000"]
 
 
+class Interrupts:
+    """Ctrl-C and SIGTERM wait for the CRI call in flight and stop the run before the next one. A pod whose
+    RunPodSandbox is cut short is known to nobody (containerd lists it once it is ready), and killing its
+    shim in that state leaves the VM's state on the host. A second signal stops at once."""
+
+    pending = False
+
+    @classmethod
+    def handle(cls, signum: int, frame: FrameType | None) -> None:
+        if cls.pending:
+            raise KeyboardInterrupt
+        cls.pending = True
+        print("cri_lifecycle: stopping after the call in flight (again: at once)", file=sys.stderr,
+              flush=True)
+
+    @classmethod
+    def check(cls) -> None:
+        if cls.pending:
+            raise KeyboardInterrupt
+
+
 def lifecycle(cri: CriClient, c: Containerd, handler: str, n: int) -> dict[str, float]:
     """One pod's life, each CRI call's wall time by phase; RuntimeFailed on a failed call (the pod is
     then removed)."""
     times: dict[str, float] = {}
 
     def step(phase: str, call: Callable[[], T]) -> T:
+        Interrupts.check()
         t0 = time.monotonic()
         result = call()
         times[phase] = time.monotonic() - t0
@@ -80,7 +102,7 @@ def lifecycle(cri: CriClient, c: Containerd, handler: str, n: int) -> dict[str, 
     except CriError as e:
         raise RuntimeFailed(str(e)) from e
     finally:
-        if pod:  # what failed (or was interrupted) goes now; containerd's stop removes what this cannot
+        if pod:  # what failed (or was stopped) goes now; containerd's stop removes what this cannot
             with contextlib.suppress(CriError):
                 cri.remove_pod(pod)
     times["cycle"] = sum(times[p] for p in LIFECYCLE)
@@ -137,10 +159,6 @@ def report(results: dict[str, dict[str, Any]], iterations: int) -> dict[str, flo
     return ratios
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # a SIGTERM unwinds like Ctrl-C: pods, containerd and the netns go
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--iterations", type=int, default=5, help="cycles counted per handler (after a first)")
@@ -160,7 +178,8 @@ def main() -> int:
               file=sys.stderr)
         return 1
     kata = dataclasses.replace(KATA, options={"ConfigPath": args.kata_config}) if args.kata_config else KATA
-    signal.signal(signal.SIGTERM, _interrupt)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, Interrupts.handle)
     t0 = time.monotonic()
     try:
         # containerd stops (removing any pod left) before its namespace goes
