@@ -167,14 +167,15 @@ def default_vm_config(cfg: RuntimeConfig, sid: str = "factory") -> VMConfig:
 
 
 class PoolDaemon:
-    def __init__(self, cfg: RuntimeConfig, root: Path = POOL_ROOT) -> None:
+    def __init__(self, cfg: RuntimeConfig, config: VMConfig | None = None, root: Path = POOL_ROOT) -> None:
+        """``config``: the VM shape to keep (the default VM's when None)."""
         from kata.factory.template import TemplateStore
 
         self.cfg = cfg
         self.root = root
         self.endpoint = Path(cfg.factory.vm_cache_endpoint)
         self.target = cfg.factory.vm_cache_number
-        self.config = default_vm_config(cfg)
+        self.config = config if config is not None else default_vm_config(cfg)
         self.store = TemplateStore(Path(cfg.factory.template_path))
         self.ready: list[Slot] = []
         self.warming = 0
