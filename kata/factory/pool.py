@@ -116,6 +116,7 @@ def take(endpoint: Path, key: str, sid: str, timeout: float = TAKE_TIMEOUT) -> P
         return None
     vm_dir = answer.get("vm_dir")
     if vm_dir is None:
+        log.debug(f"sandbox {sid}: no pooled VM ({str(answer.get('why'))[:40]})")
         return None
     if vm_dir != str(VM_ROOT / sid):  # only ever the sandbox's own directory
         raise PoolError(f"VM pool answered an unexpected directory {vm_dir!r}")
