@@ -106,14 +106,19 @@ def emit(result: Mapping[str, Any], path: Path | None) -> None:
         path.write_text(json.dumps(result, indent=1))
 
 
-def pool_config(path: Path, vms: int, base: Path | None = None) -> Path:
-    """``base`` (the configuration in effect when None) with a warm VM pool of ``vms`` clones."""
+def pool_config(path: Path, vms: int, base: Path | None = None, agent_debug: bool = False) -> Path:
+    """``base`` (the configuration in effect when None) with a warm VM pool of ``vms`` clones.
+    ``agent_debug``: for runs with `--debug`, which puts agent.log=debug on the guest's command line:
+    the pool's VMs must have it too to be of the same shape."""
     from kata.config import dump_config, load_config
     from kata.config.toml_out import dumps
 
-    data = dump_config(load_config(base))
+    cfg = load_config(base)
+    data = dump_config(cfg)
     del data["meta"]
     data["factory"]["vm_cache_number"] = vms
+    if agent_debug:
+        data["agent"][cfg.agent.name]["enable_debug"] = True
     path.write_text(dumps(data))
     return path
 

@@ -132,7 +132,7 @@ def main() -> int:
         results["kata_cold"] = bench_kata(kata, bundle, args.runs, write_config(tmp / "cold.toml", False),
                                           tmp, "cold")
         if args.pool > 0:
-            conf = pool_config(tmp / "pool.toml", args.pool, template_conf)
+            conf = pool_config(tmp / "pool.toml", args.pool, template_conf, agent_debug=True)
             with warm_pool(kata, conf) as refilled:
                 results["kata_pool"] = bench_kata(kata, bundle, args.runs, conf, tmp, "pool", refilled)
         for name in ("runc", "crun"):
