@@ -11,7 +11,8 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -84,9 +85,9 @@ def with_descendants(roots: set[int], table: Mapping[int, tuple[int, list[str]]]
     return found
 
 
-def ratio(results: Mapping[str, Mapping[str, Any]], key: str) -> float | None:
-    """kata's figure over runc's, when both were measured."""
-    kata, runc = results.get("kata", {}), results.get("runc", {})
+def ratio(results: Mapping[str, Mapping[str, Any]], key: str, name: str = "kata") -> float | None:
+    """``name``'s figure (kata's) over runc's, when both were measured."""
+    kata, runc = results.get(name, {}), results.get("runc", {})
     if key in kata and key in runc and runc[key]:
         return float(kata[key]) / float(runc[key])
     return None
@@ -103,3 +104,51 @@ def emit(result: Mapping[str, Any], path: Path | None) -> None:
     print(json.dumps(result))
     if path is not None:
         path.write_text(json.dumps(result, indent=1))
+
+
+def pool_config(path: Path, vms: int, base: Path | None = None, agent_debug: bool = False) -> Path:
+    """``base`` (the configuration in effect when None) with a warm VM pool of ``vms`` clones.
+    ``agent_debug``: for runs with `--debug`, which puts agent.log=debug on the guest's command line:
+    the pool's VMs must have it too to be of the same shape."""
+    from kata.config import dump_config, load_config
+    from kata.config.toml_out import dumps
+
+    cfg = load_config(base)
+    data = dump_config(cfg)
+    del data["meta"]
+    data["factory"]["vm_cache_number"] = vms
+    if agent_debug:
+        data["agent"][cfg.agent.name]["enable_debug"] = True
+    path.write_text(dumps(data))
+    return path
+
+
+@contextmanager
+def warm_pool(kata: str, config: Path, timeout: float = 180.0) -> Iterator[Callable[[], None]]:
+    """The VM pool daemon of ``config`` as `kata-runtime factory init` starts it, full; yields a call
+    that waits until it is full again (between timed runs: the figures are those of a pool that keeps
+    up). Stopped after, its VMs with it."""
+    from kata.config import load_config
+    from kata.factory import pool
+
+    endpoint = Path(load_config(config).factory.vm_cache_endpoint)
+    proc = subprocess.run([kata, "--config", str(config), "factory", "init"], capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeFailed(f"factory init: {proc.stderr.strip()[-400:]}")
+
+    def refilled() -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            st = pool.call(endpoint, {"op": "status"}, 5.0)
+            if len(st["ready"]) >= st["target"]:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeFailed(f"the VM pool did not fill within {timeout:g}s: {st.get('last_error')}")
+            time.sleep(0.1)
+
+    try:
+        refilled()
+        yield refilled
+    finally:
+        pool.stop(endpoint)

@@ -3,9 +3,11 @@
 same busybox bundle, in one run, with kata's phase breakdown:
 
 - template: the default, sandboxes restored from a VM template ([factory] enable_template);
-- cold: every VM booted from scratch (enable_template = false), sharing files over virtio-fs.
+- cold: every VM booted from scratch (enable_template = false), sharing files over virtio-fs;
+- pool: each sandbox takes a warm VM from the pool daemon (vm_cache_number = --pool, 2 by default;
+  0 leaves it out), which is full again before every timed run.
 
-    python bench/run_vs_runc.py [--runs N] [--json FILE]
+    python bench/run_vs_runc.py [--runs N] [--pool N] [--json FILE]
 
 Figures are medians; this machine is noisy, so read them as orders of magnitude.
 """
@@ -22,11 +24,13 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.benchlib import pool_config, warm_pool  # noqa: E402
 from kata.config import dump_config, load_config  # noqa: E402
 from kata.config.toml_out import dumps  # noqa: E402
 from tests.support.bundles import make_busybox_bundle  # noqa: E402
@@ -61,9 +65,12 @@ def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in runs if k in r) for k in keys}
 
 
-def bench_kata(kata: str, bundle: Path, runs: int, config: Path, tmp: Path, mode: str) -> dict[str, Any]:
+def bench_kata(kata: str, bundle: Path, runs: int, config: Path, tmp: Path, mode: str,
+               before_each: Callable[[], None] | None = None) -> dict[str, Any]:
     times, marks = [], []
     for i in range(runs):
+        if before_each is not None:
+            before_each()
         log = tmp / f"kata-{mode}-{i}.log"
         cid = f"bench-{mode}-{uuid.uuid4().hex[:8]}"
         dt, proc = timed([kata, "--debug", "--log", str(log), "--log-format", "json",
@@ -110,6 +117,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--pool", type=int, default=2, help="warm VMs for the pool mode (0: none)")
     args = ap.parse_args()
     kata = shutil.which("kata-runtime") or "/opt/kata-containers/venv/bin/kata-runtime"
     results: dict[str, Any] = {}
@@ -123,13 +131,19 @@ def main() -> int:
         results["kata_template"] = bench_kata(kata, bundle, args.runs, template_conf, tmp, "template")
         results["kata_cold"] = bench_kata(kata, bundle, args.runs, write_config(tmp / "cold.toml", False),
                                           tmp, "cold")
+        if args.pool > 0:
+            conf = pool_config(tmp / "pool.toml", args.pool, template_conf, agent_debug=True)
+            with warm_pool(kata, conf) as refilled:
+                results["kata_pool"] = bench_kata(kata, bundle, args.runs, conf, tmp, "pool", refilled)
         for name in ("runc", "crun"):
             binary = shutil.which(name)
             if binary:
                 results[name] = bench_runc_like(binary, bundle, args.runs)
 
     runc = results.get("runc", {})
-    for mode in ("kata_template", "kata_cold"):
+    for mode in ("kata_template", "kata_cold", "kata_pool"):
+        if mode not in results:
+            continue
         r = results[mode]
         line = (f"{mode}: `run` of true, median {r['median_s']:.3f} s (min {r['min_s']:.3f}) "
                 f"over {args.runs} runs")

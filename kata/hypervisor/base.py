@@ -7,6 +7,7 @@ drives a :class:`Hypervisor`; it never sees QEMU arguments or QMP.
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -128,9 +129,11 @@ class Hypervisor(abc.ABC):
         """Queue pairs a hot-added network interface gets (one per vCPU, as Kata does)."""
 
     @abc.abstractmethod
-    def hotplug_nic(self, index: int, tap: str, mac: str, mtu: int, queues: int = 1) -> None:
+    def hotplug_nic(self, index: int, tap: str, mac: str, mtu: int, queues: int = 1,
+                    tap_fds: Sequence[int] = ()) -> None:
         """Add network interface ``index`` on the existing tap device ``tap`` (in the VMM's network
-        namespace), with the guest-side MAC ``mac``."""
+        namespace), with the guest-side MAC ``mac``; or, for a VMM in another namespace, on
+        ``tap_fds``, one descriptor of that tap per queue."""
 
     def vcpu_threads(self) -> list[int]:
         """The host thread ids of the VM's vCPUs (the host's cgroups hold them apart from the rest)."""

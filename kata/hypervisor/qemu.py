@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -289,16 +290,25 @@ class Qemu(Hypervisor):
         as many as it has CPUs)."""
         return max(1, self._require().vcpus)
 
-    def hotplug_nic(self, index: int, tap: str, mac: str, mtu: int, queues: int = 1) -> None:
+    def hotplug_nic(self, index: int, tap: str, mac: str, mtu: int, queues: int = 1,
+                    tap_fds: Sequence[int] = ()) -> None:
         """Add virtio-net device ``index`` on the existing tap device ``tap`` (in QEMU's network
         namespace), with the guest-side MAC ``mac``; vhost where /dev/vhost-net exists and the
-        configuration allows it (disable_vhost_net)."""
+        configuration allows it (disable_vhost_net). ``tap_fds``: one descriptor per queue of that
+        tap, opened in the pod's namespace, for a QEMU that runs elsewhere (a pooled VM): passed
+        over QMP (getfd), QEMU opens nothing by name."""
         if index >= len(NIC_ROOT_PORTS):
             raise HypervisorError(f"no free root port for network interface {index}")
         qmp = self._monitor()
         vhost = self._vhost_net and os.path.exists("/dev/vhost-net")
-        netdev: dict[str, object] = {"type": "tap", "id": f"net{index}", "ifname": tap, "script": "no",
-                                     "downscript": "no", "vhost": vhost}
+        netdev: dict[str, object] = {"type": "tap", "id": f"net{index}", "vhost": vhost}
+        if tap_fds:
+            names = [f"tap{index}q{n}" for n in range(len(tap_fds))]
+            for name, fd in zip(names, tap_fds, strict=True):
+                qmp.run_with_fd("getfd", fd, fdname=name)
+            netdev["fds" if len(names) > 1 else "fd"] = ":".join(names)
+        else:
+            netdev.update(ifname=tap, script="no", downscript="no")
         if queues > 1:
             netdev["queues"] = queues
         qmp.run("netdev_add", **netdev)

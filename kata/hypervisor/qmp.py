@@ -91,10 +91,11 @@ class Qmp:
                 raise HypervisorError(str(msg["error"].get("desc", msg["error"])))
             return msg.get("return")
 
-    def run(self, command: str, **args: Any) -> Any:
+    # Positional-only: QMP arguments may be named "fd" or "command" (netdev_add's tap fd=).
+    def run(self, command: str, /, **args: Any) -> Any:
         return self.run_with_fd(command, None, **args)
 
-    def run_with_fd(self, command: str, fd: int | None, **args: Any) -> Any:
+    def run_with_fd(self, command: str, fd: int | None, /, **args: Any) -> Any:
         """Run ``command`` with ``fd`` sent along as SCM_RIGHTS (what getfd and add-fd take)."""
         try:
             if self._sock is None:

@@ -54,6 +54,43 @@ def create_tap(
         ipr.link("set", index=index, state="up", **attrs)
 
 
+# <linux/if_tun.h>
+_TUNSETIFF = 0x400454CA
+_IFF_TAP, _IFF_NO_PI, _IFF_MULTI_QUEUE, _IFF_VNET_HDR = 0x0002, 0x1000, 0x0100, 0x4000
+
+
+def open_tap(ns: str, name: str, queues: int) -> list[int]:
+    """``queues`` descriptors of the existing tap ``name`` in ``ns``, for a VMM that runs in another
+    network namespace (a pooled VM): /dev/net/tun is opened from a thread inside ``ns``, and a tap
+    is looked up in the namespace of the descriptor that attaches to it, so it stays there. The
+    flags are those QEMU sets when it opens a tap by name."""
+    import fcntl
+    import os
+    import struct
+
+    from kata.network import NETNS_RUN_DIR
+    from kata.utils import netns
+
+    flags = _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR | (_IFF_MULTI_QUEUE if queues > 1 else 0)
+    ifreq = struct.pack("16sH22x", name.encode(), flags)
+
+    def attach() -> list[int]:
+        fds: list[int] = []
+        try:
+            for _ in range(queues):
+                fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+                fds.append(fd)
+                fcntl.ioctl(fd, _TUNSETIFF, ifreq)
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return fds
+
+    path = ns if "/" in ns else os.path.join(NETNS_RUN_DIR, ns)
+    return netns.call_in(path, attach)
+
+
 def delete_link(ns: str | None, name: str) -> None:
     """Delete link `name` in `ns`; nothing to do when it (or the namespace) is already gone."""
     try:

@@ -10,6 +10,7 @@ Only the shape and order live here; netlink and tc are kata.network's, hotplug t
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -47,13 +48,19 @@ def mirror(netns: str, hyp: Hypervisor, agent: AgentClient) -> list[tuple[str, s
     if not found:
         return made
     queues = hyp.nic_queues()
+    by_fd = not _vmm_in(netns, hyp)
     try:
         for index, ep in enumerate(found):
             tap = tcfilter.tap_name(index)
             tcfilter.create_tap(netns, tap, ep.mtu, multi_queue=queues > 1)
             made.append((ep.name, tap))
             tcfilter.connect(netns, ep.name, tap)
-            hyp.hotplug_nic(index, tap, ep.mac, ep.mtu, queues=queues)
+            fds = tcfilter.open_tap(netns, tap, queues) if by_fd else []
+            try:
+                hyp.hotplug_nic(index, tap, ep.mac, ep.mtu, queues=queues, tap_fds=fds)
+            finally:
+                for fd in fds:  # QEMU holds its own copies
+                    os.close(fd)
             _configure(agent, ep)
             log.info(f"network: {ep.name} ({ep.mac}) mirrored into the VM through {tap}")
         _routes(agent, found)
@@ -63,6 +70,21 @@ def mirror(netns: str, hyp: Hypervisor, agent: AgentClient) -> list[tuple[str, s
     finally:
         hyp.release()
     return made
+
+
+def _vmm_in(netns: str, hyp: Hypervisor) -> bool:
+    """Whether the VMM runs in ``netns`` (it does unless it came from the warm pool): there it opens
+    a tap by name; elsewhere it is handed descriptors opened in ``netns``."""
+    from kata.network import NETNS_RUN_DIR
+
+    pids = hyp.pids()
+    if not pids:
+        return True  # nothing to hand descriptors to: hotplug fails on its own
+    path = netns if "/" in netns else os.path.join(NETNS_RUN_DIR, netns)
+    try:
+        return os.stat(f"/proc/{pids[0]}/ns/net").st_ino == os.stat(path).st_ino
+    except OSError:
+        return True
 
 
 def _configure(agent: AgentClient, ep: Endpoint) -> None:

@@ -17,6 +17,9 @@ VM_ROOT = STATE_ROOT / "vm"
 # Template VMs run here while they are made (kata.factory.template): a directory no sandbox id can
 # name, unlike VM_ROOT/<anything>, and short, since their sockets live in it.
 TEMPLATE_VM_ROOT = STATE_ROOT / "template-vm"
+# The warm pool's clones run here (kata.factory.pool) until one is renamed to VM_ROOT/<sid>: on the
+# same filesystem, so that the rename is atomic.
+POOL_ROOT = STATE_ROOT / "pool"
 
 # Every unix socket in a sandbox's VM directory (QEMU's QMP and agent ports, virtiofsd's, the init
 # monitor's agent proxy, the debug console's port): their paths, with the id in them, must fit in sun_path.

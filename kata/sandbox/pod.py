@@ -227,6 +227,7 @@ class Pod:
             sandbox = Sandbox.create(sid, cfg, bundle.spec, debug=debug, timings=timings, claimed=True,
                                      before_launch=before_launch)
             pod = cls(sandbox, record, cgroups)
+            pod._adopt_vmm()
             pod._place_vcpus()
         except BaseException:
             if cgroups is not None:
@@ -359,6 +360,15 @@ class Pod:
         """The host cgroup follows the pod's total."""
         if self.cgroups is not None:
             self.cgroups.apply(_pod_limits(self.record, self.record.figures))
+
+    def _adopt_vmm(self) -> None:
+        """A VMM from the warm pool was born in its daemon's cgroups: it joins the pod's home cgroup,
+        every thread of it, as one the pod launched would have been born there."""
+        hyp = self.sandbox.hypervisor
+        if self.cgroups is None or not self.sandbox.adopted or hyp is None:
+            return
+        for pid in hyp.pids():
+            self.cgroups.join(pid)
 
     def _place_vcpus(self) -> None:
         """QEMU's vCPU threads (all of them, hot-added ones too) into the sandbox cgroup, when the

@@ -135,6 +135,9 @@ class Sandbox:
         self.agent: AgentClient | None = None
         self.containers: dict[str, Any] = {}
         self._fresh_clone = False
+        # The VM came from the warm pool: its VMM was started by the pool's daemon, not by us, so
+        # the pod moves it into its cgroups itself (it did not inherit them).
+        self.adopted = False
         self._before_launch: Callable[[], None] | None = None
         self.log = logging.getLogger(__name__)  # a child of the CLI's "kata" logger
 
@@ -256,6 +259,8 @@ class Sandbox:
         from kata.factory.template import TemplateStore
 
         hv = self.cfg.hypervisor
+        if self.cfg.factory.vm_cache_number > 0 and self._take_pooled(config):
+            return
         store = TemplateStore(Path(self.cfg.factory.template_path))
         state, made = store.ensure(config, hv)
         self.timings.mark("template_made" if made else "template_found")
@@ -284,6 +289,31 @@ class Sandbox:
             self.timings.mark("shared_fs_attached")
         self._connect_agent(config)
         self._fresh_clone = True
+
+    def _take_pooled(self, config: VMConfig) -> bool:
+        """Adopt a warm clone of this shape from the pool's daemon (kata.factory.pool), already
+        restored and its agent exercised; False (nothing done) when none is to be had."""
+        from kata import hypervisor
+        from kata.factory import pool
+        from kata.factory.template import template_key
+
+        if pool.poolable(config) is not None:
+            return False
+        vm_dir = pool.take(Path(self.cfg.factory.vm_cache_endpoint), template_key(config), self.id)
+        if vm_dir is None:
+            return False
+        self.hypervisor = hypervisor.attach(self.cfg.hypervisor, vm_dir)
+        self.adopted = True
+        self.timings.mark("vm_taken")
+        self._save_state("creating")
+        self._launching()
+        self._start_virtiofsd(config)
+        if config.shared_fs is not None and config.shared_fs.hotplug:
+            self.hypervisor.attach_shared_fs(config.shared_fs)
+            self.timings.mark("shared_fs_attached")
+        self._connect_agent(config)
+        self._fresh_clone = True
+        return True
 
     def _launch(self, config: VMConfig, restore_from: Path | None,
                 memory_fd: int | None = None, memory_path: Path | None = None) -> Hypervisor:

@@ -43,3 +43,21 @@ def test_disable_vhost_net_is_honoured(disabled: bool, monkeypatch: pytest.Monke
     vm.hotplug_nic(0, "tap0_kata", "02:00:00:00:00:01", 1500)
     netdev = next(args for command, args in qmp.calls if command == "netdev_add")
     assert netdev["vhost"] is (not disabled)
+
+
+def test_a_vmm_outside_the_pods_namespace_gets_the_taps_descriptors() -> None:
+    """A pooled VMM runs in another network namespace: it is handed each queue's descriptor (getfd)
+    and opens nothing by name."""
+    vm = hypervisor.new(load_config().hypervisor)
+    assert isinstance(vm, Qemu)
+    qmp = recorded(vm)
+    sent: list[tuple[str, int, dict[str, Any]]] = []
+    qmp.run_with_fd = lambda command, fd, **args: sent.append((command, fd, args))  # type: ignore[attr-defined]
+    vm.hotplug_nic(1, "tap1_kata", "02:00:00:00:00:01", 1500, queues=2, tap_fds=[7, 8])
+    assert sent == [("getfd", 7, {"fdname": "tap1q0"}), ("getfd", 8, {"fdname": "tap1q1"})]
+    netdev = next(args for command, args in qmp.calls if command == "netdev_add")
+    assert netdev["fds"] == "tap1q0:tap1q1" and netdev["queues"] == 2
+    assert "ifname" not in netdev and "script" not in netdev
+    vm.hotplug_nic(2, "tap2_kata", "02:00:00:00:00:02", 1500, tap_fds=[9])
+    netdev = [args for command, args in qmp.calls if command == "netdev_add"][-1]
+    assert netdev["fd"] == "tap2q0" and "fds" not in netdev

@@ -1,0 +1,572 @@
+"""The warm VM pool (Kata's VMCache, on top of our templates): a long-lived daemon keeps
+``vm_cache_number`` clones of the default VM shape restored from its template, their agent
+connected and exercised, and hands one to a sandbox in a single call over a root-only socket.
+
+Handing over is a rename: the clone runs in POOL_ROOT/<key>/<slot> (QEMU's sockets, pid file and
+state record live there), and the daemon renames that directory to the sandbox's VM directory,
+VM_ROOT/<sid>, after rewriting the record's id. From then on the VM is the sandbox's exactly as a
+restored one would be (the sandbox attaches to it as `delete` attaches to any VM); the daemon
+forgets it. QEMU's listening sockets move with the directory (a unix socket is found by its inode).
+
+What guards it: the socket is in a 0700 directory and answers root alone (SO_PEERCRED); a request
+is one bounded JSON line; a sandbox id is checked as every sandbox id is, and the rename goes from
+and to directory descriptors opened without following links; only a clone of the shape the caller
+asks for (its template key: shape, assets by identity, QEMU's command line), recomputed at each
+take, and still running, is handed out. The pooled QEMUs run in an empty network namespace of the
+daemon's: the pod's taps are handed to them as descriptors (kata.sandbox.network). They die with
+the daemon: an orderly stop kills them, and a forked watcher kills whatever is left in POOL_ROOT
+once the daemon is gone however it went (the next daemon sweeps it too, before it starts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import select
+import shutil
+import signal
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kata.errors import KataError
+from kata.sandbox.paths import POOL_ROOT, VM_ROOT, InvalidIdError, validate_sandbox_id
+from kata.utils.process import ProcessId, terminate
+
+if TYPE_CHECKING:
+    from kata.config import RuntimeConfig
+    from kata.hypervisor.base import Hypervisor, VMConfig
+
+log = logging.getLogger("kata.pool")
+
+# A request or an answer is one JSON line of at most this many bytes.
+MAX_MESSAGE = 16 * 1024
+# A client that has not sent its request in this long is dropped (the daemon serves one at a time).
+REQUEST_TIMEOUT = 2.0
+# How long a sandbox waits for the daemon before it restores a VM itself.
+TAKE_TIMEOUT = 2.0
+# After a take the refill waits this long, so the new clone does not compete for the CPU with the
+# sandbox that just took one (on this 2-core TCG host, a restore costs ~0.5 s of a core).
+REFILL_DELAY = 0.5
+# How often the refill looks at the pool when nothing wakes it (a clone that died, changed assets).
+_TICK = 2.0
+PID_FILE = POOL_ROOT / "pool.pid"
+LOG_FILE = POOL_ROOT / "pool.log"
+
+
+class PoolError(KataError):
+    pass
+
+
+# ---- the protocol (both sides) ------------------------------------------------------------------
+
+
+def _send(conn: socket.socket, msg: dict[str, Any]) -> None:
+    data = json.dumps(msg).encode() + b"\n"
+    if len(data) > MAX_MESSAGE:
+        raise PoolError("message too long")
+    conn.sendall(data)
+
+
+def _receive(conn: socket.socket) -> dict[str, Any]:
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = conn.recv(MAX_MESSAGE + 1 - len(buf))
+        if not chunk:
+            raise PoolError("connection closed before a whole message")
+        buf += chunk
+        if len(buf) > MAX_MESSAGE:
+            raise PoolError(f"message longer than {MAX_MESSAGE} bytes")
+    msg = json.loads(buf)
+    if not isinstance(msg, dict):
+        raise PoolError("message is not a JSON object")
+    return msg
+
+
+def call(endpoint: Path, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """One request to the daemon at ``endpoint``; PoolError (one line) when it cannot be had."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as conn:
+        conn.settimeout(timeout)
+        try:
+            conn.connect(str(endpoint))
+            _send(conn, msg)
+            answer = _receive(conn)
+        except (OSError, ValueError) as exc:
+            raise PoolError(f"VM pool at {endpoint}: {exc}") from None
+    if "error" in answer:
+        raise PoolError(f"VM pool: {answer['error']}")
+    return answer
+
+
+def take(endpoint: Path, key: str, sid: str, timeout: float = TAKE_TIMEOUT) -> Path | None:
+    """A warm VM of template key ``key``, moved to sandbox ``sid``'s VM directory (returned); None
+    when there is no daemon, no clone of that shape ready, or the daemon fails: the caller restores."""
+    if not endpoint.exists():
+        return None
+    try:
+        answer = call(endpoint, {"op": "take", "key": key, "sid": sid}, timeout)
+    except PoolError as exc:
+        log.info(f"sandbox {sid}: no pooled VM: {exc}")
+        return None
+    vm_dir = answer.get("vm_dir")
+    if vm_dir is None:
+        log.debug(f"sandbox {sid}: no pooled VM ({str(answer.get('why'))[:40]})")
+        return None
+    if vm_dir != str(VM_ROOT / sid):  # only ever the sandbox's own directory
+        raise PoolError(f"VM pool answered an unexpected directory {vm_dir!r}")
+    return Path(vm_dir)
+
+
+# ---- the daemon ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Slot:
+    name: str
+    key: str
+    run_dir: Path
+    vmm: Hypervisor
+    ready_at: float = 0.0
+
+
+@dataclass
+class Counters:
+    made: int = 0
+    taken: int = 0
+    failed: int = 0
+    last_error: str = ""
+    times: list[float] = field(default_factory=list)  # seconds to make each of the last clones
+
+
+def poolable(config: VMConfig) -> str | None:
+    """Why VMs of ``config`` cannot be pooled, or None: a clone must be what any sandbox of its shape
+    could use, so nothing of a sandbox's may be on its command line (a 9p share names its directory)."""
+    from kata.factory.template import templatable
+
+    why = templatable(config)
+    if why is not None:
+        return why
+    fs = config.shared_fs
+    if fs is not None and not (fs.kind == "virtio-fs" and fs.hotplug):
+        return f"a {fs.kind} share is on QEMU's command line (only a hot-added virtio-fs share is pooled)"
+    return None
+
+
+def default_vm_config(cfg: RuntimeConfig, sid: str = "factory") -> VMConfig:
+    """The VM a container with no limits gets: the shape the template and the pool prepare."""
+    from kata.sandbox.paths import SandboxPaths
+    from kata.sandbox.sandbox import plan_vm
+
+    config, _ = plan_vm(cfg, sid, {}, SandboxPaths(sid), False)
+    return config
+
+
+class PoolDaemon:
+    def __init__(self, cfg: RuntimeConfig, config: VMConfig | None = None, root: Path = POOL_ROOT) -> None:
+        """``config``: the VM shape to keep (the default VM's when None)."""
+        from kata.factory.template import TemplateStore
+
+        self.cfg = cfg
+        self.root = root
+        self.endpoint = Path(cfg.factory.vm_cache_endpoint)
+        self.target = cfg.factory.vm_cache_number
+        self.config = config if config is not None else default_vm_config(cfg)
+        self.store = TemplateStore(Path(cfg.factory.template_path))
+        self.ready: list[Slot] = []
+        self.warming = 0
+        self.counters = Counters()
+        self._seq = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._stop = threading.Event()
+        self._refill_after = 0.0
+
+    # -- the shape -----------------------------------------------------------------------------------
+
+    def current_key(self) -> str:
+        """The template key of the pool's shape now (a rebuilt image or kernel gives another)."""
+        from kata.factory.template import template_key
+
+        return template_key(self.config)
+
+    # -- making clones -----------------------------------------------------------------------------
+
+    def _make_clone(self, key: str) -> Slot:
+        from kata import hypervisor
+        from kata.agent_client.client import AgentClient
+        from kata.agent_client.transport import connect
+
+        hv = self.cfg.hypervisor
+        state, _ = self.store.ensure(self.config, hv)
+        self._seq += 1
+        # Never a slot name used before: a clone handed over and later stopped unlinks its sockets
+        # by the paths it was started with, which must not be a newer clone's.
+        name = f"{os.getpid()}-{self._seq}"
+        run_dir = self.root / key / name
+        config = dataclasses.replace(self.config, id=f"pool-{name}", run_dir=run_dir)
+        fs = config.shared_fs
+        memory_fd = self.store.clone_memory(state, f"kata-pool-{name}") if fs is not None else None
+        memory_path = self.store.memory_file(state) if fs is None else None
+        vmm = hypervisor.new(hv)
+        try:
+            try:
+                vmm.restore(config, state, timeout=hv.boot_timeout, memory_fd=memory_fd,
+                            memory_path=memory_path)
+            finally:
+                if memory_fd is not None:
+                    os.close(memory_fd)
+            # The agent connected and its calls run once: TCG has translated the host-facing paths
+            # a sandbox's first calls take, in this QEMU (its translations are not in the snapshot).
+            client = AgentClient(connect(vmm.agent_endpoint(), hv.boot_timeout))
+            try:
+                client.wait_ready(hv.boot_timeout)
+                for _ in range(3):
+                    client.get_guest_details(mem_block_size=True, mem_hotplug_probe=False)
+            finally:
+                client.close()
+            vmm.release()
+        except BaseException:
+            vmm.stop(timeout=1.0)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        return Slot(name, key, run_dir, vmm, time.monotonic())
+
+    def _refill(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                self._drop_dead_or_stale()
+                wait = self._refill_after - time.monotonic()
+                if len(self.ready) >= self.target or wait > 0:
+                    self._wake.wait(timeout=max(0.05, wait) if wait > 0 else _TICK)
+                    continue
+                self.warming = 1
+            began = time.monotonic()
+            try:
+                key = self.current_key()
+                slot = self._make_clone(key)
+            except Exception as exc:  # noqa: BLE001 - counted, shown in status, retried after a pause
+                log.warning(f"pool: making a clone failed: {exc}")
+                with self._lock:
+                    self.warming = 0
+                    self.counters.failed += 1
+                    self.counters.last_error = str(exc)[:300]
+                self._stop.wait(_TICK)
+                continue
+            with self._lock:
+                self.warming = 0
+                if self._stop.is_set():
+                    _kill(slot)
+                    return
+                self.ready.append(slot)
+                self.counters.made += 1
+                self.counters.times = [*self.counters.times[-9:], round(time.monotonic() - began, 3)]
+            log.info(f"pool: clone {slot.name} ready in {time.monotonic() - began:.2f}s "
+                     f"({len(self.ready)}/{self.target})")
+
+    def _drop_dead_or_stale(self) -> None:
+        """With the lock held: clones whose QEMU died, or of a shape no longer current, go."""
+        try:
+            key = self.current_key()
+        except (OSError, KataError) as exc:
+            key = ""
+            self.counters.last_error = f"the pool's shape: {exc}"[:300]
+        for slot in list(self.ready):
+            if slot.key != key or not slot.vmm.is_running():
+                log.info(f"pool: dropping clone {slot.name} ({'stale shape' if slot.key != key else 'died'})")
+                self.ready.remove(slot)
+                _kill(slot)
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    def handle(self, msg: dict[str, Any]) -> dict[str, Any]:
+        op = msg.get("op")
+        if op == "status":
+            return self.status()
+        if op == "take":
+            key, sid = msg.get("key"), msg.get("sid")
+            if not isinstance(key, str) or not isinstance(sid, str):
+                return {"error": "take needs a key and a sid (strings)"}
+            return self.take(key, sid)
+        if op == "stop":
+            self._stop.set()
+            return {"pid": os.getpid()}
+        return {"error": f"unknown op {str(op)[:40]!r}"}
+
+    def take(self, key: str, sid: str) -> dict[str, Any]:
+        try:
+            validate_sandbox_id(sid)
+        except (InvalidIdError, KataError) as exc:
+            return {"error": str(exc)}
+        with self._lock:
+            if key != self.current_key():
+                return {"vm_dir": None, "why": "another shape"}
+            slot = next((s for s in self.ready if s.key == key and s.vmm.is_running()), None)
+            if slot is None:
+                return {"vm_dir": None, "why": "empty"}
+            try:
+                _hand_over(slot, self.root / key, sid)
+            except OSError as exc:
+                # The clone stays ours (nothing moved): a directory in the way is the caller's problem.
+                return {"error": f"handing a VM to sandbox {sid}: {exc.strerror or exc}"}
+            self.ready.remove(slot)
+            slot.vmm.release()
+            self.counters.taken += 1
+            self._refill_after = time.monotonic() + REFILL_DELAY
+            self._wake.notify_all()
+        log.info(f"pool: clone {slot.name} handed to sandbox {sid}")
+        return {"vm_dir": str(VM_ROOT / sid), "pid": slot.vmm.pids()[0] if slot.vmm.pids() else 0}
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            now = time.monotonic()
+            return {
+                "pid": os.getpid(), "target": self.target, "key": self.ready[0].key if self.ready else "",
+                "ready": [{"name": s.name, "pid": s.vmm.pids()[0] if s.vmm.pids() else 0,
+                           "idle_s": round(now - s.ready_at, 1)} for s in self.ready],
+                "warming": self.warming, **dataclasses.asdict(self.counters),
+            }
+
+    # -- running -----------------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Run until SIGTERM, SIGINT, SIGHUP or a stop request; the pool's VMs go with it."""
+        from kata.utils import netns
+
+        if os.geteuid() != 0:
+            raise PoolError("the VM pool runs as root only")
+        if self.target <= 0:
+            raise PoolError(f"vm_cache_number is 0 in {self.cfg.source}: no pool to keep")
+        why = poolable(self.config)
+        if why is not None:
+            raise PoolError(f"the default VM cannot be pooled: {why}")
+        _private_dir(self.root)
+        _private_dir(self.endpoint.parent)
+        lock_fd = _lock(PID_FILE)
+        try:
+            sweep(self.root)
+            _start_watcher(self.root)  # before any thread: it forks
+            # The pooled QEMUs need no network until a pod's taps are handed to them.
+            netns.unshare()
+            listener = _listen(self.endpoint)
+            os.ftruncate(lock_fd, 0)
+            os.write(lock_fd, f"{os.getpid()}\n".encode())
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, lambda *_: self._stop.set())
+            refill = threading.Thread(target=self._refill, name="refill", daemon=True)
+            refill.start()
+            log.info(f"pool: serving {self.endpoint}, keeping {self.target} VM(s) of {self.current_key()}")
+            try:
+                self._accept(listener)
+            finally:
+                listener.close()
+                self.endpoint.unlink(missing_ok=True)
+                with self._lock:
+                    self._wake.notify_all()
+                refill.join(timeout=self.cfg.hypervisor.boot_timeout + 5)
+                with self._lock:
+                    for slot in self.ready:
+                        _kill(slot)
+                    self.ready.clear()
+                sweep(self.root)
+        finally:
+            PID_FILE.unlink(missing_ok=True)
+            os.close(lock_fd)
+
+    def _accept(self, listener: socket.socket) -> None:
+        while not self._stop.is_set():
+            _reap_children()
+            ready, _, _ = select.select([listener], [], [], 0.5)
+            if not ready:
+                continue
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            with conn:
+                self._one(conn)
+
+    def _one(self, conn: socket.socket) -> None:
+        conn.settimeout(REQUEST_TIMEOUT)
+        try:
+            _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                  struct.calcsize("3i")))
+            if uid != 0:
+                _send(conn, {"error": "the VM pool answers root alone"})
+                return
+            answer = self.handle(_receive(conn))
+            _send(conn, answer)
+        except (OSError, ValueError, PoolError) as exc:
+            log.info(f"pool: a request failed: {exc}")
+            try:
+                _send(conn, {"error": str(exc)[:200]})
+            except (OSError, PoolError):
+                pass
+
+
+def _hand_over(slot: Slot, key_dir: Path, sid: str) -> None:
+    """Rename the clone's directory to VM_ROOT/<sid> (absent, or empty: the sandbox made it), its
+    record naming the sandbox. Both ends through directory descriptors opened without following
+    links, so no component can be swapped for a link on the way."""
+    from kata.hypervisor.qemu import QemuState
+    from kata.hypervisor.qemu_argv import RunPaths
+
+    state_path = RunPaths(slot.run_dir).state_file
+    QemuState.load(state_path)  # a clone whose record is unreadable is not handed out
+    VM_ROOT.mkdir(mode=0o700, parents=True, exist_ok=True)
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    src = os.open(key_dir, flags)
+    try:
+        dst = os.open(VM_ROOT, flags)
+        try:
+            state = dataclasses.replace(QemuState.load(state_path), id=sid)
+            state.save(state_path)
+            os.rename(slot.name, sid, src_dir_fd=src, dst_dir_fd=dst)
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+
+
+def _kill(slot: Slot) -> None:
+    slot.vmm.stop(timeout=1.0)
+    shutil.rmtree(slot.run_dir, ignore_errors=True)
+
+
+def sweep(root: Path) -> int:
+    """Kill every QEMU a pool left in ``root`` (its record names it) and remove its directories.
+    Returns how many were running. Called with the pool's lock held, or by its watcher."""
+    from kata.hypervisor.qemu import QemuState
+    from kata.hypervisor.qemu_argv import RunPaths
+
+    killed = 0
+    if not root.is_dir():
+        return 0
+    for key_dir in root.iterdir():
+        if not key_dir.is_dir() or key_dir.is_symlink():
+            continue
+        for slot_dir in key_dir.iterdir():
+            try:
+                state = QemuState.load(RunPaths(slot_dir).state_file)
+            except KataError:
+                pass
+            else:
+                proc = ProcessId(state.pid, state.start_time)
+                if proc.is_alive():
+                    terminate(proc, 1.0)
+                    killed += 1
+        shutil.rmtree(key_dir, ignore_errors=True)
+    return killed
+
+
+def _start_watcher(root: Path) -> None:
+    """Fork a process that sweeps ``root`` once this one is gone, however it went (SIGKILL
+    included): it waits for EOF on a pipe only we hold the write end of."""
+    rfd, wfd = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # the watcher
+        try:
+            os.close(wfd)
+            # A terminal's ^C reaches the whole group: the watcher must outlive the daemon, not die with it.
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)
+            while os.read(rfd, 1):
+                pass
+            sweep(root)
+        finally:
+            os._exit(0)
+    os.close(rfd)
+    _WATCHER_PIPE.append(wfd)  # held, never written, until this process ends
+
+
+_WATCHER_PIPE: list[int] = []
+
+
+def _reap_children() -> None:
+    """Pooled QEMUs are our children until they die, also once handed over: collect them, so a
+    sandbox's VM that exits is gone, not a zombie of ours."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _private_dir(path: Path) -> None:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(path)
+    if st.st_uid != 0 or st.st_mode & 0o077 or not os.path.isdir(path) or path.is_symlink():
+        raise PoolError(f"{path} must be a directory of root's that no one else may enter (mode 0700)")
+
+
+def _lock(path: Path) -> int:
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        other = os.read(fd, 32).decode(errors="replace").strip()
+        os.close(fd)
+        raise PoolError(f"a VM pool daemon is running already (pid {other or '?'})") from None
+    return fd
+
+
+def _listen(endpoint: Path) -> socket.socket:
+    endpoint.unlink(missing_ok=True)  # a dead daemon's: we hold the pool's lock
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old = os.umask(0o077)
+    try:
+        sock.bind(str(endpoint))
+    finally:
+        os.umask(old)
+    sock.listen(16)
+    return sock
+
+
+def stop(endpoint: Path, timeout: float = 30.0) -> int | None:
+    """Ask the daemon at ``endpoint`` to stop, and wait until it has (its VMs gone with it). Returns
+    its pid, or None when none answers."""
+    if not endpoint.exists():
+        return None
+    try:
+        pid = int(call(endpoint, {"op": "stop"}, REQUEST_TIMEOUT)["pid"])
+    except (PoolError, KeyError, ValueError, TypeError):
+        return None
+    proc = ProcessId.of(pid)
+    if proc is not None:
+        from kata.utils.process import wait_exit
+
+        if not wait_exit(proc, timeout):
+            raise PoolError(f"the VM pool daemon (pid {pid}) did not stop within {timeout:g}s")
+    return pid
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m kata.factory.pool [--config FILE]`: the daemon in the foreground."""
+    import argparse
+    import sys
+
+    from kata.config import load_config
+
+    p = argparse.ArgumentParser(prog="kata-pool", description="keep warm VMs for sandboxes to take")
+    p.add_argument("--config", help="configuration.toml (default: as kata-runtime finds it)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    try:
+        PoolDaemon(load_config(Path(args.config) if args.config else None)).serve()
+    except KataError as exc:
+        print(f"kata-pool: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,239 @@
+"""The warm VM pool (kata.factory.pool) end to end: `kata-runtime factory init` starts the daemon with
+two clones of the default shape; `kata-runtime run` and CRI pods take them (the sandbox's QEMU is a
+pid the pool had ready, and nothing was restored for it), the pool refills, pooled pods reach each
+other over their hot-added NICs (taps handed to QEMU as descriptors) and read a virtio-fs volume, a
+pooled QEMU that dies ends its pod's tasks with 255, its QEMU joins the pod's cgroups; a stopped pool
+falls back to a restore; a daemon killed with SIGKILL leaves no QEMU behind; nothing is left after."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kata.factory import pool
+from kata.sandbox.paths import POOL_ROOT, VM_ROOT
+from tests.conftest import config_with, leftovers, process_gone, runtime_bin
+from tests.support.bundles import make_busybox_bundle
+from tests.support.cri import CriClient, Pod
+from tests.support.cri_config import KATA
+from tests.support.daemons import Containerd
+
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("needs_guest")]
+
+CONFIG = Path("/run/kata-pool-configuration.toml")
+CRI_RUNTIMES = {"kata-pool": dataclasses.replace(KATA, options={"ConfigPath": str(CONFIG)})}
+N = 2
+PORT = 8080
+SERVER = ["sh", "-c", f"mkdir -p /www && echo pooled > /www/index.html && exec httpd -f -p {PORT} -h /www"]
+
+
+def _wait(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        assert time.monotonic() < deadline, f"{what} not within {timeout:g}s"
+        time.sleep(0.1)
+    return result
+
+
+def _endpoint() -> Path:
+    from kata.config import load_config
+
+    return Path(load_config(CONFIG).factory.vm_cache_endpoint)
+
+
+def _status() -> dict[str, Any]:
+    return pool.call(_endpoint(), {"op": "status"}, 5)
+
+
+def _ready(n: int = N) -> set[int]:
+    """Wait until the pool has ``n`` clones ready; their QEMU pids."""
+    def enough() -> dict[str, Any] | None:
+        st = _status()
+        return st if len(st["ready"]) >= n else None
+
+    return {vm["pid"] for vm in _wait(enough, 120, f"{n} pooled VMs")["ready"]}
+
+
+def _pids_naming(*words: str) -> set[int]:
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if all(w.encode() in cmd for w in words):
+            found.add(int(pid))
+    return found
+
+
+def _qemu_pids() -> set[int]:
+    return _pids_naming("qemu-system")
+
+
+def _factory(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([runtime_bin(), "--config", str(CONFIG), "factory", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _create(cli: list[str], bundle: Path, cid: str, out_path: Path) -> None:
+    """`create`, its output to a file: the container's monitor, which it leaves running, keeps it open."""
+    with open(out_path, "wb") as out:
+        subprocess.run([*cli, "create", "--bundle", str(bundle), cid], check=True, stdout=out, stderr=out,
+                       stdin=subprocess.DEVNULL, timeout=120)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def pool_config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    made = config_with(tmp_path_factory.mktemp("pool"), {"factory": {"vm_cache_number": N}})
+    CONFIG.write_text(made.read_text())
+    yield CONFIG
+    CONFIG.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def pool_daemon(pool_config: Path) -> Iterator[int]:
+    """The pool daemon as `factory init` starts it; its pid. Stopped (its VMs with it) after."""
+    before = _qemu_pids()
+    proc = _factory("init")
+    assert proc.returncode == 0, proc.stderr
+    assert "VM pool daemon started" in proc.stdout, proc.stdout
+    pid = int(_status()["pid"])
+    try:
+        yield pid
+    finally:
+        pool.stop(_endpoint())
+        if not process_gone(pid):
+            os.kill(pid, signal.SIGKILL)
+        _wait(lambda: not (_qemu_pids() - before), 30, "the pool's VMs gone")
+        assert not any(p.is_dir() for p in POOL_ROOT.iterdir()), list(POOL_ROOT.iterdir())
+
+
+def test_runtime_takes_a_pooled_vm_and_the_pool_refills(tmp_path: Path, cid: str, pool_daemon: int) -> None:
+    ready = _ready()
+    status = _factory("status")
+    assert f"VM pool: daemon pid {pool_daemon} " in status.stdout and f"{N}/{N} ready" in status.stdout
+    volume = tmp_path / "vol"
+    volume.mkdir()
+    (volume / "hello").write_text("from the host\n")
+    mounts = [{"destination": "/vol", "type": "bind", "source": str(volume), "options": ["rbind", "rw"]}]
+    script = "cat /vol/hello; echo out > /vol/back; sleep 1000"
+    bundle = make_busybox_bundle(tmp_path / "b", ["sh", "-c", script])
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["mounts"] += mounts
+    (bundle / "config.json").write_text(json.dumps(spec))
+    root = tmp_path / "root"
+    # (no --debug: it puts agent.log=debug on the guest's command line, another VM shape than the pool's)
+    cli = [runtime_bin(), "--root", str(root), "--config", str(CONFIG)]
+    _create(cli, bundle, cid, tmp_path / "create.out")
+    try:
+        qemu = int((VM_ROOT / cid / "qemu.pid").read_text().split()[0])
+        # The sandbox's QEMU is one the pool had ready: nothing was restored for it.
+        assert qemu in ready, (qemu, ready)
+        state = json.loads((VM_ROOT / cid / "qemu.json").read_text())
+        assert state["id"] == cid and state["pid"] == qemu
+        subprocess.run([*cli, "start", cid], check=True, capture_output=True, timeout=60)
+        _wait(lambda: (volume / "back").exists(), 30, "the container's write through virtio-fs")
+        assert (volume / "back").read_text() == "out\n"
+        # The pool refills behind it, and forgot the VM it handed over.
+        refilled = _ready()
+        assert qemu not in refilled and _status()["taken"] == 1
+    finally:
+        subprocess.run([*cli, "delete", "--force", cid], capture_output=True, timeout=60)
+    assert process_gone(qemu)
+    assert leftovers(cid) == []
+
+
+def test_killed_daemon_leaves_no_vm_and_its_handed_vm_lives_on(tmp_path: Path, cid: str,
+                                                                  pool_daemon: int) -> None:
+    _ready()
+    root = tmp_path / "root"
+    cli = [runtime_bin(), "--root", str(root), "--config", str(CONFIG)]
+    bundle = make_busybox_bundle(tmp_path / "b", ["sleep", "1000"])
+    _create(cli, bundle, cid, tmp_path / "create.out")
+    try:
+        taken = int((VM_ROOT / cid / "qemu.pid").read_text().split()[0])
+        pooled = _ready()
+        assert taken not in pooled
+        os.kill(pool_daemon, signal.SIGKILL)
+        # Its watcher kills what was still in the pool, and only that.
+        _wait(lambda: all(process_gone(p) for p in pooled), 30, "the pooled VMs killed")
+        _wait(lambda: not any(p.is_dir() for p in POOL_ROOT.iterdir()), 10, "the pool's directories gone")
+        assert not process_gone(taken)
+        subprocess.run([*cli, "start", cid], check=True, capture_output=True, timeout=60)
+        state = subprocess.run([*cli, "state", cid], check=True, capture_output=True, timeout=30)
+        assert json.loads(state.stdout)["status"] == "running"
+    finally:
+        subprocess.run([*cli, "delete", "--force", cid], capture_output=True, timeout=60)
+    assert process_gone(taken) and leftovers(cid) == []
+    # Without a daemon, a sandbox restores its VM as before, without an error.
+    other = f"{cid}-r"
+    proc = subprocess.run([runtime_bin(), "--config", str(CONFIG), "run", "--bundle",
+                           str(make_busybox_bundle(tmp_path / "c", ["echo", "restored"])), other],
+                          capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert (proc.returncode, proc.stdout) == (0, b"restored\n"), proc.stderr
+    assert leftovers(other) == []
+
+
+def _cgroup(pid: int, controller: str) -> str:
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controller in controllers.split(","):
+            return path
+    raise AssertionError(f"{pid} has no {controller} cgroup")
+
+
+def _fetch(cri: CriClient, cid: str, host: str) -> str:
+    script = f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {host} {PORT}"
+    deadline = time.monotonic() + 30
+    while True:
+        result = cri.exec_sync(cid, ["sh", "-c", script], timeout=20)
+        if result.exit_code == 0 and " 200 " in result.stdout or time.monotonic() > deadline:
+            return result.stdout
+        time.sleep(0.2)
+
+
+def test_cri_pods_take_pooled_vms_with_network_and_cgroups(cri: CriClient, cri_containerd: Containerd,
+                                                           pool_daemon: int) -> None:
+    ready = _ready()
+    pods: list[Pod] = []
+    try:
+        for name in ("web", "client"):
+            uid = uuid.uuid4().hex[:12]
+            pods.append(cri.run_pod(name, "default", uid, "kata-pool",
+                                    cgroup_parent=cri_containerd.cgroup_parent))
+        web, client = pods
+        server = cri.run_container(web, "server", cri_containerd.image, SERVER)
+        qemu = cri.container_pid(server)
+        assert qemu in ready, (qemu, ready)
+        # The pooled QEMU, born in the daemon's cgroups, joined the pod's, where the shim is; it stays
+        # in the daemon's network namespace, not the pod's.
+        (shim,) = _pids_naming("containerd-shim-kata-v2", web.id)
+        for c in ("memory", "cpu", "pids"):
+            assert _cgroup(qemu, c) == _cgroup(shim, c) != _cgroup(pool_daemon, c), c
+        netns_web = cri.pod_netns(web.id)
+        assert os.stat(f"/proc/{qemu}/ns/net").st_ino != os.stat(netns_web).st_ino
+        # Networking through taps handed over as descriptors: the client pod fetches from the web pod.
+        sleeper = cri.run_container(client, "sleeper", cri_containerd.image, ["sleep", "100000"])
+        web_ip = cri.pod_ip(web.id)
+        body = _fetch(cri, sleeper, web_ip)
+        assert body.split("\r\n\r\n", 1)[-1] == "pooled\n", body
+        # A pooled QEMU that dies ends the pod's tasks with 255 (it is not the shim's child).
+        client_qemu = cri.container_pid(sleeper)
+        os.kill(client_qemu, signal.SIGKILL)
+        _wait(lambda: cri.container_state(sleeper) == "CONTAINER_EXITED", 60, "the client's container exit")
+        assert cri.container_status(sleeper).status.exit_code == 255
+    finally:
+        for pod in pods:
+            cri.remove_pod(pod.id)
+    for pod in pods:
+        assert cri_containerd.traces_of(pod.id) == []

@@ -1,0 +1,219 @@
+"""The warm VM pool's protocol and bounds (kata.factory.pool), without a VM: requests are bounded
+JSON lines, only root is answered, a sandbox id is checked before anything moves, a clone of another
+shape is never handed out, and a dead pool's VMs are swept."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from kata.config import ConfigError, load_config
+from kata.factory import pool
+from kata.factory.template import template_key
+from kata.hypervisor.base import SharedFs, VMConfig
+from kata.hypervisor.qemu import QemuState
+from kata.utils.process import ProcessId
+
+
+def vm_config(tmp_path: Path) -> VMConfig:
+    kernel, image = tmp_path / "vmlinux", tmp_path / "image"
+    for f in (kernel, image):
+        f.write_bytes(b"x")
+    return VMConfig(
+        id="factory", hypervisor_path=Path("/bin/sh"), kernel=kernel, image=image, initrd=None,
+        kernel_params=("console=ttyS0",), vcpus=1, max_vcpus=1, memory_mib=512, max_memory_mib=512,
+        machine_type="q35", accel="tcg", agent_channel="virtio-serial", run_dir=tmp_path / "run",
+        shared_fs=SharedFs("virtio-fs", tmp_path / "share", vhost_user_socket=tmp_path / "s", hotplug=True),
+    )
+
+
+def daemon(tmp_path: Path) -> pool.PoolDaemon:
+    cfg = load_config()
+    cfg = dataclasses.replace(cfg, factory=dataclasses.replace(cfg.factory, vm_cache_number=2,
+                                                               template_path=str(tmp_path / "templates")))
+    return pool.PoolDaemon(cfg, vm_config(tmp_path), root=tmp_path / "pool")
+
+
+def test_messages_are_bounded_json_objects() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        pool._send(a, {"op": "status"})
+        assert pool._receive(b) == {"op": "status"}
+        with pytest.raises(pool.PoolError, match="too long"):
+            pool._send(a, {"x": "y" * pool.MAX_MESSAGE})
+        a.sendall(b"[1, 2]\n")
+        with pytest.raises(pool.PoolError, match="not a JSON object"):
+            pool._receive(b)
+        a.sendall(b"{" + b" " * pool.MAX_MESSAGE)
+        with pytest.raises(pool.PoolError, match="longer than"):
+            pool._receive(b)
+    c, d = socket.socketpair()
+    with d:
+        c.sendall(b'{"op": ')
+        c.close()
+        with pytest.raises(pool.PoolError, match="closed before"):
+            pool._receive(d)
+
+
+@pytest.mark.parametrize(("msg", "error"), [
+    ({"op": "launch"}, "unknown op"),
+    ({"op": "take", "key": 1, "sid": "a"}, "needs a key and a sid"),
+    ({"op": "take", "key": "k"}, "needs a key and a sid"),
+    ({"op": "take", "key": "k", "sid": "../../etc"}, "invalid"),
+    ({"op": "take", "key": "k", "sid": "a/b"}, "invalid"),
+    ({"op": "take", "key": "k", "sid": "x" * 300}, "invalid"),
+    ({"op": "take", "key": "k", "sid": ""}, "empty"),
+])
+def test_bad_requests_are_refused(tmp_path: Path, msg: dict[str, object], error: str) -> None:
+    answer = daemon(tmp_path).handle(msg)
+    assert error in answer["error"]
+    assert not (tmp_path / "pool").exists()
+
+
+def test_another_shape_or_an_empty_pool_gets_nothing(tmp_path: Path) -> None:
+    d = daemon(tmp_path)
+    assert d.handle({"op": "take", "key": "0123456789abcdef", "sid": "c1"}) == {"vm_dir": None,
+                                                                               "why": "another shape"}
+    assert d.handle({"op": "take", "key": template_key(d.config), "sid": "c1"}) == {"vm_dir": None,
+                                                                                   "why": "empty"}
+    # A rebuilt image is another shape: the key the pool compares against is the one of now.
+    key = template_key(d.config)
+    (tmp_path / "image").write_bytes(b"rebuilt")
+    assert d.handle({"op": "take", "key": key, "sid": "c1"})["why"] == "another shape"
+    st = d.handle({"op": "status"})
+    assert (st["target"], st["ready"], st["taken"]) == (2, [], 0)
+
+
+def test_take_without_a_daemon_is_none(tmp_path: Path) -> None:
+    assert pool.take(tmp_path / "none.sock", "k", "c1") is None
+    path = tmp_path / "dead.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(path))
+    s.close()  # bound, nobody listening: connection refused
+    assert pool.take(path, "k", "c1") is None
+
+
+def test_only_root_is_answered(tmp_path: Path) -> None:
+    """SO_PEERCRED: a client of another uid gets an error, whatever it asks (the socket's 0700
+    directory keeps it out in the first place; here it is opened up to reach the check)."""
+    d = daemon(tmp_path)
+    open_dir = Path("/tmp") / f"pool-test-{os.getpid()}"
+    open_dir.mkdir(mode=0o755)
+    try:
+        endpoint = open_dir / "pool.sock"
+        listener = pool._listen(endpoint)
+        os.chmod(endpoint, 0o777)
+        # It is answered before it says anything: the peer's uid alone decides.
+        client = (f"import socket; s=socket.socket(socket.AF_UNIX); s.connect({str(endpoint)!r}); "
+                  "print(s.recv(4096).decode())")
+        proc = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                                 "/usr/bin/python3", "-c", client], stdout=subprocess.PIPE, text=True,
+                                cwd="/")
+        listener.settimeout(10)
+        with listener:
+            conn, _ = listener.accept()
+            with conn:
+                d._one(conn)
+        out, _ = proc.communicate(timeout=10)
+        assert json.loads(out) == {"error": "the VM pool answers root alone"}
+        # root is answered
+        with pool._listen(endpoint) as listener2:
+            listener2.settimeout(10)
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(endpoint))
+            pool._send(s, {"op": "status"})
+            conn, _ = listener2.accept()
+            with conn:
+                d._one(conn)
+            assert pool._receive(s)["target"] == 2
+            s.close()
+    finally:
+        for f in open_dir.iterdir():
+            f.unlink()
+        open_dir.rmdir()
+
+
+def test_sweep_kills_what_a_dead_pool_left(tmp_path: Path) -> None:
+    root = tmp_path / "pool"
+    slot = root / "0123456789abcdef" / "1-1"
+    slot.mkdir(parents=True)
+    sleeper = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        ident = ProcessId.of(sleeper.pid)
+        assert ident is not None
+        QemuState(id="pool-1-1", pid=ident.pid, start_time=ident.start_time, machine_type="q35",
+                  agent_channel="virtio-serial", vsock_cid=0, memory_mib=512, max_memory_mib=512,
+                  shared_memory=True).save(slot / "qemu.json")
+        (root / "other" / "2-1").mkdir(parents=True)  # no record: only removed
+        assert pool.sweep(root) == 1
+        assert not ident.is_alive()
+        assert list(root.iterdir()) == []
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_the_watcher_sweeps_once_its_daemon_is_gone(tmp_path: Path) -> None:
+    """However the daemon ends (here: SIGKILL), its forked watcher kills what is left in the pool."""
+    root = tmp_path / "pool"
+    slot = root / "k" / "1-1"
+    slot.mkdir(parents=True)
+    sleeper = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        ident = ProcessId.of(sleeper.pid)
+        assert ident is not None
+        QemuState(id="p", pid=ident.pid, start_time=ident.start_time, machine_type="q35",
+                  agent_channel="virtio-serial", vsock_cid=0, memory_mib=512, max_memory_mib=512,
+                  shared_memory=True).save(slot / "qemu.json")
+        fake_daemon = os.fork()
+        if fake_daemon == 0:
+            try:
+                pool._start_watcher(root)
+                time.sleep(60)
+            finally:
+                os._exit(0)
+        time.sleep(0.3)
+        assert sleeper.poll() is None
+        os.kill(fake_daemon, signal.SIGKILL)
+        os.waitpid(fake_daemon, 0)
+        deadline = time.monotonic() + 10
+        while ident.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not ident.is_alive()
+        deadline = time.monotonic() + 5
+        while root.exists() and list(root.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(root.iterdir()) == []
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_vm_cache_keys_are_checked(tmp_path: Path) -> None:
+    q = "[hypervisor.qemu]\n"
+    for bad, match in (("vm_cache_number = -1", "vm_cache_number"),
+                       ("vm_cache_number = 99", "vm_cache_number"),
+                       ('vm_cache_endpoint = "pool.sock"', "vm_cache_endpoint"),
+                       (f'vm_cache_endpoint = "/{"x" * 120}"', "vm_cache_endpoint")):
+        conf = tmp_path / "c.toml"
+        conf.write_text(q + f"[factory]\n{bad}\n")
+        with pytest.raises(ConfigError, match=match):
+            load_config(conf, env={})
+    conf.write_text(q + "[factory]\nvm_cache_number = 2\n")
+    assert load_config(conf, env={}).factory.vm_cache_number == 2
+
+
+def test_a_9p_share_is_not_pooled(tmp_path: Path) -> None:
+    c = vm_config(tmp_path)
+    assert pool.poolable(c) is None
+    nine_p = dataclasses.replace(c, shared_fs=SharedFs("virtio-9p", tmp_path))
+    assert "virtio-9p" in str(pool.poolable(nine_p))
+    assert "vsock" in str(pool.poolable(dataclasses.replace(c, agent_channel="vsock")))
