@@ -21,7 +21,6 @@ once the daemon is gone however it went (the next daemon sweeps it too, before i
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import select
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kata.errors import KataError
+from kata.factory.pool_client import PoolError, call, poolable, receive, send
 from kata.sandbox.paths import POOL_ROOT, VM_ROOT, InvalidIdError, validate_sandbox_id
 from kata.utils.process import ProcessId, terminate
 
@@ -45,12 +45,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kata.pool")
 
-# A request or an answer is one JSON line of at most this many bytes.
-MAX_MESSAGE = 16 * 1024
 # A client that has not sent its request in this long is dropped (the daemon serves one at a time).
 REQUEST_TIMEOUT = 2.0
-# How long a sandbox waits for the daemon before it restores a VM itself.
-TAKE_TIMEOUT = 2.0
 # After a take the refill waits this long, so the new clone does not compete for the CPU with the
 # sandbox that just took one (on this 2-core TCG host, a restore costs ~0.5 s of a core).
 REFILL_DELAY = 0.5
@@ -58,69 +54,6 @@ REFILL_DELAY = 0.5
 _TICK = 2.0
 PID_FILE = POOL_ROOT / "pool.pid"
 LOG_FILE = POOL_ROOT / "pool.log"
-
-
-class PoolError(KataError):
-    pass
-
-
-# ---- the protocol (both sides) ------------------------------------------------------------------
-
-
-def _send(conn: socket.socket, msg: dict[str, Any]) -> None:
-    data = json.dumps(msg).encode() + b"\n"
-    if len(data) > MAX_MESSAGE:
-        raise PoolError("message too long")
-    conn.sendall(data)
-
-
-def _receive(conn: socket.socket) -> dict[str, Any]:
-    buf = b""
-    while not buf.endswith(b"\n"):
-        chunk = conn.recv(MAX_MESSAGE + 1 - len(buf))
-        if not chunk:
-            raise PoolError("connection closed before a whole message")
-        buf += chunk
-        if len(buf) > MAX_MESSAGE:
-            raise PoolError(f"message longer than {MAX_MESSAGE} bytes")
-    msg = json.loads(buf)
-    if not isinstance(msg, dict):
-        raise PoolError("message is not a JSON object")
-    return msg
-
-
-def call(endpoint: Path, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """One request to the daemon at ``endpoint``; PoolError (one line) when it cannot be had."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as conn:
-        conn.settimeout(timeout)
-        try:
-            conn.connect(str(endpoint))
-            _send(conn, msg)
-            answer = _receive(conn)
-        except (OSError, ValueError) as exc:
-            raise PoolError(f"VM pool at {endpoint}: {exc}") from None
-    if "error" in answer:
-        raise PoolError(f"VM pool: {answer['error']}")
-    return answer
-
-
-def take(endpoint: Path, key: str, sid: str, timeout: float = TAKE_TIMEOUT) -> Path | None:
-    """A warm VM of template key ``key``, moved to sandbox ``sid``'s VM directory (returned); None
-    when there is no daemon, no clone of that shape ready, or the daemon fails: the caller restores."""
-    if not endpoint.exists():
-        return None
-    try:
-        answer = call(endpoint, {"op": "take", "key": key, "sid": sid}, timeout)
-    except PoolError as exc:
-        log.info(f"sandbox {sid}: no pooled VM: {exc}")
-        return None
-    vm_dir = answer.get("vm_dir")
-    if vm_dir is None:
-        log.debug(f"sandbox {sid}: no pooled VM ({str(answer.get('why'))[:40]})")
-        return None
-    if vm_dir != str(VM_ROOT / sid):  # only ever the sandbox's own directory
-        raise PoolError(f"VM pool answered an unexpected directory {vm_dir!r}")
-    return Path(vm_dir)
 
 
 # ---- the daemon ------------------------------------------------------------------------------------
@@ -142,20 +75,6 @@ class Counters:
     failed: int = 0
     last_error: str = ""
     times: list[float] = field(default_factory=list)  # seconds to make each of the last clones
-
-
-def poolable(config: VMConfig) -> str | None:
-    """Why VMs of ``config`` cannot be pooled, or None: a clone must be what any sandbox of its shape
-    could use, so nothing of a sandbox's may be on its command line (a 9p share names its directory)."""
-    from kata.factory.template import templatable
-
-    why = templatable(config)
-    if why is not None:
-        return why
-    fs = config.shared_fs
-    if fs is not None and not (fs.kind == "virtio-fs" and fs.hotplug):
-        return f"a {fs.kind} share is on QEMU's command line (only a hot-added virtio-fs share is pooled)"
-    return None
 
 
 def default_vm_config(cfg: RuntimeConfig, sid: str = "factory") -> VMConfig:
@@ -397,14 +316,14 @@ class PoolDaemon:
             _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                                   struct.calcsize("3i")))
             if uid != 0:
-                _send(conn, {"error": "the VM pool answers root alone"})
+                send(conn, {"error": "the VM pool answers root alone"})
                 return
-            answer = self.handle(_receive(conn))
-            _send(conn, answer)
+            answer = self.handle(receive(conn))
+            send(conn, answer)
         except (OSError, ValueError, PoolError) as exc:
             log.info(f"pool: a request failed: {exc}")
             try:
-                _send(conn, {"error": str(exc)[:200]})
+                send(conn, {"error": str(exc)[:200]})
             except (OSError, PoolError):
                 pass
 

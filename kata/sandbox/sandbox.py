@@ -294,7 +294,7 @@ class Sandbox:
         """Adopt a warm clone of this shape from the pool's daemon (kata.factory.pool), already
         restored and its agent exercised; False (nothing done) when none is to be had."""
         from kata import hypervisor
-        from kata.factory import pool
+        from kata.factory import pool_client as pool
         from kata.factory.template import template_key
 
         if pool.poolable(config) is not None:

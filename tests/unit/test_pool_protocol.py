@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from kata.config import ConfigError, load_config
-from kata.factory import pool
+from kata.factory import pool, pool_client
 from kata.factory.template import template_key
 from kata.hypervisor.base import SharedFs, VMConfig
 from kata.hypervisor.qemu import QemuState
@@ -45,22 +45,22 @@ def daemon(tmp_path: Path) -> pool.PoolDaemon:
 def test_messages_are_bounded_json_objects() -> None:
     a, b = socket.socketpair()
     with a, b:
-        pool._send(a, {"op": "status"})
-        assert pool._receive(b) == {"op": "status"}
+        pool_client.send(a, {"op": "status"})
+        assert pool_client.receive(b) == {"op": "status"}
         with pytest.raises(pool.PoolError, match="too long"):
-            pool._send(a, {"x": "y" * pool.MAX_MESSAGE})
+            pool_client.send(a, {"x": "y" * pool_client.MAX_MESSAGE})
         a.sendall(b"[1, 2]\n")
         with pytest.raises(pool.PoolError, match="not a JSON object"):
-            pool._receive(b)
-        a.sendall(b"{" + b" " * pool.MAX_MESSAGE)
+            pool_client.receive(b)
+        a.sendall(b"{" + b" " * pool_client.MAX_MESSAGE)
         with pytest.raises(pool.PoolError, match="longer than"):
-            pool._receive(b)
+            pool_client.receive(b)
     c, d = socket.socketpair()
     with d:
         c.sendall(b'{"op": ')
         c.close()
         with pytest.raises(pool.PoolError, match="closed before"):
-            pool._receive(d)
+            pool_client.receive(d)
 
 
 @pytest.mark.parametrize(("msg", "error"), [
@@ -93,12 +93,12 @@ def test_another_shape_or_an_empty_pool_gets_nothing(tmp_path: Path) -> None:
 
 
 def test_take_without_a_daemon_is_none(tmp_path: Path) -> None:
-    assert pool.take(tmp_path / "none.sock", "k", "c1") is None
+    assert pool_client.take(tmp_path / "none.sock", "k", "c1") is None
     path = tmp_path / "dead.sock"
     s = socket.socket(socket.AF_UNIX)
     s.bind(str(path))
     s.close()  # bound, nobody listening: connection refused
-    assert pool.take(path, "k", "c1") is None
+    assert pool_client.take(path, "k", "c1") is None
 
 
 def test_only_root_is_answered(tmp_path: Path) -> None:
@@ -129,11 +129,11 @@ def test_only_root_is_answered(tmp_path: Path) -> None:
             listener2.settimeout(10)
             s = socket.socket(socket.AF_UNIX)
             s.connect(str(endpoint))
-            pool._send(s, {"op": "status"})
+            pool_client.send(s, {"op": "status"})
             conn, _ = listener2.accept()
             with conn:
                 d._one(conn)
-            assert pool._receive(s)["target"] == 2
+            assert pool_client.receive(s)["target"] == 2
             s.close()
     finally:
         for f in open_dir.iterdir():
