@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,34 @@ def process_gone(pid: int) -> bool:
     except FileNotFoundError:
         return True
     return stat[stat.rindex(")") + 2] == "Z"
+
+
+def pids_naming(*words: str) -> set[int]:
+    """Pids whose command line contains every one of ``words``."""
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if all(w.encode() in cmd for w in words):
+            found.add(int(pid))
+    return found
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 60.0, what: str = "") -> None:
+    """Poll ``predicate`` until it is true; a test failure after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def inspect(cli: Any, name: str) -> dict[str, Any]:
+    """``docker inspect`` / ``podman inspect`` of one object (``cli``: a Dockerd or a Podman)."""
+    proc = cli.run("inspect", name, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    return dict(json.loads(proc.stdout)[0])
 
 
 def leftovers(cid: str) -> list[str]:

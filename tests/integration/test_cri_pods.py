@@ -21,7 +21,7 @@ import pytest
 
 from kata.config.load import PACKAGED_CONFIG
 from kata.protocols.cri import api_pb2 as cri_pb
-from tests.conftest import process_gone
+from tests.conftest import pids_naming, process_gone
 from tests.integration.conftest import daemons_unavailable
 from tests.support.cri import CriClient, CriError, ExecResult, Pod
 from tests.support.cri_config import CRI_NAMESPACE, DEFAULT_POD_SUBNET, KATA
@@ -103,18 +103,6 @@ def test_runtime_ready_and_images(cri: CriClient, cri_containerd: Containerd) ->
     assert {PAUSE_REF, cri_containerd.image} <= {t for i in cri.list_images() for t in i.repo_tags}
 
 
-def _processes_naming(marker: bytes, *words: str) -> set[int]:
-    """Pids whose command line contains ``marker`` and every one of ``words``."""
-    found = set()
-    for pid in os.listdir("/proc"):
-        try:
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
-        except (OSError, ValueError):
-            continue
-        if marker in cmd and all(w.encode() in cmd for w in words):
-            found.add(int(pid))
-    return found
-
 
 @pytest.mark.parametrize("handler", HANDLERS)
 def test_pods_share_and_reach_networks(cri: CriClient, cri_containerd: Containerd, handler: str,
@@ -155,8 +143,8 @@ def test_pods_share_and_reach_networks(cri: CriClient, cri_containerd: Container
             host_kernel = open("/proc/sys/kernel/osrelease").read().strip()
             kernels = {cri.exec_sync(cid, ["uname", "-r"]).stdout for cid in (server, sidecar)}
             assert len(kernels) == 1 and kernels != {host_kernel + "\n"}
-            assert len(_processes_naming(b"qemu-system", web.id)) == 1
-            assert len(_processes_naming(b"containerd-shim-kata-v2", web.id)) == 1
+            assert len(pids_naming("qemu-system", web.id)) == 1
+            assert len(pids_naming("containerd-shim-kata-v2", web.id)) == 1
 
         # A container whose command does not exist fails to start; the pod goes on, and nothing of
         # the container stays (no mount names it, in the runtime's directories either).
@@ -305,7 +293,7 @@ def test_kata_pod_qemu_killed_reports_exits_and_leaves_nothing(cri: CriClient,
     pod = _run_pod(cri, cri_containerd, "doomed", "kata")
     try:
         cid = cri.run_container(pod, "sleeper", cri_containerd.image, SLEEPER)
-        (qemu,) = _processes_naming(b"qemu-system", pod.id)
+        (qemu,) = pids_naming("qemu-system", pod.id)
         os.kill(qemu, 9)
         # containerd hears every task of the pod exit (status 255, the VM is gone).
         deadline = time.monotonic() + 60
@@ -318,7 +306,7 @@ def test_kata_pod_qemu_killed_reports_exits_and_leaves_nothing(cri: CriClient,
     finally:
         cri.remove_pod(pod.id)
     assert cri_containerd.traces_of(pod.id) == [] and cri_containerd.traces_of(cid) == []
-    assert not _processes_naming(b"containerd-shim-kata-v2", pod.id)
+    assert not pids_naming("containerd-shim-kata-v2", pod.id)
 
 
 @pytest.mark.vm

@@ -3,12 +3,11 @@ conftest.py), the locally built busybox image, every container in a VM of its ow
 
 from __future__ import annotations
 
-import json
 import time
-from typing import Any
 
 import pytest
 
+from tests.conftest import inspect, wait_for
 from tests.support.daemons import Dockerd
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("needs_guest")]
@@ -17,17 +16,6 @@ TIMEOUT = 180
 KATA = ("--runtime", "kata", "--network", "none")
 
 
-def inspect(docker: Dockerd, name: str) -> dict[str, Any]:
-    proc = docker.run("inspect", name, timeout=30)
-    assert proc.returncode == 0, proc.stderr
-    return dict(json.loads(proc.stdout)[0])
-
-
-def wait_for(predicate: Any, timeout: float = 60.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def test_run_rm_with_output_and_exit_codes(docker: Dockerd) -> None:

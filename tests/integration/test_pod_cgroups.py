@@ -19,7 +19,7 @@ from kata.cgroups.host import host_cgroups
 from kata.config import load_config
 from kata.protocols.cri import api_pb2 as cri_pb
 from kata.sandbox.host_cgroups import HOST_PROCESSES_MIB
-from tests.conftest import config_with
+from tests.conftest import config_with, pids_naming
 from tests.integration.test_docker import inspect
 from tests.support.cri import CriClient
 from tests.support.cri_config import KATA
@@ -52,17 +52,6 @@ def _overhead_mib() -> int:
     return load_config(CONFIGS["whole"]).hypervisor.default_memory + HOST_PROCESSES_MIB
 
 
-def _pids_naming(*words: str) -> set[int]:
-    found = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if all(w.encode() in cmd for w in words):
-            found.add(int(pid))
-    return found
-
 
 def _cgroup(pid: int, controller: str) -> str:
     for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
@@ -77,9 +66,9 @@ def _figure(rel: str, controller: str, file: str) -> str:
 
 
 def _pod_processes(pod_id: str, qemu: int) -> dict[str, int]:
-    shims = _pids_naming("containerd-shim-kata-v2", pod_id)
+    shims = pids_naming("containerd-shim-kata-v2", pod_id)
     # virtiofsd in namespaces of its own is two processes: the one started and the one it forks
-    virtiofsd = _pids_naming("virtiofsd", f"/run/vc/vm/{pod_id}/")
+    virtiofsd = pids_naming("virtiofsd", f"/run/vc/vm/{pod_id}/")
     assert len(shims) == 1 and virtiofsd, (shims, virtiofsd)
     return {"qemu": qemu, "shim": shims.pop(), **{f"virtiofsd {pid}": pid for pid in virtiofsd}}
 
@@ -165,8 +154,8 @@ def test_docker_limits_on_the_vms_cgroup(docker: Dockerd) -> None:
         info = inspect(docker, name)
         cid, monitor = info["Id"], info["State"]["Pid"]
         rel = f"/docker/{cid}"
-        qemu = _pids_naming("qemu-system", f"/run/vc/vm/{cid}/")
-        virtiofsd = _pids_naming("virtiofsd", f"/run/vc/vm/{cid}/")
+        qemu = pids_naming("qemu-system", f"/run/vc/vm/{cid}/")
+        virtiofsd = pids_naming("virtiofsd", f"/run/vc/vm/{cid}/")
         assert len(qemu) == 1 and virtiofsd
         for pid in (monitor, *qemu, *virtiofsd):
             for c in ("memory", "cpu", "cpuset", "pids"):
@@ -177,7 +166,7 @@ def test_docker_limits_on_the_vms_cgroup(docker: Dockerd) -> None:
         assert int(_figure(rel, "memory", "memory.usage_in_bytes")) > 50 * MiB
         # A later exec's monitor joins its container's cgroup too.
         assert docker.run("exec", "-d", name, "sleep", "1000", timeout=60).returncode == 0
-        monitors = _pids_naming("kata.runc.monitor", cid)
+        monitors = pids_naming("kata.runc.monitor", cid)
         assert len(monitors) == 2 and all(_cgroup(pid, "memory") == rel for pid in monitors), monitors
     finally:
         assert docker.run("rm", "-f", name, timeout=180).returncode == 0

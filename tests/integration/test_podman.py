@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import pty
 import select
@@ -16,10 +15,10 @@ import subprocess
 import termios
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from tests.conftest import inspect, wait_for
 from tests.support.netns import call_in_netns
 from tests.support.podman import Podman
 
@@ -32,17 +31,6 @@ PAGE = "hello from a kata pod\n"
 SANDBOXES = Path("/run/vc/sbs")
 
 
-def inspect(podman: Podman, name: str) -> dict[str, Any]:
-    proc = podman.run("inspect", name, timeout=30)
-    assert proc.returncode == 0, proc.stderr
-    return dict(json.loads(proc.stdout)[0])
-
-
-def wait_for(predicate: Any, timeout: float = 60.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def run_in_pty(argv: list[str], env: dict[str, str], rows: int = 30, cols: int = 100,

@@ -22,7 +22,7 @@ import pytest
 
 from kata.factory import pool
 from kata.sandbox.paths import POOL_ROOT, VM_ROOT
-from tests.conftest import config_with, leftovers, process_gone, runtime_bin
+from tests.conftest import config_with, leftovers, pids_naming, process_gone, runtime_bin
 from tests.support.bundles import make_busybox_bundle
 from tests.support.cri import CriClient, Pod
 from tests.support.cri_config import KATA
@@ -64,20 +64,9 @@ def _ready(n: int = N) -> set[int]:
     return {vm["pid"] for vm in _wait(enough, 120, f"{n} pooled VMs")["ready"]}
 
 
-def _pids_naming(*words: str) -> set[int]:
-    found = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if all(w.encode() in cmd for w in words):
-            found.add(int(pid))
-    return found
-
 
 def _qemu_pids() -> set[int]:
-    return _pids_naming("qemu-system")
+    return pids_naming("qemu-system")
 
 
 def _factory(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -217,7 +206,7 @@ def test_cri_pods_take_pooled_vms_with_network_and_cgroups(cri: CriClient, cri_c
         assert qemu in ready, (qemu, ready)
         # The pooled QEMU, born in the daemon's cgroups, joined the pod's, where the shim is; it stays
         # in the daemon's network namespace, not the pod's.
-        (shim,) = _pids_naming("containerd-shim-kata-v2", web.id)
+        (shim,) = pids_naming("containerd-shim-kata-v2", web.id)
         for c in ("memory", "cpu", "pids"):
             assert _cgroup(qemu, c) == _cgroup(shim, c) != _cgroup(pool_daemon, c), c
         netns_web = cri.pod_netns(web.id)
