@@ -167,7 +167,9 @@ def plan_container(bundle: Bundle, container_id: str) -> ContainerPlan:
     pod_sysctls: dict[str, str] = {}
     linux = spec.get("linux")
     if isinstance(linux, dict):
-        is_pod_sandbox = (spec.get("annotations") or {}).get(CRI_CONTAINER_TYPE) == "sandbox"
+        annotations = spec.get("annotations") or {}
+        # containerd's or CRI-O's (podman's) keys, as pod_role reads them
+        is_pod_sandbox = annotations.get(cri_annotations.pod_keys(annotations)[0]) == "sandbox"
         _convert_linux(linux, container_id, is_pod_sandbox)
         if is_pod_sandbox:
             # The pod's IPC and UTS namespaces are the guest's own, which its containers join

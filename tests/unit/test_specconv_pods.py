@@ -156,3 +156,13 @@ def test_the_agent_writes_pod_sysctls_below_proc_sys_only(tmp_path: Path) -> Non
         set_sysctls({"kernel.msgmax": "1"}, str(tmp_path))
     with pytest.raises(InvalidArgument, match="not namespaced"):
         set_sysctls({"vm.overcommit_memory": "1"}, str(tmp_path))
+
+
+def test_a_podman_pods_infra_container_joins_the_vms_ipc_and_uts_too() -> None:
+    """podman marks its pods with CRI-O's annotations: its infra container is the pod's sandbox."""
+    spec = {"annotations": {"io.kubernetes.cri-o.ContainerType": "sandbox"}, "root": {"path": "rootfs"},
+            "hostname": "pod-b", "linux": {"namespaces": POD_NAMESPACES, "sysctl": {"kernel.msgmax": "9"}}}
+    plan = plan_container(Bundle(path=Path("/b"), spec=spec), "infra")
+    kinds = [ns["type"] for ns in plan.guest_spec["linux"]["namespaces"]]
+    assert kinds == ["pid", "mount", "network", "cgroup"]
+    assert "hostname" not in plan.guest_spec and plan.pod_sysctls == {"kernel.msgmax": "9"}
