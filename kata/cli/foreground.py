@@ -9,7 +9,7 @@ import signal
 import subprocess
 import termios
 import tty
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -41,14 +41,11 @@ def raw_terminal(enabled: bool) -> Iterator[None]:
 
 
 @contextmanager
-def forwarding_signals(proc: subprocess.Popen[bytes], enabled: bool = True,
-                       on_signal: Callable[[int], None] | None = None) -> Iterator[None]:
+def forwarding_signals(proc: subprocess.Popen[bytes], enabled: bool = True) -> Iterator[None]:
     """Our signals go to the monitor while the block runs. Entered before the process starts: once
     it runs, a caller may signal us (it has seen the process's output), and the default action
     would end us and leave the container behind."""
     def forward(signum: int, _frame: Any) -> None:
-        if on_signal is not None:
-            on_signal(signum)
         try:
             os.kill(proc.pid, signum)
         except ProcessLookupError:
