@@ -207,6 +207,11 @@ class AgentClient:
     def reseed_random_dev(self, *, data: bytes) -> Empty:
         return self._call("ReseedRandomDev", pb.ReseedRandomDevRequest(data=data), Empty)
 
+    def release_free_memory(self, *, timeout: float | None = _DEFAULT) -> pb.ReleaseFreeMemoryResponse:
+        """Before a template's snapshot: the guest drops its caches and zeroes its free pages."""
+        return self._call("ReleaseFreeMemory", pb.ReleaseFreeMemoryRequest(), pb.ReleaseFreeMemoryResponse,
+                          timeout=timeout)
+
     def get_oom_event(self) -> pb.OOMEvent:
         """Blocks until a container is killed for lack of memory: no deadline."""
         return self._call("GetOOMEvent", pb.GetOOMEventRequest(), pb.OOMEvent)

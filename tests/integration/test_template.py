@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from kata.factory.sparse import PAGE, data_regions
+from kata.factory.template import TEMPLATE_FORMAT
 from tests.conftest import config_with, leftovers, runtime_bin
 from tests.integration.test_run import run
 from tests.support.bundles import make_busybox_bundle
@@ -125,9 +127,32 @@ def test_a_clone_holds_only_the_memory_it_uses(tmp_path: Path) -> None:
         rollup = Path(f"/proc/{qemu}/smaps_rollup").read_text().splitlines()
         rss_kib = next(int(line.split()[1]) for line in rollup if line.startswith("Rss:"))
         assert rss_kib >> 10 < guest_mib // 2, f"QEMU holds {rss_kib >> 10} MiB of a {guest_mib} MiB guest"
+        # The template's RAM file holds no page of zeroes (its guest zeroed all it had freed, the
+        # host cut those out): what the clone copied is what the template's guest was using.
+        ours = [d for d in TEMPLATES.iterdir() if (d / "meta.json").is_file() and (d / "memory").is_file()
+                and json.loads((d / "meta.json").read_text())["format"] == TEMPLATE_FORMAT]
+        assert ours
+        for template in ours:
+            data, zero = _pages(template / "memory")
+            assert zero == 0 and 0 < data * PAGE >> 20 < guest_mib // 6, (template, data, zero)
     finally:
         subprocess.run([*cli, "delete", "--force", cid], capture_output=True, timeout=60)
     assert leftovers(cid) == []
+
+
+TEMPLATES = Path("/run/vc/templates")
+
+
+def _pages(path: Path) -> tuple[int, int]:
+    """(allocated pages, allocated pages of zeroes) of a sparse file."""
+    data = zero = 0
+    with open(path, "rb") as f:
+        for start, end in data_regions(f.fileno()):
+            buf = os.pread(f.fileno(), end - start, start)
+            for off in range(0, len(buf), PAGE):
+                data += 1
+                zero += not any(buf[off:off + PAGE])
+    return data, zero
 
 
 def _rollup(pid: int) -> dict[str, int]:

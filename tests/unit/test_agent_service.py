@@ -231,3 +231,12 @@ def test_a_finished_exec_gives_back_its_descriptors(agent: tuple[AgentClient, Sa
         sandbox._forget_finished_execs(container)  # what the next ExecProcess does first
     assert container.execs == {}
     assert len(os.listdir("/proc/self/fd")) <= before
+
+
+def test_free_memory_is_released_only_before_a_sandbox(agent: tuple[AgentClient, Sandbox]) -> None:
+    """ReleaseFreeMemory briefly takes all the guest's free memory: a template's guest only."""
+    client, sandbox = agent
+    sandbox.id = "sb1"
+    with pytest.raises(AgentError) as err:
+        client.release_free_memory()
+    assert err.value.code == ttrpc.Code.INVALID_ARGUMENT and "sandbox" in str(err.value)

@@ -245,6 +245,14 @@ class AgentService:
         reseed_random(req.data)
         return empty_pb2.Empty()
 
+    def release_free_memory(self, ctx: ttrpc.Context,
+                            req: pb.ReleaseFreeMemoryRequest) -> pb.ReleaseFreeMemoryResponse:
+        from kata.guest.agent.freemem import release_free_memory
+
+        if self.sandbox.id or self.sandbox.containers:
+            raise InvalidArgument("free memory is released only before a sandbox exists (for a template)")
+        return pb.ReleaseFreeMemoryResponse(zeroed_bytes=release_free_memory())
+
     # port forwarding ----------------------------------------------------------------------
     def _fwd(self) -> Any:
         if self._forwards is None:
@@ -328,6 +336,7 @@ class AgentService:
             "OnlineCPUMem": (pb.OnlineCPUMemRequest, self.online_cpu_mem),
             "SetGuestDateTime": (pb.SetGuestDateTimeRequest, self.set_guest_date_time),
             "ReseedRandomDev": (pb.ReseedRandomDevRequest, self.reseed_random_dev),
+            "ReleaseFreeMemory": (pb.ReleaseFreeMemoryRequest, self.release_free_memory),
             "GetOOMEvent": (pb.GetOOMEventRequest, self.get_oom_event),
             "PortForwardConnect": (pb.PortForwardConnectRequest, self.port_forward_connect),
             "PortForwardWrite": (pb.PortForwardWriteRequest, self.port_forward_write),
