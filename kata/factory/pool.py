@@ -35,8 +35,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kata.errors import KataError
+from kata.factory import pool_share
 from kata.factory.pool_client import PoolError, call, poolable, receive, send
-from kata.sandbox.paths import POOL_ROOT, VM_ROOT, InvalidIdError, validate_sandbox_id
+from kata.factory.pool_share import PooledShare
+from kata.sandbox.paths import POOL_ROOT, POOL_SHARES_ROOT, VM_ROOT, InvalidIdError, validate_sandbox_id
 from kata.utils.process import ProcessId, terminate
 
 if TYPE_CHECKING:
@@ -66,6 +68,7 @@ class Slot:
     run_dir: Path
     vmm: Hypervisor
     ready_at: float = 0.0
+    share: PooledShare | None = None  # its virtio-fs share, served and hot-added already
 
 
 @dataclass
@@ -87,12 +90,14 @@ def default_vm_config(cfg: RuntimeConfig, sid: str = "factory") -> VMConfig:
 
 
 class PoolDaemon:
-    def __init__(self, cfg: RuntimeConfig, config: VMConfig | None = None, root: Path = POOL_ROOT) -> None:
+    def __init__(self, cfg: RuntimeConfig, config: VMConfig | None = None, root: Path = POOL_ROOT,
+                 shares: Path = POOL_SHARES_ROOT) -> None:
         """``config``: the VM shape to keep (the default VM's when None)."""
         from kata.factory.template import TemplateStore
 
         self.cfg = cfg
         self.root = root
+        self.shares = shares
         self.endpoint = Path(cfg.factory.vm_cache_endpoint)
         self.target = cfg.factory.vm_cache_number
         self.config = config if config is not None else default_vm_config(cfg)
@@ -133,6 +138,7 @@ class PoolDaemon:
         memory_fd = self.store.clone_memory(state, f"kata-pool-{name}") if fs is not None else None
         memory_path = self.store.memory_file(state) if fs is None else None
         vmm = hypervisor.new(hv)
+        share = None
         try:
             try:
                 vmm.restore(config, state, timeout=hv.boot_timeout, memory_fd=memory_fd,
@@ -140,6 +146,8 @@ class PoolDaemon:
             finally:
                 if memory_fd is not None:
                     os.close(memory_fd)
+            if fs is not None and fs.kind == "virtio-fs" and fs.hotplug:
+                share = pool_share.prepare(hv, config, vmm, run_dir, self.shares / key / name)
             # The agent connected and its calls run once: TCG has translated the host-facing paths
             # a sandbox's first calls take, in this QEMU (its translations are not in the snapshot).
             client = AgentClient(connect(vmm.agent_endpoint(), hv.boot_timeout))
@@ -152,9 +160,11 @@ class PoolDaemon:
             vmm.release()
         except BaseException:
             vmm.stop(timeout=1.0)
+            if share is not None:
+                pool_share.remove(share)
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
-        return Slot(name, key, run_dir, vmm, time.monotonic())
+        return Slot(name, key, run_dir, vmm, time.monotonic(), share)
 
     def _refill(self) -> None:
         while not self._stop.is_set():
@@ -208,16 +218,20 @@ class PoolDaemon:
         if op == "status":
             return self.status()
         if op == "take":
-            key, sid = msg.get("key"), msg.get("sid")
+            key, sid, share = msg.get("key"), msg.get("sid"), msg.get("share")
             if not isinstance(key, str) or not isinstance(sid, str):
                 return {"error": "take needs a key and a sid (strings)"}
-            return self.take(key, sid)
+            if share is not None and not (isinstance(share, list) and all(isinstance(x, str) for x in share)):
+                return {"error": "take: share must be a list of virtiofsd options"}
+            return self.take(key, sid, share)
         if op == "stop":
             self._stop.set()
             return {"pid": os.getpid()}
         return {"error": f"unknown op {str(op)[:40]!r}"}
 
-    def take(self, key: str, sid: str) -> dict[str, Any]:
+    def take(self, key: str, sid: str, share: list[str] | None = None) -> dict[str, Any]:
+        """``share``: the options of the virtiofsd the sandbox would start; a clone whose own
+        virtiofsd serves otherwise is not handed out (the sandbox restores one instead)."""
         try:
             validate_sandbox_id(sid)
         except (InvalidIdError, KataError) as exc:
@@ -228,6 +242,8 @@ class PoolDaemon:
             slot = next((s for s in self.ready if s.key == key and s.vmm.is_running()), None)
             if slot is None:
                 return {"vm_dir": None, "why": "empty"}
+            if slot.share is not None and slot.share.virtiofsd.settings() != share:
+                return {"vm_dir": None, "why": "another virtiofsd"}
             try:
                 _hand_over(slot, self.root / key, sid)
             except OSError as exc:
@@ -239,7 +255,8 @@ class PoolDaemon:
             self._refill_after = time.monotonic() + REFILL_DELAY
             self._wake.notify_all()
         log.info(f"pool: clone {slot.name} handed to sandbox {sid}")
-        return {"vm_dir": str(VM_ROOT / sid), "pid": slot.vmm.pids()[0] if slot.vmm.pids() else 0}
+        return {"vm_dir": str(VM_ROOT / sid), "pid": slot.vmm.pids()[0] if slot.vmm.pids() else 0,
+                "share": slot.share is not None}
 
     def status(self) -> dict[str, Any]:
         with self._lock:
@@ -247,6 +264,7 @@ class PoolDaemon:
             return {
                 "pid": os.getpid(), "target": self.target, "key": self.ready[0].key if self.ready else "",
                 "ready": [{"name": s.name, "pid": s.vmm.pids()[0] if s.vmm.pids() else 0,
+                           "virtiofsd": (s.share.virtiofsd.pid or 0) if s.share else 0,
                            "idle_s": round(now - s.ready_at, 1)} for s in self.ready],
                 "warming": self.warming, **dataclasses.asdict(self.counters),
             }
@@ -265,11 +283,12 @@ class PoolDaemon:
         if why is not None:
             raise PoolError(f"the default VM cannot be pooled: {why}")
         _private_dir(self.root)
+        _private_dir(self.shares)
         _private_dir(self.endpoint.parent)
         lock_fd = _lock(PID_FILE)
         try:
-            sweep(self.root)
-            _start_watcher(self.root)  # before any thread: it forks
+            sweep(self.root, self.shares)
+            _start_watcher(self.root, self.shares)  # before any thread: it forks
             # The pooled QEMUs need no network until a pod's taps are handed to them.
             netns.unshare()
             listener = _listen(self.endpoint)
@@ -292,7 +311,7 @@ class PoolDaemon:
                     for slot in self.ready:
                         _kill(slot)
                     self.ready.clear()
-                sweep(self.root)
+                sweep(self.root, self.shares)
         finally:
             PID_FILE.unlink(missing_ok=True)
             os.close(lock_fd)
@@ -338,37 +357,44 @@ def _hand_over(slot: Slot, key_dir: Path, sid: str) -> None:
     state_path = RunPaths(slot.run_dir).state_file
     QemuState.load(state_path)  # a clone whose record is unreadable is not handed out
     VM_ROOT.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if slot.share is not None:
+        pool_share.hand_over(slot.share, sid)
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-    src = os.open(key_dir, flags)
     try:
-        dst = os.open(VM_ROOT, flags)
+        src = os.open(key_dir, flags)
         try:
-            state = dataclasses.replace(QemuState.load(state_path), id=sid)
-            state.save(state_path)
-            os.rename(slot.name, sid, src_dir_fd=src, dst_dir_fd=dst)
+            dst = os.open(VM_ROOT, flags)
+            try:
+                state = dataclasses.replace(QemuState.load(state_path), id=sid)
+                state.save(state_path)
+                os.rename(slot.name, sid, src_dir_fd=src, dst_dir_fd=dst)
+            finally:
+                os.close(dst)
         finally:
-            os.close(dst)
-    finally:
-        os.close(src)
+            os.close(src)
+    except BaseException:
+        if slot.share is not None:
+            pool_share.take_back(slot.share, sid)
+        raise
 
 
 def _kill(slot: Slot) -> None:
     slot.vmm.stop(timeout=1.0)
+    if slot.share is not None:
+        pool_share.remove(slot.share)
     shutil.rmtree(slot.run_dir, ignore_errors=True)
 
 
-def sweep(root: Path) -> int:
-    """Kill every QEMU a pool left in ``root`` (its record names it) and remove its directories.
-    Returns how many were running. Called with the pool's lock held, or by its watcher."""
+def sweep(root: Path, shares: Path = POOL_SHARES_ROOT) -> int:
+    """Kill every QEMU a pool left in ``root`` (its record names it) and remove its directories, and
+    the clones' shares in ``shares`` (their virtiofsd, mounts and directories).
+    Returns how many QEMUs were running. Called with the pool's lock held, or by its watcher."""
     from kata.hypervisor.qemu import QemuState
     from kata.hypervisor.qemu_argv import RunPaths
 
     killed = 0
-    if not root.is_dir():
-        return 0
-    for key_dir in root.iterdir():
-        if not key_dir.is_dir() or key_dir.is_symlink():
-            continue
+    key_dirs = [d for d in root.iterdir() if d.is_dir() and not d.is_symlink()] if root.is_dir() else []
+    for key_dir in key_dirs:
         for slot_dir in key_dir.iterdir():
             try:
                 state = QemuState.load(RunPaths(slot_dir).state_file)
@@ -379,11 +405,13 @@ def sweep(root: Path) -> int:
                 if proc.is_alive():
                     terminate(proc, 1.0)
                     killed += 1
+    pool_share.sweep(root, shares)
+    for key_dir in key_dirs:
         shutil.rmtree(key_dir, ignore_errors=True)
     return killed
 
 
-def _start_watcher(root: Path) -> None:
+def _start_watcher(root: Path, shares: Path) -> None:
     """Fork a process that sweeps ``root`` once this one is gone, however it went (SIGKILL
     included): it waits for EOF on a pipe only we hold the write end of."""
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
@@ -396,7 +424,7 @@ def _start_watcher(root: Path) -> None:
                 signal.signal(sig, signal.SIG_IGN)
             while os.read(rfd, 1):
                 pass
-            sweep(root)
+            sweep(root, shares)
         finally:
             os._exit(0)
     os.close(rfd)

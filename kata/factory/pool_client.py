@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,13 +69,21 @@ def call(endpoint: Path, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
     return answer
 
 
-def take(endpoint: Path, key: str, sid: str, timeout: float = TAKE_TIMEOUT) -> Path | None:
-    """A warm VM of template key ``key``, moved to sandbox ``sid``'s VM directory (returned); None
-    when there is no daemon, no clone of that shape ready, or the daemon fails: the caller restores."""
+@dataclass(frozen=True)
+class Taken:
+    vm_dir: Path  # VM_ROOT/<sid>: the VM's directory, now the sandbox's
+    share: bool  # its virtio-fs share came along: SHARED_ROOT/<sid>, served, the device hot-added
+
+
+def take(endpoint: Path, key: str, sid: str, share: list[str] | None = None,
+         timeout: float = TAKE_TIMEOUT) -> Taken | None:
+    """A warm VM of template key ``key``, moved to sandbox ``sid``'s VM directory; None when there
+    is no daemon, no clone of that shape ready, or the daemon fails: the caller restores. ``share``:
+    the options of the virtiofsd the sandbox would start (a clone's own must match)."""
     if not endpoint.exists():
         return None
     try:
-        answer = call(endpoint, {"op": "take", "key": key, "sid": sid}, timeout)
+        answer = call(endpoint, {"op": "take", "key": key, "sid": sid, "share": share}, timeout)
     except PoolError as exc:
         log.info(f"sandbox {sid}: no pooled VM: {exc}")
         return None
@@ -84,7 +93,7 @@ def take(endpoint: Path, key: str, sid: str, timeout: float = TAKE_TIMEOUT) -> P
         return None
     if vm_dir != str(VM_ROOT / sid):  # only ever the sandbox's own directory
         raise PoolError(f"VM pool answered an unexpected directory {vm_dir!r}")
-    return Path(vm_dir)
+    return Taken(Path(vm_dir), answer.get("share") is True)
 
 
 def poolable(config: VMConfig) -> str | None:

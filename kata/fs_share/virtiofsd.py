@@ -11,12 +11,15 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 from kata.fs_share.shared_dir import ShareError
 from kata.hypervisor import daemon
 from kata.utils import process
 from kata.utils.files import write_private
+
+if TYPE_CHECKING:
+    from kata.config import HypervisorConfig
 
 CacheMode = Literal["auto", "always", "never"]
 # The C virtiofsd calls "never" "none".
@@ -47,11 +50,17 @@ class Virtiofsd:
         self.log_file = log_file or socket_path.with_name(socket_path.name + ".log")
         self._proc: process.ProcessId | None = None
 
-    def argv(self) -> list[str]:
+    @classmethod
+    def configured(cls, hv: HypervisorConfig, socket_path: Path, shared_dir: Path) -> Virtiofsd:
+        """The virtiofsd configuration.toml asks for, serving ``shared_dir`` on ``socket_path`` (its
+        pid file and log beside it, in the VM's directory, where Sandbox.attach finds them)."""
+        return cls(binary=Path(hv.virtio_fs_daemon), socket_path=socket_path, shared_dir=shared_dir,
+                   cache=cast(CacheMode, hv.virtio_fs_cache), extra_args=tuple(hv.virtio_fs_extra_args),
+                   log_file=socket_path.with_name("virtiofsd.log"))
+
+    def options(self) -> list[str]:
+        """Its options beyond the socket and the directory."""
         return [
-            str(self.binary),
-            f"--socket-path={self.socket_path}",
-            "-o", f"source={self.shared_dir}",
             "-o", f"cache={_CACHE_ARG[self.cache]}",
             # Its own mount, pid and network namespaces, pivoted into the shared directory: a
             # compromised virtiofsd sees only what the guest may see (chroot alone keeps the host's
@@ -61,6 +70,14 @@ class Virtiofsd:
             "-o", "announce_submounts",
             *self.extra_args,
         ]  # fmt: skip
+
+    def settings(self) -> list[str]:
+        """The program and its options: two with equal settings serve their directories alike."""
+        return [str(self.binary), *self.options()]
+
+    def argv(self) -> list[str]:
+        return [str(self.binary), f"--socket-path={self.socket_path}", "-o", f"source={self.shared_dir}",
+                *self.options()]
 
     def start(self, timeout: float = 5.0) -> None:
         if self._proc is not None and self._proc.is_alive():

@@ -20,10 +20,14 @@ TEMPLATE_VM_ROOT = STATE_ROOT / "template-vm"
 # The warm pool's clones run here (kata.factory.pool) until one is renamed to VM_ROOT/<sid>: on the
 # same filesystem, so that the rename is atomic.
 POOL_ROOT = STATE_ROOT / "pool"
+# And their shared directories, each renamed to SHARED_ROOT/<sid> with its VM: beside SHARED_ROOT
+# (same filesystem), never in it, where a sandbox id could name one.
+POOL_SHARES_ROOT = SHARED_ROOT.parent / "pool"
 
 # Every unix socket in a sandbox's VM directory (QEMU's QMP and agent ports, virtiofsd's, the init
 # monitor's agent proxy, the debug console's port): their paths, with the id in them, must fit in sun_path.
-VM_SOCKETS = ("qmp.sock", "agent.sock", "console.sock", "vhost-fs.sock", "agent-proxy.sock")
+VIRTIOFSD_SOCKET = "vhost-fs.sock"
+VM_SOCKETS = ("qmp.sock", "agent.sock", "console.sock", VIRTIOFSD_SOCKET, "agent-proxy.sock")
 # sun_path is 108 bytes, the terminating NUL included.
 SOCKET_PATH_MAX = 107
 
@@ -102,7 +106,7 @@ class SandboxPaths:
 
     @property
     def virtiofsd_socket(self) -> Path:
-        return self.vm_dir / "vhost-fs.sock"
+        return self.vm_dir / VIRTIOFSD_SOCKET
 
     @property
     def agent_proxy_socket(self) -> Path:

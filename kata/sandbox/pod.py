@@ -362,12 +362,19 @@ class Pod:
             self.cgroups.apply(_pod_limits(self.record, self.record.figures))
 
     def _adopt_vmm(self) -> None:
-        """A VMM from the warm pool was born in its daemon's cgroups: it joins the pod's home cgroup,
-        every thread of it, as one the pod launched would have been born there."""
+        """A VMM from the warm pool was born in its daemon's cgroups, and so was the virtiofsd it came
+        with (with the process its namespace sandbox forked): they join the pod's home cgroup, every
+        thread of them, as ones the pod launched would have been born there."""
+        from kata.utils.process import descendants
+
         hyp = self.sandbox.hypervisor
         if self.cgroups is None or not self.sandbox.adopted or hyp is None:
             return
-        for pid in hyp.pids():
+        pids = list(hyp.pids())
+        fsd = self.sandbox.virtiofsd
+        if fsd is not None and fsd.pid is not None:
+            pids += [fsd.pid, *descendants(fsd.pid)]
+        for pid in pids:
             self.cgroups.join(pid)
 
     def _place_vcpus(self) -> None:

@@ -226,12 +226,9 @@ class Sandbox:
     def _start_virtiofsd(self, config: VMConfig) -> None:
         from kata.fs_share.virtiofsd import Virtiofsd
 
-        hv = self.cfg.hypervisor
         if config.shared_fs is not None and config.shared_fs.kind == "virtio-fs":
-            self.virtiofsd = Virtiofsd(
-                binary=Path(hv.virtio_fs_daemon), socket_path=self.paths.virtiofsd_socket,
-                shared_dir=self.paths.shared_dir, cache=cast(CacheMode, hv.virtio_fs_cache),
-                extra_args=tuple(hv.virtio_fs_extra_args), log_file=self.paths.vm_dir / "virtiofsd.log")
+            self.virtiofsd = Virtiofsd.configured(self.cfg.hypervisor, self.paths.virtiofsd_socket,
+                                                 self.paths.shared_dir)
             self.virtiofsd.start(timeout=5.0)
             self.timings.mark("virtiofsd_ready")
 
@@ -296,21 +293,38 @@ class Sandbox:
         from kata import hypervisor
         from kata.factory import pool_client as pool
         from kata.factory.template import template_key
+        from kata.fs_share.virtiofsd import Virtiofsd
 
         if pool.poolable(config) is not None:
             return False
-        vm_dir = pool.take(Path(self.cfg.factory.vm_cache_endpoint), template_key(config), self.id)
-        if vm_dir is None:
+        fsd = None
+        if config.shared_fs is not None and config.shared_fs.kind == "virtio-fs":
+            fsd = Virtiofsd.configured(self.cfg.hypervisor, self.paths.virtiofsd_socket,
+                                       self.paths.shared_dir)
+            # A pooled VM brings its shared directory, served already: ours, still empty, makes room.
+            self.shared.destroy()
+        taken = None
+        try:
+            taken = pool.take(Path(self.cfg.factory.vm_cache_endpoint), template_key(config), self.id,
+                              share=fsd.settings() if fsd is not None else None)
+        finally:
+            if fsd is not None and (taken is None or not taken.share):
+                self.shared.create()
+        if taken is None:
             return False
-        self.hypervisor = hypervisor.attach(self.cfg.hypervisor, vm_dir)
+        self.hypervisor = hypervisor.attach(self.cfg.hypervisor, taken.vm_dir)
         self.adopted = True
         self.timings.mark("vm_taken")
         self._save_state("creating")
         self._launching()
-        self._start_virtiofsd(config)
-        if config.shared_fs is not None and config.shared_fs.hotplug:
-            self.hypervisor.attach_shared_fs(config.shared_fs)
-            self.timings.mark("shared_fs_attached")
+        if taken.share:
+            assert fsd is not None  # a share is only asked for with one
+            self.virtiofsd = Virtiofsd.attach(fsd.binary, self.paths.virtiofsd_socket, self.paths.shared_dir)
+        else:
+            self._start_virtiofsd(config)
+            if config.shared_fs is not None and config.shared_fs.hotplug:
+                self.hypervisor.attach_shared_fs(config.shared_fs)
+        self.timings.mark("shared_fs_attached")
         self._connect_agent(config)
         self._fresh_clone = True
         return True

@@ -99,3 +99,21 @@ def terminate(proc: ProcessId, timeout: float) -> None:
         return
     signal_process(proc, signal.SIGKILL)
     wait_exit(proc, 5.0)
+
+
+def descendants(pid: int) -> list[int]:
+    """The pids of ``pid``'s children, their children and so on, parents first (from each /proc/PID/stat:
+    this host's kernel has no /proc/PID/task/TID/children)."""
+    parent_of: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = _read_stat(int(entry))
+            if stat is not None:
+                parent_of[int(entry)] = int(stat[1])
+    found: list[int] = []
+    wanted = {pid}
+    while wanted:
+        children = sorted(p for p, pp in parent_of.items() if pp in wanted and p not in found)
+        found += children
+        wanted = set(children)
+    return found

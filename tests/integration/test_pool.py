@@ -21,7 +21,9 @@ from typing import Any
 import pytest
 
 from kata.factory import pool
-from kata.sandbox.paths import POOL_ROOT, VM_ROOT
+from kata.sandbox.paths import POOL_ROOT, POOL_SHARES_ROOT, SHARED_ROOT, VM_ROOT
+from kata.utils.mount import mounts_under
+from kata.utils.process import descendants
 from tests.conftest import config_with, leftovers, pids_naming, process_gone, runtime_bin
 from tests.support.bundles import make_busybox_bundle
 from tests.support.cri import CriClient, Pod
@@ -55,13 +57,18 @@ def _status() -> dict[str, Any]:
     return pool.call(_endpoint(), {"op": "status"}, 5)
 
 
-def _ready(n: int = N) -> set[int]:
-    """Wait until the pool has ``n`` clones ready; their QEMU pids."""
+def _ready_vms(n: int = N) -> list[dict[str, Any]]:
+    """Wait until the pool has ``n`` clones ready; what its status says of each."""
     def enough() -> dict[str, Any] | None:
         st = _status()
         return st if len(st["ready"]) >= n else None
 
-    return {vm["pid"] for vm in _wait(enough, 120, f"{n} pooled VMs")["ready"]}
+    return list(_wait(enough, 120, f"{n} pooled VMs")["ready"])
+
+
+def _ready(n: int = N) -> set[int]:
+    """Wait until the pool has ``n`` clones ready; their QEMU pids."""
+    return {vm["pid"] for vm in _ready_vms(n)}
 
 
 
@@ -105,10 +112,15 @@ def pool_daemon(pool_config: Path) -> Iterator[int]:
             os.kill(pid, signal.SIGKILL)
         _wait(lambda: not (_qemu_pids() - before), 30, "the pool's VMs gone")
         assert not any(p.is_dir() for p in POOL_ROOT.iterdir()), list(POOL_ROOT.iterdir())
+        assert not list(POOL_SHARES_ROOT.iterdir()) and not mounts_under(str(POOL_SHARES_ROOT))
 
 
 def test_runtime_takes_a_pooled_vm_and_the_pool_refills(tmp_path: Path, cid: str, pool_daemon: int) -> None:
-    ready = _ready()
+    vms = _ready_vms()
+    ready = {vm["pid"] for vm in vms}
+    # Each clone's virtio-fs share is served and hot-added before any sandbox asks.
+    served = {vm["virtiofsd"] for vm in vms}
+    assert 0 not in served, vms
     status = _factory("status")
     assert f"VM pool: daemon pid {pool_daemon} " in status.stdout and f"{N}/{N} ready" in status.stdout
     volume = tmp_path / "vol"
@@ -130,6 +142,10 @@ def test_runtime_takes_a_pooled_vm_and_the_pool_refills(tmp_path: Path, cid: str
         assert qemu in ready, (qemu, ready)
         state = json.loads((VM_ROOT / cid / "qemu.json").read_text())
         assert state["id"] == cid and state["pid"] == qemu
+        # Its virtiofsd came with it, serving the sandbox's own shared directory.
+        virtiofsd = int((VM_ROOT / cid / "vhost-fs.sock.pid").read_text().split()[0])
+        assert virtiofsd in served, (virtiofsd, served)
+        assert any(p.startswith(str(SHARED_ROOT / cid) + "/") for p in mounts_under(str(SHARED_ROOT / cid)))
         subprocess.run([*cli, "start", cid], check=True, capture_output=True, timeout=60)
         _wait(lambda: (volume / "back").exists(), 30, "the container's write through virtio-fs")
         assert (volume / "back").read_text() == "out\n"
@@ -157,6 +173,12 @@ def test_killed_daemon_leaves_no_vm_and_its_handed_vm_lives_on(tmp_path: Path, c
         # Its watcher kills what was still in the pool, and only that.
         _wait(lambda: all(process_gone(p) for p in pooled), 30, "the pooled VMs killed")
         _wait(lambda: not any(p.is_dir() for p in POOL_ROOT.iterdir()), 10, "the pool's directories gone")
+        assert not list(POOL_SHARES_ROOT.iterdir()) and not mounts_under(str(POOL_SHARES_ROOT))
+        # The pooled clones' virtiofsd went with them; the handed-over one (its command line still
+        # names the directory it was started on) serves on.
+        handed = int((VM_ROOT / cid / "vhost-fs.sock.pid").read_text().split()[0])
+        assert not process_gone(handed)
+        assert pids_naming("virtiofsd", f"source={POOL_SHARES_ROOT}/") <= {handed, *descendants(handed)}
         assert not process_gone(taken)
         subprocess.run([*cli, "start", cid], check=True, capture_output=True, timeout=60)
         state = subprocess.run([*cli, "state", cid], check=True, capture_output=True, timeout=30)

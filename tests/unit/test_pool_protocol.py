@@ -20,6 +20,7 @@ from kata.factory import pool, pool_client
 from kata.factory.template import template_key
 from kata.hypervisor.base import SharedFs, VMConfig
 from kata.hypervisor.qemu import QemuState
+from kata.sandbox.paths import VIRTIOFSD_SOCKET
 from kata.utils.process import ProcessId
 
 
@@ -162,39 +163,44 @@ def test_sweep_kills_what_a_dead_pool_left(tmp_path: Path) -> None:
 
 
 def test_the_watcher_sweeps_once_its_daemon_is_gone(tmp_path: Path) -> None:
-    """However the daemon ends (here: SIGKILL), its forked watcher kills what is left in the pool."""
+    """However the daemon ends (here: SIGKILL), its forked watcher kills what is left in the pool: the
+    clones' QEMUs and virtiofsds (their pid files name them), and removes their directories and shares."""
     root = tmp_path / "pool"
+    shares = tmp_path / "shares"
     slot = root / "k" / "1-1"
     slot.mkdir(parents=True)
-    sleeper = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    (shares / "k" / "1-1" / "mounts").mkdir(parents=True)
+    sleepers = [subprocess.Popen(["sleep", "60"], start_new_session=True) for _ in range(2)]
     try:
-        ident = ProcessId.of(sleeper.pid)
-        assert ident is not None
-        QemuState(id="p", pid=ident.pid, start_time=ident.start_time, machine_type="q35",
+        qemu, virtiofsd = (ProcessId.of(p.pid) for p in sleepers)
+        assert qemu is not None and virtiofsd is not None
+        QemuState(id="p", pid=qemu.pid, start_time=qemu.start_time, machine_type="q35",
                   agent_channel="virtio-serial", vsock_cid=0, memory_mib=512, max_memory_mib=512,
                   shared_memory=True).save(slot / "qemu.json")
+        (slot / f"{VIRTIOFSD_SOCKET}.pid").write_text(f"{virtiofsd.pid} {virtiofsd.start_time}\n")
         fake_daemon = os.fork()
         if fake_daemon == 0:
             try:
-                pool._start_watcher(root)
+                pool._start_watcher(root, shares)
                 time.sleep(60)
             finally:
                 os._exit(0)
         time.sleep(0.3)
-        assert sleeper.poll() is None
+        assert all(p.poll() is None for p in sleepers)
         os.kill(fake_daemon, signal.SIGKILL)
         os.waitpid(fake_daemon, 0)
         deadline = time.monotonic() + 10
-        while ident.is_alive() and time.monotonic() < deadline:
+        while (qemu.is_alive() or virtiofsd.is_alive()) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not ident.is_alive()
+        assert not qemu.is_alive() and not virtiofsd.is_alive()
         deadline = time.monotonic() + 5
-        while root.exists() and list(root.iterdir()) and time.monotonic() < deadline:
+        while (list(root.iterdir()) or list(shares.iterdir())) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert list(root.iterdir()) == []
+        assert list(root.iterdir()) == [] and list(shares.iterdir()) == []
     finally:
-        sleeper.kill()
-        sleeper.wait()
+        for p in sleepers:
+            p.kill()
+            p.wait()
 
 
 def test_vm_cache_keys_are_checked(tmp_path: Path) -> None:
