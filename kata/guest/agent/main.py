@@ -95,7 +95,7 @@ def main() -> int:
     warmup = Warmup(sandbox)
     svc = service.AgentService(
         sandbox,
-        network=Network(reaper),
+        network=Network(),
         power_off=power_off if is_init else None,
         mount_storage=_mount_storage if is_init else None,
         started_at=started,

@@ -1,30 +1,20 @@
-"""UpdateInterface / UpdateRoutes through the `ip` tool (busybox in the guest): plain netlink, no library."""
+"""UpdateInterface / UpdateRoutes: rtnetlink requests of the agent's own (kata.guest.agent.rtnl)."""
 
 from __future__ import annotations
 
 import os
+import socket
 
-from kata.guest.agent.reaper import Reaper
+from kata.guest.agent.rtnl import Rtnl
 from kata.protocols import agent_pb2 as pb
 
 SYS_NET = "/sys/class/net"
-_SCOPES = {0: "global", 200: "site", 253: "link", 254: "host"}
+# An address given without a mask is a host address, as for `ip addr add`.
+_HOST_PREFIX = {pb.v4: 32, pb.v6: 128}
 
 
 class NetworkError(Exception):
     pass
-
-
-def ip_tool() -> list[str]:
-    import shutil  # networking RPCs come after start-up; keep shutil off the boot path
-
-    found = shutil.which("ip")
-    if found:
-        return [found]
-    for bb in ("/bin/busybox", "/usr/bin/busybox"):
-        if os.path.exists(bb):
-            return [bb, "ip"]
-    raise NetworkError("no ip tool in the guest")
 
 
 _SIOCGIFFLAGS = 0x8913
@@ -46,28 +36,8 @@ def loopback_up() -> None:
 
 
 class Network:
-    def __init__(self, reaper: Reaper, sys_net: str = SYS_NET) -> None:
-        self.reaper = reaper
+    def __init__(self, sys_net: str = SYS_NET) -> None:
         self.sys_net = sys_net
-
-    def _ip(self, *args: str) -> None:
-        r, w = os.pipe()
-        null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            fut = self.reaper.spawn([*ip_tool(), *args], stdin=null, stdout=w, stderr=w)
-            os.close(w)
-            w = -1
-            out = b""
-            while chunk := os.read(r, 4096):
-                out += chunk
-            code = fut.wait(30.0)
-        finally:
-            for fd in (r, w, null):
-                if fd >= 0:
-                    os.close(fd)
-        if code != 0:
-            msg = out.decode(errors="replace").strip().replace("\n", "; ")
-            raise NetworkError(f"ip {' '.join(args)}: {msg or f'exit {code}'}")
 
     def link_by_mac(self, mac: str) -> str:
         mac = mac.lower()
@@ -81,39 +51,45 @@ class Network:
         raise NetworkError(f"no link with hardware address {mac}")
 
     def update_interface(self, iface: pb.Interface) -> pb.Interface:
-        dev = iface.device or (self.link_by_mac(iface.hw_addr) if iface.hw_addr else iface.name)
+        """The link named ``device`` (or the one with ``current_hw_addr``, or with ``hw_addr``, or
+        named ``name``) gets the name, MTU, hardware address and IP addresses given, and is up."""
+        found_by = iface.current_hw_addr or iface.hw_addr
+        dev = iface.device or (self.link_by_mac(found_by) if found_by else iface.name)
         if not dev:
             raise NetworkError("interface has neither device, name nor hw_addr")
-        self._ip("link", "set", "dev", dev, "down")
-        if iface.name and iface.name != dev:
-            self._ip("link", "set", "dev", dev, "name", iface.name)
-            dev = iface.name
-        if iface.mtu:
-            self._ip("link", "set", "dev", dev, "mtu", str(iface.mtu))
-        self._ip("addr", "flush", "dev", dev)
-        for a in iface.ip_addresses:
-            fam = "-6" if a.family == pb.v6 else "-4"
-            addr = f"{a.address}/{a.mask}" if a.mask else a.address
-            self._ip(fam, "addr", "add", addr, "dev", dev)
-        self._ip("link", "set", "dev", dev, "up")
+        try:
+            index = socket.if_nametoindex(dev)
+        except OSError:
+            raise NetworkError(f"no link named {dev!r}") from None
+        try:
+            with Rtnl() as nl:
+                nl.set_link(index, up=False)
+                # The hardware address too, unless the link was found by it (it has it then).
+                address = iface.hw_addr if iface.hw_addr and (iface.device or iface.current_hw_addr) else ""
+                name = iface.name if iface.name and iface.name != dev else ""
+                if name or iface.mtu or address:
+                    nl.set_link(index, name=name, mtu=iface.mtu, address=address)
+                nl.flush_addresses(index)
+                for a in iface.ip_addresses:
+                    nl.add_address(index, a.address, int(a.mask) if a.mask else _HOST_PREFIX[a.family])
+                nl.set_link(index, up=True)
+        except (OSError, ValueError) as e:
+            raise NetworkError(f"interface {dev}: {e}") from None
         out = pb.Interface()
         out.CopyFrom(iface)
-        out.device = dev
-        out.name = dev
+        out.device = out.name = name or dev
         return out
 
     def update_routes(self, routes: pb.Routes) -> pb.Routes:
         # Link-scope routes first: a gateway must be reachable before a route through it is added.
         ordered = sorted(routes.routes, key=lambda r: 0 if not r.gateway else 1)
-        for r in ordered:
-            args = ["-6" if r.family == pb.v6 else "-4", "route", "replace", r.dest or "default"]
-            if r.gateway:
-                args += ["via", r.gateway]
-            if r.device:
-                args += ["dev", r.device]
-            if r.source:
-                args += ["src", r.source]
-            if r.scope:
-                args += ["scope", _SCOPES.get(r.scope, str(r.scope))]
-            self._ip(*args)
+        with Rtnl() as nl:
+            for r in ordered:
+                try:
+                    index = socket.if_nametoindex(r.device) if r.device else 0
+                    nl.replace_route(r.dest or "default", gateway=r.gateway, index=index, source=r.source,
+                                     scope=r.scope or None,
+                                     family=socket.AF_INET6 if r.family == pb.v6 else socket.AF_INET)
+                except (OSError, ValueError) as e:
+                    raise NetworkError(f"route {r.dest or 'default'}: {e}") from None
         return routes

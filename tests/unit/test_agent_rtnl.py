@@ -1,0 +1,70 @@
+"""The agent's rtnetlink requests (kata.guest.agent.rtnl, through Network) against this host's kernel,
+in a network namespace of the test's own, checked with iproute2."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.netns import in_netns, temporary_netns
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a network namespace)")
+
+# Runs in the namespace: UpdateInterface and UpdateRoutes as the host would send them for a pod's eth0.
+SCRIPT = """
+import sys
+from kata.guest.agent.network import Network, NetworkError
+from kata.protocols import agent_pb2 as pb
+net = Network()
+iface = pb.Interface(device="kdummy0", name="eth0", mtu=1400, hw_addr="02:42:0a:58:00:07", ip_addresses=[
+    pb.IPAddress(family=pb.v4, address="10.88.0.7", mask="16"),
+    pb.IPAddress(family=pb.v6, address="fd00::7", mask="64")])
+net.update_interface(iface)
+iface.device = "eth0"
+net.update_interface(iface)  # again: the addresses are replaced, not added twice
+net.update_routes(pb.Routes(routes=[
+    pb.Route(dest="default", gateway="10.88.0.1", device="eth0", family=pb.v4),
+    pb.Route(dest="10.99.0.0/24", device="eth0", source="10.88.0.7", family=pb.v4),
+    pb.Route(dest="default", gateway="fd00::1", device="eth0", family=pb.v6)]))
+try:
+    net.update_interface(pb.Interface(device="nope0"))
+except NetworkError as e:
+    print("refused:", e)
+try:
+    net.update_routes(pb.Routes(routes=[pb.Route(dest="10.1.0.0/16", gateway="192.0.2.1", device="eth0")]))
+except NetworkError as e:
+    print("refused:", e)
+"""
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    with temporary_netns("ktrtnl") as name:
+        # (a veth pair: this host's kernel has no dummy links)
+        in_netns(name, "ip", "link", "add", "kdummy0", "type", "veth", "peer", "name", "kpeer0")
+        in_netns(name, "ip", "link", "set", "kpeer0", "up")
+        yield name
+
+
+def _json(ns: str, *args: str) -> list[dict]:  # type: ignore[type-arg]
+    return json.loads(in_netns(ns, "ip", "-j", *args).stdout)  # type: ignore[no-any-return]
+
+
+def test_update_interface_and_routes(netns: str) -> None:
+    env_path = os.pathsep.join(sys.path)
+    out = in_netns(netns, "env", f"PYTHONPATH={env_path}", sys.executable, "-c", SCRIPT).stdout
+    (link,) = _json(netns, "addr", "show", "dev", "eth0")
+    assert link["mtu"] == 1400 and link["address"] == "02:42:0a:58:00:07" and "UP" in link["flags"]
+    addrs = sorted((a["local"], a["prefixlen"]) for a in link["addr_info"] if a.get("scope") == "global")
+    assert addrs == [("10.88.0.7", 16), ("fd00::7", 64)]
+    routes = {(r["dst"], r.get("gateway"), r.get("prefsrc")) for r in _json(netns, "route", "show")}
+    assert ("default", "10.88.0.1", None) in routes and ("10.99.0.0/24", None, "10.88.0.7") in routes
+    routes6 = _json(netns, "-6", "route", "show")
+    assert any(r["dst"] == "default" and r.get("gateway") == "fd00::1" for r in routes6), routes6
+    # Errors are one line naming what failed, with the kernel's reason.
+    assert "refused: no link named 'nope0'" in out
+    assert "refused: route 10.1.0.0/16: " in out and "unreachable" in out.lower()
