@@ -10,7 +10,10 @@ lifecycle calls, ExecSync left out. The handlers take turns, cycle by cycle, so 
 falls on both alike. The first cycle of each handler is reported apart and not counted (cold: kata's
 first sandbox may make its VM template, the image is first unpacked for each snapshot).
 
-    python bench/cri_lifecycle.py [--iterations N] [--kata-config FILE] [--timeout S] [--json FILE]
+    python bench/cri_lifecycle.py [--iterations N] [--kata-config FILE] [--pool N] [--timeout S] [--json FILE]
+
+With ``--pool N`` (N > 0) a third handler, kata-pool, runs with the same configuration plus a warm VM
+pool of N clones (`kata-runtime factory init`), full again before each of its cycles.
 
 A handler that fails is reported with its error and the other is still measured; the exit status is
 then 1. Figures are from a noisy 2-core machine: read them as orders of magnitude, and as ratios to
@@ -26,6 +29,7 @@ import os
 import signal
 import statistics
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -35,11 +39,16 @@ from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.benchlib import RuntimeFailed, emit, fmt, ratio  # noqa: E402
+from bench.benchlib import RuntimeFailed, emit, fmt, pool_config, ratio, warm_pool  # noqa: E402
 from kata.errors import KataError  # noqa: E402
 from tests.support.cri import CriClient, CriError, pod_config  # noqa: E402
 from tests.support.cri_config import KATA  # noqa: E402
-from tests.support.daemons import Containerd, containerd_daemon, cri_missing_tools  # noqa: E402
+from tests.support.daemons import (  # noqa: E402
+    Containerd,
+    containerd_daemon,
+    cri_missing_tools,
+    kata_runtime_path,
+)
 from tests.support.netns import temporary_netns  # noqa: E402
 
 T = TypeVar("T")
@@ -116,15 +125,19 @@ def summary(cycles: list[dict[str, float]]) -> dict[str, Any]:
             "runs_s": {p: [round(x, 4) for x in v] for p, v in runs.items()}}
 
 
-def measure(cri: CriClient, c: Containerd, iterations: int) -> dict[str, dict[str, Any]]:
-    """A first cycle of each handler, then ``iterations`` rounds of one cycle each, handlers in turn."""
+def measure(cri: CriClient, c: Containerd, iterations: int, handlers: tuple[str, ...] = HANDLERS,
+            before: dict[str, Callable[[], None]] | None = None) -> dict[str, dict[str, Any]]:
+    """A first cycle of each handler, then ``iterations`` rounds of one cycle each, handlers in turn.
+    ``before``: what to wait for, untimed, before a handler's cycle (a pool full again)."""
     results: dict[str, dict[str, Any]] = {}
-    cycles: dict[str, list[dict[str, float]]] = {h: [] for h in HANDLERS}
+    cycles: dict[str, list[dict[str, float]]] = {h: [] for h in handlers}
     for n in range(iterations + 1):
-        for handler in HANDLERS:
+        for handler in handlers:
             if "error" in results.get(handler, {}):
                 continue
             try:
+                if before and handler in before:
+                    before[handler]()
                 times = lifecycle(cri, c, handler, n)
             except RuntimeFailed as e:
                 results[handler] = {"error": f"cycle {n}: {e}"}
@@ -134,25 +147,30 @@ def measure(cri: CriClient, c: Containerd, iterations: int) -> dict[str, dict[st
             else:
                 cycles[handler].append(times)
         print(f"... round {n}{' (first, not counted)' if n == 0 else ''} done", flush=True)
-    for handler in HANDLERS:
+    for handler in handlers:
         if "error" not in results[handler]:
             results[handler].update(summary(cycles[handler]))
     return results
 
 
-def report(results: dict[str, dict[str, Any]], iterations: int) -> dict[str, float | None]:
+def report(results: dict[str, dict[str, Any]], iterations: int) -> dict[str, dict[str, float | None]]:
+    """The table; the ratios to runc of each other handler, phase by phase."""
+    handlers = list(results)
     medians = {h: r["median_s"] for h, r in results.items() if "median_s" in r}
-    ratios = {p: ratio(medians, p) for p in PHASES}
+    ratios = {h: {p: ratio(medians, p, h) for p in PHASES} for h in handlers if h != "runc"}
     print(f"seconds; median (min-max) of {iterations} cycles per handler; the first cycle apart, not counted")
-    print(f"{'':17s} {'runc':>21s} {'kata':>21s} {'kata/runc':>9s}  {'first: runc':>11s} {'kata':>6s}")
+    print(f"{'':17s} " + " ".join(f"{h:>21s}" for h in handlers)
+          + "".join(f" {h + '/runc':>14s}" for h in ratios)
+          + "  first: " + " ".join(f"{h:>9s}" for h in handlers))
     for p in PHASES:
         cells = []
-        for h in HANDLERS:
+        for h in handlers:
             r = results[h]
             spread = (f"({r['min_s'][p]:.3f}-{r['max_s'][p]:.3f})" if "min_s" in r else "").rjust(13)
             cells.append(f"{fmt(r.get('median_s', {}).get(p), '7.3f')} {spread}")
-        firsts = [fmt(results[h].get("first_s", {}).get(p), "6.3f") for h in HANDLERS]
-        print(f"{p:17s} {cells[0]} {cells[1]} {fmt(ratios[p], '8.1f', 'x')}  {firsts[0]:>11s} {firsts[1]}")
+        shares = "".join(f" {fmt(ratios[h][p], '13.1f', 'x')}" for h in ratios)
+        firsts = " ".join(f"{fmt(results[h].get('first_s', {}).get(p), '9.3f')}" for h in handlers)
+        print(f"{p:17s} {' '.join(cells)}{shares}  first: {firsts}")
     for h, r in results.items():
         if "error" in r:
             print(f"{h}: FAILED: {r['error']}")
@@ -164,6 +182,8 @@ def main() -> int:
     ap.add_argument("--iterations", type=int, default=5, help="cycles counted per handler (after a first)")
     ap.add_argument("--kata-config", default=None,
                     help="configuration.toml for the kata handler (the CRI runtime's ConfigPath)")
+    ap.add_argument("--pool", type=int, default=0,
+                    help="warm VMs for a third handler, kata-pool (0: no such handler)")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds for each CRI call")
     ap.add_argument("--json", type=Path, default=None, help="also write the results to this file")
     args = ap.parse_args()
@@ -178,16 +198,27 @@ def main() -> int:
               file=sys.stderr)
         return 1
     kata = dataclasses.replace(KATA, options={"ConfigPath": args.kata_config}) if args.kata_config else KATA
+    runtimes = {"kata": kata}
+    handlers: tuple[str, ...] = HANDLERS
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, Interrupts.handle)
     t0 = time.monotonic()
     try:
-        # containerd stops (removing any pod left) before its namespace goes
-        with temporary_netns("ktbench") as netns, \
-                containerd_daemon(cri=True, netns=netns, runtimes={"kata": kata}) as c, \
-                c.cri_client(timeout=args.timeout) as cri:
+        with contextlib.ExitStack() as stack:
+            before: dict[str, Callable[[], None]] = {}
+            if args.pool > 0:
+                tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kata-bench-")))
+                config = pool_config(tmp / "pool.toml", args.pool,
+                                     Path(args.kata_config) if args.kata_config else None)
+                runtimes["kata-pool"] = dataclasses.replace(KATA, options={"ConfigPath": str(config)})
+                handlers = (*HANDLERS, "kata-pool")
+                before["kata-pool"] = stack.enter_context(warm_pool(kata_runtime_path(), config))
+            # containerd stops (removing any pod left) before its namespace goes, and before the pool
+            netns = stack.enter_context(temporary_netns("ktbench"))
+            c = stack.enter_context(containerd_daemon(cri=True, netns=netns, runtimes=runtimes))
+            cri = stack.enter_context(c.cri_client(timeout=args.timeout))
             startup = time.monotonic() - t0
-            results = measure(cri, c, args.iterations)
+            results = measure(cri, c, args.iterations, handlers, before)
     except KataError as e:
         print(f"cri_lifecycle: {e}", file=sys.stderr)
         return 1
@@ -198,7 +229,7 @@ def main() -> int:
     print(f"containerd (CRI) started and the images imported in {startup:.2f} s")
     ratios = report(results, args.iterations)
     emit({"bench": "cri_lifecycle", "iterations": args.iterations, "kata_config": args.kata_config,
-          "daemon_start_s": round(startup, 3), "ratios": ratios, **results}, args.json)
+          "pool": args.pool, "daemon_start_s": round(startup, 3), "ratios": ratios, **results}, args.json)
     return 1 if any("error" in r for r in results.values()) else 0
 
 

@@ -7,13 +7,17 @@ state record live there), and the daemon renames that directory to the sandbox's
 VM_ROOT/<sid>, after rewriting the record's id. From then on the VM is the sandbox's exactly as a
 restored one would be (the sandbox attaches to it as `delete` attaches to any VM); the daemon
 forgets it. QEMU's listening sockets move with the directory (a unix socket is found by its inode).
+Each clone also has its virtio-fs share ready (kata.factory.pool_share), handed over the same way,
+and its first NIC (kata.factory.pool_nic), whose tap moves into the pod's network namespace.
 
 What guards it: the socket is in a 0700 directory and answers root alone (SO_PEERCRED); a request
 is one bounded JSON line; a sandbox id is checked as every sandbox id is, and the rename goes from
 and to directory descriptors opened without following links; only a clone of the shape the caller
 asks for (its template key: shape, assets by identity, QEMU's command line), recomputed at each
-take, and still running, is handed out. The pooled QEMUs run in an empty network namespace of the
-daemon's: the pod's taps are handed to them as descriptors (kata.sandbox.network). They die with
+take, with a virtiofsd set up as the caller's would be, and still running, is handed out; a tap
+moves only into what the kernel says is a network namespace (opened without following links). The
+pooled QEMUs run in an empty network namespace of the daemon's: the pod's taps are handed to them
+as descriptors (kata.sandbox.network). They die with
 the daemon: an orderly stop kills them, and a forked watcher kills whatever is left in POOL_ROOT
 once the daemon is gone however it went (the next daemon sweeps it too, before it starts).
 """
@@ -35,8 +39,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kata.errors import KataError
-from kata.factory import pool_share
+from kata.factory import pool_nic, pool_share
 from kata.factory.pool_client import PoolError, call, poolable, receive, send
+from kata.factory.pool_nic import PooledNic
 from kata.factory.pool_share import PooledShare
 from kata.sandbox.paths import POOL_ROOT, POOL_SHARES_ROOT, VM_ROOT, InvalidIdError, validate_sandbox_id
 from kata.utils.process import ProcessId, terminate
@@ -69,6 +74,7 @@ class Slot:
     vmm: Hypervisor
     ready_at: float = 0.0
     share: PooledShare | None = None  # its virtio-fs share, served and hot-added already
+    nic: PooledNic | None = None  # its first NIC, hot-added on a tap of the daemon's
 
 
 @dataclass
@@ -138,7 +144,7 @@ class PoolDaemon:
         memory_fd = self.store.clone_memory(state, f"kata-pool-{name}") if fs is not None else None
         memory_path = self.store.memory_file(state) if fs is None else None
         vmm = hypervisor.new(hv)
-        share = None
+        share = nic = None
         try:
             try:
                 vmm.restore(config, state, timeout=hv.boot_timeout, memory_fd=memory_fd,
@@ -148,6 +154,7 @@ class PoolDaemon:
                     os.close(memory_fd)
             if fs is not None and fs.kind == "virtio-fs" and fs.hotplug:
                 share = pool_share.prepare(hv, config, vmm, run_dir, self.shares / key / name)
+            nic = pool_nic.prepare(vmm, self._seq)
             # The agent connected and its calls run once: TCG has translated the host-facing paths
             # a sandbox's first calls take, in this QEMU (its translations are not in the snapshot).
             client = AgentClient(connect(vmm.agent_endpoint(), hv.boot_timeout))
@@ -162,9 +169,11 @@ class PoolDaemon:
             vmm.stop(timeout=1.0)
             if share is not None:
                 pool_share.remove(share)
+            if nic is not None:
+                pool_nic.remove(nic)
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
-        return Slot(name, key, run_dir, vmm, time.monotonic(), share)
+        return Slot(name, key, run_dir, vmm, time.monotonic(), share, nic)
 
     def _refill(self) -> None:
         while not self._stop.is_set():
@@ -218,20 +227,24 @@ class PoolDaemon:
         if op == "status":
             return self.status()
         if op == "take":
-            key, sid, share = msg.get("key"), msg.get("sid"), msg.get("share")
+            key, sid, share, netns = msg.get("key"), msg.get("sid"), msg.get("share"), msg.get("netns")
             if not isinstance(key, str) or not isinstance(sid, str):
                 return {"error": "take needs a key and a sid (strings)"}
             if share is not None and not (isinstance(share, list) and all(isinstance(x, str) for x in share)):
                 return {"error": "take: share must be a list of virtiofsd options"}
-            return self.take(key, sid, share)
+            if netns is not None and not (isinstance(netns, str) and netns.startswith("/")):
+                return {"error": "take: netns must be an absolute path"}
+            return self.take(key, sid, share, netns)
         if op == "stop":
             self._stop.set()
             return {"pid": os.getpid()}
         return {"error": f"unknown op {str(op)[:40]!r}"}
 
-    def take(self, key: str, sid: str, share: list[str] | None = None) -> dict[str, Any]:
+    def take(self, key: str, sid: str, share: list[str] | None = None,
+             netns: str | None = None) -> dict[str, Any]:
         """``share``: the options of the virtiofsd the sandbox would start; a clone whose own
-        virtiofsd serves otherwise is not handed out (the sandbox restores one instead)."""
+        virtiofsd serves otherwise is not handed out (the sandbox restores one instead). ``netns``:
+        the pod's network namespace, where the clone's first NIC's tap goes."""
         try:
             validate_sandbox_id(sid)
         except (InvalidIdError, KataError) as exc:
@@ -255,8 +268,18 @@ class PoolDaemon:
             self._refill_after = time.monotonic() + REFILL_DELAY
             self._wake.notify_all()
         log.info(f"pool: clone {slot.name} handed to sandbox {sid}")
+        nic = None
+        if slot.nic is not None:
+            nic = {"mac": slot.nic.mac, "tap": ""}
+            if netns is not None:
+                try:
+                    nic["tap"] = pool_nic.move(slot.nic, netns)
+                except (OSError, ValueError, KataError) as exc:  # the pod hot-adds its own instead
+                    log.warning(f"pool: moving the tap of clone {slot.name} to {netns}: {exc}")
+            if not nic["tap"]:
+                pool_nic.remove(slot.nic)  # unused (the pod unplugs the NIC): it must not pile up here
         return {"vm_dir": str(VM_ROOT / sid), "pid": slot.vmm.pids()[0] if slot.vmm.pids() else 0,
-                "share": slot.share is not None}
+                "share": slot.share is not None, "nic": nic}
 
     def status(self) -> dict[str, Any]:
         with self._lock:
@@ -382,6 +405,8 @@ def _kill(slot: Slot) -> None:
     slot.vmm.stop(timeout=1.0)
     if slot.share is not None:
         pool_share.remove(slot.share)
+    if slot.nic is not None:
+        pool_nic.remove(slot.nic)
     shutil.rmtree(slot.run_dir, ignore_errors=True)
 
 

@@ -73,17 +73,22 @@ def call(endpoint: Path, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
 class Taken:
     vm_dir: Path  # VM_ROOT/<sid>: the VM's directory, now the sandbox's
     share: bool  # its virtio-fs share came along: SHARED_ROOT/<sid>, served, the device hot-added
+    # Its first NIC, hot-added already: {"mac": the guest link's MAC, "tap": its tap's name in the
+    # pod's network namespace, or "" when it stayed in the daemon's (no namespace, or a failed move)}.
+    nic: dict[str, str] | None = None
 
 
-def take(endpoint: Path, key: str, sid: str, share: list[str] | None = None,
+def take(endpoint: Path, key: str, sid: str, share: list[str] | None = None, netns: str | None = None,
          timeout: float = TAKE_TIMEOUT) -> Taken | None:
     """A warm VM of template key ``key``, moved to sandbox ``sid``'s VM directory; None when there
     is no daemon, no clone of that shape ready, or the daemon fails: the caller restores. ``share``:
-    the options of the virtiofsd the sandbox would start (a clone's own must match)."""
+    the options of the virtiofsd the sandbox would start (a clone's own must match); ``netns``: the
+    pod's network namespace (a path), where the tap of the clone's first NIC is moved."""
     if not endpoint.exists():
         return None
     try:
-        answer = call(endpoint, {"op": "take", "key": key, "sid": sid, "share": share}, timeout)
+        answer = call(endpoint, {"op": "take", "key": key, "sid": sid, "share": share, "netns": netns},
+                      timeout)
     except PoolError as exc:
         log.info(f"sandbox {sid}: no pooled VM: {exc}")
         return None
@@ -93,7 +98,10 @@ def take(endpoint: Path, key: str, sid: str, share: list[str] | None = None,
         return None
     if vm_dir != str(VM_ROOT / sid):  # only ever the sandbox's own directory
         raise PoolError(f"VM pool answered an unexpected directory {vm_dir!r}")
-    return Taken(Path(vm_dir), answer.get("share") is True)
+    nic = answer.get("nic")
+    if not (isinstance(nic, dict) and isinstance(nic.get("mac"), str) and isinstance(nic.get("tap"), str)):
+        nic = None
+    return Taken(Path(vm_dir), answer.get("share") is True, nic)
 
 
 def poolable(config: VMConfig) -> str | None:

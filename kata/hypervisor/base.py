@@ -135,6 +135,10 @@ class Hypervisor(abc.ABC):
         namespace), with the guest-side MAC ``mac``; or, for a VMM in another namespace, on
         ``tap_fds``, one descriptor of that tap per queue."""
 
+    def unplug_nic(self, index: int) -> None:
+        """Ask the guest to give network interface ``index`` back (it goes once the guest lets go)."""
+        raise HypervisorError(f"{type(self).__name__} cannot unplug network interfaces")
+
     def vcpu_threads(self) -> list[int]:
         """The host thread ids of the VM's vCPUs (the host's cgroups hold them apart from the rest)."""
         raise HypervisorError(f"{type(self).__name__} cannot name its vCPU threads")

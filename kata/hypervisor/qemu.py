@@ -322,6 +322,11 @@ class Qemu(Hypervisor):
             qmp.run("netdev_del", id=f"net{index}")
             raise
 
+    def unplug_nic(self, index: int) -> None:
+        # PCIe native hotplug: the guest sees an attention button and lets go ~5 s later; QEMU then
+        # drops the device (its netdev stays until the VM ends, unused).
+        self._monitor().run("device_del", id=f"nic{index}")
+
     def pause(self) -> None:
         self._monitor().run("stop")
 

@@ -47,6 +47,13 @@ def create_tap(
         # MULTI_QUEUE is fixed at creation.
         flags = {"no_pi": True, "one_queue": False, "vnet_hdr": False, "multi_queue": multi_queue}
         ipr.link("add", ifname=name, kind="tuntap", mode="tap", ifr=flags)
+    adopt_tap(ns, name, mtu, mac)
+
+
+def adopt_tap(ns: str | None, name: str, mtu: int, mac: str | None = None) -> None:
+    """The tap ``name`` in ``ns`` (made there, or moved there from a VM pool's namespace) up, with
+    ``mtu`` (and ``mac``), marked as ours."""
+    with rtnl(ns) as ipr:
         index = ipr.link_lookup(ifname=name)[0]
         attrs: dict[str, object] = {"mtu": mtu, "ifalias": OWN_TAP_ALIAS}
         if mac:

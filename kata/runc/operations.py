@@ -321,12 +321,22 @@ def _mirror_network(store: ContainerStore, rec: ContainerRecord) -> None:
     (a pod's member shares the network its sandbox mirrored)."""
     from kata.sandbox import network
 
-    if rec.sandbox or not network.may_have_endpoints(rec.pid):
+    if rec.sandbox or not (network.may_have_endpoints(rec.pid) or _took_pooled_nic(rec.id)):
         return  # the common case (--network none, or no CNI yet): the sandbox service is not loaded
     from kata.sandbox.pod import Pod
 
     with agent_of(rec) as agent:
         Pod.attach(rec.id, agent).mirror_network()
+
+
+def _took_pooled_nic(sid: str) -> bool:
+    """Whether the sandbox's VM came from the pool with a NIC (which, unused, must be given back)."""
+    from kata.sandbox.paths import SandboxPaths
+
+    try:
+        return bool(json.loads(SandboxPaths(sid).pod_record.read_text()).get("pooled_nic"))
+    except (OSError, ValueError):
+        return False
 
 
 def kill(store: ContainerStore, cid: str, signum: int, all_processes: bool = False) -> None:

@@ -12,7 +12,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
+
+from kata.errors import KataError
 
 if TYPE_CHECKING:
     from kata.agent_client.client import AgentClient
@@ -39,18 +42,35 @@ def may_have_endpoints(pid: int) -> bool:
     return any(line.split(":", 1)[0].strip() not in _NOT_ENDPOINTS for line in lines)
 
 
-def mirror(netns: str, hyp: Hypervisor, agent: AgentClient) -> list[tuple[str, str]]:
-    """Mirror every endpoint of ``netns`` into the VM; returns the (interface, tap) pairs made."""
+def mirror(netns: str, hyp: Hypervisor, agent: AgentClient,
+           pooled: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
+    """Mirror every endpoint of ``netns`` into the VM; returns the (interface, tap) pairs made.
+
+    ``pooled``: the NIC a pooled VM came with (NIC 0, kata.factory.pool_nic): the first endpoint
+    takes it when its tap is in ``netns`` (``tap``), the guest's link getting the endpoint's MAC in
+    place of the pool's (``mac``); the endpoints' own NICs follow it."""
     from kata.network import endpoints, tcfilter
 
     found = endpoints.discover(netns)
     made: list[tuple[str, str]] = []
     if not found:
+        if pooled:
+            _unplug_pooled(netns, hyp, pooled)
         return made
     queues = hyp.nic_queues()
     by_fd = not _vmm_in(netns, hyp)
+    offset = 1 if pooled else 0
     try:
-        for index, ep in enumerate(found):
+        for i, ep in enumerate(found):
+            if i == 0 and pooled and pooled.get("tap"):
+                tap = pooled["tap"]
+                tcfilter.adopt_tap(netns, tap, ep.mtu)
+                made.append((ep.name, tap))
+                tcfilter.connect(netns, ep.name, tap)
+                _configure(agent, ep, current_mac=pooled["mac"])
+                log.info(f"network: {ep.name} ({ep.mac}) mirrored into the VM through the pooled {tap}")
+                continue
+            index = i + offset
             tap = tcfilter.tap_name(index)
             tcfilter.create_tap(netns, tap, ep.mtu, multi_queue=queues > 1)
             made.append((ep.name, tap))
@@ -72,6 +92,20 @@ def mirror(netns: str, hyp: Hypervisor, agent: AgentClient) -> list[tuple[str, s
     return made
 
 
+def _unplug_pooled(netns: str, hyp: Hypervisor, pooled: Mapping[str, str]) -> None:
+    """No interface to give a pooled VM's NIC: the guest gives it back, and its tap goes."""
+    from kata.network import tcfilter
+
+    try:
+        hyp.unplug_nic(0)
+    except KataError as exc:  # e.g. asked already: the guest is letting go of it
+        log.warning(f"network: unplugging the pooled VM's unused NIC: {exc}")
+    finally:
+        hyp.release()
+    if pooled.get("tap"):
+        tcfilter.delete_link(netns, pooled["tap"])
+
+
 def _vmm_in(netns: str, hyp: Hypervisor) -> bool:
     """Whether the VMM runs in ``netns`` (it does unless it came from the warm pool): there it opens
     a tap by name; elsewhere it is handed descriptors opened in ``netns``."""
@@ -87,11 +121,11 @@ def _vmm_in(netns: str, hyp: Hypervisor) -> bool:
         return True
 
 
-def _configure(agent: AgentClient, ep: Endpoint) -> None:
+def _configure(agent: AgentClient, ep: Endpoint, current_mac: str = "") -> None:
     from kata.agent_client.client import AgentError
     from kata.protocols import agent_pb2 as pb
 
-    iface = pb.Interface(name=ep.name, hw_addr=ep.mac, mtu=ep.mtu, ip_addresses=[
+    iface = pb.Interface(name=ep.name, hw_addr=ep.mac, current_hw_addr=current_mac, mtu=ep.mtu, ip_addresses=[
         pb.IPAddress(family=pb.v6 if family == 6 else pb.v4, address=address, mask=str(prefix))
         for family, address, prefix in ep.addresses])
     deadline = time.monotonic() + _NIC_TIMEOUT

@@ -72,6 +72,7 @@ class PodRecord:
     netns: str = ""  # the network namespace the VMM lives in ("" for a new one nobody pinned)
     netns_pinned: bool = False  # made and pinned by us: teardown unpins it
     network: list[list[str]] = field(default_factory=list)  # [interface, tap] mirrored into the VM
+    pooled_nic: dict[str, str] = field(default_factory=dict)  # a pooled VM's NIC 0 ({}: none), see mirror()
     sized_as_pod: bool = False  # the CRI sized the VM for the whole pod: containers add nothing
     limits: dict[str, Limits] = field(default_factory=dict)
     # The host cgroups (kata.sandbox.host_cgroups.CgroupRecord; {} for none), and the figures they sum:
@@ -225,8 +226,9 @@ class Pod:
             before_launch = None if joined is None else (
                 lambda: joined.join_self(members() if members is not None else ()))
             sandbox = Sandbox.create(sid, cfg, bundle.spec, debug=debug, timings=timings, claimed=True,
-                                     before_launch=before_launch)
+                                     before_launch=before_launch, netns=netns)
             pod = cls(sandbox, record, cgroups)
+            pod._adopt_nic()
             pod._adopt_vmm()
             pod._place_vcpus()
         except BaseException:
@@ -361,6 +363,23 @@ class Pod:
         if self.cgroups is not None:
             self.cgroups.apply(_pod_limits(self.record, self.record.figures))
 
+    def _adopt_nic(self) -> None:
+        """Keep what the pod's network needs to know of a pooled VM's NIC; one that stayed in the
+        pool's namespace (this pod has none of its own) is unplugged: no link of the guest's unused."""
+        nic = self.sandbox.pooled_nic
+        hyp = self.sandbox.hypervisor
+        if nic is None or hyp is None:
+            return
+        self.record.pooled_nic = dict(nic)
+        self._save()
+        if not nic.get("tap"):
+            try:
+                hyp.unplug_nic(0)
+            except KataError as exc:
+                log.warning(f"pod {self.id}: unplugging the pooled VM's unused NIC: {exc}")
+            finally:
+                hyp.release()
+
     def _adopt_vmm(self) -> None:
         """A VMM from the warm pool was born in its daemon's cgroups, and so was the virtiofsd it came
         with (with the process its namespace sandbox forked): they join the pod's home cgroup, every
@@ -418,7 +437,7 @@ class Pod:
             if not self.record.netns or self.record.network or hyp is None:
                 return
             try:
-                made = network.mirror(self.record.netns, hyp, self.agent())
+                made = network.mirror(self.record.netns, hyp, self.agent(), self.record.pooled_nic or None)
             finally:
                 hyp.release()
             self.record.network = [list(pair) for pair in made]

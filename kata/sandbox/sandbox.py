@@ -138,6 +138,9 @@ class Sandbox:
         # The VM came from the warm pool: its VMM was started by the pool's daemon, not by us, so
         # the pod moves it into its cgroups itself (it did not inherit them).
         self.adopted = False
+        # A pooled VM's first NIC, hot-added already (pool_client.Taken.nic), until the pod uses it.
+        self.pooled_nic: dict[str, str] | None = None
+        self._netns = ""
         self._before_launch: Callable[[], None] | None = None
         self.log = logging.getLogger(__name__)  # a child of the CLI's "kata" logger
 
@@ -145,15 +148,17 @@ class Sandbox:
     @classmethod
     def create(cls, sid: str, cfg: RuntimeConfig, spec: dict[str, Any], debug: bool = False,
                timings: Timings | None = None, claimed: bool = False,
-               before_launch: Callable[[], None] | None = None) -> Sandbox:
+               before_launch: Callable[[], None] | None = None, netns: str = "") -> Sandbox:
         """Bring the VM up. ``claimed``: the caller made the state directory itself (claim_id) and
         recorded there what tearing down needs; otherwise it is claimed here. ``before_launch`` runs
         once, right before the sandbox's own processes (virtiofsd, the VMM) are started, after a
-        template VM that outlives it was made: what it does to this process (its cgroups) they inherit."""
+        template VM that outlives it was made: what it does to this process (its cgroups) they inherit.
+        ``netns``: the pod's network namespace (a path), where a pooled VM's NIC can go."""
         if not claimed:
             claim_id(sid)
         sb = cls(sid, cfg, timings)
         sb._before_launch = before_launch
+        sb._netns = netns
         try:
             sb._bring_up(spec, debug)
         except BaseException:
@@ -295,7 +300,8 @@ class Sandbox:
         from kata.factory.template import template_key
         from kata.fs_share.virtiofsd import Virtiofsd
 
-        if pool.poolable(config) is not None:
+        endpoint = Path(self.cfg.factory.vm_cache_endpoint)
+        if pool.poolable(config) is not None or not endpoint.exists():
             return False
         fsd = None
         if config.shared_fs is not None and config.shared_fs.kind == "virtio-fs":
@@ -305,8 +311,9 @@ class Sandbox:
             self.shared.destroy()
         taken = None
         try:
-            taken = pool.take(Path(self.cfg.factory.vm_cache_endpoint), template_key(config), self.id,
-                              share=fsd.settings() if fsd is not None else None)
+            taken = pool.take(endpoint, template_key(config), self.id,
+                              share=fsd.settings() if fsd is not None else None,
+                              netns=self._netns if self._netns.startswith("/") else None)
         finally:
             if fsd is not None and (taken is None or not taken.share):
                 self.shared.create()
@@ -314,6 +321,7 @@ class Sandbox:
             return False
         self.hypervisor = hypervisor.attach(self.cfg.hypervisor, taken.vm_dir)
         self.adopted = True
+        self.pooled_nic = taken.nic
         self.timings.mark("vm_taken")
         self._save_state("creating")
         self._launching()

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from kata.factory import pool
-from kata.sandbox.paths import POOL_ROOT, POOL_SHARES_ROOT, SHARED_ROOT, VM_ROOT
+from kata.sandbox.paths import POOL_ROOT, POOL_SHARES_ROOT, SHARED_ROOT, STATE_ROOT, VM_ROOT
 from kata.utils.mount import mounts_under
 from kata.utils.process import descendants
 from tests.conftest import config_with, leftovers, pids_naming, process_gone, runtime_bin
@@ -29,6 +29,7 @@ from tests.support.bundles import make_busybox_bundle
 from tests.support.cri import CriClient, Pod
 from tests.support.cri_config import KATA
 from tests.support.daemons import Containerd
+from tests.support.netns import in_netns
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("needs_guest")]
 
@@ -152,6 +153,16 @@ def test_runtime_takes_a_pooled_vm_and_the_pool_refills(tmp_path: Path, cid: str
         # The pool refills behind it, and forgot the VM it handed over.
         refilled = _ready()
         assert qemu not in refilled and _status()["taken"] == 1
+        # This container has no network namespace of its own: the pooled NIC went unused, its tap
+        # was deleted in the pool's namespace (only the ready clones' are there), and the guest
+        # gives the NIC back (PCIe unplug takes the guest ~5 s).
+        links = in_netns(f"/proc/{pool_daemon}/ns/net", "ip", "-o", "link", "show").stdout
+        assert links.count(": kpool") == N, links
+        def guest_links() -> list[str]:
+            return subprocess.run([*cli, "exec", cid, "ls", "/sys/class/net"], capture_output=True, text=True,
+                                  timeout=30).stdout.split()
+
+        _wait(lambda: "eth0" not in guest_links(), 30, "the unused NIC gone")
     finally:
         subprocess.run([*cli, "delete", "--force", cid], capture_output=True, timeout=60)
     assert process_gone(qemu)
@@ -233,6 +244,16 @@ def test_cri_pods_take_pooled_vms_with_network_and_cgroups(cri: CriClient, cri_c
             assert _cgroup(qemu, c) == _cgroup(shim, c) != _cgroup(pool_daemon, c), c
         netns_web = cri.pod_netns(web.id)
         assert os.stat(f"/proc/{qemu}/ns/net").st_ino != os.stat(netns_web).st_ino
+        # Its first NIC came with it: the tap QEMU held in the pool moved into the pod's namespace,
+        # and the guest's link took the pod's MAC (the pool's is gone from it).
+        record = json.loads((STATE_ROOT / "sbs" / web.id / "pod.json").read_text())
+        assert record["pooled_nic"]["tap"] == "tap0_kata" and record["network"] == [["eth0", "tap0_kata"]]
+        links = json.loads(in_netns(netns_web, "ip", "-j", "link", "show").stdout)
+        eth0 = next(link for link in links if link["ifname"] == "eth0")
+        tap = next(link for link in links if link["ifname"] == "tap0_kata")
+        assert tap.get("ifalias") == "kata-tap"
+        guest = cri.exec_sync(server, ["cat", "/sys/class/net/eth0/address"])
+        assert guest.stdout.strip() == eth0["address"] != record["pooled_nic"]["mac"], guest
         # Networking through taps handed over as descriptors: the client pod fetches from the web pod.
         sleeper = cri.run_container(client, "sleeper", cri_containerd.image, ["sleep", "100000"])
         web_ip = cri.pod_ip(web.id)

@@ -72,6 +72,10 @@ def test_messages_are_bounded_json_objects() -> None:
     ({"op": "take", "key": "k", "sid": "a/b"}, "invalid"),
     ({"op": "take", "key": "k", "sid": "x" * 300}, "invalid"),
     ({"op": "take", "key": "k", "sid": ""}, "empty"),
+    ({"op": "take", "key": "k", "sid": "a", "share": "-o cache=always"}, "list of virtiofsd options"),
+    ({"op": "take", "key": "k", "sid": "a", "share": [1]}, "list of virtiofsd options"),
+    ({"op": "take", "key": "k", "sid": "a", "netns": "cni-1234"}, "absolute path"),
+    ({"op": "take", "key": "k", "sid": "a", "netns": 3}, "absolute path"),
 ])
 def test_bad_requests_are_refused(tmp_path: Path, msg: dict[str, object], error: str) -> None:
     answer = daemon(tmp_path).handle(msg)
@@ -223,3 +227,12 @@ def test_a_9p_share_is_not_pooled(tmp_path: Path) -> None:
     nine_p = dataclasses.replace(c, shared_fs=SharedFs("virtio-9p", tmp_path))
     assert "virtio-9p" in str(pool.poolable(nine_p))
     assert "vsock" in str(pool.poolable(dataclasses.replace(c, agent_channel="vsock")))
+
+
+@pytest.mark.parametrize("path", ["/proc/self/ns/pid", "/etc/hostname", "/nonexistent"])
+def test_a_pooled_tap_moves_only_into_a_network_namespace(path: str) -> None:
+    """take's netns comes from a caller: anything but a network namespace is refused before any move."""
+    from kata.factory.pool_nic import PooledNic, move
+
+    with pytest.raises(OSError):
+        move(PooledNic("kpool-none", "02:00:00:00:00:01"), path)
