@@ -55,8 +55,10 @@ log = logging.getLogger("kata.pool")
 # A client that has not sent its request in this long is dropped (the daemon serves one at a time).
 REQUEST_TIMEOUT = 2.0
 # After a take the refill waits this long, so the new clone does not compete for the CPU with the
-# sandbox that just took one (on this 2-core TCG host, a restore costs ~0.5 s of a core).
-REFILL_DELAY = 0.5
+# sandbox that just took one: a clone costs ~0.5 s of a core (restore, share, NIC), and on this 2-core
+# TCG host a refill 0.5 s after the take cancelled the pool's gain for `docker run` (1.55 s against
+# 1.54 s without a pool; 1.41 s with the refill 3 s later). A sandbox is up within ~1.5 s of its take.
+REFILL_DELAY = 2.0
 # How often the refill looks at the pool when nothing wakes it (a clone that died, changed assets).
 _TICK = 2.0
 PID_FILE = POOL_ROOT / "pool.pid"
