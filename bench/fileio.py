@@ -5,7 +5,9 @@ container by busybox's `time`:
 
 - sequential write of a --size-mib file (`dd ... conv=fsync`);
 - sequential read of a --size-mib file the host wrote before the container started (so the guest's
-  page cache is cold and the bytes come through the share; the host's cache is warm for both);
+  page cache is cold and the bytes come through the share; the host's cache is warm for both), in
+  1 MiB reads ("read"), and of another such file in busybox dd's default 512-byte reads ("read512",
+  what a program reading in small pieces sees: one system call per 512 bytes);
 - --files small files created one by one, then listed with their attributes (`ls -l`).
 
     python bench/fileio.py [--size-mib 256] [--files 2000] [--runs 3] [--json FILE]
@@ -33,7 +35,7 @@ from kata.config.load import find_config  # noqa: E402
 from kata.errors import KataError  # noqa: E402
 from tests.support.daemons import Containerd, containerd_daemon  # noqa: E402
 
-STEPS = ("write", "read", "files")
+STEPS = ("write", "read", "read512", "files")
 _REAL = re.compile(r"real\s+(?:(\d+)m\s*)?([\d.]+)s")
 
 
@@ -42,6 +44,7 @@ def script(size_mib: int, files: int) -> str:
     return (f"exec 2>&1; cd /v && "
             f"time sh -c 'dd if=/dev/zero of=w bs=1M count={size_mib} conv=fsync 2>/dev/null'; echo =write; "
             f"time sh -c 'dd if=r of=/dev/null bs=1M 2>/dev/null'; echo =read; "
+            f"time sh -c 'dd if=r2 of=/dev/null 2>/dev/null'; echo =read512; "
             f"mkdir d && time sh -c 'i=0; while [ $i -lt {files} ]; do echo x > d/f$i; i=$((i+1)); done; "
             f"ls -l d > /dev/null'; echo =files")
 
@@ -63,10 +66,11 @@ def parse(output: str) -> dict[str, float]:
 def one_run(c: Containerd, runtime: list[str], size_mib: int, files: int, timeout: float) -> dict[str, float]:
     volume = Path(tempfile.mkdtemp(prefix="kata-fileio-"))
     try:
-        with open(volume / "r", "wb") as f:  # the file the container reads, written by the host
-            block = b"\xa5" * (1 << 20)
-            for _ in range(size_mib):
-                f.write(block)
+        for name in ("r", "r2"):  # the files the container reads, written by the host
+            with open(volume / name, "wb") as f:
+                block = b"\xa5" * (1 << 20)
+                for _ in range(size_mib):
+                    f.write(block)
         proc = checked(c.ctr, "run", "--rm", *runtime, "--mount",
                        f"type=bind,src={volume},dst=/v,options=rbind:rw", c.image,
                        f"fio-{uuid.uuid4().hex[:10]}", "sh", "-c", script(size_mib, files), timeout=timeout)
@@ -117,18 +121,19 @@ def main() -> int:
     size = args.size_mib
     runc = results.get("runc", {})
     print(f"medians of {args.runs} runs; {size} MiB sequential, {args.files} small files; MB/s and s")
-    print(f"{'':16s} {'write MB/s':>10s} {'read MB/s':>10s} {'files s':>8s}   "
-          "ratios to runc (write, read, files)")
+    print(f"{'':16s} {'write MB/s':>10s} {'read MB/s':>10s} {'512 B reads':>11s} {'files s':>8s}   "
+          "ratios to runc (write, read, 512 B reads, files)")
     for mode, r in results.items():
         if "error" in r:
             print(f"{mode:16s} FAILED: {r['error']}")
             continue
-        w, rd = size * 1.048576 / r["write"], size * 1.048576 / r["read"]
+        w, rd, small = (size * 1.048576 / r[step] for step in ("write", "read", "read512"))
         ratios = ""
         if mode != "runc" and "write" in runc:
             ratios = (f"{runc['write'] / r['write']:.2f} {runc['read'] / r['read']:.2f} "
-                      f"{r['files'] / runc['files']:.1f}x slower")
-        print(f"{mode:16s} {fmt(w, '10.0f')} {fmt(rd, '10.0f')} {fmt(r['files'], '8.2f')}   {ratios}")
+                      f"{runc['read512'] / r['read512']:.2f} {r['files'] / runc['files']:.1f}x slower")
+        cells = f"{fmt(w, '10.0f')} {fmt(rd, '10.0f')} {fmt(small, '11.0f')} {fmt(r['files'], '8.2f')}"
+        print(f"{mode:16s} {cells}   {ratios}")
     emit({"bench": "fileio", "size_mib": size, "files": args.files, "runs": args.runs, **results}, args.json)
     return 1 if any("error" in r for r in results.values()) else 0
 

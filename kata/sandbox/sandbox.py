@@ -319,16 +319,17 @@ class Sandbox:
                 self.shared.create()
         if taken is None:
             return False
+        if taken.share:
+            # Ours from here, whatever fails next: destroy() stops it.
+            assert fsd is not None  # a share is only asked for with one
+            self.virtiofsd = Virtiofsd.attach(fsd.binary, self.paths.virtiofsd_socket, self.paths.shared_dir)
         self.hypervisor = hypervisor.attach(self.cfg.hypervisor, taken.vm_dir)
         self.adopted = True
         self.pooled_nic = taken.nic
         self.timings.mark("vm_taken")
         self._save_state("creating")
         self._launching()
-        if taken.share:
-            assert fsd is not None  # a share is only asked for with one
-            self.virtiofsd = Virtiofsd.attach(fsd.binary, self.paths.virtiofsd_socket, self.paths.shared_dir)
-        else:
+        if not taken.share:
             self._start_virtiofsd(config)
             if config.shared_fs is not None and config.shared_fs.hotplug:
                 self.hypervisor.attach_shared_fs(config.shared_fs)
