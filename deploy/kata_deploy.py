@@ -292,6 +292,7 @@ class Options:
     cleanup: str
     node: str | None
     force: bool
+    start: str = ""  # run on the host once kata is installed (the VM templates and the warm pool)
 
 
 def _config_file(o: Options) -> Path:
@@ -324,6 +325,10 @@ def install(o: Options, api: ApiServer | None = None) -> None:
         _restart(o, conf, old)
         print(f"kata-deploy: added runtime {RUNTIME!r} to {conf}")
     print(f"kata-deploy: {len(manifest.files)} files installed under {o.root}")
+    try:
+        host_command(o.host_exec, o.start)
+    except DeployError as e:  # kata works without templates or a pool, only starts slower
+        print(f"kata-deploy: warning: {e}", file=sys.stderr)
     if o.node:
         label_node(api or ApiServer.in_cluster(), o.node, "true")
 
@@ -391,12 +396,15 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[str, Options, bool]:
     ap.add_argument("--cleanup-cmd",
                     default=env("KATA_DEPLOY_CLEANUP", f"{VENV}/bin/kata-runtime factory destroy"),
                     help="run on the host before uninstall removes the files ('' nothing)")
+    ap.add_argument("--start-cmd", default=env("KATA_DEPLOY_START", f"{VENV}/bin/kata-runtime factory init"),
+                    help="run on the host after install: the VM templates, and the warm VM pool when the "
+                         "configuration keeps one ('' nothing)")
     ap.add_argument("--node", default=env("NODE_NAME") or None, help="the Kubernetes node to (un)label")
     ap.add_argument("--force", action="store_true", help="overwrite files kata-deploy did not install")
     ap.add_argument("--stay", action="store_true", help="after install, run until SIGTERM")
     a = ap.parse_args(argv)
     return a.command, Options(Path(a.host_root), a.containerd_config, Path(a.payload), a.config_path,
-                              a.host_exec, a.restart_cmd, a.cleanup_cmd, a.node, a.force), a.stay
+                              a.host_exec, a.restart_cmd, a.cleanup_cmd, a.node, a.force, a.start_cmd), a.stay
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -81,6 +81,7 @@ def host(tmp_path: Path) -> dict[str, Path]:
 def run(host: dict[str, Path], command: str, *extra: str) -> int:
     return int(kd.main([command, "--host-root", str(host["root"]), "--payload", str(host["payload"]),
                         "--restart-cmd", f"sh -c 'echo restart >> {host['restarts']}'", "--cleanup-cmd", "",
+                        "--start-cmd", f"sh -c 'echo start >> {host['restarts']}.start'",
                         "--node", "", *extra]))
 
 
@@ -105,6 +106,8 @@ def test_install_twice_then_uninstall_restores_the_host(host: dict[str, Path]) -
     link = (root / "usr/local/bin/containerd-shim-kata-v2").readlink()
     assert link == Path("/opt/kata-containers/venv/bin/containerd-shim-kata-v2")
     assert restarts(host) == 1
+    # The templates and the warm pool are started on the host after each install.
+    assert Path(f"{host['restarts']}.start").read_text() == "start\n"
 
     assert run(host, "install") == 0
     assert config.read_text() == installed
