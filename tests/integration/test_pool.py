@@ -1,7 +1,9 @@
 """The warm VM pool (kata.factory.pool) end to end: `kata-runtime factory init` starts the daemon with
-two clones of the default shape; `kata-runtime run` and CRI pods take them (the sandbox's QEMU is a
-pid the pool had ready, and nothing was restored for it), the pool refills, pooled pods reach each
-other over their hot-added NICs (taps handed to QEMU as descriptors) and read a virtio-fs volume, a
+two clones of the default shape; `kata-runtime run`, CRI pods and Docker containers take them (the
+sandbox's QEMU is a pid the pool had ready, and nothing was restored for it), with their virtio-fs
+share and first NIC attached already, the pool refills, pooled pods reach each other over the pooled
+NIC (its tap moved into the pod's namespace) and read a virtio-fs volume, an unused pooled NIC is
+given back, a
 pooled QEMU that dies ends its pod's tasks with 255, its QEMU joins the pod's cgroups; a stopped pool
 falls back to a restore; a daemon killed with SIGKILL leaves no QEMU behind; nothing is left after."""
 
@@ -25,11 +27,12 @@ from kata.sandbox.paths import POOL_ROOT, POOL_SHARES_ROOT, SHARED_ROOT, STATE_R
 from kata.utils.mount import mounts_under
 from kata.utils.process import descendants
 from tests.conftest import config_with, leftovers, pids_naming, process_gone, runtime_bin
+from tests.integration.conftest import _fail_on_leftovers, _kata_sandboxes, daemons_unavailable
 from tests.support.bundles import make_busybox_bundle
 from tests.support.cri import CriClient, Pod
 from tests.support.cri_config import KATA
-from tests.support.daemons import Containerd
-from tests.support.netns import in_netns
+from tests.support.daemons import Containerd, Runtime, docker_daemons, kata_runtime_path
+from tests.support.netns import in_netns, temporary_netns
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("needs_guest")]
 
@@ -269,3 +272,42 @@ def test_cri_pods_take_pooled_vms_with_network_and_cgroups(cri: CriClient, cri_c
             cri.remove_pod(pod.id)
     for pod in pods:
         assert cri_containerd.traces_of(pod.id) == []
+
+
+def test_docker_containers_take_pooled_vms_with_dockers_network(tmp_path: Path, pool_daemon: int) -> None:
+    """`docker run --runtime kata-pool`: the pooled VM's NIC serves Docker's bridge network, which
+    Docker connects only after create (its prestart hook): the guest's link gets Docker's MAC and
+    address, and reaches the host side of the bridge."""
+    reason = daemons_unavailable()
+    if reason:
+        pytest.skip(reason)
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "hello").write_text("pooled, from the host side\n")
+    before = _kata_sandboxes()
+    ready = _ready()
+    with temporary_netns("kdp") as ns:
+        runtime = Runtime(kata_runtime_path(), ("--config", str(CONFIG)))
+        with docker_daemons(runtimes={"kata-pool": runtime}, netns=ns) as docker:
+            server = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", "/bin/busybox", "httpd", "-f",
+                                       "-p", "172.17.0.1:18082", "-h", str(www)])
+            try:
+                run = docker.run("run", "-d", "--name", "kp", "--runtime", "kata-pool", docker.image,
+                                 "sleep", "1000", timeout=180)
+                assert run.returncode == 0, run.stderr
+                inspected = json.loads(docker.run("inspect", "kp", timeout=30).stdout)[0]
+                qemu = int((VM_ROOT / inspected["Id"] / "qemu.pid").read_text().split()[0])
+                assert qemu in ready, (qemu, ready)
+                settings = inspected["NetworkSettings"]
+                probe = "cat /sys/class/net/eth0/address; ip -4 -o addr show eth0"
+                inside = docker.run("exec", "kp", "sh", "-c", probe, timeout=60)
+                assert inside.stdout.startswith(settings["MacAddress"]), inside.stdout + inside.stderr
+                assert f"{settings['IPAddress']}/16" in inside.stdout, inside.stdout
+                got = docker.run("exec", "kp", "wget", "-q", "-O", "-", "http://172.17.0.1:18082/hello",
+                                 timeout=60)
+                assert got.stdout == "pooled, from the host side\n", got.stderr
+            finally:
+                docker.run("rm", "-f", "kp", timeout=120)
+                server.terminate()
+                server.wait(timeout=10)
+        _fail_on_leftovers(docker, docker.containerd, kata_before=before)
