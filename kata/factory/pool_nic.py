@@ -15,8 +15,6 @@ import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pyroute2.netlink.exceptions import NetlinkError
-
 from kata.network import rtnl, tcfilter
 
 if TYPE_CHECKING:
@@ -60,6 +58,8 @@ def move(nic: PooledNic, netns_path: str) -> str:
     """Move the tap into the network namespace at ``netns_path``, renamed as a pod's first tap;
     returns that name. OSError when the path is not a network namespace or the move fails."""
     import fcntl
+
+    from pyroute2.netlink.exceptions import NetlinkError  # after kata.network: see its loader
 
     fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
