@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Any
 
 from kata.guest.agent import log
 from kata.guest.agent.crun import ConsoleSocket, Crun, CrunError
 from kata.guest.agent.devices import fix_device_modes
 from kata.guest.agent.reaper import Exit, Reaper
-from kata.guest.agent.settle import exe_of, wait_settled
+from kata.guest.agent.settle import SETTLE_LIMIT, exe_of, wait_settled
 from kata.guest.agent.stdio import Stdio
 from kata.utils.ids import id_problem
 
@@ -48,6 +49,10 @@ class Container:
         self.init = init
         self.execs: dict[str, Process] = {}
         self.started = False
+        # While the init may still be starting up: what ran it before the start (crun's init), and
+        # when the start was; a signal in that window waits for it to settle (kata.guest.agent.settle).
+        self.launcher: str | None = None
+        self.started_at = 0.0
 
     @property
     def log_file(self) -> str:
@@ -175,11 +180,11 @@ class Sandbox:
         c = self.container(cid)
         if c.started:
             raise InvalidArgument(f"container {cid!r} already started")
-        launcher = exe_of(c.init.pid) if c.init is not None else None
+        c.launcher = exe_of(c.init.pid) if c.init is not None else None
         self.crun.run(["start", cid], log_file=c.log_file)
+        c.started_at = time.monotonic()
         c.started = True
-        waited = wait_settled(c.init.pid, launcher) if c.init is not None and launcher else 0.0
-        log.info(f"started container {cid} (its process settled after {waited * 1000:.0f} ms)")
+        log.info(f"started container {cid}")
 
     def exec_process(self, cid: str, exec_id: str, process_json: bytes) -> None:
         c = self.container(cid)
@@ -222,6 +227,13 @@ class Sandbox:
         p = self.process(cid, exec_id)
         if p.exit.done():
             return  # nothing left to signal; the shim signals exited processes routinely
+        c = self.container(cid)
+        launcher, since = c.launcher, time.monotonic() - c.started_at
+        if not exec_id and launcher and since < SETTLE_LIMIT:
+            # A stop right after the start: the signal waits until the workload can take it (a
+            # PID 1 without its handler yet would drop a SIGTERM). Only this window pays the wait.
+            waited = wait_settled(p.pid, launcher, SETTLE_LIMIT - since)
+            log.info(f"signal {sig} to {cid} waited {waited * 1000:.0f} ms for its process to settle")
         try:
             os.kill(p.pid, sig)
         except ProcessLookupError:

@@ -1,12 +1,14 @@
-"""Waits, after `crun start`, until a container's process is ready for signals.
+"""Waits, for a signal sent right after `crun start`, until a container's process is ready for it.
 
 crun start returns once the container's init has been released to exec, not once the workload
 runs. Under TCG the exec and the workload's own start take tens of milliseconds, and a SIGTERM in
 that window reaches a PID 1 without a handler yet: the kernel drops it, and a stop waits out its
-whole grace period. So StartContainer returns only when the new program runs and has either
-decided what SIGTERM (the stop signal of Kubernetes and Docker) does to it (a handler, or ignored),
-or gone to sleep (waiting for work, for a child, for input), or has exited; a program that does
-none of these (busy from its first instruction) is waited for at most SETTLE_LIMIT. A handler for
+whole grace period. So a signal to a container's init sent within SETTLE_LIMIT of its start waits
+until the new program runs and has either decided what SIGTERM (the stop signal of Kubernetes and
+Docker) does to it (a handler, or ignored), or gone to sleep (waiting for work, for a child, for
+input), or has exited; a program that does none of these (busy from its first instruction) is waited
+for until SETTLE_LIMIT after its start. StartContainer itself does not wait: only a stop that
+follows at once pays. A handler for
 another signal does not count: a shell installs its SIGCHLD handler before it runs the script that
 traps SIGTERM.
 """
@@ -17,7 +19,7 @@ import os
 import signal
 import time
 
-SETTLE_LIMIT = 0.5  # seconds; also the most a start can take longer because of this
+SETTLE_LIMIT = 0.5  # seconds after the start; also the most a signal can be held back because of this
 _POLL = 0.002
 _SETTLED_STATES = frozenset("SZXTtI")  # sleeping, exited, stopped, traced, idle
 _SIGTERM_BIT = 1 << (signal.SIGTERM - 1)  # in /proc/PID/status's signal masks
