@@ -45,6 +45,7 @@ from kata.factory.pool_nic import PooledNic
 from kata.factory.pool_share import PooledShare
 from kata.sandbox.paths import POOL_ROOT, POOL_SHARES_ROOT, VM_ROOT, InvalidIdError, validate_sandbox_id
 from kata.utils.process import ProcessId, terminate
+from kata.utils.sockets import listen_private
 
 if TYPE_CHECKING:
     from kata.config import RuntimeConfig
@@ -180,7 +181,10 @@ class PoolDaemon:
     def _refill(self) -> None:
         while not self._stop.is_set():
             with self._lock:
-                self._drop_dead_or_stale()
+                dropped = self._drop_dead_or_stale()
+            for slot in dropped:  # stopped outside the lock: a take must not wait for it
+                _kill(slot)
+            with self._lock:
                 wait = self._refill_after - time.monotonic()
                 if len(self.ready) >= self.target or wait > 0:
                     self._wake.wait(timeout=max(0.05, wait) if wait > 0 else _TICK)
@@ -209,18 +213,21 @@ class PoolDaemon:
             log.info(f"pool: clone {slot.name} ready in {time.monotonic() - began:.2f}s "
                      f"({len(self.ready)}/{self.target})")
 
-    def _drop_dead_or_stale(self) -> None:
-        """With the lock held: clones whose QEMU died, or of a shape no longer current, go."""
+    def _drop_dead_or_stale(self) -> list[Slot]:
+        """With the lock held: clones whose QEMU died, or of a shape no longer current, leave the
+        pool; returned for the caller to stop once it has let go of the lock."""
         try:
             key = self.current_key()
         except (OSError, KataError) as exc:
             key = ""
             self.counters.last_error = f"the pool's shape: {exc}"[:300]
+        dropped = []
         for slot in list(self.ready):
             if slot.key != key or not slot.vmm.is_running():
                 log.info(f"pool: dropping clone {slot.name} ({'stale shape' if slot.key != key else 'died'})")
                 self.ready.remove(slot)
-                _kill(slot)
+                dropped.append(slot)
+        return dropped
 
     # -- requests ----------------------------------------------------------------------------------
 
@@ -316,7 +323,8 @@ class PoolDaemon:
             _start_watcher(self.root, self.shares)  # before any thread: it forks
             # The pooled QEMUs need no network until a pod's taps are handed to them.
             netns.unshare()
-            listener = _listen(self.endpoint)
+            # (a dead daemon's socket there is replaced: we hold the pool's lock)
+            listener = listen_private(str(self.endpoint), 16)
             os.ftruncate(lock_fd, 0)
             os.write(lock_fd, f"{os.getpid()}\n".encode())
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -491,18 +499,6 @@ def _lock(path: Path) -> int:
         os.close(fd)
         raise PoolError(f"a VM pool daemon is running already (pid {other or '?'})") from None
     return fd
-
-
-def _listen(endpoint: Path) -> socket.socket:
-    endpoint.unlink(missing_ok=True)  # a dead daemon's: we hold the pool's lock
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    old = os.umask(0o077)
-    try:
-        sock.bind(str(endpoint))
-    finally:
-        os.umask(old)
-    sock.listen(16)
-    return sock
 
 
 def stop(endpoint: Path, timeout: float = 30.0) -> int | None:

@@ -81,7 +81,8 @@ class Taken:
 def take(endpoint: Path, key: str, sid: str, share: list[str] | None = None, netns: str | None = None,
          timeout: float = TAKE_TIMEOUT) -> Taken | None:
     """A warm VM of template key ``key``, moved to sandbox ``sid``'s VM directory; None when there
-    is no daemon, no clone of that shape ready, or the daemon fails: the caller restores. ``share``:
+    is no daemon, no clone of that shape ready, or the daemon fails: the caller restores; PoolError
+    when a VM was moved there but no answer came (the caller stops it). ``share``:
     the options of the virtiofsd the sandbox would start (a clone's own must match); ``netns``: the
     pod's network namespace (a path), where the tap of the clone's first NIC is moved."""
     if not endpoint.exists():
@@ -90,6 +91,9 @@ def take(endpoint: Path, key: str, sid: str, share: list[str] | None = None, net
         answer = call(endpoint, {"op": "take", "key": key, "sid": sid, "share": share, "netns": netns},
                       timeout)
     except PoolError as exc:
+        if (VM_ROOT / sid / "qemu.json").exists():
+            # The daemon handed a VM over, but its answer never came: the VM is the sandbox's to stop.
+            raise PoolError(f"VM pool: a VM was handed over without an answer ({exc})") from None
         log.info(f"sandbox {sid}: no pooled VM: {exc}")
         return None
     vm_dir = answer.get("vm_dir")

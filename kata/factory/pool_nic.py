@@ -22,8 +22,6 @@ if TYPE_CHECKING:
 
 # The device's ceiling (virtio-net's host_mtu): the agent sets the pod's MTU below it.
 MAX_MTU = 9000
-_NS_GET_NSTYPE = 0xB703
-_CLONE_NEWNET = 0x40000000
 
 
 @dataclass(frozen=True)
@@ -57,15 +55,19 @@ def remove(nic: PooledNic) -> None:
 def move(nic: PooledNic, netns_path: str) -> str:
     """Move the tap into the network namespace at ``netns_path``, renamed as a pod's first tap;
     returns that name. OSError when the path is not a network namespace or the move fails."""
-    import fcntl
-
     from pyroute2.netlink.exceptions import NetlinkError  # after kata.network: see its loader
 
-    fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    from kata.utils.nsfiles import NamespacePathError, identify
+
     try:
-        kind = fcntl.ioctl(fd, _NS_GET_NSTYPE)
-        if kind != _CLONE_NEWNET:
-            raise OSError(f"{netns_path} is not a network namespace")
+        # Checked first through O_PATH (nsfs, then the type): nothing else at the path is opened.
+        inode = identify("network", netns_path)
+    except NamespacePathError as exc:
+        raise OSError(str(exc)) from None
+    fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if os.fstat(fd).st_ino != inode:
+            raise OSError(f"{netns_path} changed while it was checked")
         name = tcfilter.tap_name(0)
         with rtnl(None) as ipr:
             found = ipr.link_lookup(ifname=nic.tap)

@@ -309,19 +309,25 @@ class Sandbox:
                                        self.paths.shared_dir)
             # A pooled VM brings its shared directory, served already: ours, still empty, makes room.
             self.shared.destroy()
-        taken = None
         try:
             taken = pool.take(endpoint, template_key(config), self.id,
                               share=fsd.settings() if fsd is not None else None,
                               netns=self._netns if self._netns.startswith("/") else None)
-        finally:
-            if fsd is not None and (taken is None or not taken.share):
-                self.shared.create()
+        except pool.PoolError as exc:
+            # A VM (and its share) was moved to this sandbox but no answer came: ours to stop, which
+            # the caller's destroy() does once they are attached.
+            self.hypervisor = hypervisor.attach(self.cfg.hypervisor, self.paths.vm_dir)
+            if fsd is not None:
+                self.virtiofsd = Virtiofsd.attach(fsd.binary, self.paths.virtiofsd_socket,
+                                                  self.paths.shared_dir)
+            raise KataError(str(exc)) from None
         if taken is None:
+            if fsd is not None:
+                self.shared.create()
             return False
-        if taken.share:
-            # Ours from here, whatever fails next: destroy() stops it.
-            assert fsd is not None  # a share is only asked for with one
+        if fsd is not None:
+            # Ours from here, whatever fails next: destroy() stops it. (A clone of this shape always
+            # comes with its share, served and hot-added: the pool prepares it with the VM.)
             self.virtiofsd = Virtiofsd.attach(fsd.binary, self.paths.virtiofsd_socket, self.paths.shared_dir)
         self.hypervisor = hypervisor.attach(self.cfg.hypervisor, taken.vm_dir)
         self.adopted = True
@@ -329,10 +335,6 @@ class Sandbox:
         self.timings.mark("vm_taken")
         self._save_state("creating")
         self._launching()
-        if not taken.share:
-            self._start_virtiofsd(config)
-            if config.shared_fs is not None and config.shared_fs.hotplug:
-                self.hypervisor.attach_shared_fs(config.shared_fs)
         self.timings.mark("shared_fs_attached")
         self._connect_agent(config)
         self._fresh_clone = True

@@ -22,6 +22,7 @@ from kata.hypervisor.base import SharedFs, VMConfig
 from kata.hypervisor.qemu import QemuState
 from kata.sandbox.paths import VIRTIOFSD_SOCKET
 from kata.utils.process import ProcessId
+from kata.utils.sockets import listen_private
 
 
 def vm_config(tmp_path: Path) -> VMConfig:
@@ -114,7 +115,7 @@ def test_only_root_is_answered(tmp_path: Path) -> None:
     open_dir.mkdir(mode=0o755)
     try:
         endpoint = open_dir / "pool.sock"
-        listener = pool._listen(endpoint)
+        listener = listen_private(str(endpoint), 16)
         os.chmod(endpoint, 0o777)
         # It is answered before it says anything: the peer's uid alone decides.
         client = (f"import socket; s=socket.socket(socket.AF_UNIX); s.connect({str(endpoint)!r}); "
@@ -130,7 +131,7 @@ def test_only_root_is_answered(tmp_path: Path) -> None:
         out, _ = proc.communicate(timeout=10)
         assert json.loads(out) == {"error": "the VM pool answers root alone"}
         # root is answered
-        with pool._listen(endpoint) as listener2:
+        with listen_private(str(endpoint), 16) as listener2:
             listener2.settimeout(10)
             s = socket.socket(socket.AF_UNIX)
             s.connect(str(endpoint))
@@ -229,10 +230,23 @@ def test_a_9p_share_is_not_pooled(tmp_path: Path) -> None:
     assert "vsock" in str(pool.poolable(dataclasses.replace(c, agent_channel="vsock")))
 
 
-@pytest.mark.parametrize("path", ["/proc/self/ns/pid", "/etc/hostname", "/nonexistent"])
-def test_a_pooled_tap_moves_only_into_a_network_namespace(path: str) -> None:
-    """take's netns comes from a caller: anything but a network namespace is refused before any move."""
+def test_a_pooled_tap_moves_only_into_a_network_namespace(tmp_path: Path) -> None:
+    """take's netns comes from a caller: anything but a network namespace is refused before any move,
+    without opening what is there (a FIFO would block the daemon)."""
     from kata.factory.pool_nic import PooledNic, move
+    from kata.utils.mount import MS_BIND, mount, unmount
 
-    with pytest.raises(OSError):
-        move(PooledNic("kpool-none", "02:00:00:00:00:01"), path)
+    nic = PooledNic("kpool-none", "02:00:00:00:00:01")
+    uts = tmp_path / "uts"
+    uts.touch()
+    # A namespace of another type, pinned as `ip netns` pins one.
+    mount("/proc/self/ns/uts", str(uts), None, MS_BIND)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    try:
+        for path, why in ((uts, "of type uts, not network"), (fifo, "not a namespace"),
+                          (tmp_path / "missing", "No such file")):
+            with pytest.raises(OSError, match=why):
+                move(nic, str(path))
+    finally:
+        unmount(str(uts))
