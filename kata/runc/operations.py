@@ -212,6 +212,8 @@ def _create_member(store: ContainerStore, cid: str, bundle: Bundle, sid: str, *,
         conf = {"role": "member", "cid": cid, "proxy": str(proxy_socket(sid)), "terminal": terminal,
                 "console_socket": console_socket, "foreground": foreground}
         ident = monitor.configure(conf)
+        if pod.cgroups is not None:  # a member's monitor lives where the sandbox's does
+            pod.cgroups.join(ident.pid)
         rec.pid, rec.pid_start, rec.status = ident.pid, ident.start_time, Status.CREATED
         store.save(rec)
         for kind in CREATE_HOOKS:
@@ -330,11 +332,12 @@ def _mirror_network(store: ContainerStore, rec: ContainerRecord) -> None:
 
 
 def _took_pooled_nic(sid: str) -> bool:
-    """Whether the sandbox's VM came from the pool with a NIC (which, unused, must be given back)."""
+    """Whether the sandbox's VM came from the pool with a NIC whose tap is in its namespace (which,
+    unused, must be given back; one left in the pool's namespace was given back at create)."""
     from kata.sandbox.paths import SandboxPaths
 
     try:
-        return bool(json.loads(SandboxPaths(sid).pod_record.read_text()).get("pooled_nic"))
+        return bool((json.loads(SandboxPaths(sid).pod_record.read_text()).get("pooled_nic") or {}).get("tap"))
     except (OSError, ValueError):
         return False
 
@@ -489,7 +492,7 @@ def exec_process(store: ContainerStore, cid: str, process: dict[str, Any], *, co
     from kata.sandbox.host_cgroups import join_pod
 
     try:
-        join_pod(cid, ident.pid)  # where the init monitor is: the pod's host cgroup
+        join_pod(rec.sandbox_id(), ident.pid)  # where the init monitor is: the pod's host cgroup
     except KataError as exc:
         log.warning(f"exec in {cid}: the monitor stays out of the pod's cgroup: {exc}")
     with store.locked(cid) as rec:
