@@ -11,6 +11,8 @@ the generated classes).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import TypeVar
 
 from kata import ttrpc
 from kata.agent_client.lite import LiteAgent
@@ -18,6 +20,8 @@ from kata.metrics import MetricsError
 from kata.metrics.figures import ContainerFigures, GuestFigures, ProcessFigures
 from kata.ttrpc import wire
 from kata.utils.ids import id_problem
+
+V = TypeVar("V")
 
 # How long a scrape waits for the agent: kata-monitor waits a little longer for the whole sandbox.
 TIMEOUT = 2.0
@@ -31,6 +35,9 @@ MAX_FIGURES = 128
 MAX_CPUS = 1025  # "cpu" and 1024 CPUs
 MAX_INTERFACES = 64
 MAX_CONTAINERS = 256
+# All figures of one answer: each list has its own bound, but together they could reach ~200,000
+# within a ttrpc frame, rendered at every scrape. An idle pod sends about 400.
+MAX_TOTAL_FIGURES = 16384
 _MAX_VALUE = (1 << 63) - 1
 _MAX_CLOCK_TICKS = 100_000
 _MAX_LOAD_THOUSANDTHS = 1_000_000_000  # a load of a million
@@ -68,7 +75,7 @@ def _metrics(f: wire.Fields) -> GuestFigures:
     agent = _messages(f, 8, "agent", 1)
     containers = [_container(m) for m in _messages(f, 9, "containers", MAX_CONTAINERS)]
     _unique([c.id for c in containers], "container")
-    return GuestFigures(
+    figures = GuestFigures(
         clock_ticks=clock_ticks,
         meminfo=_figures(f, 2, "meminfo"),
         cpu=_named(f, 3, "cpu", _CPU, MAX_CPUS),
@@ -80,6 +87,18 @@ def _metrics(f: wire.Fields) -> GuestFigures:
         containers=containers,
         scrapes=_int(f, 10),
     )
+    agent_figures = figures.agent
+    total = (len(figures.meminfo) + len(figures.stat) + len(figures.load) + len(figures.tasks)
+             + _count(figures.cpu) + _count(figures.netdev)
+             + len(agent_figures.stat) + len(agent_figures.status) + len(agent_figures.io)
+             + sum(len(c.cpu) + len(c.memory) + len(c.pids) + len(c.io) for c in containers))
+    if total > MAX_TOTAL_FIGURES:
+        raise GuestMetricsError(f"{total} figures, more than {MAX_TOTAL_FIGURES}")
+    return figures
+
+
+def _count(named: dict[str, dict[str, int]]) -> int:
+    return sum(len(v) for v in named.values())
 
 
 def _process(f: wire.Fields) -> ProcessFigures:
@@ -97,30 +116,30 @@ def _container(f: wire.Fields) -> ContainerFigures:
                             io=_figures(f, 5, "container io"))
 
 
-def _named(f: wire.Fields, number: int, what: str, pattern: re.Pattern[str], limit: int
-           ) -> dict[str, dict[str, int]]:
-    out = {}
+def _keyed(f: wire.Fields, number: int, what: str, pattern: re.Pattern[str], limit: int,
+           value: Callable[[wire.Fields, str], V]) -> dict[str, V]:
+    """Repeated messages whose field 1 is a name (matching ``pattern``, each once); ``value`` reads
+    the rest of each."""
+    out: dict[str, V] = {}
     for m in _messages(f, number, what, limit):
         name = _str(m, 1)
         if not pattern.fullmatch(name):
             raise GuestMetricsError(f"{what}: a name that is not one: {ascii(name[:32])}")
         if name in out:
             raise GuestMetricsError(f"{what}: {name} twice")
-        out[name] = _figures(m, 2, f"{what} {name}")
+        out[name] = value(m, f"{what} {name}")
     return out
+
+
+def _named(f: wire.Fields, number: int, what: str, pattern: re.Pattern[str], limit: int
+           ) -> dict[str, dict[str, int]]:
+    """Repeated NamedFigures {name = 1; repeated Figure figures = 2}."""
+    return _keyed(f, number, what, pattern, limit, lambda m, w: _figures(m, 2, w))
 
 
 def _figures(f: wire.Fields, number: int, what: str) -> dict[str, int]:
     """Repeated Figure {name = 1; value = 2}."""
-    out = {}
-    for m in _messages(f, number, what, MAX_FIGURES):
-        name = _str(m, 1)
-        if not _NAME.fullmatch(name):
-            raise GuestMetricsError(f"{what}: a name that is not one: {ascii(name[:32])}")
-        if name in out:
-            raise GuestMetricsError(f"{what}: {name} twice")
-        out[name] = _int(m, 2)
-    return out
+    return _keyed(f, number, what, _NAME, MAX_FIGURES, lambda m, _: _int(m, 2))
 
 
 def _messages(f: wire.Fields, number: int, what: str, limit: int) -> list[wire.Fields]:

@@ -139,6 +139,10 @@ HOSTILE: dict[str, bytes] = {
     "an absurd load": _bad(lambda m: m.load.add(name="load5", value=10**15)),
     "a container id with a slash": _bad(lambda m: m.containers.add(container_id="../../etc")),
     "a container twice": _bad(lambda m: m.containers.add(container_id="c1")),
+    # Each list within its bound, 18,000 figures in all.
+    "too many figures in all": _bad(lambda m: [
+        m.containers.add(container_id=f"k{i}").cpu.extend(
+            [pb.Figure(name=f"F{j}", value=j) for j in range(120)]) for i in range(150)]),
     "a text where a message goes": wire.encode(((1, 100), (2, "MemTotal"))) + b"\x12\x01\xff",
     "a number where a message goes": wire.encode(((1, 100), (2, 5))),
     "a number where a name goes": wire.encode(((1, 100), (2, wire.encode(((1, 7),))))),
