@@ -78,6 +78,7 @@ class AgentService:
         self._forwards: Any = None  # kata.guest.agent.portforward.Forwards, from the first one on
         self._scrapes = 0
         self._scrapes_lock = threading.Lock()
+        self._forwards_lock = threading.Lock()
 
     # sandbox ------------------------------------------------------------------------------
     def create_sandbox(self, ctx: ttrpc.Context, req: pb.CreateSandboxRequest) -> empty_pb2.Empty:
@@ -255,11 +256,13 @@ class AgentService:
 
     # port forwarding ----------------------------------------------------------------------
     def _fwd(self) -> Any:
-        if self._forwards is None:
-            from kata.guest.agent.portforward import Forwards
+        # Under a lock: the first connections of a pod can arrive together, on different workers.
+        with self._forwards_lock:
+            if self._forwards is None:
+                from kata.guest.agent.portforward import Forwards
 
-            self._forwards = Forwards()
-        return self._forwards
+                self._forwards = Forwards()
+            return self._forwards
 
     def port_forward_connect(self, ctx: ttrpc.Context, req: pb.PortForwardConnectRequest) -> empty_pb2.Empty:
         self._fwd().connect(req.conn_id, req.port, ipv6=req.family == pb.IPFamily.v6)
