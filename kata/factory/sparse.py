@@ -58,6 +58,7 @@ def punch_zero_pages(path: Path) -> int:
     """Turn every all-zero page of ``path`` into a hole (reads still return zeroes); returns the
     bytes freed. Runs of zero pages are punched as one range."""
     zero = bytes(_SCAN)
+    zero_page = bytes(PAGE)
     freed = 0
     fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
@@ -73,7 +74,8 @@ def punch_zero_pages(path: Path) -> int:
                     run = pos if run < 0 else run
                 else:
                     for off in range(0, len(buf), PAGE):
-                        if view[off:off + PAGE] == zero[:len(view[off:off + PAGE])]:
+                        page = view[off:off + PAGE]
+                        if page == (zero_page if len(page) == PAGE else zero[:len(page)]):
                             run = pos + off if run < 0 else run
                         elif run >= 0:
                             _punch(fd, run, pos + off - run)
