@@ -13,7 +13,8 @@ first sandbox may make its VM template, the image is first unpacked for each sna
     python bench/cri_lifecycle.py [--iterations N] [--kata-config FILE] [--pool N] [--timeout S] [--json FILE]
 
 With ``--pool N`` (N > 0) a third handler, kata-pool, runs with the same configuration plus a warm VM
-pool of N clones (`kata-runtime factory init`), full again before each of its cycles.
+pool of N clones (`kata-runtime factory init`), full again after each of its cycles (untimed, before
+the next handler's cycle, so that the refill does not load another handler's).
 
 A handler that fails is reported with its error and the other is still measured; the exit status is
 then 1. Figures are from a noisy 2-core machine: read them as orders of magnitude, and as ratios to
@@ -126,9 +127,9 @@ def summary(cycles: list[dict[str, float]]) -> dict[str, Any]:
 
 
 def measure(cri: CriClient, c: Containerd, iterations: int, handlers: tuple[str, ...] = HANDLERS,
-            before: dict[str, Callable[[], None]] | None = None) -> dict[str, dict[str, Any]]:
+            after: dict[str, Callable[[], None]] | None = None) -> dict[str, dict[str, Any]]:
     """A first cycle of each handler, then ``iterations`` rounds of one cycle each, handlers in turn.
-    ``before``: what to wait for, untimed, before a handler's cycle (a pool full again)."""
+    ``after``: what to wait for, untimed, after a handler's cycle (its pool full again)."""
     results: dict[str, dict[str, Any]] = {}
     cycles: dict[str, list[dict[str, float]]] = {h: [] for h in handlers}
     for n in range(iterations + 1):
@@ -136,9 +137,9 @@ def measure(cri: CriClient, c: Containerd, iterations: int, handlers: tuple[str,
             if "error" in results.get(handler, {}):
                 continue
             try:
-                if before and handler in before:
-                    before[handler]()
                 times = lifecycle(cri, c, handler, n)
+                if after and handler in after:
+                    after[handler]()
             except RuntimeFailed as e:
                 results[handler] = {"error": f"cycle {n}: {e}"}
                 continue
@@ -205,20 +206,20 @@ def main() -> int:
     t0 = time.monotonic()
     try:
         with contextlib.ExitStack() as stack:
-            before: dict[str, Callable[[], None]] = {}
+            after: dict[str, Callable[[], None]] = {}
             if args.pool > 0:
                 tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kata-bench-")))
                 config = pool_config(tmp / "pool.toml", args.pool,
                                      Path(args.kata_config) if args.kata_config else None)
                 runtimes["kata-pool"] = dataclasses.replace(KATA, options={"ConfigPath": str(config)})
                 handlers = (*HANDLERS, "kata-pool")
-                before["kata-pool"] = stack.enter_context(warm_pool(kata_runtime_path(), config))
+                after["kata-pool"] = stack.enter_context(warm_pool(kata_runtime_path(), config))
             # containerd stops (removing any pod left) before its namespace goes, and before the pool
             netns = stack.enter_context(temporary_netns("ktbench"))
             c = stack.enter_context(containerd_daemon(cri=True, netns=netns, runtimes=runtimes))
             cri = stack.enter_context(c.cri_client(timeout=args.timeout))
             startup = time.monotonic() - t0
-            results = measure(cri, c, args.iterations, handlers, before)
+            results = measure(cri, c, args.iterations, handlers, after)
     except KataError as e:
         print(f"cri_lifecycle: {e}", file=sys.stderr)
         return 1

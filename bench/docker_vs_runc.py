@@ -130,7 +130,8 @@ def main() -> int:
             given = args.kata_arg.index("--config") if "--config" in args.kata_arg else None
             base = Path(args.kata_arg[given + 1]) if given is not None else None
             rest = [a for i, a in enumerate(args.kata_arg) if given is None or i not in (given, given + 1)]
-            pool_conf = pool_config(Path(tmp) / "pool.toml", args.pool, base)
+            # --debug puts agent.log=debug on the guest's command line: the pool's VMs need it too.
+            pool_conf = pool_config(Path(tmp) / "pool.toml", args.pool, base, agent_debug="--debug" in rest)
             runtimes["kata-pool"] = Runtime(args.kata, (*rest, "--config", str(pool_conf)))
         try:
             with docker_daemons(runtimes=runtimes) as d:

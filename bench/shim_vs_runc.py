@@ -51,7 +51,7 @@ from bench.benchlib import (  # noqa: E402
     with_descendants,
 )
 from kata.errors import KataError  # noqa: E402
-from kata.sandbox.paths import VM_ROOT  # noqa: E402
+from kata.sandbox.paths import VIRTIOFSD_SOCKET, VM_ROOT  # noqa: E402
 from tests.support.daemons import Containerd, containerd_daemon  # noqa: E402
 
 RUNTIMES = {"runc": "io.containerd.runc.v2", "kata": "io.containerd.kata.v2"}
@@ -94,11 +94,13 @@ def task_processes(c: Containerd, cid: str) -> dict[int, list[str]]:
     roots = {pid for pid, (_, argv) in table.items()
              if any(cid in a for a in argv) and kind(argv, address) != "other"
              and (kind(argv, address) != "shim" or address in argv)}
-    # A VM from the warm pool: its QEMU names its pool slot, not the sandbox; the sandbox's record has it.
-    try:
-        roots.add(int((VM_ROOT / cid / "qemu.pid").read_text().split()[0]))
-    except (OSError, ValueError, IndexError):
-        pass
+    # A VM from the warm pool: its QEMU and virtiofsd name their pool slot, not the sandbox; the pid
+    # files in the sandbox's VM directory have them.
+    for pid_file in ("qemu.pid", f"{VIRTIOFSD_SOCKET}.pid"):
+        try:
+            roots.add(int((VM_ROOT / cid / pid_file).read_text().split()[0]))
+        except (OSError, ValueError, IndexError):
+            pass
     return {pid: table[pid][1] for pid in with_descendants(roots, table) if pid in table}
 
 
