@@ -10,9 +10,11 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
+
+T = TypeVar("T")
 
 ASSETS = Path("/usr/share/kata-containers")
 KERNEL = ASSETS / "vmlinux.container"
@@ -63,12 +65,23 @@ def pids_naming(*words: str) -> set[int]:
     return found
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 60.0, what: str = "") -> None:
-    """Poll ``predicate`` until it is true; a test failure after ``timeout`` seconds."""
+def cgroup_of(pid: int, controller: str) -> str:
+    """The cgroup v1 path of ``pid`` in ``controller``'s hierarchy (from /proc/PID/cgroup)."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controller in controllers.split(","):
+            return path
+    raise AssertionError(f"{pid} has no {controller} cgroup")
+
+
+def wait_for(predicate: Callable[[], T | None], timeout: float = 60.0, what: str = "") -> T:
+    """Poll ``predicate`` until it is true, and return what it returned; a test failure after
+    ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+    while not (result := predicate()):
+        assert time.monotonic() < deadline, f"timed out after {timeout:g}s waiting for {what}"
         time.sleep(0.2)
+    return result
 
 
 def inspect(cli: Any, name: str) -> dict[str, Any]:

@@ -16,8 +16,6 @@ TIMEOUT = 180
 KATA = ("--runtime", "kata", "--network", "none")
 
 
-
-
 def test_run_rm_with_output_and_exit_codes(docker: Dockerd) -> None:
     proc = docker.run("run", "--rm", *KATA, docker.image, "sh", "-c", "echo out; echo err >&2; exit 3",
                       timeout=TIMEOUT)

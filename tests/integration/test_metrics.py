@@ -9,12 +9,12 @@ kata-monitor runs as tests.support.prometheus.kata_monitor_command() finds it: t
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import pytest
 from kata.metrics.endpoint import fetch
 from kata.sandbox.paths import SandboxPaths
 from kata.utils import procfs
+from tests.conftest import wait_for
 from tests.support.cri import CriClient, Pod
 from tests.support.cri_config import KATA
 from tests.support.daemons import Containerd, Dockerd, kata_runtime_path
@@ -33,16 +34,6 @@ pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("needs_guest")]
 CRI_RUNTIMES = {"kata": KATA}
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "kata-dashboard.json"
 TIMEOUT = 180
-
-
-def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"timed out after {timeout:g}s waiting for {what}"
-        time.sleep(0.5)
 
 
 @pytest.fixture
@@ -129,7 +120,7 @@ def test_prometheus_scrapes_every_sandbox_through_kata_monitor(
             assert set(sandboxes) <= set(by_sandbox(prometheus, family)), family
         # Every query of the Grafana dashboard in deploy/ answers, over these sandboxes.
         for expr in dashboard_queries():
-            wait_for(lambda e=expr: prometheus.query(e), 30, f"the dashboard's {expr}")
+            wait_for(functools.partial(prometheus.query, expr), 30, f"the dashboard's {expr}")
         status, listed = monitor.get("/sandboxes")
         assert status == 200 and set(sandboxes) <= set(listed.split())
 

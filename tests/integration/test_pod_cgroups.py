@@ -19,7 +19,7 @@ from kata.cgroups.host import host_cgroups
 from kata.config import load_config
 from kata.protocols.cri import api_pb2 as cri_pb
 from kata.sandbox.host_cgroups import HOST_PROCESSES_MIB
-from tests.conftest import config_with, pids_naming
+from tests.conftest import cgroup_of, config_with, pids_naming
 from tests.integration.test_docker import inspect
 from tests.support.cri import CriClient
 from tests.support.cri_config import KATA
@@ -50,15 +50,6 @@ def configs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 def _overhead_mib() -> int:
     """What sandbox_cgroup_only adds to a pod's memory limit: the VM's base memory, its processes' own."""
     return load_config(CONFIGS["whole"]).hypervisor.default_memory + HOST_PROCESSES_MIB
-
-
-
-def _cgroup(pid: int, controller: str) -> str:
-    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if controller in controllers.split(","):
-            return path
-    raise AssertionError(f"{pid} has no {controller} cgroup")
 
 
 def _figure(rel: str, controller: str, file: str) -> str:
@@ -112,14 +103,14 @@ def test_cri_pods_in_their_cgroup_under_both_settings(cri: CriClient, cri_contai
                 overhead = f"/kata_overhead/{pod.id}"
                 for what, pid in procs.items():
                     for c in ("memory", "cpu"):
-                        assert _cgroup(pid, c) == overhead, (what, c)
+                        assert cgroup_of(pid, c) == overhead, (what, c)
                 # the vCPU threads alone: threads of QEMU, not QEMU's main thread
                 assert tasks and tasks < qemu_threads and procs["qemu"] not in tasks
                 assert int(_figure(sandbox, "memory", "memory.limit_in_bytes")) == 128 * MiB
             else:
                 for what, pid in procs.items():
                     for c in ("memory", "cpu"):
-                        assert _cgroup(pid, c) == sandbox, (what, c)
+                        assert cgroup_of(pid, c) == sandbox, (what, c)
                 assert qemu_threads <= tasks
                 usage = int(_figure(sandbox, "memory", "memory.usage_in_bytes"))
                 assert usage > 50 * MiB, usage  # the VM's memory is the pod's
@@ -159,7 +150,7 @@ def test_docker_limits_on_the_vms_cgroup(docker: Dockerd) -> None:
         assert len(qemu) == 1 and virtiofsd
         for pid in (monitor, *qemu, *virtiofsd):
             for c in ("memory", "cpu", "cpuset", "pids"):
-                assert _cgroup(pid, c) == rel, (pid, c)
+                assert cgroup_of(pid, c) == rel, (pid, c)
         assert _figure(rel, "cpu", "cpu.cfs_quota_us") == "100000"
         assert _figure(rel, "cpu", "cpu.cfs_period_us") == "100000"
         assert int(_figure(rel, "memory", "memory.limit_in_bytes")) == (256 + _overhead_mib()) * MiB
@@ -167,7 +158,7 @@ def test_docker_limits_on_the_vms_cgroup(docker: Dockerd) -> None:
         # A later exec's monitor joins its container's cgroup too.
         assert docker.run("exec", "-d", name, "sleep", "1000", timeout=60).returncode == 0
         monitors = pids_naming("kata.runc.monitor", cid)
-        assert len(monitors) == 2 and all(_cgroup(pid, "memory") == rel for pid in monitors), monitors
+        assert len(monitors) == 2 and all(cgroup_of(pid, "memory") == rel for pid in monitors), monitors
     finally:
         assert docker.run("rm", "-f", name, timeout=180).returncode == 0
     deadline = time.monotonic() + 10

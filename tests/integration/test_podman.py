@@ -31,8 +31,6 @@ PAGE = "hello from a kata pod\n"
 SANDBOXES = Path("/run/vc/sbs")
 
 
-
-
 def run_in_pty(argv: list[str], env: dict[str, str], rows: int = 30, cols: int = 100,
                timeout: float = TIMEOUT) -> tuple[int, str]:
     """``argv`` with a new pty as its stdin, stdout and stderr (``rows`` x ``cols``), as from a terminal;

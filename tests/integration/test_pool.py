@@ -16,7 +16,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,15 @@ from kata.factory import pool
 from kata.sandbox.paths import POOL_ROOT, POOL_SHARES_ROOT, SHARED_ROOT, STATE_ROOT, VM_ROOT
 from kata.utils.mount import mounts_under
 from kata.utils.process import descendants
-from tests.conftest import config_with, leftovers, pids_naming, process_gone, runtime_bin
+from tests.conftest import (
+    cgroup_of,
+    config_with,
+    leftovers,
+    pids_naming,
+    process_gone,
+    runtime_bin,
+    wait_for,
+)
 from tests.integration.conftest import _fail_on_leftovers, _kata_sandboxes, daemons_unavailable
 from tests.support.bundles import make_busybox_bundle
 from tests.support.cri import CriClient, Pod
@@ -41,14 +49,6 @@ CRI_RUNTIMES = {"kata-pool": dataclasses.replace(KATA, options={"ConfigPath": st
 N = 2
 PORT = 8080
 SERVER = ["sh", "-c", f"mkdir -p /www && echo pooled > /www/index.html && exec httpd -f -p {PORT} -h /www"]
-
-
-def _wait(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (result := check()):
-        assert time.monotonic() < deadline, f"{what} not within {timeout:g}s"
-        time.sleep(0.1)
-    return result
 
 
 def _endpoint() -> Path:
@@ -67,13 +67,12 @@ def _ready_vms(n: int = N) -> list[dict[str, Any]]:
         st = _status()
         return st if len(st["ready"]) >= n else None
 
-    return list(_wait(enough, 120, f"{n} pooled VMs")["ready"])
+    return list(wait_for(enough, 120, f"{n} pooled VMs")["ready"])
 
 
 def _ready(n: int = N) -> set[int]:
     """Wait until the pool has ``n`` clones ready; their QEMU pids."""
     return {vm["pid"] for vm in _ready_vms(n)}
-
 
 
 def _qemu_pids() -> set[int]:
@@ -114,7 +113,7 @@ def pool_daemon(pool_config: Path) -> Iterator[int]:
         pool.stop(_endpoint())
         if not process_gone(pid):
             os.kill(pid, signal.SIGKILL)
-        _wait(lambda: not (_qemu_pids() - before), 30, "the pool's VMs gone")
+        wait_for(lambda: not (_qemu_pids() - before), 30, "the pool's VMs gone")
         assert not any(p.is_dir() for p in POOL_ROOT.iterdir()), list(POOL_ROOT.iterdir())
         assert not list(POOL_SHARES_ROOT.iterdir()) and not mounts_under(str(POOL_SHARES_ROOT))
 
@@ -151,7 +150,7 @@ def test_runtime_takes_a_pooled_vm_and_the_pool_refills(tmp_path: Path, cid: str
         assert virtiofsd in served, (virtiofsd, served)
         assert any(p.startswith(str(SHARED_ROOT / cid) + "/") for p in mounts_under(str(SHARED_ROOT / cid)))
         subprocess.run([*cli, "start", cid], check=True, capture_output=True, timeout=60)
-        _wait(lambda: (volume / "back").exists(), 30, "the container's write through virtio-fs")
+        wait_for(lambda: (volume / "back").exists(), 30, "the container's write through virtio-fs")
         assert (volume / "back").read_text() == "out\n"
         # The pool refills behind it, and forgot the VM it handed over.
         refilled = _ready()
@@ -165,7 +164,7 @@ def test_runtime_takes_a_pooled_vm_and_the_pool_refills(tmp_path: Path, cid: str
             return subprocess.run([*cli, "exec", cid, "ls", "/sys/class/net"], capture_output=True, text=True,
                                   timeout=30).stdout.split()
 
-        _wait(lambda: "eth0" not in guest_links(), 30, "the unused NIC gone")
+        wait_for(lambda: "eth0" not in guest_links(), 30, "the unused NIC gone")
     finally:
         subprocess.run([*cli, "delete", "--force", cid], capture_output=True, timeout=60)
     assert process_gone(qemu)
@@ -185,8 +184,8 @@ def test_killed_daemon_leaves_no_vm_and_its_handed_vm_lives_on(tmp_path: Path, c
         assert taken not in pooled
         os.kill(pool_daemon, signal.SIGKILL)
         # Its watcher kills what was still in the pool, and only that.
-        _wait(lambda: all(process_gone(p) for p in pooled), 30, "the pooled VMs killed")
-        _wait(lambda: not any(p.is_dir() for p in POOL_ROOT.iterdir()), 10, "the pool's directories gone")
+        wait_for(lambda: all(process_gone(p) for p in pooled), 30, "the pooled VMs killed")
+        wait_for(lambda: not any(p.is_dir() for p in POOL_ROOT.iterdir()), 10, "the pool's directories gone")
         assert not list(POOL_SHARES_ROOT.iterdir()) and not mounts_under(str(POOL_SHARES_ROOT))
         # The pooled clones' virtiofsd went with them; the handed-over one (its command line still
         # names the directory it was started on) serves on.
@@ -207,14 +206,6 @@ def test_killed_daemon_leaves_no_vm_and_its_handed_vm_lives_on(tmp_path: Path, c
                           capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
     assert (proc.returncode, proc.stdout) == (0, b"restored\n"), proc.stderr
     assert leftovers(other) == []
-
-
-def _cgroup(pid: int, controller: str) -> str:
-    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if controller in controllers.split(","):
-            return path
-    raise AssertionError(f"{pid} has no {controller} cgroup")
 
 
 def _fetch(cri: CriClient, cid: str, host: str) -> str:
@@ -244,7 +235,7 @@ def test_cri_pods_take_pooled_vms_with_network_and_cgroups(cri: CriClient, cri_c
         # in the daemon's network namespace, not the pod's.
         (shim,) = pids_naming("containerd-shim-kata-v2", web.id)
         for c in ("memory", "cpu", "pids"):
-            assert _cgroup(qemu, c) == _cgroup(shim, c) != _cgroup(pool_daemon, c), c
+            assert cgroup_of(qemu, c) == cgroup_of(shim, c) != cgroup_of(pool_daemon, c), c
         netns_web = cri.pod_netns(web.id)
         assert os.stat(f"/proc/{qemu}/ns/net").st_ino != os.stat(netns_web).st_ino
         # Its first NIC came with it: the tap QEMU held in the pool moved into the pod's namespace,
@@ -265,7 +256,8 @@ def test_cri_pods_take_pooled_vms_with_network_and_cgroups(cri: CriClient, cri_c
         # A pooled QEMU that dies ends the pod's tasks with 255 (it is not the shim's child).
         client_qemu = cri.container_pid(sleeper)
         os.kill(client_qemu, signal.SIGKILL)
-        _wait(lambda: cri.container_state(sleeper) == "CONTAINER_EXITED", 60, "the client's container exit")
+        wait_for(lambda: cri.container_state(sleeper) == "CONTAINER_EXITED", 60,
+                 "the client's container exit")
         assert cri.container_status(sleeper).status.exit_code == 255
     finally:
         for pod in pods:
