@@ -126,8 +126,9 @@ def pool_config(path: Path, vms: int, base: Path | None = None, agent_debug: boo
 @contextmanager
 def warm_pool(kata: str, config: Path, timeout: float = 180.0) -> Iterator[Callable[[], None]]:
     """The VM pool daemon of ``config`` as `kata-runtime factory init` starts it, full; yields a call
-    that waits until it is full again (between timed runs: the figures are those of a pool that keeps
-    up), and fails a run that did not take exactly one pooled VM. Stopped after, its VMs with it."""
+    to make before each timed run: it waits until the pool is full again (the figures are those of a
+    pool that keeps up), and fails a run that did not take exactly one pooled VM. Stopped after, its
+    VMs with it."""
     from kata.config import load_config
     from kata.factory import pool
 
@@ -137,26 +138,30 @@ def warm_pool(kata: str, config: Path, timeout: float = 180.0) -> Iterator[Calla
     if proc.returncode != 0:
         raise RuntimeFailed(f"factory init: {proc.stderr.strip()[-400:]}")
 
-    taken: list[int] = []
-
-    def refilled() -> None:
+    def full() -> int:
+        """Wait until the pool is full; how many VMs it has handed out."""
         deadline = time.monotonic() + timeout
         while True:
             st = pool.call(endpoint, {"op": "status"}, 5.0)
             if len(st["ready"]) >= st["target"]:
-                # Each run between two calls must have taken a pooled VM: one of another shape would
-                # have been restored, silently, and measured as the pool's.
-                if taken and st["taken"] != taken[-1] + 1:
-                    raise RuntimeFailed(f"a run took {st['taken'] - taken[-1]} pooled VMs, not 1 "
-                                        "(another VM shape than the pool's?)")
-                taken.append(st["taken"])
-                return
+                return int(st["taken"])
             if time.monotonic() > deadline:
                 raise RuntimeFailed(f"the VM pool did not fill within {timeout:g}s: {st.get('last_error')}")
             time.sleep(0.1)
 
+    taken: list[int] = []
+
+    def before_run() -> None:
+        now = full()
+        # Each run between two calls must have taken a pooled VM: one of another shape would have
+        # been restored, silently, and measured as the pool's.
+        if taken and now != taken[-1] + 1:
+            raise RuntimeFailed(f"a run took {now - taken[-1]} pooled VMs, not 1 "
+                                "(another VM shape than the pool's?)")
+        taken.append(now)
+
     try:
-        refilled()
-        yield refilled
+        full()
+        yield before_run
     finally:
         pool.stop(endpoint)

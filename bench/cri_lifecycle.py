@@ -214,6 +214,7 @@ def main() -> int:
                 runtimes["kata-pool"] = dataclasses.replace(KATA, options={"ConfigPath": str(config)})
                 handlers = (*HANDLERS, "kata-pool")
                 after["kata-pool"] = stack.enter_context(warm_pool(kata_runtime_path(), config))
+                after["kata-pool"]()  # the count of pooled VMs taken starts here: each cycle takes one
             # containerd stops (removing any pod left) before its namespace goes, and before the pool
             netns = stack.enter_context(temporary_netns("ktbench"))
             c = stack.enter_context(containerd_daemon(cri=True, netns=netns, runtimes=runtimes))
