@@ -212,6 +212,10 @@ class AgentClient:
         return self._call("ReleaseFreeMemory", pb.ReleaseFreeMemoryRequest(), pb.ReleaseFreeMemoryResponse,
                           timeout=timeout)
 
+    def warm_up(self, *, timeout: float | None = _DEFAULT) -> Empty:
+        """For a VM restored to be kept warm: the guest runs its warm-up container once more."""
+        return self._call("WarmUp", pb.WarmUpRequest(), Empty, timeout=timeout)
+
     def get_oom_event(self) -> pb.OOMEvent:
         """Blocks until a container is killed for lack of memory: no deadline."""
         return self._call("GetOOMEvent", pb.GetOOMEventRequest(), pb.OOMEvent)

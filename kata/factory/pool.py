@@ -48,6 +48,7 @@ from kata.utils.process import ProcessId, terminate
 from kata.utils.sockets import listen_private
 
 if TYPE_CHECKING:
+    from kata.agent_client.client import AgentClient
     from kata.config import RuntimeConfig
     from kata.hypervisor.base import Hypervisor, VMConfig
 
@@ -56,9 +57,10 @@ log = logging.getLogger("kata.pool")
 # A client that has not sent its request in this long is dropped (the daemon serves one at a time).
 REQUEST_TIMEOUT = 2.0
 # After a take the refill waits this long, so the new clone does not compete for the CPU with the
-# sandbox that just took one: a clone costs ~0.5 s of a core (restore, share, NIC), and on this 2-core
-# TCG host a refill 0.5 s after the take cancelled the pool's gain for `docker run` (1.55 s against
-# 1.54 s without a pool; 1.41 s with the refill 3 s later). A sandbox is up within ~1.5 s of its take.
+# sandbox that just took one: a clone costs ~0.9 s of a core (restore, share, NIC, warm-up), and on
+# this 2-core TCG host a refill 0.5 s after the take cancelled the pool's gain for `docker run`
+# (1.55 s against 1.54 s without a pool; 1.41 s with the refill 3 s later). A sandbox is up within
+# ~1.5 s of its take.
 REFILL_DELAY = 2.0
 # How often the refill looks at the pool when nothing wakes it (a clone that died, changed assets).
 _TICK = 2.0
@@ -78,6 +80,7 @@ class Slot:
     ready_at: float = 0.0
     share: PooledShare | None = None  # its virtio-fs share, served and hot-added already
     nic: PooledNic | None = None  # its first NIC, hot-added on a tap of the daemon's
+    warm: bool = False  # its guest ran the warm-up container after the restore
 
 
 @dataclass
@@ -87,6 +90,19 @@ class Counters:
     failed: int = 0
     last_error: str = ""
     times: list[float] = field(default_factory=list)  # seconds to make each of the last clones
+
+
+def _warm_up(client: AgentClient, name: str, timeout: float) -> bool:
+    """The clone's guest runs its warm-up container; False (logged) if the agent refused or failed it:
+    such a clone is only as slow to start a container as a restored VM. A timeout raises."""
+    from kata.agent_client.client import AgentError
+
+    try:
+        client.warm_up(timeout=timeout)
+    except AgentError as exc:
+        log.warning(f"pool: warm-up of clone {name} failed: {exc}")
+        return False
+    return True
 
 
 def default_vm_config(cfg: RuntimeConfig, sid: str = "factory") -> VMConfig:
@@ -158,13 +174,15 @@ class PoolDaemon:
             if fs is not None and fs.kind == "virtio-fs" and fs.hotplug:
                 share = pool_share.prepare(hv, config, vmm, run_dir, self.shares / key / name)
             nic = pool_nic.prepare(vmm, self._seq)
-            # The agent connected and its calls run once: TCG has translated the host-facing paths
-            # a sandbox's first calls take, in this QEMU (its translations are not in the snapshot).
+            # The agent connected, its calls and a container start-up run once: TCG has translated
+            # the paths a sandbox's first calls take, in this QEMU (translations are not in the
+            # snapshot). A failed warm-up only leaves the clone as slow as a restored one.
             client = AgentClient(connect(vmm.agent_endpoint(), hv.boot_timeout))
             try:
                 client.wait_ready(hv.boot_timeout)
                 for _ in range(3):
                     client.get_guest_details(mem_block_size=True, mem_hotplug_probe=False)
+                warm = _warm_up(client, name, hv.boot_timeout)
             finally:
                 client.close()
             vmm.release()
@@ -176,7 +194,7 @@ class PoolDaemon:
                 pool_nic.remove(nic)
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
-        return Slot(name, key, run_dir, vmm, time.monotonic(), share, nic)
+        return Slot(name, key, run_dir, vmm, time.monotonic(), share, nic, warm)
 
     def _refill(self) -> None:
         while not self._stop.is_set():
@@ -296,7 +314,7 @@ class PoolDaemon:
             return {
                 "pid": os.getpid(), "target": self.target, "key": self.ready[0].key if self.ready else "",
                 "ready": [{"name": s.name, "pid": s.vmm.pids()[0] if s.vmm.pids() else 0,
-                           "virtiofsd": (s.share.virtiofsd.pid or 0) if s.share else 0,
+                           "virtiofsd": (s.share.virtiofsd.pid or 0) if s.share else 0, "warm": s.warm,
                            "idle_s": round(now - s.ready_at, 1)} for s in self.ready],
                 "warming": self.warming, **dataclasses.asdict(self.counters),
             }

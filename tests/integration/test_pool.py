@@ -1,7 +1,7 @@
 """The warm VM pool (kata.factory.pool) end to end: `kata-runtime factory init` starts the daemon with
 two clones of the default shape; `kata-runtime run`, CRI pods and Docker containers take them (the
 sandbox's QEMU is a pid the pool had ready, and nothing was restored for it), with their virtio-fs
-share and first NIC attached already, the pool refills, pooled pods reach each other over the pooled
+share and first NIC attached already and their guest warmed up, the pool refills, pooled pods reach each other over the pooled
 NIC (its tap moved into the pod's namespace) and read a virtio-fs volume, an unused pooled NIC is
 given back, a
 pooled QEMU that dies ends its pod's tasks with 255, its QEMU joins the pod's cgroups; a stopped pool
@@ -124,6 +124,8 @@ def test_runtime_takes_a_pooled_vm_and_the_pool_refills(tmp_path: Path, cid: str
     # Each clone's virtio-fs share is served and hot-added before any sandbox asks.
     served = {vm["virtiofsd"] for vm in vms}
     assert 0 not in served, vms
+    # Each clone's guest ran its warm-up container after the restore (TCG translated its start-up).
+    assert all(vm["warm"] for vm in vms), vms
     status = _factory("status")
     assert f"VM pool: daemon pid {pool_daemon} " in status.stdout and f"{N}/{N} ready" in status.stdout
     volume = tmp_path / "vol"

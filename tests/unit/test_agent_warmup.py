@@ -6,12 +6,13 @@ import json
 import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
+
+import pytest
 
 from kata.guest.agent.crun import Crun
 from kata.guest.agent.reaper import Reaper
-from kata.guest.agent.sandbox import Sandbox
+from kata.guest.agent.sandbox import InvalidArgument, Sandbox
 from kata.guest.agent.service import AgentService
 from kata.guest.agent.warmup import CONTAINER_ID, Warmup
 from kata.protocols import agent_pb2 as pb
@@ -19,11 +20,12 @@ from kata.protocols import agent_pb2 as pb
 
 def test_guest_details_report_warm_only_once_warmed(tmp_path: Path) -> None:
     reaper = Reaper()
-    warm = threading.Event()
-    svc = AgentService(Sandbox(reaper, Crun(reaper), run_dir=str(tmp_path)), warm=warm)
+    sandbox = Sandbox(reaper, Crun(reaper), run_dir=str(tmp_path))
+    warmup = Warmup(sandbox)
+    svc = AgentService(sandbox, warmup=warmup)
     req = pb.GetGuestDetailsRequest()
     assert not svc.get_guest_details(None, req).agent_details.warm  # type: ignore[arg-type]
-    warm.set()
+    warmup.done.set()
     assert svc.get_guest_details(None, req).agent_details.warm  # type: ignore[arg-type]
 
 
@@ -81,3 +83,44 @@ def test_warmup_runs_a_container_through_crun(tmp_path: Path) -> None:
     spec = json.loads((tmp_path / "crun.config").read_text())
     assert spec["root"]["path"] == "rootfs"
     assert not bundle.exists()  # removed once crun is done
+
+
+def test_host_asks_for_the_warmup_again_only_before_a_sandbox(tmp_path: Path) -> None:
+    # A VM kept warm (the pool) asks for the warm-up container again after its restore; each run goes
+    # through crun. Once a sandbox exists the call is refused and crun is not run.
+    fake = tmp_path / "crun"
+    fake.write_text('#!/bin/sh\necho "$@" >> "$0.args"\n')
+    fake.chmod(0o755)
+    run_dir = tmp_path / "run"
+    code = f"""
+        from kata.guest.agent.crun import Crun
+        from kata.guest.agent.reaper import Reaper
+        from kata.guest.agent.sandbox import InvalidArgument, Sandbox
+        from kata.guest.agent.service import AgentService
+        from kata.guest.agent.warmup import Warmup
+        from kata.protocols import agent_pb2 as pb
+        r = Reaper(); r.start()
+        sandbox = Sandbox(r, Crun(r, binary={str(fake)!r}), run_dir={str(run_dir)!r})
+        svc = AgentService(sandbox, warmup=Warmup(sandbox))
+        svc.warm_up(None, pb.WarmUpRequest())
+        svc.warm_up(None, pb.WarmUpRequest())
+        sandbox.id = "sb"
+        try:
+            svc.warm_up(None, pb.WarmUpRequest())
+        except InvalidArgument as e:
+            print("refused:", e)
+    """
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "refused: a warm-up runs only before a sandbox exists" in proc.stdout
+    runs = (tmp_path / "crun.args").read_text().splitlines()
+    assert len(runs) == 2 and all(r.split()[-1] == CONTAINER_ID for r in runs), runs
+    assert not (run_dir / CONTAINER_ID).exists()
+
+
+def test_agent_without_warmup_refuses_the_call(tmp_path: Path) -> None:
+    reaper = Reaper()
+    svc = AgentService(Sandbox(reaper, Crun(reaper), run_dir=str(tmp_path)))
+    with pytest.raises(InvalidArgument, match="no warm-up"):
+        svc.warm_up(None, pb.WarmUpRequest())  # type: ignore[arg-type]

@@ -99,7 +99,7 @@ def main() -> int:
         power_off=power_off if is_init else None,
         mount_storage=_mount_storage if is_init else None,
         started_at=started,
-        warm=warmup.done,
+        warmup=warmup,
     )
     server = ttrpc.Server()
     svc.register(server)

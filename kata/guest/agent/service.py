@@ -6,7 +6,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import empty_pb2
 
@@ -20,6 +20,9 @@ from kata.guest.agent.sysctl import set_sysctls
 from kata.protocols import agent_pb2 as pb
 from kata.protocols import health_pb2 as hpb
 from kata.protocols.agent_api import AGENT_SERVICE, HEALTH_SERVICE, LONG_POLL_METHODS
+
+if TYPE_CHECKING:
+    from kata.guest.agent.warmup import Warmup
 
 API_VERSION = "0.0.1"
 SANDBOX_RUN_DIR = "/run/kata-containers/sandbox"
@@ -65,10 +68,10 @@ class AgentService:
         power_off: Callable[[], None] | None = None,
         mount_storage: Callable[[pb.Storage], None] | None = None,
         started_at: float | None = None,
-        warm: threading.Event | None = None,
+        warmup: Warmup | None = None,
     ) -> None:
         self.sandbox = sandbox
-        self.warm = warm
+        self.warmup = warmup
         self.started_at = started_at
         self._answered_check = False
         self.network = network
@@ -226,7 +229,7 @@ class AgentService:
     ) -> pb.GuestDetailsResponse:
         from kata.guest.agent.guestinfo import guest_details
 
-        return guest_details(req, warm=self.warm is None or self.warm.is_set())
+        return guest_details(req, warm=self.warmup is None or self.warmup.done.is_set())
 
     def online_cpu_mem(self, ctx: ttrpc.Context, req: pb.OnlineCPUMemRequest) -> empty_pb2.Empty:
         from kata.guest.agent.guestinfo import online_cpu_mem
@@ -253,6 +256,14 @@ class AgentService:
         if self.sandbox.id or self.sandbox.containers:
             raise InvalidArgument("free memory is released only before a sandbox exists (for a template)")
         return pb.ReleaseFreeMemoryResponse(zeroed_bytes=release_free_memory())
+
+    def warm_up(self, ctx: ttrpc.Context, req: pb.WarmUpRequest) -> empty_pb2.Empty:
+        if self.sandbox.id or self.sandbox.containers:
+            raise InvalidArgument("a warm-up runs only before a sandbox exists (for a VM kept warm)")
+        if self.warmup is None:
+            raise InvalidArgument("this agent has no warm-up")
+        self.warmup.again()
+        return empty_pb2.Empty()
 
     # port forwarding ----------------------------------------------------------------------
     def _fwd(self) -> Any:
@@ -340,6 +351,7 @@ class AgentService:
             "SetGuestDateTime": (pb.SetGuestDateTimeRequest, self.set_guest_date_time),
             "ReseedRandomDev": (pb.ReseedRandomDevRequest, self.reseed_random_dev),
             "ReleaseFreeMemory": (pb.ReleaseFreeMemoryRequest, self.release_free_memory),
+            "WarmUp": (pb.WarmUpRequest, self.warm_up),
             "GetOOMEvent": (pb.GetOOMEventRequest, self.get_oom_event),
             "PortForwardConnect": (pb.PortForwardConnectRequest, self.port_forward_connect),
             "PortForwardWrite": (pb.PortForwardWriteRequest, self.port_forward_write),

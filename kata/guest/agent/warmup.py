@@ -61,6 +61,7 @@ class Warmup:
         self.sandbox = sandbox
         self.bundle = os.path.join(sandbox.run_dir, CONTAINER_ID)
         self.done = threading.Event()
+        self._lock = threading.Lock()  # one warm-up container at a time: they share an id and bundle
 
     def start(self) -> None:
         threading.Thread(target=self.run, name="warmup", daemon=True).start()
@@ -82,17 +83,24 @@ class Warmup:
             self.done.set()
         log.info(f"warm-up done in {time.monotonic() - began:.3f}s")
 
+    def again(self) -> None:
+        """The warm-up container once more, for the host (a clone that is kept warm); raises on failure."""
+        began = time.monotonic()
+        self.run_container()
+        log.info(f"warm-up container run again in {time.monotonic() - began:.3f}s")
+
     def run_container(self) -> None:
         import json
         import shutil
 
-        try:
-            for d in _ROOT_DIRS:
-                os.makedirs(os.path.join(self.bundle, "rootfs", d), exist_ok=True)
-            with open(os.path.join(self.bundle, "config.json"), "w") as f:
-                json.dump(_spec(), f)
-            log_file = os.path.join(self.bundle, "crun.log")
-            args = ["run", "--no-new-keyring", "--bundle", self.bundle, CONTAINER_ID]
-            self.sandbox.crun.run(args, log_file=log_file)
-        finally:
-            shutil.rmtree(self.bundle, ignore_errors=True)
+        with self._lock:
+            try:
+                for d in _ROOT_DIRS:
+                    os.makedirs(os.path.join(self.bundle, "rootfs", d), exist_ok=True)
+                with open(os.path.join(self.bundle, "config.json"), "w") as f:
+                    json.dump(_spec(), f)
+                log_file = os.path.join(self.bundle, "crun.log")
+                args = ["run", "--no-new-keyring", "--bundle", self.bundle, CONTAINER_ID]
+                self.sandbox.crun.run(args, log_file=log_file)
+            finally:
+                shutil.rmtree(self.bundle, ignore_errors=True)
