@@ -18,8 +18,9 @@ APT_PACKAGES=(
   linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev dwarves kmod cpio zstd
   # guest root filesystem build: apt-cache/apt-get download/dpkg-deb, mkfs.erofs/fsck.erofs
   apt dpkg erofs-utils busybox-static crun
-  # python environment
-  python3 python3-venv python3-dev
+  # python environment; libseccomp2: containers' seccomp profiles are compiled on the host
+  # (kata/oci/seccomp_bpf.py), not by crun under emulation in the guest
+  python3 python3-venv python3-dev libseccomp2
   # host tools the tests and demo use
   iproute2 runc util-linux procps psmisc findutils
   # containerd-shim-runc-v2: the Go ttrpc server tests/unit/test_ttrpc_interop.py talks to

@@ -37,6 +37,8 @@ class Container:
         self.terminal = bool(bundle.spec.get("process", {}).get("terminal", False))
 
     def create(self) -> None:
+        from kata.oci.seccomp_bpf import with_compiled_seccomp  # ctypes: only where a container is made
+
         spec = self.plan.guest_spec
         for destination in shared_binds(spec):
             log.warning(f"container {self.id}: mount {destination} is shared one way only: the host's mounts "
@@ -49,6 +51,8 @@ class Container:
                     log.warning(f"container {self.id}: {share.source} has {len(found)} mounts below it; the "
                                 f"ones after the first {MAX_SUBMOUNT_BINDS} are read-only in the container")
                 spec = submount_binds(spec, share, found)
+        # Compiled here, natively: crun would compile the profile in the guest, under emulation on TCG.
+        spec = with_compiled_seccomp(spec)
         agent = self.sandbox.require_agent()
         agent.create_container(container_id=self.id, exec_id=INIT_EXEC_ID,
                                oci_spec_json=json.dumps(spec).encode(),

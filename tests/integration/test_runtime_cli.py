@@ -260,6 +260,24 @@ def test_a_runtime_spec_1_2_bundle_runs(tmp_path: Path, rt: Runtime, cid: str) -
     assert _run_to_exit(rt, bundle, cid, tmp_path) == "spec-1.2\nrelative-ok\n"
 
 
+def test_a_seccomp_profile_confines_the_container_compiled_by_either_side(tmp_path: Path, rt: Runtime,
+                                                                          cid: str) -> None:
+    """linux.seccomp holds in the guest: compiled on the host (kata.oci.seccomp_bpf, crun given the
+    BPF), and alike when left to the guest's crun (run.oci.seccomp_fail_unknown_syscall)."""
+    script = "grep Seccomp: /proc/self/status; mkdir /tmp/d 2>&1; echo mkdir=$?; echo alive"
+    profile = {"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"],
+               "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13}]}
+    for side, extra in (("host", {}), ("guest", {"run.oci.seccomp_fail_unknown_syscall": "1"})):
+        bundle = make_busybox_bundle(tmp_path / side / "b", ["sh", "-c", script])
+        spec = json.loads((bundle / "config.json").read_text())
+        spec["linux"]["seccomp"] = profile
+        spec["annotations"] = {**spec.get("annotations", {}), **extra}
+        (bundle / "config.json").write_text(json.dumps(spec))
+        out = _run_to_exit(rt, bundle, cid, tmp_path / side).split("\n")
+        assert out[0].split() == ["Seccomp:", "2"], (side, out)
+        assert "Permission denied" in out[1] and out[2] == "mkdir=1" and out[3] == "alive", (side, out)
+
+
 def test_every_namespace_new_and_device_nodes(tmp_path: Path, rt: Runtime, cid: str) -> None:
     """runtime-tools' checks runc passes: a spec with every namespace new (none named by path), and
     linux.devices made as nodes in the container with their type, numbers and mode (the numbers name
