@@ -81,7 +81,7 @@ class RootfsSpec:
         "kata/oci/default_spec.py", "kata/oci/sysctls.py",
         "kata/utils/__init__.py", "kata/utils/mount.py", "kata/utils/procfs.py",
         "kata/utils/mountapi.py", "kata/utils/safepath.py", "kata/utils/ids.py", "kata/utils/text.py",
-        "kata/guest",
+        "kata/utils/rtnetlink.py", "kata/guest",
     )  # fmt: skip
     # Files, or directories skipped whole: the host's build tools and containerd's and CRI's APIs.
     guest_code_skip: tuple[str, ...] = ("kata/protocols/build.py", "kata/protocols/containerd_protos.py",

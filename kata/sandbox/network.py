@@ -36,10 +36,30 @@ def may_have_endpoints(pid: int) -> bool:
     container without networking does not pay for netlink at start."""
     try:
         with open(f"/proc/{pid}/net/dev") as f:
-            lines = f.readlines()[2:]
+            return _lists_endpoints(f.readlines())
     except OSError:
         return False
-    return any(line.split(":", 1)[0].strip() not in _NOT_ENDPOINTS for line in lines)
+
+
+def _netns_may_have_endpoints(netns: str, ours: str = "") -> bool:
+    """may_have_endpoints() for a namespace by name or path, link ``ours`` (a pooled VM's tap, moved
+    there) aside; True when it cannot be read (discovery then says why)."""
+    from kata.utils import netns as nsutil
+
+    def read() -> list[str]:
+        with open("/proc/thread-self/net/dev") as f:  # the joined thread's namespace, not the process's
+            return f.readlines()
+
+    try:
+        return _lists_endpoints(nsutil.call_in(nsutil.path_of(netns), read), ours)
+    except (OSError, KataError):
+        return True
+
+
+def _lists_endpoints(net_dev: list[str], ours: str = "") -> bool:
+    """Whether /proc/net/dev's lines name an interface other than the kernel's own and ``ours``."""
+    names = (line.split(":", 1)[0].strip() for line in net_dev[2:])
+    return any(name not in _NOT_ENDPOINTS and name != ours for name in names)
 
 
 def mirror(netns: str, hyp: Hypervisor, agent: AgentClient,
@@ -49,14 +69,19 @@ def mirror(netns: str, hyp: Hypervisor, agent: AgentClient,
     ``pooled``: the NIC a pooled VM came with (NIC 0, kata.factory.pool_nic): the first endpoint
     takes it when its tap is in ``netns`` (``tap``), the guest's link getting the endpoint's MAC in
     place of the pool's (``mac``); the endpoints' own NICs follow it."""
-    from kata.network import endpoints, tcfilter
-
-    found = endpoints.discover(netns)
     made: list[tuple[str, str]] = []
+    found: list[Endpoint] = []
+    # Nothing to mirror (Docker's --network none, a pod without CNI): netlink (pyroute2) not loaded.
+    if _netns_may_have_endpoints(netns, ours=(pooled or {}).get("tap", "")):
+        from kata.network import endpoints
+
+        found = endpoints.discover(netns)
     if not found:
         if pooled:
             _unplug_pooled(netns, hyp, pooled)
         return made
+    from kata.network import tcfilter
+
     queues = hyp.nic_queues()
     by_fd = not _vmm_in(netns, hyp)
     offset = 1 if pooled else 0
@@ -94,8 +119,6 @@ def mirror(netns: str, hyp: Hypervisor, agent: AgentClient,
 
 def _unplug_pooled(netns: str, hyp: Hypervisor, pooled: Mapping[str, str]) -> None:
     """No interface to give a pooled VM's NIC: the guest gives it back, and its tap goes."""
-    from kata.network import tcfilter
-
     try:
         hyp.unplug_nic(0)
     except KataError as exc:  # e.g. asked already: the guest is letting go of it
@@ -103,18 +126,34 @@ def _unplug_pooled(netns: str, hyp: Hypervisor, pooled: Mapping[str, str]) -> No
     finally:
         hyp.release()
     if pooled.get("tap"):
-        tcfilter.delete_link(netns, pooled["tap"])
+        _delete_link(netns, pooled["tap"])
+
+
+def _delete_link(netns: str, name: str) -> None:
+    """Link ``name`` of ``netns`` deleted, through kata.utils.rtnetlink (no pyroute2 to load); a
+    namespace that is gone took it along."""
+    from kata.utils import netns as nsutil
+    from kata.utils.rtnetlink import Rtnl
+
+    def delete() -> None:
+        with Rtnl() as r:
+            r.delete_link(name)
+
+    try:
+        nsutil.call_in(nsutil.path_of(netns), delete)
+    except (OSError, KataError) as exc:
+        log.warning(f"network: deleting {name} in {netns}: {exc}")
 
 
 def _vmm_in(netns: str, hyp: Hypervisor) -> bool:
     """Whether the VMM runs in ``netns`` (it does unless it came from the warm pool): there it opens
     a tap by name; elsewhere it is handed descriptors opened in ``netns``."""
-    from kata.network import NETNS_RUN_DIR
+    from kata.utils.netns import path_of
 
     pids = hyp.pids()
     if not pids:
         return True  # nothing to hand descriptors to: hotplug fails on its own
-    path = netns if "/" in netns else os.path.join(NETNS_RUN_DIR, netns)
+    path = path_of(netns)
     try:
         return os.stat(f"/proc/{pids[0]}/ns/net").st_ino == os.stat(path).st_ino
     except OSError:

@@ -18,11 +18,18 @@ from kata.utils import nsfiles
 from kata.utils.mount import MS_BIND, MountError, libc, mount, unmount
 
 CLONE_NEWNET = 0x40000000
+# Where `ip netns` keeps its named namespaces (pyroute2's NETNS_RUN_DIR).
+RUN_DIR = "/run/netns"
 T = TypeVar("T")
 
 
 class NetnsError(KataError):
     pass
+
+
+def path_of(ns: str) -> str:
+    """A namespace as pods name it: a path, or a name under RUN_DIR."""
+    return ns if "/" in ns else os.path.join(RUN_DIR, ns)
 
 
 def is_ours(path: str) -> bool:

@@ -1,11 +1,11 @@
 """The warm VM pool (kata.factory.pool) end to end: `kata-runtime factory init` starts the daemon with
 two clones of the default shape; `kata-runtime run`, CRI pods and Docker containers take them (the
 sandbox's QEMU is a pid the pool had ready, and nothing was restored for it), with their virtio-fs
-share and first NIC attached already and their guest warmed up, the pool refills, pooled pods reach each other over the pooled
-NIC (its tap moved into the pod's namespace) and read a virtio-fs volume, an unused pooled NIC is
-given back, a
-pooled QEMU that dies ends its pod's tasks with 255, its QEMU joins the pod's cgroups; a stopped pool
-falls back to a restore; a daemon killed with SIGKILL leaves no QEMU behind; nothing is left after."""
+share and first NIC attached already and their guest warmed up, the pool refills, pooled pods reach
+each other over the pooled NIC (its tap moved into the pod's namespace) and read a virtio-fs volume,
+an unused pooled NIC is given back, a pooled QEMU that dies ends its pod's tasks with 255, its QEMU
+joins the pod's cgroups; a stopped pool falls back to a restore; a daemon killed with SIGKILL leaves
+no QEMU behind; nothing is left after."""
 
 from __future__ import annotations
 
@@ -300,8 +300,24 @@ def test_docker_containers_take_pooled_vms_with_dockers_network(tmp_path: Path, 
                 got = docker.run("exec", "kp", "wget", "-q", "-O", "-", "http://172.17.0.1:18082/hello",
                                  timeout=60)
                 assert got.stdout == "pooled, from the host side\n", got.stderr
+                # --network none: the namespace has no interface at start, so the pooled NIC is
+                # given back (its tap deleted there, without loading pyroute2) and the guest lets go.
+                ready = _ready()
+                run = docker.run("run", "-d", "--name", "kn", "--network", "none", "--runtime", "kata-pool",
+                                 docker.image, "sleep", "1000", timeout=180)
+                assert run.returncode == 0, run.stderr
+                inspected = json.loads(docker.run("inspect", "kn", timeout=30).stdout)[0]
+                assert int((VM_ROOT / inspected["Id"] / "qemu.pid").read_text().split()[0]) in ready
+                monitor = inspected["State"]["Pid"]
+                links = in_netns(f"/proc/{monitor}/ns/net", "ip", "-o", "link", "show").stdout
+                assert [line.split(":")[1].strip() for line in links.splitlines()] == ["lo"], links
+
+                def guest_links() -> list[str]:
+                    return docker.run("exec", "kn", "ls", "/sys/class/net", timeout=60).stdout.split()
+
+                wait_for(lambda: "eth0" not in guest_links(), 30, "the unused pooled NIC gone")
             finally:
-                docker.run("rm", "-f", "kp", timeout=120)
+                docker.run("rm", "-f", "kp", "kn", timeout=120)
                 server.terminate()
                 server.wait(timeout=10)
         _fail_on_leftovers(docker, docker.containerd, kata_before=before)

@@ -1,12 +1,12 @@
-"""UpdateInterface / UpdateRoutes: rtnetlink requests of the agent's own (kata.guest.agent.rtnl)."""
+"""UpdateInterface / UpdateRoutes: rtnetlink requests of our own (kata.utils.rtnetlink)."""
 
 from __future__ import annotations
 
 import os
 import socket
 
-from kata.guest.agent.rtnl import Rtnl
 from kata.protocols import agent_pb2 as pb
+from kata.utils.rtnetlink import Rtnl
 
 SYS_NET = "/sys/class/net"
 # An address given without a mask is a host address, as for `ip addr add`.

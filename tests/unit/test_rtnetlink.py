@@ -1,4 +1,4 @@
-"""The agent's rtnetlink requests (kata.guest.agent.rtnl, through Network) against this host's kernel,
+"""Our rtnetlink requests (kata.utils.rtnetlink; the agent's through Network) against this host's kernel,
 in a network namespace of the test's own, checked with iproute2."""
 
 from __future__ import annotations
@@ -68,3 +68,14 @@ def test_update_interface_and_routes(netns: str) -> None:
     # Errors are one line naming what failed, with the kernel's reason.
     assert "refused: no link named 'nope0'" in out
     assert "refused: route 10.1.0.0/16: " in out and "unreachable" in out.lower()
+
+
+def test_delete_link_by_name(netns: str) -> None:
+    script = ("from kata.utils.rtnetlink import Rtnl\n"
+              "with Rtnl() as r:\n"
+              "    print(r.delete_link('kpeer0'), r.delete_link('kpeer0'))\n")
+    env_path = os.pathsep.join(sys.path)
+    out = in_netns(netns, "env", f"PYTHONPATH={env_path}", sys.executable, "-c", script).stdout
+    assert out.split() == ["True", "False"]  # deleted, then nothing of that name
+    names = {link["ifname"] for link in _json(netns, "link", "show")}
+    assert names == {"lo"}, names  # the veth's other end went with it
