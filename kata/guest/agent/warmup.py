@@ -26,7 +26,7 @@ GRACE = 0.3
 MODULES = (
     "json", "shutil", "glob", "fcntl", "struct", "termios",
     "kata.guest.agent.guestinfo", "kata.guest.agent.mounts", "kata.guest.agent.stats",
-    "kata.guest.agent.stdio", "kata.guest.agent.sandbox",
+    "kata.guest.agent.stdio", "kata.guest.agent.sandbox", "kata.guest.agent.oom",
 )  # fmt: skip
 
 # Ids starting with a dot are refused to the host (Sandbox.create_container): no clash possible. Such a
