@@ -67,6 +67,12 @@ def validate_sandbox_id(id_: str) -> str:
     return id_
 
 
+def has_state(sid: str) -> bool:
+    """Whether sandbox ``sid`` has state on the host (what a teardown looks for): a stat, so that the
+    commands run after every clean exit need not load the sandbox service to find nothing."""
+    return SandboxPaths(sid).state_dir.exists()
+
+
 @dataclass(frozen=True)
 class SandboxPaths:
     """A sandbox's directories; the id is checked here, so that no path is ever built from an

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kata.errors import KataError
-from kata.sandbox.paths import SandboxPaths
+from kata.sandbox.paths import SandboxPaths, has_state
 from kata.sandbox.sandbox import Sandbox, claim_id
 from kata.sandbox.timings import Timings
 from kata.utils.files import read_json, write_json
@@ -262,7 +262,7 @@ class Pod:
 
     @staticmethod
     def exists(sid: str) -> bool:
-        return SandboxPaths(sid).state_dir.exists()
+        return has_state(sid)
 
     def _save(self) -> None:
         write_json(self.sandbox.paths.pod_record, dataclasses.asdict(self.record))

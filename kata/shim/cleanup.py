@@ -15,14 +15,14 @@ from kata.shim.command import bundle_of, check_ids
 
 
 def run(args: argparse.Namespace) -> int:
-    from kata.sandbox.paths import SandboxPaths, max_sandbox_id_length
+    from kata.sandbox.paths import has_state, max_sandbox_id_length
 
     check_ids(args)  # nothing is torn down in the name of an invalid id
     bundle = bundle_of(args)
     # Only the pod's sandbox task has a VM (named after it); a longer id cannot be a sandbox's. After
     # a clean shutdown (containerd runs this after every shim) there is no state left: the sandbox
     # service is not even loaded.
-    if len(args.id) <= max_sandbox_id_length() and SandboxPaths(args.id).state_dir.exists():
+    if len(args.id) <= max_sandbox_id_length() and has_state(args.id):
         from kata.sandbox.pod import tear_down
 
         try:
