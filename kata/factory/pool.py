@@ -57,8 +57,8 @@ log = logging.getLogger("kata.pool")
 # A client that has not sent its request in this long is dropped (the daemon serves one at a time).
 REQUEST_TIMEOUT = 2.0
 # After a take the refill waits this long, so the new clone does not compete for the CPU with the
-# sandbox that just took one: a clone costs ~0.9 s of a core (restore, share, NIC, warm-up), and on
-# this 2-core TCG host a refill 0.5 s after the take cancelled the pool's gain for `docker run`
+# sandbox that just took one: a clone takes ~0.55 s (restore, share, NIC, warm-up), and on this
+# 2-core TCG host a refill 0.5 s after the take cancelled the pool's gain for `docker run`
 # (1.55 s against 1.54 s without a pool; 1.41 s with the refill 3 s later). A sandbox is up within
 # ~1.5 s of its take.
 REFILL_DELAY = 2.0
