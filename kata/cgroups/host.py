@@ -223,8 +223,9 @@ class HostCgroups(abc.ABC):
     @abc.abstractmethod
     def _name_in_proc(self, controllers: str) -> str: ...
 
-    def _after_mkdir(self, h: Hierarchy, parent_fd: int, name: str) -> None:  # noqa: B027
-        """What a new cgroup needs before a process may join it."""
+    def _ready_child(self, h: Hierarchy, parent_fd: int, name: str) -> None:  # noqa: B027
+        """What a cgroup on the way down needs before a process may join it (or one below it): called
+        for each, new or not, since one another pod just made may not be ready yet."""
 
     def _before_child(self, h: Hierarchy, dir_fd: int, rel: str) -> None:  # noqa: B027
         """What a cgroup needs before its children can be limited."""
@@ -279,9 +280,14 @@ class HostCgroups(abc.ABC):
                     try:
                         os.mkdir(name, 0o755, dir_fd=fd)
                         made.append(sub)
-                        self._after_mkdir(h, fd, name)
                     except FileExistsError:
                         pass
+                    except FileNotFoundError:
+                        raise
+                    except OSError as exc:
+                        raise CgroupError(f"cgroup {self.path(h.name, sub)}: {exc.strerror}") from None
+                    try:
+                        self._ready_child(h, fd, name)
                     except FileNotFoundError:
                         raise
                     except OSError as exc:
@@ -397,9 +403,11 @@ class CgroupsV1(HostCgroups):
             for tid in tids:
                 self._write(h, rel, "tasks", str(tid))
 
-    def _after_mkdir(self, h: Hierarchy, parent_fd: int, name: str) -> None:
+    def _ready_child(self, h: Hierarchy, parent_fd: int, name: str) -> None:
         # A new cpuset starts with no CPUs and no memory nodes (unless clone_children is set), and
-        # nothing may join it so: it gets its parent's.
+        # nothing may join it so: it gets its parent's. Also one that exists already: another pod's
+        # create may have made it an instant ago (the shared kata_overhead) and not filled it yet,
+        # and a child filled from it would stay empty (joining it fails with ENOSPC).
         if "cpuset" not in h.name.split(","):
             return
         child = openat2(parent_fd, name, os.O_RDONLY | os.O_DIRECTORY, _RESOLVE)

@@ -256,6 +256,29 @@ def test_real_hierarchies_make_join_limit_and_remove(name: str, sleeper: subproc
 
 
 @needs_root
+def test_real_v1_an_empty_cpuset_another_pod_just_made_is_filled(name: str,
+                                                                  sleeper: subprocess.Popen[bytes]) -> None:
+    """A shared parent (kata_overhead) another pod's create has made but not filled yet: this pod's
+    child would copy its empty CPUs, and joining it would fail (ENOSPC)."""
+    driver = host_cgroups()
+    if driver.version != 1 or not os.path.isdir("/sys/fs/cgroup/cpuset"):
+        pytest.skip("cgroup v1 with a cpuset hierarchy only")
+    os.mkdir(f"/sys/fs/cgroup/cpuset/{name}")  # made, not filled (a new cpuset starts empty)
+    assert Path(f"/sys/fs/cgroup/cpuset/{name}/cpuset.cpus").read_text().strip() == ""
+    try:
+        made = driver.make(f"{name}/sb")
+        driver.join(f"{name}/sb", sleeper.pid)
+        assert driver.processes(f"{name}/sb") == {sleeper.pid}
+        root = Path("/sys/fs/cgroup/cpuset/cpuset.cpus").read_text().strip()
+        assert Path(f"/sys/fs/cgroup/cpuset/{name}/cpuset.cpus").read_text().strip() == root
+        driver.move_back(sleeper.pid, dict.fromkeys(driver.hierarchies, ""))
+        assert driver.remove(made, timeout=1.0) == []
+    finally:
+        driver.move_back(sleeper.pid, dict.fromkeys(driver.hierarchies, ""))
+        _cleanup(driver, name)
+
+
+@needs_root
 def test_real_v1_threads_join_alone(name: str) -> None:
     driver = host_cgroups()
     if driver.version != 1:
