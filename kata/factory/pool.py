@@ -94,12 +94,16 @@ class Counters:
 
 def _warm_up(client: AgentClient, name: str, timeout: float) -> bool:
     """The clone's guest runs its warm-up container; False (logged) if the agent refused or failed it:
-    such a clone is only as slow to start a container as a restored VM. A timeout raises."""
+    such a clone is only as slow to start a container as a restored VM. A guest that does not answer
+    in time, or whose connection is gone, raises: that clone is not kept."""
+    from kata import ttrpc
     from kata.agent_client.client import AgentError
 
     try:
         client.warm_up(timeout=timeout)
     except AgentError as exc:
+        if exc.code in (ttrpc.Code.DEADLINE_EXCEEDED, ttrpc.Code.UNAVAILABLE):
+            raise
         log.warning(f"pool: warm-up of clone {name} failed: {exc}")
         return False
     return True

@@ -250,3 +250,25 @@ def test_a_pooled_tap_moves_only_into_a_network_namespace(tmp_path: Path) -> Non
                 move(nic, str(path))
     finally:
         unmount(str(uts))
+
+
+def test_a_clone_whose_guest_does_not_answer_its_warm_up_is_not_kept() -> None:
+    """A warm-up the agent refuses or fails leaves a clone that is only slower; one that times out, or
+    whose connection is gone, must not be handed to a sandbox."""
+    from kata import ttrpc
+    from kata.agent_client.client import AgentError
+    from kata.factory.pool import _warm_up
+
+    class Client:
+        def __init__(self, code: ttrpc.Code | None) -> None:
+            self.code = code
+
+        def warm_up(self, *, timeout: float) -> None:
+            if self.code is not None:
+                raise AgentError("WarmUp", self.code, "no")
+
+    assert _warm_up(Client(None), "c", 1.0) is True  # type: ignore[arg-type]
+    assert _warm_up(Client(ttrpc.Code.INVALID_ARGUMENT), "c", 1.0) is False  # type: ignore[arg-type]
+    for code in (ttrpc.Code.DEADLINE_EXCEEDED, ttrpc.Code.UNAVAILABLE):
+        with pytest.raises(AgentError):
+            _warm_up(Client(code), "c", 1.0)  # type: ignore[arg-type]
