@@ -102,3 +102,12 @@ def test_guest_python_imports_agent_stack_in_chroot(tree: Path) -> None:
     )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "upb"
+
+
+def test_guest_libseccomp_is_the_one_host_compiled_filters_assume(tree: Path) -> None:
+    """kata.oci.seccomp_bpf uses the host's libseccomp only if it is at least the guest's: the
+    version it assumes must be the image's."""
+    from kata.oci.seccomp_bpf import GUEST_LIBSECCOMP
+
+    libs = sorted(p.name for p in tree.glob("usr/lib/x86_64-linux-gnu/libseccomp.so.2.*"))
+    assert libs == ["libseccomp.so.2." + ".".join(map(str, GUEST_LIBSECCOMP[1:]))], libs

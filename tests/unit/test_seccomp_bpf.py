@@ -146,3 +146,57 @@ def test_a_spec_without_a_profile_is_unchanged() -> None:
     spec: dict[str, Any] = {"process": {"args": ["true"]}, "linux": {}}
     assert with_compiled_seccomp(spec) is spec
     assert with_compiled_seccomp({"process": {}}) == {"process": {}}
+
+
+@pytest.mark.parametrize("value", [-1, 1 << 64, True, 1.0, "1"])
+def test_an_argument_value_crun_would_not_take_is_left_to_it(value: object) -> None:
+    bad = _one_rule(action="SCMP_ACT_ERRNO", args=[{"index": 0, "value": value, "op": "SCMP_CMP_EQ"}])
+    spec = _spec(bad)
+    assert with_compiled_seccomp(spec) is spec
+    boolean_index = _one_rule(action="SCMP_ACT_ERRNO",
+                              args=[{"index": True, "value": 1, "op": "SCMP_CMP_EQ"}])
+    assert compile_profile(json.dumps(boolean_index)) is None
+    assert compile_profile(json.dumps(_one_rule(action="SCMP_ACT_ERRNO", args=[
+        {"index": 0, "value": (1 << 64) - 1, "op": "SCMP_CMP_EQ"}]))) is not None  # the largest is fine
+
+
+def test_only_the_first_six_comparisons_count_as_in_crun() -> None:
+    six = [_arg(i % 3, "SCMP_CMP_EQ") for i in range(6)]
+    seven = [*six, _arg(5, "SCMP_CMP_EQ")]
+    assert compile_profile(json.dumps(_one_rule(action="SCMP_ACT_ERRNO", args=six))) == \
+        compile_profile(json.dumps(_one_rule(action="SCMP_ACT_ERRNO", args=seven))) is not None
+
+
+def test_profiles_too_big_are_left_to_crun() -> None:
+    many = _one_rule(action="SCMP_ACT_ERRNO")
+    many["syscalls"][0]["names"] = ["read"] * 5000  # more rules than a filter may hold
+    assert compile_profile(json.dumps(many)) is None
+    padded = _one_rule(action="SCMP_ACT_ERRNO")
+    padded["syscalls"] += [{"names": [f"nosuch{i}" for i in range(20000)], "action": "SCMP_ACT_ERRNO"}]
+    spec = _spec(padded)
+    assert len(json.dumps(padded)) > 256 * 1024 and with_compiled_seccomp(spec) is spec
+
+
+def test_a_callers_own_bpf_annotation_is_dropped() -> None:
+    caller = base64.b64encode(b"\0" * 8).decode()
+    compiled = with_compiled_seccomp(_spec(_one_rule(action="SCMP_ACT_ERRNO"), **{ANNOTATION: caller}))
+    assert compiled["annotations"][ANNOTATION] != caller
+    left = with_compiled_seccomp(_spec(_one_rule(action="SCMP_ACT_NOTIFY"), **{ANNOTATION: caller, "x": "y"}))
+    assert left["annotations"] == {"x": "y"}
+    no_profile = with_compiled_seccomp({"linux": {}, "annotations": {ANNOTATION: caller}})
+    assert no_profile["annotations"] == {}
+
+
+def test_an_older_libseccomp_than_the_guests_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kata.oci import seccomp_bpf
+
+    monkeypatch.setattr(seccomp_bpf, "GUEST_LIBSECCOMP", (99, 0, 0))
+    seccomp_bpf._libseccomp.cache_clear()
+    seccomp_bpf.compile_profile.cache_clear()
+    try:
+        spec = _spec(_one_rule(action="SCMP_ACT_ERRNO"))
+        assert with_compiled_seccomp(spec) is spec
+    finally:
+        monkeypatch.undo()
+        seccomp_bpf._libseccomp.cache_clear()
+        seccomp_bpf.compile_profile.cache_clear()
