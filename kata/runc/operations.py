@@ -434,11 +434,11 @@ def _destroy_sandbox(cid: str) -> None:
     """The pod's VM and what it had on the host, with the configuration it was made with."""
     from kata.sandbox.paths import has_state
 
-    if not has_state(cid):
-        return  # e.g. runc's shim's `delete --force` after a delete: the service is not loaded
-    from kata.sandbox.pod import tear_down
-
     try:
+        if not has_state(cid):
+            return  # e.g. runc's shim's `delete --force` after a delete: the service is not loaded
+        from kata.sandbox.pod import tear_down
+
         for problem in tear_down(cid):
             log.warning(f"delete {cid}: {problem}")
     except KataError as exc:

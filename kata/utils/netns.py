@@ -42,7 +42,8 @@ def is_ours(path: str) -> bool:
 def enter(path: str) -> None:
     """Join the network namespace at ``path`` (a /proc/PID/ns/net or a bind-mounted netns)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO put at the path must not block us (setns then refuses its fd).
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         raise NetnsError(f"network namespace {path}: {exc.strerror}") from exc
     try:
