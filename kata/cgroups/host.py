@@ -139,6 +139,10 @@ class HostCgroups(abc.ABC):
             raise
         return made
 
+    def lacking(self, rel: str) -> list[str]:
+        """The hierarchies where ``rel`` does not exist (yet)."""
+        return [name for name in self.hierarchies if not os.path.isdir(self.path(name, rel))]
+
     def join(self, rel: str, pid: int) -> None:
         """Move the whole process ``pid`` (all its threads) into ``rel``."""
         for h in self.hierarchies.values():

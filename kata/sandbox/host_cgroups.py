@@ -83,8 +83,10 @@ class PodCgroups:
         self._origin: dict[str, str] | None = None  # where this process was before join_self()
 
     @classmethod
-    def make(cls, sid: str, spec: Mapping[str, Any], cfg: RuntimeConfig) -> PodCgroups | None:
-        """The pod's cgroups, made; None when the spec names none (or the host has no cgroups)."""
+    def plan(cls, sid: str, spec: Mapping[str, Any], cfg: RuntimeConfig) -> PodCgroups | None:
+        """The pod's cgroups, not made yet; None when the spec names none (or the host has no
+        cgroups). Their ``made`` names the pod's own cgroups (the leaves) that do not exist yet: a
+        record written now lets a teardown remove them should this process die while make() runs."""
         sandbox = check(spec)
         if not sandbox or layout() == "none":
             return None
@@ -97,16 +99,23 @@ class PodCgroups:
         overhead_mib = 0 if split else cfg.hypervisor.default_memory + HOST_PROCESSES_MIB
         record = CgroupRecord(sandbox=sandbox, overhead=overhead_cgroup(sid) if split else "",
                               overhead_mib=overhead_mib)
-        pod = cls(record, driver)
+        for rel in filter(None, (record.sandbox, record.overhead)):
+            for name in driver.lacking(rel):
+                record.made.setdefault(name, []).append(rel)
+        return cls(record, driver)
+
+    def make(self) -> None:
+        """Make the planned cgroups (with what is missing above them); ``made`` then says exactly
+        what was made. On failure, what was made is removed."""
+        record = self.record
+        record.made = {}
         try:
             for rel in filter(None, (record.sandbox, record.overhead)):
-                made = driver.make(rel)
-                for name, paths in made.items():
+                for name, paths in self.driver.make(rel).items():
                     record.made.setdefault(name, []).extend(paths)
         except BaseException:
-            pod.remove()
+            self.remove()
             raise
-        return pod
 
     @classmethod
     def of(cls, data: Mapping[str, Any]) -> PodCgroups | None:

@@ -216,8 +216,13 @@ class Pod:
             except BaseException:
                 remove_tree(str(paths.state_dir))  # an id claimed with no record would be taken for good
                 raise
-            cgroups = host_cgroups.PodCgroups.make(sid, bundle.spec, cfg)
+            cgroups = host_cgroups.PodCgroups.plan(sid, bundle.spec, cfg)
             if cgroups is not None:
+                # Recorded before they are made, then as made: a shim killed in between leaves a
+                # record that names them, for containerd's `shim delete`.
+                record.cgroups = cgroups.as_dict()
+                write_json(paths.pod_record, dataclasses.asdict(record))
+                cgroups.make()
                 record.cgroups = cgroups.as_dict()
                 write_json(paths.pod_record, dataclasses.asdict(record))
                 # Held to the pod's figures before anything of it runs there.

@@ -279,6 +279,33 @@ def test_real_v1_an_empty_cpuset_another_pod_just_made_is_filled(name: str,
 
 
 @needs_root
+def test_a_pod_record_written_before_make_lets_a_teardown_remove_what_it_made(name: str) -> None:
+    """A shim killed while its pod's cgroups were being made: the record written before make()
+    names the pod's own cgroups, and a teardown from it removes them."""
+    from kata.config import load_config
+    from kata.sandbox.host_cgroups import PodCgroups
+
+    sid = f"{name}-sb"
+    planned = PodCgroups.plan(sid, {"linux": {"cgroupsPath": f"/{name}/{sid}"}}, load_config(None))
+    assert planned is not None
+    driver = planned.driver
+    first = next(iter(driver.hierarchies))
+    try:
+        before_make = planned.as_dict()  # what the pod record holds before make()
+        assert before_make["made"][first] == [f"{name}/{sid}", *([overhead_cgroup(sid)]
+                                                                 if before_make["overhead"] else [])]
+        planned.make()
+        assert os.path.isdir(driver.path(first, f"{name}/{sid}"))
+        torn = PodCgroups.of(before_make)  # the process died here: containerd's `shim delete`
+        assert torn is not None and torn.remove() == []
+        assert not os.path.exists(driver.path(first, f"{name}/{sid}"))
+        assert not os.path.exists(driver.path(first, overhead_cgroup(sid)))
+    finally:
+        planned.remove()
+        _cleanup(driver, name)
+
+
+@needs_root
 def test_real_v1_threads_join_alone(name: str) -> None:
     driver = host_cgroups()
     if driver.version != 1:
