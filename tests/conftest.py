@@ -47,7 +47,7 @@ def process_gone(pid: int) -> bool:
     """The process has exited (a zombie counts: it no longer runs)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # ESRCH: it was reaped between open and read
         return True
     return stat[stat.rindex(")") + 2] == "Z"
 
