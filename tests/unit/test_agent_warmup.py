@@ -56,26 +56,38 @@ def test_no_warmup_once_the_host_creates_a_sandbox(tmp_path: Path) -> None:
     assert not (tmp_path / "crun.ran").exists()
 
 
-def test_warmup_runs_a_container_through_crun(tmp_path: Path) -> None:
-    # A fake crun that keeps its argv and the bundle's config; run in a fresh interpreter because a
-    # running reaper calls waitpid(-1) and would steal the children of anything else in pytest.
+def _in_fresh_python(tmp_path: Path, crun_script: str, body: str) -> subprocess.CompletedProcess[str]:
+    """``body`` run with a reaper ``r`` and a Sandbox ``sandbox`` whose crun is ``crun_script``
+    (at tmp_path/crun), in a fresh interpreter: a running reaper calls waitpid(-1) and would steal
+    the children of anything else in pytest."""
     fake = tmp_path / "crun"
-    fake.write_text('#!/bin/sh\necho "$@" > "$0.args"\ncp "${10}/config.json" "$0.config"\n')
+    fake.write_text(crun_script)
     fake.chmod(0o755)
-    run_dir = tmp_path / "run"
-    code = f"""
+    prologue = f"""
         from kata.guest.agent.crun import Crun
         from kata.guest.agent.reaper import Reaper
-        from kata.guest.agent.sandbox import Sandbox
+        from kata.guest.agent.sandbox import InvalidArgument, Sandbox
+        from kata.guest.agent.service import AgentService
         from kata.guest.agent.warmup import Warmup
+        from kata.protocols import agent_pb2 as pb
         r = Reaper(); r.start()
-        w = Warmup(Sandbox(r, Crun(r, binary={str(fake)!r}), run_dir={str(run_dir)!r}))
+        sandbox = Sandbox(r, Crun(r, binary={str(fake)!r}), run_dir={str(tmp_path / "run")!r})
+    """
+    code = textwrap.dedent(prologue) + textwrap.dedent(body)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_warmup_runs_a_container_through_crun(tmp_path: Path) -> None:
+    # A fake crun that keeps its argv and the bundle's config.
+    script = '#!/bin/sh\necho "$@" > "$0.args"\ncp "${10}/config.json" "$0.config"\n'
+    proc = _in_fresh_python(tmp_path, script, """
+        w = Warmup(sandbox)
         w.start()
         assert w.done.wait(30)
-    """
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=60)
-    assert proc.returncode == 0, proc.stderr
+    """)
+    run_dir = tmp_path / "run"
     assert "warm-up done" in proc.stderr and "warn" not in proc.stderr
     bundle = run_dir / CONTAINER_ID
     args = (tmp_path / "crun.args").read_text().split()
@@ -88,19 +100,7 @@ def test_warmup_runs_a_container_through_crun(tmp_path: Path) -> None:
 def test_host_asks_for_the_warmup_again_only_before_a_sandbox(tmp_path: Path) -> None:
     # A VM kept warm (the pool) asks for the warm-up container again after its restore; each run goes
     # through crun. Once a sandbox exists the call is refused and crun is not run.
-    fake = tmp_path / "crun"
-    fake.write_text('#!/bin/sh\necho "$@" >> "$0.args"\n')
-    fake.chmod(0o755)
-    run_dir = tmp_path / "run"
-    code = f"""
-        from kata.guest.agent.crun import Crun
-        from kata.guest.agent.reaper import Reaper
-        from kata.guest.agent.sandbox import InvalidArgument, Sandbox
-        from kata.guest.agent.service import AgentService
-        from kata.guest.agent.warmup import Warmup
-        from kata.protocols import agent_pb2 as pb
-        r = Reaper(); r.start()
-        sandbox = Sandbox(r, Crun(r, binary={str(fake)!r}), run_dir={str(run_dir)!r})
+    proc = _in_fresh_python(tmp_path, '#!/bin/sh\necho "$@" >> "$0.args"\n', """
         svc = AgentService(sandbox, warmup=Warmup(sandbox))
         svc.warm_up(None, pb.WarmUpRequest())
         svc.warm_up(None, pb.WarmUpRequest())
@@ -109,10 +109,8 @@ def test_host_asks_for_the_warmup_again_only_before_a_sandbox(tmp_path: Path) ->
             svc.warm_up(None, pb.WarmUpRequest())
         except InvalidArgument as e:
             print("refused:", e)
-    """
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=60)
-    assert proc.returncode == 0, proc.stderr
+    """)
+    run_dir = tmp_path / "run"
     assert "refused: a warm-up runs only before a sandbox exists" in proc.stdout
     runs = (tmp_path / "crun.args").read_text().splitlines()
     assert len(runs) == 2 and all(r.split()[-1] == CONTAINER_ID for r in runs), runs
