@@ -26,7 +26,8 @@ def _pyroute2_without_its_init() -> None:
 _pyroute2_without_its_init()
 
 from pyroute2.iproute.linux import IPRoute  # noqa: E402
-from pyroute2.netns import NETNS_RUN_DIR  # noqa: E402
+
+from kata.utils.netns import path_of  # noqa: E402
 
 
 def rtnl(ns: str | None) -> IPRoute:
@@ -37,6 +38,6 @@ def rtnl(ns: str | None) -> IPRoute:
     """
     if ns is None:
         return IPRoute()
-    if not os.path.exists(ns if "/" in ns else os.path.join(NETNS_RUN_DIR, ns)):
+    if not os.path.exists(path_of(ns)):
         raise FileNotFoundError(f"network namespace {ns} does not exist")
     return IPRoute(netns=ns, flags=0)

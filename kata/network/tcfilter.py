@@ -75,7 +75,6 @@ def open_tap(ns: str, name: str, queues: int) -> list[int]:
     import os
     import struct
 
-    from kata.network import NETNS_RUN_DIR
     from kata.utils import netns
 
     flags = _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR | (_IFF_MULTI_QUEUE if queues > 1 else 0)
@@ -94,8 +93,7 @@ def open_tap(ns: str, name: str, queues: int) -> list[int]:
             raise
         return fds
 
-    path = ns if "/" in ns else os.path.join(NETNS_RUN_DIR, ns)
-    return netns.call_in(path, attach)
+    return netns.call_in(netns.path_of(ns), attach)
 
 
 def delete_link(ns: str | None, name: str) -> None:
