@@ -273,8 +273,9 @@ class PoolDaemon:
 
     def take(self, key: str, sid: str, share: list[str] | None = None,
              netns: str | None = None) -> dict[str, Any]:
-        """``share``: the options of the virtiofsd the sandbox would start; a clone whose own
-        virtiofsd serves otherwise is not handed out (the sandbox restores one instead). ``netns``:
+        """``share``: the options of the virtiofsd the sandbox would start (None: it starts none); a
+        clone whose own virtiofsd serves otherwise, or that has none, is not handed out (the sandbox
+        restores one instead). ``netns``:
         the pod's network namespace, where the clone's first NIC's tap goes."""
         try:
             validate_sandbox_id(sid)
@@ -286,7 +287,8 @@ class PoolDaemon:
             slot = next((s for s in self.ready if s.key == key and s.vmm.is_running()), None)
             if slot is None:
                 return {"vm_dir": None, "why": "empty"}
-            if slot.share is not None and slot.share.virtiofsd.settings() != share:
+            # The sandbox attaches to the clone's virtiofsd as its own: the same, or none on both sides.
+            if (slot.share.virtiofsd.settings() if slot.share is not None else None) != share:
                 return {"vm_dir": None, "why": "another virtiofsd"}
             try:
                 _hand_over(slot, self.root / key, sid)
@@ -310,7 +312,7 @@ class PoolDaemon:
             if not nic["tap"]:
                 pool_nic.remove(slot.nic)  # unused (the pod unplugs the NIC): it must not pile up here
         return {"vm_dir": str(VM_ROOT / sid), "pid": slot.vmm.pids()[0] if slot.vmm.pids() else 0,
-                "share": slot.share is not None, "nic": nic}
+                "nic": nic}
 
     def status(self) -> dict[str, Any]:
         with self._lock:

@@ -71,8 +71,8 @@ def call(endpoint: Path, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Taken:
-    vm_dir: Path  # VM_ROOT/<sid>: the VM's directory, now the sandbox's
-    share: bool  # its virtio-fs share came along: SHARED_ROOT/<sid>, served, the device hot-added
+    vm_dir: Path  # VM_ROOT/<sid>: the VM's directory, now the sandbox's (its virtio-fs share, when
+    # the take asked for one, came along: SHARED_ROOT/<sid>, served, the device hot-added)
     # Its first NIC, hot-added already: {"mac": the guest link's MAC, "tap": its tap's name in the
     # pod's network namespace, or "" when it stayed in the daemon's (no namespace, or a failed move)}.
     nic: dict[str, str] | None = None
@@ -105,7 +105,7 @@ def take(endpoint: Path, key: str, sid: str, share: list[str] | None = None, net
     nic = answer.get("nic")
     if not (isinstance(nic, dict) and isinstance(nic.get("mac"), str) and isinstance(nic.get("tap"), str)):
         nic = None
-    return Taken(Path(vm_dir), answer.get("share") is True, nic)
+    return Taken(Path(vm_dir), nic)
 
 
 def poolable(config: VMConfig) -> str | None:

@@ -326,8 +326,8 @@ class Sandbox:
                 self.shared.create()
             return False
         if fsd is not None:
-            # Ours from here, whatever fails next: destroy() stops it. (A clone of this shape always
-            # comes with its share, served and hot-added: the pool prepares it with the VM.)
+            # Ours from here, whatever fails next: destroy() stops it. (The pool hands a clone over
+            # only with a virtiofsd of these very settings, served and hot-added.)
             self.virtiofsd = Virtiofsd.attach(fsd.binary, self.paths.virtiofsd_socket, self.paths.shared_dir)
         self.hypervisor = hypervisor.attach(self.cfg.hypervisor, taken.vm_dir)
         self.adopted = True

@@ -84,6 +84,24 @@ def test_bad_requests_are_refused(tmp_path: Path, msg: dict[str, object], error:
     assert not (tmp_path / "pool").exists()
 
 
+def test_a_clone_without_the_virtiofsd_the_sandbox_expects_is_not_handed_out(tmp_path: Path) -> None:
+    """The sandbox attaches to a pooled clone's virtiofsd as its own: a clone with none is refused to
+    a sandbox that would start one (nothing moves, the clone stays ready)."""
+    class Running:
+        def is_running(self) -> bool:
+            return True
+
+        def pids(self) -> list[int]:
+            return [os.getpid()]
+
+    d = daemon(tmp_path)
+    key = template_key(d.config)
+    d.ready.append(pool.Slot("s1", key, tmp_path / "pool" / key / "s1", Running()))  # type: ignore[arg-type]
+    answer = d.handle({"op": "take", "key": key, "sid": "c1", "share": ["/usr/lib/qemu/virtiofsd"]})
+    assert answer == {"vm_dir": None, "why": "another virtiofsd"}
+    assert [s.name for s in d.ready] == ["s1"] and not (tmp_path / "pool").exists()
+
+
 def test_another_shape_or_an_empty_pool_gets_nothing(tmp_path: Path) -> None:
     d = daemon(tmp_path)
     assert d.handle({"op": "take", "key": "0123456789abcdef", "sid": "c1"}) == {"vm_dir": None,
