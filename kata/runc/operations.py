@@ -323,23 +323,13 @@ def _mirror_network(store: ContainerStore, rec: ContainerRecord) -> None:
     (a pod's member shares the network its sandbox mirrored)."""
     from kata.sandbox import network
 
-    if rec.sandbox or not (network.may_have_endpoints(rec.pid) or _took_pooled_nic(rec.id)):
+    # A pooled VM's tap, moved into the namespace, is seen here too: an unused one is given back.
+    if rec.sandbox or not network.may_have_endpoints(rec.pid):
         return  # the common case (--network none, or no CNI yet): the sandbox service is not loaded
     from kata.sandbox.pod import Pod
 
     with agent_of(rec) as agent:
         Pod.attach(rec.id, agent).mirror_network()
-
-
-def _took_pooled_nic(sid: str) -> bool:
-    """Whether the sandbox's VM came from the pool with a NIC whose tap is in its namespace (which,
-    unused, must be given back; one left in the pool's namespace was given back at create)."""
-    from kata.sandbox.paths import SandboxPaths
-
-    try:
-        return bool((json.loads(SandboxPaths(sid).pod_record.read_text()).get("pooled_nic") or {}).get("tap"))
-    except (OSError, ValueError):
-        return False
 
 
 def kill(store: ContainerStore, cid: str, signum: int, all_processes: bool = False) -> None:
