@@ -259,8 +259,11 @@ def build_argv(config: VMConfig, vsock: Vsock | None = None, restore: Restore | 
             opts += f",vhostfd={vsock.vhostfd}"
         argv += ["-device", opts]
     else:
+        # Only the ports we add: the guest sets up a pair of 1024-entry rings for each of the
+        # default 31 (about 3 MB of guest memory), and port number 0 is kept for a console.
+        ports = 2 if config.debug_console else 1
         argv += [
-            "-device", f"{dev('virtio-serial')},id=vser0",
+            "-device", f"{dev('virtio-serial')},id=vser0,max_ports={ports + 1}",
             "-chardev", f"socket,id=agent,path={paths.agent_socket},server=on,wait=off",
             "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_SERIAL_PORT_NAME}",
         ]  # fmt: skip

@@ -86,6 +86,9 @@ def test_the_console_gets_a_port_of_its_own_only_when_enabled() -> None:
     chardevs = [on[i + 1] for i, a in enumerate(on) if a == "-chardev"]
     assert f"socket,id=dbgcon,path={RUN}/console.sock,server=on,wait=off" in chardevs
     assert f"virtserialport,bus=vser0.0,chardev=dbgcon,name={proto.SERIAL_PORT_NAME}" in on
+    # Room for both ports (number 0 is kept for a console), and no more: each costs guest memory.
+    assert any(a.endswith(",id=vser0,max_ports=3") for a in on)
+    assert any(a.endswith(",id=vser0,max_ports=2") for a in off)
     # The agent's own port is still there, unchanged.
     assert f"socket,id=agent,path={RUN}/agent.sock,server=on,wait=off" in chardevs
     params = kernel_cmdline(vm(debug_console=True), vsock=False).split()

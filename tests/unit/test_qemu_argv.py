@@ -54,7 +54,7 @@ def test_microvm_virtiofs_serial() -> None:
     assert option(argv, "-m") == ["512M"]
     devices = option(argv, "-device")
     assert "virtio-blk-device,drive=rootfs" in devices
-    assert "virtio-serial-device,id=vser0" in devices
+    assert "virtio-serial-device,id=vser0,max_ports=2" in devices
     assert "virtserialport,bus=vser0.0,chardev=agent,name=agent.channel.0" in devices
     assert "vhost-user-fs-device,chardev=vfs,tag=kataShared" in devices
     assert not any("-pci" in d for d in devices)
@@ -106,7 +106,7 @@ def test_q35_virtiofs_binds_shared_memory_to_machine() -> None:
     argv = build_argv(config(machine_type="q35", shared_fs=fs))
     assert option(argv, "-machine") == ["q35,memory-backend=mem"]
     assert "vhost-user-fs-pci,chardev=vfs,tag=kataShared" in option(argv, "-device")
-    assert "virtio-serial-pci,id=vser0" in option(argv, "-device")
+    assert "virtio-serial-pci,id=vser0,max_ports=2" in option(argv, "-device")
 
 
 def test_kvm_uses_host_cpu_tcg_does_not() -> None:
