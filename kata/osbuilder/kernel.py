@@ -16,11 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 FRAGMENT_PATH = Path(__file__).with_name("kernel-fragment.config")
+# Our few changes to Debian's source, applied in name order (`patch -p1`).
+PATCH_DIR = Path(__file__).with_name("kernel-patches")
 SOURCE_PACKAGE = "linux-source-6.1"
 SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
-
-
-
 
 # Kbuild's short progress lines ("  CC      kernel/fork.o"); everything else is noise for a progress view.
 _PROGRESS_RE = re.compile(r"^\s{2}[A-Z0-9_\[\]]+\s+\S")
@@ -50,9 +49,15 @@ def source_version() -> str:
 KERNEL_RECIPE = "tinyconfig+fragment+olddefconfig/vmlinux/1"
 
 
+def kernel_patches() -> list[Path]:
+    return sorted(PATCH_DIR.glob("*.patch"))
+
+
 def kernel_inputs_hash() -> str:
     h = hashlib.sha256()
     h.update(FRAGMENT_PATH.read_bytes())
+    for patch in kernel_patches():
+        h.update(b"\0" + patch.name.encode() + b"\0" + patch.read_bytes())
     h.update(b"\0" + source_version().encode() + b"\0")
     h.update(KERNEL_RECIPE.encode())
     return h.hexdigest()[:16]
@@ -104,6 +109,16 @@ def _run(cmd: list[str], cwd: Path, log_file: Path, log: Callable[[str], None], 
         raise KernelBuildError(f"{what} failed (exit {rc}): {errors[-1].strip()} (full log: {log_file})")
 
 
+def apply_patches(tree: Path, patches: list[Path], log: Callable[[str], None]) -> None:
+    for patch in patches:
+        log(f"applying {patch.name}")
+        res = subprocess.run(["patch", "-p1", "--forward", "--batch", "--quiet", "-i", str(patch)],
+                             cwd=tree, capture_output=True, text=True)
+        if res.returncode != 0:
+            why = (res.stdout + res.stderr).strip().splitlines() or ["no output"]
+            raise KernelBuildError(f"kernel patch {patch.name} does not apply: {why[-1]}")
+
+
 def _extract(src_dir: Path, log: Callable[[str], None]) -> None:
     if (src_dir / "Makefile").exists():
         return
@@ -121,6 +136,11 @@ def _extract(src_dir: Path, log: Callable[[str], None]) -> None:
     if res.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise KernelBuildError(f"extracting {SOURCE_TARBALL} failed: {res.stderr.strip()[-200:]}")
+    try:
+        apply_patches(tmp, kernel_patches(), log)
+    except KernelBuildError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     # Rename last so a half-extracted tree is never mistaken for a complete one.
     shutil.rmtree(src_dir, ignore_errors=True)
     tmp.rename(src_dir)

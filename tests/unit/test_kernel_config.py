@@ -2,10 +2,16 @@
 
 from pathlib import Path
 
+import pytest
+
 from kata.hypervisor.host import tcg_kernel_params
+from kata.osbuilder import kernel
 from kata.osbuilder.kernel import (
     FRAGMENT_PATH,
+    KernelBuildError,
+    apply_patches,
     kernel_inputs_hash,
+    kernel_patches,
     missing_options,
 )
 from kata.sandbox.vm import GUEST_KERNEL_PARAMS as KERNEL_PARAMS
@@ -66,3 +72,47 @@ def test_tcg_params_take_tsc_rate_from_cpuinfo(tmp_path: Path) -> None:
     info.write_text("processor\t: 0\n")
     assert tcg_kernel_params(info) == ()
     assert tcg_kernel_params(tmp_path / "absent") == ()
+
+
+PATCH = """\
+--- a/drivers/x.c
++++ b/drivers/x.c
+@@ -1,3 +1,3 @@
+ one
+-two
++TWO
+ three
+"""
+
+
+def test_patches_apply_in_a_tree(tmp_path: Path) -> None:
+    (tmp_path / "drivers").mkdir()
+    (tmp_path / "drivers/x.c").write_text("one\ntwo\nthree\n")
+    patch = tmp_path / "0001-x.patch"
+    patch.write_text(PATCH)
+    apply_patches(tmp_path, [patch], log=lambda _: None)
+    assert (tmp_path / "drivers/x.c").read_text() == "one\nTWO\nthree\n"
+    # Applied twice (a tree patched already): refused, never reversed.
+    with pytest.raises(KernelBuildError, match="0001-x.patch does not apply"):
+        apply_patches(tmp_path, [patch], log=lambda _: None)
+    assert (tmp_path / "drivers/x.c").read_text() == "one\nTWO\nthree\n"
+
+
+def test_patch_that_does_not_match_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "drivers").mkdir()
+    (tmp_path / "drivers/x.c").write_text("something else\n")
+    patch = tmp_path / "0001-x.patch"
+    patch.write_text(PATCH)
+    with pytest.raises(KernelBuildError, match="0001-x.patch does not apply"):
+        apply_patches(tmp_path, [patch], log=lambda _: None)
+
+
+def test_shipped_patches_are_part_of_the_kernel_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shipped = kernel_patches()
+    assert [p.name for p in shipped] == ["0001-virtio-console-bounded-receive-buffers.patch"]
+    assert "drivers/char/virtio_console.c" in shipped[0].read_text()
+    before = kernel_inputs_hash()
+    for p in shipped:
+        (tmp_path / p.name).write_text(p.read_text().replace("MAX_FILL_BUFS 64", "MAX_FILL_BUFS 32"))
+    monkeypatch.setattr(kernel, "PATCH_DIR", tmp_path)
+    assert kernel_inputs_hash() != before
