@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kata.protocols import debug_console
-from kata.protocols.agent_api import AGENT_SERIAL_PORT_NAME
+from kata.protocols.agent_api import AGENT_SERIAL_PORT_NAME, HELPER_ASLR_PARAM
 
 from .base import HypervisorError, VMConfig
 from .host import tcg_kernel_params
@@ -117,6 +117,10 @@ def kernel_cmdline(config: VMConfig, vsock: bool) -> str:
         # microvm's ACPI tables do not hand PCIe hotplug to the OS: without this the kernel never
         # notices the virtio-fs device added after a restore.
         own.append("pcie_ports=native")
+    if config.accel == "tcg":
+        # The agent's helpers (crun above all) at fixed addresses: TCG's translations then serve
+        # every run of them; containers keep randomisation (kata.guest.agent.layout).
+        own.append(f"{HELPER_ASLR_PARAM}=off")
     if config.accel == "tcg" and config.machine_type == "microvm":
         # microvm has no PIT/HPET/PM timer to calibrate the TSC against; under TCG the guest then
         # marks the TSC unstable and most boots hang. TCG's TSC is the host's, so its rate is known.

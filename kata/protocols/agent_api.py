@@ -10,6 +10,8 @@ from typing import Literal, NamedTuple
 AGENT_VSOCK_PORT = 1024
 # Name of the virtio-serial port in the guest (/sys/class/virtio-ports/*/name).
 AGENT_SERIAL_PORT_NAME = "agent.channel.0"
+# Kernel parameter: "off" runs the agent's helpers at fixed addresses (kata.guest.agent.layout).
+HELPER_ASLR_PARAM = "agent.helper_aslr"
 
 # The agent's ttrpc services.
 AGENT_SERVICE = "grpc.AgentService"

@@ -120,6 +120,11 @@ def test_lifecycle_like_runc(rt: Runtime, running: tuple[str, Path]) -> None:
     # exec in the foreground: output and exit status.
     ex = rt("exec", cid, "sh", "-c", "echo from-exec; exit 7", check=False)
     assert ex.returncode == 7 and ex.stdout == b"from-exec\n", ex.stderr.decode()
+    # Under TCG the agent's helpers run at fixed addresses; the container's init and its execs
+    # keep address-space randomisation (kata.guest.agent.layout).
+    pers = rt("exec", cid, "sh", "-c", "cat /proc/1/personality /proc/self/personality "
+              "/proc/sys/kernel/randomize_va_space").stdout.split()
+    assert pers == [b"00000000", b"00000000", b"2"], pers
     # exec --process FILE --detach --pid-file, as Docker does: the pid names the exec's monitor.
     (tmp / "p.json").write_text(json.dumps({"args": ["sleep", "30"], "cwd": "/", "env": ["PATH=/bin"],
                                             "user": {"uid": 0, "gid": 0}}))

@@ -75,7 +75,8 @@ def test_microvm_virtiofs_serial() -> None:
     assert "-initrd" not in argv
     (cmdline,) = option(argv, "-append")
     params = [p for p in cmdline.split() if not p.startswith("tsc_early_khz=")]
-    assert params == ["console=ttyS0", "root=/dev/vda", "rootfstype=erofs", "ro", "quiet"]
+    assert params == ["console=ttyS0", "root=/dev/vda", "rootfstype=erofs", "ro", "agent.helper_aslr=off",
+                      "quiet"]
 
 
 def test_q35_9p_vsock() -> None:
@@ -119,6 +120,16 @@ def test_kvm_uses_host_cpu_tcg_does_not() -> None:
     assert option(tcg, "-cpu")[0].split(",")[:3] == ["qemu64", "+rdrand", "+arat"]
 
 
+def test_helpers_run_at_fixed_addresses_under_tcg_only() -> None:
+    for machine in ("microvm", "q35"):
+        assert "agent.helper_aslr=off" in kernel_cmdline(config(machine_type=machine), vsock=False).split()
+        kvm = kernel_cmdline(config(machine_type=machine, accel="kvm"), vsock=False)
+        assert "agent.helper_aslr" not in kvm
+    # A caller's own value wins, as for every driver parameter.
+    mine = kernel_cmdline(config(kernel_params=("agent.helper_aslr=on",)), vsock=False).split()
+    assert "agent.helper_aslr=on" in mine and "agent.helper_aslr=off" not in mine
+
+
 def test_no_memory_hotplug_when_max_equals_memory() -> None:
     argv = build_argv(config(machine_type="pc", max_memory_mib=512))
     assert option(argv, "-m") == ["512M"]
@@ -128,7 +139,7 @@ def test_no_memory_hotplug_when_max_equals_memory() -> None:
 def test_caller_params_override_driver_defaults() -> None:
     line = kernel_cmdline(config(kernel_params=("console=hvc0", "root=/dev/vdb")), vsock=False).split()
     assert [p for p in line if not p.startswith("tsc_early_khz=")] == [
-        "rootfstype=erofs", "ro", "console=hvc0", "root=/dev/vdb"]
+        "rootfstype=erofs", "ro", "agent.helper_aslr=off", "console=hvc0", "root=/dev/vdb"]
 
 
 def test_tcg_microvm_gets_the_tsc_rate() -> None:

@@ -9,7 +9,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from kata.guest.agent import log
+from kata.guest.agent import layout, log
 
 if TYPE_CHECKING:
     from kata.guest.agent.reaper import Reaper
@@ -74,6 +74,11 @@ def main() -> int:
     except (OSError, ValueError, IndexError):
         started = 0.0
     log.info(f"kata-agent starting (process started at {started:.3f}s after boot)")
+    if args.get(layout.PARAM) == "off":
+        try:
+            layout.fix_helper_layout()
+        except OSError as exc:
+            log.warn(f"helpers keep a randomised layout: {exc}")
 
     from kata import ttrpc
     from kata.guest.agent import channel, service

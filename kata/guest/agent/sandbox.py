@@ -10,6 +10,7 @@ from typing import Any
 from kata.guest.agent import log
 from kata.guest.agent.crun import ConsoleSocket, Crun, CrunError
 from kata.guest.agent.devices import fix_device_modes
+from kata.guest.agent.layout import helpers_fixed, keep_container_randomised
 from kata.guest.agent.reaper import Exit, Reaper
 from kata.guest.agent.settle import SETTLE_LIMIT, exe_of, wait_settled
 from kata.guest.agent.stdio import Stdio
@@ -154,6 +155,10 @@ class Sandbox:
         spec = _parse_json(spec_json, f"OCI spec of {cid!r}")
         if not isinstance(spec, dict) or not isinstance(spec.get("process"), dict):
             raise InvalidArgument(f"OCI spec of {cid!r} has no process")
+        if keep_container_randomised(spec, helpers_fixed()):
+            import json
+
+            spec_json = json.dumps(spec).encode()
         bundle = os.path.join(self.run_dir, cid)
         with self._lock:
             if cid in self.containers:

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from kata.guest.agent import log
+from kata.guest.agent.layout import helpers_fixed, keep_container_randomised
 from kata.guest.agent.sandbox import Sandbox
 from kata.oci.default_spec import default_spec
 
@@ -97,8 +98,10 @@ class Warmup:
             try:
                 for d in _ROOT_DIRS:
                     os.makedirs(os.path.join(self.bundle, "rootfs", d), exist_ok=True)
+                spec = _spec()
+                keep_container_randomised(spec, helpers_fixed())  # as a real container's
                 with open(os.path.join(self.bundle, "config.json"), "w") as f:
-                    json.dump(_spec(), f)
+                    json.dump(spec, f)
                 log_file = os.path.join(self.bundle, "crun.log")
                 args = ["run", "--no-new-keyring", "--bundle", self.bundle, CONTAINER_ID]
                 self.sandbox.crun.run(args, log_file=log_file)
