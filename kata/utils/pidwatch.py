@@ -38,7 +38,8 @@ def watch(procs: Sequence[tuple[int, int]], on_end: Callable[[], None],
           stop: threading.Event | None = None) -> threading.Thread | None:
     """Call ``on_end`` on a thread of its own as soon as any of ``procs`` (pid, start time) has ended,
     at once when one is gone already; ``stop`` set ends the watch without a call (checked every
-    second). None when there is nothing to watch."""
+    second, and when one ends: a watcher that stops what it watched is not told). None when there
+    is nothing to watch."""
     if not procs:
         return None
     fds = [fd for fd in (pidfd(pid, start) for pid, start in procs) if fd is not None]
@@ -55,6 +56,8 @@ def watch(procs: Sequence[tuple[int, int]], on_end: Callable[[], None],
         finally:
             for fd in fds:
                 os.close(fd)
+        if stop is not None and stop.is_set():
+            return
         on_end()
 
     thread = threading.Thread(target=run, name="vm-watch", daemon=True)
