@@ -109,8 +109,10 @@ def test_patch_that_does_not_match_is_an_error(tmp_path: Path) -> None:
 
 def test_shipped_patches_are_part_of_the_kernel_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     shipped = kernel_patches()
-    assert [p.name for p in shipped] == ["0001-virtio-console-bounded-receive-buffers.patch"]
+    assert [p.name for p in shipped] == ["0001-virtio-console-bounded-receive-buffers.patch",
+                                         "0002-pci-no-link-settle-time-behind-qemu-ports.patch"]
     assert "drivers/char/virtio_console.c" in shipped[0].read_text()
+    assert "drivers/pci/pci.c" in shipped[1].read_text()
     before = kernel_inputs_hash()
     for p in shipped:
         (tmp_path / p.name).write_text(p.read_text().replace("MAX_FILL_BUFS 64", "MAX_FILL_BUFS 32"))
