@@ -74,7 +74,7 @@ def main() -> int:
     except (OSError, ValueError, IndexError):
         started = 0.0
     log.info(f"kata-agent starting (process started at {started:.3f}s after boot)")
-    if args.get(layout.PARAM) == "off":
+    if args.get(layout.PARAM) == "off":  # before any thread starts: a personality is per thread
         try:
             layout.fix_helper_layout()
         except OSError as exc:

@@ -155,9 +155,11 @@ class Sandbox:
         spec = _parse_json(spec_json, f"OCI spec of {cid!r}")
         if not isinstance(spec, dict) or not isinstance(spec.get("process"), dict):
             raise InvalidArgument(f"OCI spec of {cid!r} has no process")
-        if keep_container_randomised(spec, helpers_fixed()):
+        if helpers_fixed():
             import json
 
+            keep_container_randomised(spec)
+            # Written as parsed, so that crun reads what was checked (duplicate keys and all).
             spec_json = json.dumps(spec).encode()
         bundle = os.path.join(self.run_dir, cid)
         with self._lock:

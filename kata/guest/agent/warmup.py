@@ -99,7 +99,8 @@ class Warmup:
                 for d in _ROOT_DIRS:
                     os.makedirs(os.path.join(self.bundle, "rootfs", d), exist_ok=True)
                 spec = _spec()
-                keep_container_randomised(spec, helpers_fixed())  # as a real container's
+                if helpers_fixed():
+                    keep_container_randomised(spec)  # as a real container's
                 with open(os.path.join(self.bundle, "config.json"), "w") as f:
                     json.dump(spec, f)
                 log_file = os.path.join(self.bundle, "crun.log")
