@@ -16,6 +16,8 @@ APT_PACKAGES=(
   qemu-system-x86 qemu-system-common qemu-utils
   # guest kernel build (osbuilder)
   linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev dwarves kmod cpio zstd
+  # our kernel patches (kata/osbuilder/kernel-patches)
+  patch
   # guest root filesystem build: apt-cache/apt-get download/dpkg-deb, mkfs.erofs/fsck.erofs
   apt dpkg erofs-utils busybox-static crun
   # python environment; libseccomp2: containers' seccomp profiles are compiled on the host

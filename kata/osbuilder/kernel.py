@@ -112,8 +112,13 @@ def _run(cmd: list[str], cwd: Path, log_file: Path, log: Callable[[str], None], 
 def apply_patches(tree: Path, patches: list[Path], log: Callable[[str], None]) -> None:
     for patch in patches:
         log(f"applying {patch.name}")
-        res = subprocess.run(["patch", "-p1", "--forward", "--batch", "--quiet", "-i", str(patch)],
-                             cwd=tree, capture_output=True, text=True)
+        # Exactly or not at all: a new Debian source that moved the context fails here, loudly.
+        cmd = ["patch", "-p1", "--forward", "--batch", "--quiet", "--fuzz=0", "--no-backup-if-mismatch",
+               "-i", str(patch)]
+        try:
+            res = subprocess.run(cmd, cwd=tree, capture_output=True, text=True)
+        except OSError as exc:
+            raise KernelBuildError(f"cannot run patch for {patch.name}: {exc.strerror}") from exc
         if res.returncode != 0:
             why = (res.stdout + res.stderr).strip().splitlines() or ["no output"]
             raise KernelBuildError(f"kernel patch {patch.name} does not apply: {why[-1]}")
