@@ -57,11 +57,16 @@ def build(args: argparse.Namespace) -> int:
     cache: Path = args.cache_dir
     progress = Progress()
     out.mkdir(parents=True, exist_ok=True)
+    old: list[str] = []
     if not args.rootfs_only:
         with progress.step("kernel"):
             vmlinux = kernel.build_kernel(out, cache, jobs=args.jobs, log=progress.log)
             link_atomically(out / KERNEL_LINK, vmlinux)
         progress.note(f"kernel: {out / KERNEL_LINK} -> {vmlinux.name}")
+        # Older kernels, and their build trees (1.6 GB each); the current tree stays for the next
+        # incremental build.
+        old += prune_others(vmlinux, "vmlinux-*")
+        old += prune_others(cache / vmlinux.name.replace("vmlinux-", "linux-", 1), "linux-*")
     if not args.kernel_only:
         with progress.step("resolve rootfs inputs"):
             inputs = resolve_inputs(_spec(args), cache)
@@ -71,10 +76,10 @@ def build(args: argparse.Namespace) -> int:
             link_atomically(out / IMAGE_LINK, image)
         size = image.stat().st_size / 2**20
         progress.note(f"rootfs: {out / IMAGE_LINK} -> {image.name} ({size:.1f} MiB)")
-        old = prune_others(image, "kata-containers-*.img")
+        old += prune_others(image, "kata-containers-*.img")
         old += prune_others(cache / f"rootfs-base-{inputs.base_hash}", "rootfs-base-*")
-        if old:
-            progress.note(f"removed older builds: {', '.join(sorted(old))}")
+    if old:
+        progress.note(f"removed older builds: {', '.join(sorted(old))}")
     return 0
 
 

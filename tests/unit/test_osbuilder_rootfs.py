@@ -110,3 +110,22 @@ def test_prune_others_keeps_the_current_build_and_the_links(tmp_path: Path) -> N
         "kata-containers-old1.img", "kata-containers-old2.img"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "kata-containers-new.img", "kata-containers.img", "vmlinux-abc"]
+
+
+def test_a_kernel_build_removes_older_kernels_and_their_trees(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from kata.osbuilder import __main__ as osbuilder
+    from kata.osbuilder import kernel
+
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    out.mkdir()
+    for name in ("vmlinux-old", "vmlinux-new", "kata-containers-x.img"):
+        (out / name).write_bytes(b"x")
+    for name in ("linux-old", "linux-new", "rootfs-base-1"):
+        (cache / name).mkdir(parents=True)
+    monkeypatch.setattr(kernel, "build_kernel", lambda out_dir, *a, **k: out_dir / "vmlinux-new")
+    argv = ["build", "--kernel-only", "--output-dir", str(out), "--cache-dir", str(cache)]
+    assert osbuilder.main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["kata-containers-x.img", "vmlinux-new",
+                                                     "vmlinux.container"]
+    assert sorted(p.name for p in cache.iterdir()) == ["linux-new", "rootfs-base-1"]
