@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kata.network import rtnl, tcfilter
+from kata.utils.netns import delete_link
 
 if TYPE_CHECKING:
     from kata.hypervisor.base import Hypervisor
@@ -49,7 +50,7 @@ def prepare(vmm: Hypervisor, seq: int) -> PooledNic:
 
 
 def remove(nic: PooledNic) -> None:
-    tcfilter.delete_link(None, nic.tap)
+    delete_link(None, nic.tap)
 
 
 def move(nic: PooledNic, netns_path: str) -> str:

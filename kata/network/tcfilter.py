@@ -38,7 +38,7 @@ def create_tap(
 
     Persistent (TUNSETPERSIST): it outlives the fd used to create it, so QEMU must open it by name
     (`-netdev tap,ifname=NAME,script=no,downscript=no`, QEMU running in `ns`), or be handed fds
-    opened with TUNSETIFF on that name. It is deleted explicitly with delete_link(); it also goes
+    opened with TUNSETIFF on that name. It is deleted explicitly (kata.utils.netns.delete_link); it goes
     when its namespace is destroyed. `multi_queue` must match how QEMU opens it (queues > 1), else
     TUNSETIFF fails.
     """
@@ -94,20 +94,6 @@ def open_tap(ns: str, name: str, queues: int) -> list[int]:
         return fds
 
     return netns.call_in(netns.path_of(ns), attach)
-
-
-def delete_link(ns: str | None, name: str) -> None:
-    """Delete link `name` in `ns`; nothing to do when it (or the namespace) is already gone."""
-    try:
-        with rtnl(ns) as ipr:
-            for index in ipr.link_lookup(ifname=name):
-                try:
-                    ipr.link("del", index=index)
-                except NetlinkError as e:
-                    if e.code not in _GONE:
-                        raise
-    except FileNotFoundError:
-        pass
 
 
 def connect(ns: str | None, veth_name: str, tap_name: str) -> None:

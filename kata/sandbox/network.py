@@ -126,23 +126,12 @@ def _unplug_pooled(netns: str, hyp: Hypervisor, pooled: Mapping[str, str]) -> No
     finally:
         hyp.release()
     if pooled.get("tap"):
-        _delete_link(netns, pooled["tap"])
+        from kata.utils.netns import delete_link
 
-
-def _delete_link(netns: str, name: str) -> None:
-    """Link ``name`` of ``netns`` deleted, through kata.utils.rtnetlink (no pyroute2 to load); a
-    namespace that is gone took it along."""
-    from kata.utils import netns as nsutil
-    from kata.utils.rtnetlink import Rtnl
-
-    def delete() -> None:
-        with Rtnl() as r:
-            r.delete_link(name)
-
-    try:
-        nsutil.call_in(nsutil.path_of(netns), delete)
-    except (OSError, KataError) as exc:
-        log.warning(f"network: deleting {name} in {netns}: {exc}")
+        try:
+            delete_link(netns, pooled["tap"])
+        except (OSError, KataError) as exc:
+            log.warning(f"network: deleting {pooled['tap']} in {netns}: {exc}")
 
 
 def _vmm_in(netns: str, hyp: Hypervisor) -> bool:
@@ -192,10 +181,11 @@ def _routes(agent: AgentClient, found: list[Endpoint]) -> None:
 def unmirror(netns: str, made: list[tuple[str, str]] | list[list[str]]) -> None:
     """Remove the taps and tc filters (the namespace may already be gone: nothing to do then)."""
     from kata.network import tcfilter
+    from kata.utils.netns import delete_link
 
     for name, tap in made:
         try:
             tcfilter.disconnect(netns, name, tap)
-            tcfilter.delete_link(netns, tap)
+            delete_link(netns, tap)
         except Exception as exc:  # noqa: BLE001 - keep removing the others
             log.warning(f"network: removing {tap} for {name}: {exc}")

@@ -32,6 +32,23 @@ def path_of(ns: str) -> str:
     return ns if "/" in ns else os.path.join(RUN_DIR, ns)
 
 
+def delete_link(ns: str | None, name: str) -> None:
+    """Delete link ``name`` in namespace ``ns`` (a name or path; None: this thread's), with our own
+    rtnetlink request (no pyroute2 to load); nothing to do when it, or the namespace, is gone."""
+    from kata.utils.rtnetlink import Rtnl
+
+    def delete() -> None:
+        with Rtnl() as r:
+            r.delete_link(name)
+
+    if ns is None:
+        delete()
+        return
+    path = path_of(ns)
+    if os.path.exists(path):
+        call_in(path, delete)
+
+
 def is_ours(path: str) -> bool:
     """Whether ``path`` is the network namespace we run in (how Docker's --net=host names the
     host's). NamespacePathError when it names no network namespace: found before anything tries to

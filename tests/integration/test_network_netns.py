@@ -22,7 +22,8 @@ import pytest
 from pyroute2.netns import create_socket
 
 from kata.network.endpoints import Endpoint, Neighbour, Route, discover
-from kata.network.tcfilter import connect, create_tap, delete_link, disconnect, tap_name
+from kata.network.tcfilter import connect, create_tap, disconnect, tap_name
+from kata.utils.netns import delete_link
 from tests.support.netns import call_in_netns, temporary_netns
 
 pytestmark = pytest.mark.skipif(
@@ -195,6 +196,7 @@ def test_connect_adds_redirects_both_ways_and_disconnect_removes_them(pair: Pair
     disconnect(c, "eth0", tap)  # the tap already gone
     delete_link(c, tap)
     disconnect(f"/run/netns/kt-gone-{uuid.uuid4().hex[:8]}", "eth0", tap)  # the namespace gone
+    delete_link(f"/run/netns/kt-gone-{uuid.uuid4().hex[:8]}", tap)
 
 
 # --- traffic through the redirects -------------------------------------------------------------------
