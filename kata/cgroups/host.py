@@ -282,15 +282,11 @@ class HostCgroups(abc.ABC):
                     sub = "/".join(parts[: i + 1])
                     self._before_child(h, fd, "/".join(parts[:i]))
                     try:
-                        os.mkdir(name, 0o755, dir_fd=fd)
-                        made.append(sub)
-                    except FileExistsError:
-                        pass
-                    except FileNotFoundError:
-                        raise
-                    except OSError as exc:
-                        raise CgroupError(f"cgroup {self.path(h.name, sub)}: {exc.strerror}") from None
-                    try:
+                        try:
+                            os.mkdir(name, 0o755, dir_fd=fd)
+                            made.append(sub)
+                        except FileExistsError:
+                            pass
                         self._ready_child(h, fd, name)
                     except FileNotFoundError:
                         raise
