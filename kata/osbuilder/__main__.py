@@ -10,7 +10,14 @@ from pathlib import Path
 from kata.osbuilder import kernel
 from kata.osbuilder.debian import PackageError
 from kata.osbuilder.image import ErofsOptions, ImageError
-from kata.osbuilder.install import IMAGE_LINK, KERNEL_LINK, installed_target, link_atomically, prune_others
+from kata.osbuilder.install import (
+    IMAGE_LINK,
+    KERNEL_LINK,
+    built_names,
+    installed_target,
+    link_atomically,
+    prune_others,
+)
 from kata.osbuilder.progress import Progress
 from kata.osbuilder.rootfs import RootfsError, RootfsSpec, build_rootfs, resolve_inputs
 from kata.osbuilder.wheel import WheelError
@@ -65,8 +72,8 @@ def build(args: argparse.Namespace) -> int:
         progress.note(f"kernel: {out / KERNEL_LINK} -> {vmlinux.name}")
         # Older kernels, and their build trees (1.6 GB each); the current tree stays for the next
         # incremental build.
-        old += prune_others(vmlinux, "vmlinux-*")
-        old += prune_others(cache / vmlinux.name.replace("vmlinux-", "linux-", 1), "linux-*")
+        old += prune_others(vmlinux, built_names("vmlinux-"))
+        old += prune_others(cache / f"linux-{vmlinux.name.removeprefix('vmlinux-')}", built_names("linux-"))
     if not args.kernel_only:
         with progress.step("resolve rootfs inputs"):
             inputs = resolve_inputs(_spec(args), cache)
@@ -76,8 +83,8 @@ def build(args: argparse.Namespace) -> int:
             link_atomically(out / IMAGE_LINK, image)
         size = image.stat().st_size / 2**20
         progress.note(f"rootfs: {out / IMAGE_LINK} -> {image.name} ({size:.1f} MiB)")
-        old += prune_others(image, "kata-containers-*.img")
-        old += prune_others(cache / f"rootfs-base-{inputs.base_hash}", "rootfs-base-*")
+        old += prune_others(image, built_names("kata-containers-", ".img"))
+        old += prune_others(cache / f"rootfs-base-{inputs.base_hash}", built_names("rootfs-base-"))
     if old:
         progress.note(f"removed older builds: {', '.join(sorted(old))}")
     return 0

@@ -6,6 +6,8 @@ import os
 import shutil
 from pathlib import Path
 
+from kata.osbuilder.cache import DIGEST_LEN
+
 KERNEL_LINK = "vmlinux.container"
 IMAGE_LINK = "kata-containers.img"
 
@@ -24,6 +26,13 @@ def installed_target(link: Path) -> Path | None:
         return None
     target = link.parent / os.readlink(link)
     return target if target.exists() else None
+
+
+def built_names(prefix: str, suffix: str = "") -> str:
+    """The glob pattern of our builds' names, PREFIX + a digest + SUFFIX, and of nothing else: what an
+    operator keeps beside them (a host kernel's vmlinux-6.1.0-amd64, linux-headers-*) never matches
+    the digest's DIGEST_LEN hex digits."""
+    return prefix + "[0-9a-f]" * DIGEST_LEN + suffix
 
 
 def prune_others(current: Path, pattern: str) -> list[str]:

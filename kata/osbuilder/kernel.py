@@ -15,6 +15,8 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
+from kata.osbuilder.cache import DIGEST_LEN
+
 FRAGMENT_PATH = Path(__file__).with_name("kernel-fragment.config")
 # Our few changes to Debian's source, applied in name order (`patch -p1`).
 PATCH_DIR = Path(__file__).with_name("kernel-patches")
@@ -60,7 +62,7 @@ def kernel_inputs_hash() -> str:
         h.update(b"\0" + patch.name.encode() + b"\0" + patch.read_bytes())
     h.update(b"\0" + source_version().encode() + b"\0")
     h.update(KERNEL_RECIPE.encode())
-    return h.hexdigest()[:16]
+    return h.hexdigest()[:DIGEST_LEN]
 
 
 def missing_options(fragment_text: str, config_text: str) -> list[str]:

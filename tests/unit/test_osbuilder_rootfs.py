@@ -117,15 +117,18 @@ def test_a_kernel_build_removes_older_kernels_and_their_trees(tmp_path: Path,
     from kata.osbuilder import __main__ as osbuilder
     from kata.osbuilder import kernel
 
+    new, old = "0123456789abcdef", "fedcba9876543210"
     out, cache = tmp_path / "out", tmp_path / "cache"
     out.mkdir()
-    for name in ("vmlinux-old", "vmlinux-new", "kata-containers-x.img"):
+    # Beside ours, an operator's: a host kernel and headers, which only look alike.
+    for name in (f"vmlinux-{old}", f"vmlinux-{new}", "kata-containers-x.img", "vmlinux-6.1.0-amd64"):
         (out / name).write_bytes(b"x")
-    for name in ("linux-old", "linux-new", "rootfs-base-1"):
+    for name in (f"linux-{old}", f"linux-{new}", "rootfs-base-1", "linux-headers-6.1.0-amd64"):
         (cache / name).mkdir(parents=True)
-    monkeypatch.setattr(kernel, "build_kernel", lambda out_dir, *a, **k: out_dir / "vmlinux-new")
+    monkeypatch.setattr(kernel, "build_kernel", lambda out_dir, *a, **k: out_dir / f"vmlinux-{new}")
     argv = ["build", "--kernel-only", "--output-dir", str(out), "--cache-dir", str(cache)]
     assert osbuilder.main(argv) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["kata-containers-x.img", "vmlinux-new",
-                                                     "vmlinux.container"]
-    assert sorted(p.name for p in cache.iterdir()) == ["linux-new", "rootfs-base-1"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["kata-containers-x.img", "vmlinux-6.1.0-amd64",
+                                                            f"vmlinux-{new}", "vmlinux.container"])
+    assert sorted(p.name for p in cache.iterdir()) == sorted([f"linux-{new}", "linux-headers-6.1.0-amd64",
+                                                              "rootfs-base-1"])
