@@ -38,7 +38,7 @@ def create_tap(
 
     Persistent (TUNSETPERSIST): it outlives the fd used to create it, so QEMU must open it by name
     (`-netdev tap,ifname=NAME,script=no,downscript=no`, QEMU running in `ns`), or be handed fds
-    opened with TUNSETIFF on that name. It is deleted explicitly (kata.utils.netns.delete_link); it goes
+    opened with TUNSETIFF on that name. It is deleted explicitly (kata.utils.netns.delete_link); it also goes
     when its namespace is destroyed. `multi_queue` must match how QEMU opens it (queues > 1), else
     TUNSETIFF fails.
     """
