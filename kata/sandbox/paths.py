@@ -134,4 +134,7 @@ class SandboxPaths:
         return self.shared_base / "shared"
 
     def all_dirs(self) -> tuple[Path, ...]:
+        """In the order they are made; a teardown removes them in reverse, the state last: as long as
+        anything else is left, the state says so to whoever finishes a teardown killed half-way
+        (containerd's `shim delete` looks for it, and only for it)."""
         return (self.state_dir, self.vm_dir, self.shared_base)

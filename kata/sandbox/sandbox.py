@@ -444,7 +444,7 @@ class Sandbox:
         if before_state_goes is not None:
             hook = before_state_goes
             step("release what the sandbox held", lambda: errors.extend(hook()))
-        for d in self.paths.all_dirs():
+        for d in reversed(self.paths.all_dirs()):
             # Never into a mount: a volume the steps above could not unmount keeps its files.
             step(f"remove {d}", lambda d=d: remove_tree(str(d)))
         self.timings.mark("destroyed")

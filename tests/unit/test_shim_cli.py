@@ -87,3 +87,36 @@ def test_shim_delete_without_a_record_says_what_it_could_not_do(tmp_path: Path) 
     assert b"cleanup of sandbox pod1" in proc.stderr and b"default_memory" in proc.stderr, proc.stderr
     assert b"Traceback" not in proc.stderr
     assert state.exists()
+
+
+# A teardown killed after its first removal (the shim died during a delete): the state must be what is
+# left, since containerd's `shim delete` looks for the state and only for it.
+_KILLED_TEARDOWN = """
+import os
+from kata.config import load_config
+from kata.config.load import PACKAGED_CONFIG
+from kata.sandbox import sandbox
+
+real = sandbox.remove_tree
+def die_after_one(path):
+    real(path)
+    os._exit(9)
+sandbox.remove_tree = die_after_one
+sandbox.Sandbox.attach("pod1", load_config(PACKAGED_CONFIG)).destroy()
+"""
+
+
+def test_a_teardown_killed_half_way_leaves_the_state_for_shim_delete(tmp_path: Path) -> None:
+    from kata.config.load import PACKAGED_CONFIG
+
+    env, state = _leftover_sandbox(tmp_path, "pod1", {"config": str(PACKAGED_CONFIG), "annotations": {}})
+    others = [tmp_path / "vc" / "vm" / "pod1", tmp_path / "shared" / "pod1"]
+    for d in others:
+        d.mkdir(parents=True)
+    killed = subprocess.run([sys.executable, "-c", _KILLED_TEARDOWN], capture_output=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+    assert killed.returncode == 9, killed.stderr
+    assert state.exists() and any(d.exists() for d in others)
+    proc = _shim_delete(env, "pod1", tmp_path / "bundle")
+    assert proc.returncode == 0 and b"cleanup of sandbox" not in proc.stderr, proc.stderr
+    assert not state.exists() and not any(d.exists() for d in others)
