@@ -1,14 +1,16 @@
 """Waiting for the first of some processes to end, from any process (pidfds, no polling), each known
 by its pid and start time so that a reused pid is never mistaken for it.
 
-Only os, select and threading: the per-process monitor loads it.
+Only os, select, signal, threading and time: the per-process monitor loads it.
 """
 
 from __future__ import annotations
 
 import os
 import select
+import signal
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 
@@ -65,11 +67,31 @@ def watch(procs: Sequence[tuple[int, int]], on_end: Callable[[], None],
     return thread
 
 
-def kill_all(procs: Sequence[tuple[int, int]], sig: int) -> None:
-    """Send ``sig`` to each of ``procs`` that is still the process it was."""
+def kill_all(procs: Sequence[tuple[int, int]], sig: int, timeout: float = 5.0) -> None:
+    """Send ``sig`` to each of ``procs`` that is still the process it was, and wait up to ``timeout``
+    seconds for them to end. A killed QEMU takes a moment to release its memory and go; whoever is
+    told next that the VM is gone must not still find it running."""
+    fds = []
     for pid, start in procs:
-        if start_time(pid) == start:
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
+        fd = pidfd(pid, start)
+        if fd is None:
+            continue
+        try:
+            signal.pidfd_send_signal(fd, sig)  # through the fd: never a reused pid
+        except OSError:
+            os.close(fd)
+            continue
+        fds.append(fd)
+    try:
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        left = len(fds)
+        deadline = time.monotonic() + timeout
+        while left and (wait := deadline - time.monotonic()) > 0:
+            for fd, _ in poller.poll(wait * 1000):
+                poller.unregister(fd)
+                left -= 1
+    finally:
+        for fd in fds:
+            os.close(fd)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import threading
+import time
 
 from kata.utils import pidwatch
 
@@ -47,3 +49,31 @@ def test_a_process_already_gone_is_reported_at_once() -> None:
     ended = threading.Event()
     pidwatch.watch([ident], ended.set)
     assert ended.wait(10)
+
+
+def test_kill_all_returns_once_the_processes_have_ended() -> None:
+    # The process takes a moment to go after the signal (as a killed QEMU does): kill_all waits.
+    script = "trap 'sleep 0.3; exit 0' TERM; echo ready; while :; do sleep 0.05; done"
+    proc = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+    start = pidwatch.start_time(proc.pid)
+    assert start is not None
+    pidwatch.kill_all([(proc.pid, start)], signal.SIGTERM)
+    assert pidwatch.start_time(proc.pid) is None  # a zombie now: ended, not yet reaped
+    proc.wait()
+
+
+def test_kill_all_gives_up_after_its_timeout_and_spares_a_reused_pid() -> None:
+    proc = subprocess.Popen(["sh", "-c", "trap '' TERM; echo ready; sleep 30"], stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+    try:
+        start = pidwatch.start_time(proc.pid)
+        assert start is not None
+        began = time.monotonic()
+        pidwatch.kill_all([(proc.pid, start)], signal.SIGTERM, timeout=0.3)
+        assert 0.25 < time.monotonic() - began < 5
+        pidwatch.kill_all([(proc.pid, start + 1)], signal.SIGKILL)  # another start time: not ours
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
