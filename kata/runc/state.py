@@ -56,6 +56,7 @@ class ContainerRecord:
     execs: dict[str, list[int]] = field(default_factory=dict)  # exec id -> [pid, start time]
     paused_from: str = ""  # the status resume returns to (created or running)
     sandbox: str = ""  # the container whose VM this one joined (a pod's member), "" for its own VM
+    pooled_tap: str = ""  # the tap of the NIC a pooled VM came with, in the container's namespace
 
     def sandbox_id(self) -> str:
         """The sandbox (VM) the container lives in: its own, or the one of the pod it joined."""

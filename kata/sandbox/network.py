@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from kata.errors import KataError
@@ -31,12 +31,13 @@ _NOT_ENDPOINTS = frozenset({"lo", "sit0", "tunl0", "ip6tnl0", "ip6gre0", "gre0",
 _NIC_TIMEOUT = 10.0
 
 
-def may_have_endpoints(pid: int) -> bool:
-    """Whether the network namespace of ``pid`` has an interface to mirror: a read of /proc, so that a
-    container without networking does not pay for netlink at start."""
+def may_have_endpoints(pid: int, ours: str = "") -> bool:
+    """Whether the network namespace of ``pid`` has an interface to mirror, link ``ours`` (a pooled
+    VM's tap) aside: a read of /proc, so that a container without networking does not pay for
+    netlink at start."""
     try:
         with open(f"/proc/{pid}/net/dev") as f:
-            return _lists_endpoints(f.readlines())
+            return _lists_endpoints(f.readlines(), ours)
     except OSError:
         return False
 
@@ -62,9 +63,10 @@ def _lists_endpoints(net_dev: list[str], ours: str = "") -> bool:
     return any(name not in _NOT_ENDPOINTS and name != ours for name in names)
 
 
-def mirror(netns: str, hyp: Hypervisor, agent: AgentClient,
+def mirror(netns: str, hyp: Hypervisor, agent: Callable[[], AgentClient],
            pooled: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
     """Mirror every endpoint of ``netns`` into the VM; returns the (interface, tap) pairs made.
+    ``agent`` gives the agent's connection, asked for only when there is an endpoint to configure.
 
     ``pooled``: the NIC a pooled VM came with (NIC 0, kata.factory.pool_nic): the first endpoint
     takes it when its tap is in ``netns`` (``tap``), the guest's link getting the endpoint's MAC in
@@ -86,13 +88,14 @@ def mirror(netns: str, hyp: Hypervisor, agent: AgentClient,
     by_fd = not _vmm_in(netns, hyp)
     offset = 1 if pooled else 0
     try:
+        client = agent()
         for i, ep in enumerate(found):
             if i == 0 and pooled and pooled.get("tap"):
                 tap = pooled["tap"]
                 tcfilter.adopt_tap(netns, tap, ep.mtu)
                 made.append((ep.name, tap))
                 tcfilter.connect(netns, ep.name, tap)
-                _configure(agent, ep, current_mac=pooled["mac"])
+                _configure(client, ep, current_mac=pooled["mac"])
                 log.info(f"network: {ep.name} ({ep.mac}) mirrored into the VM through the pooled {tap}")
                 continue
             index = i + offset
@@ -106,9 +109,9 @@ def mirror(netns: str, hyp: Hypervisor, agent: AgentClient,
             finally:
                 for fd in fds:  # QEMU holds its own copies
                     os.close(fd)
-            _configure(agent, ep)
+            _configure(client, ep)
             log.info(f"network: {ep.name} ({ep.mac}) mirrored into the VM through {tap}")
-        _routes(agent, found)
+        _routes(client, found)
     except BaseException:
         unmirror(netns, made)
         raise

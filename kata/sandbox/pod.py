@@ -442,7 +442,7 @@ class Pod:
             if not self.record.netns or self.record.network or hyp is None:
                 return
             try:
-                made = network.mirror(self.record.netns, hyp, self.agent(), self.record.pooled_nic or None)
+                made = network.mirror(self.record.netns, hyp, self.agent, self.record.pooled_nic or None)
             finally:
                 hyp.release()
             self.record.network = [list(pair) for pair in made]
