@@ -14,26 +14,53 @@ import time
 from collections.abc import Callable, Sequence
 
 
-def start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (a reused pid has another); None once the process is gone."""
+def _state_and_start(pid: int) -> tuple[str, int] | None:
+    """The state and field 22 of /proc/PID/stat (a reused pid has another start time)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+        return fields[0], int(fields[19])
+    except (OSError, IndexError, ValueError):
         return None
-    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
+def start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat; None once the process is gone (or a zombie)."""
+    found = _state_and_start(pid)
+    return None if found is None or found[0] in ("Z", "X") else found[1]
 
 
 def pidfd(pid: int, start: int) -> int | None:
-    """A pidfd of the process that has this pid and start time, or None when it has gone."""
+    """A pidfd of the process that has this pid and start time, or None when it has gone. A zombie
+    still counts: its other threads may still be exiting, and the fd turns readable once they have."""
     try:
         fd = os.pidfd_open(pid)
     except OSError:
         return None
-    if start_time(pid) != start:  # checked after the open: the fd cannot name a later process
+    found = _state_and_start(pid)  # checked after the open: the fd cannot name a later process
+    if found is None or found[1] != start:
         os.close(fd)
         return None
     return fd
+
+
+def wait_ended(fds: Sequence[int], timeout: float) -> bool:
+    """Wait until each pidfd of ``fds`` is readable: its process has ended, every thread of it (the
+    leader of a killed QEMU is a zombie while its other threads still exit, still in its cgroups).
+    True if they all did within ``timeout`` seconds."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    left = len(fds)
+    deadline = time.monotonic() + timeout
+    while left:
+        wait = deadline - time.monotonic()
+        if wait <= 0:
+            return False
+        for fd, _ in poller.poll(wait * 1000):
+            poller.unregister(fd)
+            left -= 1
+    return True
 
 
 def watch(procs: Sequence[tuple[int, int]], on_end: Callable[[], None],
@@ -76,22 +103,13 @@ def kill_all(procs: Sequence[tuple[int, int]], sig: int, timeout: float = 5.0) -
         fd = pidfd(pid, start)
         if fd is None:
             continue
+        fds.append(fd)
         try:
             signal.pidfd_send_signal(fd, sig)  # through the fd: never a reused pid
         except OSError:
-            os.close(fd)
-            continue
-        fds.append(fd)
+            pass  # ending already: waited for all the same
     try:
-        poller = select.poll()
-        for fd in fds:
-            poller.register(fd, select.POLLIN)
-        left = len(fds)
-        deadline = time.monotonic() + timeout
-        while left and (wait := deadline - time.monotonic()) > 0:
-            for fd, _ in poller.poll(wait * 1000):
-                poller.unregister(fd)
-                left -= 1
+        wait_ended(fds, timeout)
     finally:
         for fd in fds:
             os.close(fd)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import errno
 import os
-import select
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from kata.utils import pidwatch
 
 
 @dataclass(frozen=True)
@@ -54,30 +55,22 @@ def _reap(pid: int) -> None:
 
 
 def wait_exit(proc: ProcessId, timeout: float) -> bool:
-    """Wait until the process has exited; True if it did within ``timeout``."""
-    deadline = time.monotonic() + timeout
-    try:
-        fd = os.pidfd_open(proc.pid)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        fd = -1
-    try:
+    """Wait until the process has ended, every thread of it (kata.utils.pidwatch.wait_ended: a
+    cgroup is empty of it then); True if it did within ``timeout``."""
+    fd = pidwatch.pidfd(proc.pid, proc.start_time)
+    if fd is None:  # gone, or no pidfd to be had: /proc says
+        deadline = time.monotonic() + timeout
         while proc.is_alive():
-            left = deadline - time.monotonic()
-            if left <= 0:
+            if time.monotonic() >= deadline:
                 return False
-            if fd >= 0:
-                # A pidfd turns readable when the process exits, child or not.
-                poller = select.poll()
-                poller.register(fd, select.POLLIN)
-                poller.poll(min(left, 0.5) * 1000)
-            else:
-                time.sleep(min(left, 0.01))
+            time.sleep(0.01)
         return True
+    try:
+        ended = pidwatch.wait_ended([fd], timeout)
     finally:
-        if fd >= 0:
-            os.close(fd)
+        os.close(fd)
+    proc.is_alive()  # reaps it, when it is our child
+    return ended
 
 
 def signal_process(proc: ProcessId, sig: int) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -74,6 +76,37 @@ def test_kill_all_gives_up_after_its_timeout_and_spares_a_reused_pid() -> None:
         assert 0.25 < time.monotonic() - began < 5
         pidwatch.kill_all([(proc.pid, start + 1)], signal.SIGKILL)  # another start time: not ours
         assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# The leader thread leaves at once (the raw exit system call ends only the calling thread), the other
+# thread half a second later: the leader shows as a zombie all the while, as a killed QEMU's does.
+_LEADER_FIRST = """
+import ctypes, threading, time
+threading.Thread(target=time.sleep, args=(0.5,)).start()
+print("ready", flush=True)
+ctypes.CDLL(None).syscall(60, 0)
+"""
+
+
+def test_an_end_is_the_last_threads_not_the_leaders() -> None:
+    from kata.utils.process import ProcessId, wait_exit
+
+    proc = subprocess.Popen([sys.executable, "-c", _LEADER_FIRST], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        ident = ProcessId.of(proc.pid)
+        assert ident is not None
+        began = time.monotonic()
+        while pidwatch.start_time(proc.pid) is not None:  # the leader's gone: a zombie
+            assert time.monotonic() - began < 5
+            time.sleep(0.01)
+        assert len(os.listdir(f"/proc/{proc.pid}/task")) == 2
+        assert wait_exit(ident, 10)
+        assert time.monotonic() - began > 0.3  # it waited for the other thread
+        assert proc.poll() == 0  # and reaped it
     finally:
         proc.kill()
         proc.wait()
