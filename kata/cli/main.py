@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from kata import __version__
-from kata.cli import logs
-from kata.errors import USER_ERRORS, strerror
-from kata.utils.text import one_line
-from kata.utils.usage import Parser, UsageError
+from kata.cli import quick
+
+if TYPE_CHECKING:
+    import argparse
 
 # Each module adds its verbs with add_parser(subparsers); a verb's parser sets func(args) -> int.
 _VERB_MODULES = ("lifecycle", "exec", "inspect", "update", "spec", "features", "check", "env", "factory",
@@ -24,14 +23,10 @@ _MODULE_OF = {
     "kata-check": "check", "env": "env", "factory": "factory", "metrics": "metrics",
     "debug-console": "debug_console", "version": "version",
 }
-# Global options that take a value (as a separate word), to find the verb after them.
-_VALUED_OPTIONS = {"--root", "--log", "--log-format", "--config", "--kata-config", "--criu"}
-
-
 def _verb_modules(argv: Sequence[str]) -> tuple[str, ...]:
     words = iter(argv)
     for word in words:
-        if word in _VALUED_OPTIONS:
+        if word in quick.VALUED_OPTIONS:
             next(words, None)
         elif word in ("-h", "--help"):
             break
@@ -42,8 +37,10 @@ def _verb_modules(argv: Sequence[str]) -> tuple[str, ...]:
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    from kata.utils.usage import Parser
+
     p = Parser(prog="kata-runtime", description="OCI runtime that runs containers in lightweight VMs")
-    p.add_argument("--root", default="/run/kata-runtime", help="root directory for container state")
+    p.add_argument("--root", default=quick.DEFAULT_ROOT, help="root directory for container state")
     p.add_argument("--log", default=None, help="log file (default: stderr only with --debug)")
     p.add_argument("--log-format", choices=("text", "json"), default="text")
     p.add_argument("--debug", action="store_true", help="enable debug output")
@@ -66,6 +63,14 @@ def _fail(msg: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if quick.nothing_to_delete(argv):
+        return 0
+    from kata import __version__
+    from kata.cli import logs
+    from kata.errors import USER_ERRORS, strerror
+    from kata.utils.text import one_line
+    from kata.utils.usage import UsageError
+
     parser = build_parser(argv)
     try:
         args = parser.parse_args(argv)

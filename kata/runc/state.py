@@ -22,8 +22,6 @@ from kata.utils.ids import shown
 from kata.utils.process import ProcessId
 from kata.utils.safepath import remove_tree
 
-DEFAULT_ROOT = Path("/run/kata-runtime")
-
 
 class ContainerNotFound(KataError):
     """runc's wording, which containerd matches on."""

@@ -57,3 +57,32 @@ def test_every_verb_checks_its_id_first(verb: str, tmp_path: Path,
     assert main(["--root", str(root), verb, "../x"]) == 1
     assert capsys.readouterr().err == "kata-runtime: invalid id format: ../x\n"
     assert not root.exists()
+
+
+@pytest.mark.parametrize("tail,quick", [
+    (["delete", "--force", "c1"], True),
+    (["delete", "-f", "c1"], True),
+    (["--log", "l.json", "--log-format", "json", "--systemd-cgroup", "delete", "--force", "c1"], True),
+    (["delete", "c1"], False),  # without --force, a missing container is an error to report
+    (["delete", "--force", "../c1"], False),  # an invalid id: the full command line says so
+    (["delete", "--force", "c1", "c2"], False),
+    (["--log=l.json", "delete", "--force", "c1"], False),  # forms the quick path does not parse
+    (["--bogus", "delete", "--force", "c1"], False),
+    (["kill", "--force", "c1"], False),
+])
+def test_delete_force_of_nothing_is_answered_before_the_rest_loads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tail: list[str], quick: bool) -> None:
+    from kata.cli.quick import nothing_to_delete
+    from kata.sandbox import paths
+
+    monkeypatch.setattr(paths, "STATE_ROOT", tmp_path / "vc")
+    root = tmp_path / "root"
+    assert nothing_to_delete(["--root", str(root), *tail]) is quick
+    if quick:
+        # Anything left of the container, the full command line handles it.
+        (root / "c1").mkdir(parents=True)  # a create killed before its record (the store removes it)
+        assert not nothing_to_delete(["--root", str(root), *tail])
+        assert main(["--root", str(root), *tail]) == 0 and not (root / "c1").exists()
+        assert nothing_to_delete(["--root", str(root), *tail])
+        (tmp_path / "vc" / "sbs" / "c1").mkdir(parents=True)  # a sandbox's state, no record
+        assert not nothing_to_delete(["--root", str(root), *tail])
