@@ -23,6 +23,8 @@ _MODULE_OF = {
     "kata-check": "check", "env": "env", "factory": "factory", "metrics": "metrics",
     "debug-console": "debug_console", "version": "version",
 }
+
+
 def _verb_modules(argv: Sequence[str]) -> tuple[str, ...]:
     words = iter(argv)
     for word in words:

@@ -3,6 +3,8 @@ refused command lines and invalid ids are one line each."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -59,23 +61,41 @@ def test_every_verb_checks_its_id_first(verb: str, tmp_path: Path,
     assert not root.exists()
 
 
+@pytest.fixture
+def kata_logger() -> Iterator[None]:
+    """main() sets up the `kata` logger (a --log file, no propagation): put it back after."""
+    logger = logging.getLogger("kata")
+    handlers, propagate, level = list(logger.handlers), logger.propagate, logger.level
+    yield
+    for handler in logger.handlers:
+        if handler not in handlers:
+            handler.close()
+    logger.handlers[:], logger.propagate, logger.level = handlers, propagate, level
+
+
 @pytest.mark.parametrize("tail,quick", [
     (["delete", "--force", "c1"], True),
     (["delete", "-f", "c1"], True),
-    (["--log", "l.json", "--log-format", "json", "--systemd-cgroup", "delete", "--force", "c1"], True),
+    (["--log", "{tmp}/l.json", "--log-format", "json", "--systemd-cgroup", "delete", "--force", "c1"], True),
     (["delete", "c1"], False),  # without --force, a missing container is an error to report
     (["delete", "--force", "../c1"], False),  # an invalid id: the full command line says so
+    (["delete", "--force", "--help"], False),  # an option where the id goes
+    (["delete", "--force", "-x"], False),
     (["delete", "--force", "c1", "c2"], False),
-    (["--log=l.json", "delete", "--force", "c1"], False),  # forms the quick path does not parse
+    (["--log-format", "xml", "delete", "--force", "c1"], False),  # the parser refuses it
+    (["--log", "-q", "delete", "--force", "c1"], False),
+    (["--log={tmp}/l.json", "delete", "--force", "c1"], False),  # forms the quick path does not parse
     (["--bogus", "delete", "--force", "c1"], False),
     (["kill", "--force", "c1"], False),
 ])
 def test_delete_force_of_nothing_is_answered_before_the_rest_loads(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tail: list[str], quick: bool) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kata_logger: None, tail: list[str],
+        quick: bool) -> None:
     from kata.cli.quick import nothing_to_delete
     from kata.sandbox import paths
 
     monkeypatch.setattr(paths, "STATE_ROOT", tmp_path / "vc")
+    tail = [word.replace("{tmp}", str(tmp_path)) for word in tail]
     root = tmp_path / "root"
     assert nothing_to_delete(["--root", str(root), *tail]) is quick
     if quick:
