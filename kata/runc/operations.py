@@ -93,8 +93,8 @@ def _hooks(spec: dict[str, Any], kind: str, rec: ContainerRecord, status: str, f
     """Run the spec's ``kind`` hooks with the state runc gives them (``status``, and the pid of the
     process standing for the container while there is one: its monitor)."""
     hooks = spec.get("hooks")
-    if isinstance(hooks, dict) and not hooks.get(kind):
-        return  # none of this kind, the common case: `start` need not load the sandbox service
+    if not isinstance(hooks, dict) or not hooks.get(kind):
+        return  # none of this kind (kata.sandbox.pod.run_hooks's rule): the sandbox service stays unloaded
     from kata.sandbox.pod import hook_state, run_hooks
 
     run_hooks(spec, kind, hook_state(rec.id, status, rec.pid, rec.bundle, rec.annotations), fatal)
