@@ -498,11 +498,15 @@ class Pod:
             problems = []
             if self.record.network:
                 network.unmirror(self.record.netns, self.record.network)
-            # The cgroups go before the record that names them (a teardown killed in between is
-            # finished by the next one, containerd's `shim delete`).
-            problems += self.sandbox.destroy(self.cgroups.remove if self.cgroups is not None else None)
-            if self.record.netns_pinned:
-                _unpin(self.record.netns)
+            # The cgroups and the pinned namespace go before the record that names them (a teardown
+            # killed in between is finished by the next one, containerd's `shim delete`).
+            def before_state_goes() -> list[str]:
+                found = self.cgroups.remove() if self.cgroups is not None else []
+                if self.record.netns_pinned:
+                    _unpin(self.record.netns)
+                return found
+
+            problems += self.sandbox.destroy(before_state_goes)
             return problems
 
 

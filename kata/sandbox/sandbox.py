@@ -444,9 +444,17 @@ class Sandbox:
         if before_state_goes is not None:
             hook = before_state_goes
             step("release what the sandbox held", lambda: errors.extend(hook()))
+        kept = ""
         for d in reversed(self.paths.all_dirs()):
+            if d == self.paths.state_dir and kept:
+                # What stays must stay findable: the state names it for the next teardown.
+                errors.append(f"kept {d}: {kept} could not be removed")
+                break
             # Never into a mount: a volume the steps above could not unmount keeps its files.
+            failures = len(errors)
             step(f"remove {d}", lambda d=d: remove_tree(str(d)))
+            if len(errors) > failures:
+                kept = str(d)
         self.timings.mark("destroyed")
         return errors
 

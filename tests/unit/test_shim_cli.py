@@ -120,3 +120,35 @@ def test_a_teardown_killed_half_way_leaves_the_state_for_shim_delete(tmp_path: P
     proc = _shim_delete(env, "pod1", tmp_path / "bundle")
     assert proc.returncode == 0 and b"cleanup of sandbox" not in proc.stderr, proc.stderr
     assert not state.exists() and not any(d.exists() for d in others)
+
+
+_FAILED_REMOVAL = """
+from kata.config import load_config
+from kata.config.load import PACKAGED_CONFIG
+from kata.sandbox import sandbox
+
+real = sandbox.remove_tree
+def refuse_the_vm_dir(path):
+    if path.endswith("/vm/pod1"):
+        raise OSError("refused")
+    real(path)
+sandbox.remove_tree = refuse_the_vm_dir
+print(sandbox.Sandbox.attach("pod1", load_config(PACKAGED_CONFIG)).destroy())
+"""
+
+
+def test_a_directory_that_stays_keeps_the_state_that_names_it(tmp_path: Path) -> None:
+    from kata.config.load import PACKAGED_CONFIG
+
+    env, state = _leftover_sandbox(tmp_path, "pod1", {"config": str(PACKAGED_CONFIG), "annotations": {}})
+    vm_dir, shared = tmp_path / "vc" / "vm" / "pod1", tmp_path / "shared" / "pod1"
+    vm_dir.mkdir(parents=True)
+    shared.mkdir(parents=True)
+    proc = subprocess.run([sys.executable, "-c", _FAILED_REMOVAL], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+    assert proc.returncode == 0, proc.stderr
+    assert "refused" in proc.stdout and f"kept {state}" in proc.stdout, proc.stdout
+    assert state.exists() and vm_dir.exists() and not shared.exists()
+    # The next teardown (containerd's `shim delete`) finds the state and finishes.
+    assert _shim_delete(env, "pod1", tmp_path / "bundle").returncode == 0
+    assert not state.exists() and not vm_dir.exists()
