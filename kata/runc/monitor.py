@@ -233,8 +233,8 @@ class Monitor:
     def watch_vm(self) -> None:
         """The init monitor stands for the sandbox too. When its VMM or virtiofsd dies, the VM is
         gone (a guest whose shared filesystem died hangs on its next file access): the rest of it is
-        killed, the agent connection ends, and every process of the container reads VM_GONE_STATUS
-        at once instead of hanging."""
+        killed (and waited for, at most 5 s), the agent connection ends, and every process of the
+        container reads VM_GONE_STATUS instead of hanging."""
         procs = [(int(pid), int(start)) for pid, start in self.conf.get("vm", [])]
 
         def gone() -> None:

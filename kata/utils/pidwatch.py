@@ -55,9 +55,10 @@ def wait_ended(fds: Sequence[int], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while left:
         wait = deadline - time.monotonic()
-        if wait <= 0:
+        ready = poller.poll(max(wait, 0.0) * 1000)  # once at least, a zero timeout too
+        if not ready and wait <= 0:
             return False
-        for fd, _ in poller.poll(wait * 1000):
+        for fd, _ in ready:
             poller.unregister(fd)
             left -= 1
     return True

@@ -74,15 +74,20 @@ def wait_exit(proc: ProcessId, timeout: float) -> bool:
 
 
 def signal_process(proc: ProcessId, sig: int) -> None:
-    if not proc.is_alive():
+    """Send ``sig`` through a pidfd (never to a later process with the pid): a zombie leader whose
+    other threads still run is signalled too, as wait_exit() waits for them."""
+    fd = pidwatch.pidfd(proc.pid, proc.start_time)
+    if fd is None:
         return
     try:
-        os.kill(proc.pid, sig)
+        signal.pidfd_send_signal(fd, sig)
     except ProcessLookupError:
         pass
     except OSError as exc:
         if exc.errno != errno.ESRCH:
             raise
+    finally:
+        os.close(fd)
 
 
 def terminate(proc: ProcessId, timeout: float) -> None:
