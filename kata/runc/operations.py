@@ -353,11 +353,10 @@ def _mirror_network(rec: ContainerRecord) -> threading.Thread | None:
 
 
 def _give_back_pooled_nic(cid: str) -> None:
-    """mirror_network() with nothing to mirror: it unplugs the pooled NIC and deletes its tap."""
     from kata.sandbox.pod import Pod
 
     try:
-        Pod.attach(cid).mirror_network()
+        Pod.attach(cid).give_back_pooled_nic()
     except Exception as exc:  # noqa: BLE001 - the container runs without; say why the NIC stayed
         log.warning(f"start {cid}: giving back the pooled VM's unused NIC: {one_line(exc)}")
 

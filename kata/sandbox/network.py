@@ -80,7 +80,7 @@ def mirror(netns: str, hyp: Hypervisor, agent: Callable[[], AgentClient],
         found = endpoints.discover(netns)
     if not found:
         if pooled:
-            _unplug_pooled(netns, hyp, pooled)
+            give_back(netns, hyp, pooled)
         return made
     from kata.network import tcfilter
 
@@ -120,7 +120,7 @@ def mirror(netns: str, hyp: Hypervisor, agent: Callable[[], AgentClient],
     return made
 
 
-def _unplug_pooled(netns: str, hyp: Hypervisor, pooled: Mapping[str, str]) -> None:
+def give_back(netns: str, hyp: Hypervisor, pooled: Mapping[str, str]) -> None:
     """No interface to give a pooled VM's NIC: the guest gives it back, and its tap goes."""
     try:
         hyp.unplug_nic(0)

@@ -448,6 +448,18 @@ class Pod:
             self.record.network = [list(pair) for pair in made]
             self._save()
 
+    def give_back_pooled_nic(self) -> None:
+        """What mirror_network() does when the namespace has no interface, for a caller that found
+        none (`kata-runtime start`, beside the container's start): the pooled NIC is unplugged and
+        its tap deleted, without looking again."""
+        from kata.sandbox import network
+
+        with self.lock:
+            hyp = self.sandbox.hypervisor
+            if not self.record.netns or self.record.network or not self.record.pooled_nic or hyp is None:
+                return
+            network.give_back(self.record.netns, hyp, self.record.pooled_nic)
+
     # ---- the VM -------------------------------------------------------------------------------
     def vm_processes(self) -> list[ProcessId]:
         return self.sandbox.vm_processes()
