@@ -221,7 +221,7 @@ class PodTasks:
 
     def _stop_forwarder(self) -> None:
         if self.forwarder is not None:
-            self.forwarder.stop()
+            self.forwarder.stop(namespace_ends=True)  # the shim stops it when the pod ends
 
     def _serve_metrics(self) -> None:
         """The pod's Prometheus text on its socket, for kata-monitor and `kata-runtime metrics`."""

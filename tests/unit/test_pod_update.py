@@ -114,3 +114,23 @@ def test_a_record_that_cannot_be_written_leaves_the_id_free(tmp_path: Path,
     with pytest.raises(OSError, match="No space"):
         Pod.create("pod1", cast(Any, bundle), None)
     assert not (tmp_path / "sbs" / "pod1").exists()
+
+
+@pytest.mark.parametrize("pinned,annotations,unmirrored", [
+    (True, {}, False),  # our own namespace: its taps and filters go with it
+    (False, {"io.kubernetes.cri.container-type": "sandbox"}, False),  # a CRI pod's, removed after it
+    (False, {}, True),  # someone else's (a path in the spec): left as it was found
+    (False, {"io.kubernetes.cri-o.ContainerType": "sandbox"}, True),  # podman's pods keep theirs
+])
+def test_taps_are_removed_only_from_a_namespace_that_outlives_the_pod(
+        monkeypatch: pytest.MonkeyPatch, pinned: bool, annotations: dict[str, str], unmirrored: bool) -> None:
+    from kata.sandbox import network, pod
+
+    calls: list[str] = []
+    monkeypatch.setattr(network, "unmirror", lambda netns, made: calls.append(netns))
+    monkeypatch.setattr(pod, "_unpin", lambda netns: None)
+    sandbox = SimpleNamespace(destroy=lambda hook: hook())
+    record = PodRecord(config="", annotations=annotations, netns="/run/netns/n1", netns_pinned=pinned,
+                       network=[["eth0", "tap0_kata"]])
+    assert Pod(cast(Sandbox, sandbox), record).destroy() == []
+    assert calls == (["/run/netns/n1"] if unmirrored else [])
