@@ -511,8 +511,8 @@ class Pod:
         return self.record.netns_pinned or self.record.annotations.get(CONTAINER_TYPE) == "sandbox"
 
     def destroy(self) -> list[str]:
-        """The VM and everything it had on the host: taps, virtiofsd, shares, state, the pinned
-        namespace. Every step runs; returns the failures."""
+        """The VM and everything it had on the host: taps (or the namespace that takes them along),
+        virtiofsd, shares, state, the pinned namespace. Every step runs; returns the failures."""
         from kata.sandbox import network
 
         with self.lock:
@@ -524,8 +524,9 @@ class Pod:
             # killed in between is finished by the next one, containerd's `shim delete`).
             def before_state_goes() -> list[str]:
                 found = self.cgroups.remove() if self.cgroups is not None else []
-                if self.record.netns_pinned:
-                    _unpin(self.record.netns)
+                if self.record.netns_pinned and not _unpin(self.record.netns) and self.record.network:
+                    # Still pinned, so not ending: its taps and filters go as from anyone else's.
+                    network.unmirror(self.record.netns, self.record.network)
                 return found
 
             problems += self.sandbox.destroy(before_state_goes)
@@ -550,13 +551,16 @@ def tear_down(sid: str) -> list[str]:
     return pod.destroy()
 
 
-def _unpin(path: str) -> None:
+def _unpin(path: str) -> bool:
+    """Whether the pin went (the namespace then ends once nothing else holds it)."""
     from kata.utils import netns
 
     try:
         netns.unpin(path)
     except OSError as exc:
         log.warning(f"network namespace {path}: {exc.strerror or exc}")
+        return False
+    return True
 
 
 def _figures_of(spec: dict[str, Any]) -> dict[str, Any]:

@@ -13,8 +13,9 @@ answered with a reset at once.
 Bounds: at most ``max_connections`` in flight (more are reset), reads of at most CHUNK bytes (an
 answer longer than asked fails the connection), connection ids the host picks. The guest answers only
 the calls the host makes for a connection the host accepted; nothing it says makes the host dial or
-open anything. stop() closes the listeners and every connection and removes the rule; the threads
-end as their calls do (all of them once the agent connection closes).
+open anything. stop() closes the listeners and every connection and removes the rule (or leaves it to
+the namespace, which ends with the pod); the threads end as their calls do (all of them once the
+agent connection closes).
 """
 
 from __future__ import annotations

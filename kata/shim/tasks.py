@@ -396,7 +396,8 @@ class PodTasks:
         self.agent = self.lite = None
 
     def _teardown(self) -> None:
-        """The VM and everything it had on the host: taps, virtiofsd, shares, state."""
+        """The VM and everything it had on the host (Pod.destroy): virtiofsd, shares, state, the taps
+        where the namespace does not take them along."""
         pod, self.pod = self.pod, None
         self.vm_gone = True
         self._stop_forwarder()

@@ -1,5 +1,6 @@
 """Pod.update against an in-process VM and agent: the VM grows by what a new limit adds over the
-recorded one, once, and the record (pod.json) says so for the next process."""
+recorded one, once, and the record (pod.json) says so for the next process. And what Pod.destroy
+leaves to the pod's network namespace."""
 
 from __future__ import annotations
 
@@ -116,19 +117,21 @@ def test_a_record_that_cannot_be_written_leaves_the_id_free(tmp_path: Path,
     assert not (tmp_path / "sbs" / "pod1").exists()
 
 
-@pytest.mark.parametrize("pinned,annotations,unmirrored", [
-    (True, {}, False),  # our own namespace: its taps and filters go with it
-    (False, {"io.kubernetes.cri.container-type": "sandbox"}, False),  # a CRI pod's, removed after it
-    (False, {}, True),  # someone else's (a path in the spec): left as it was found
-    (False, {"io.kubernetes.cri-o.ContainerType": "sandbox"}, True),  # podman's pods keep theirs
+@pytest.mark.parametrize("pinned,unpinned,annotations,unmirrored", [
+    (True, True, {}, False),  # our own namespace: its taps and filters go with it
+    (True, False, {}, True),  # ours, but the pin stays: so would they
+    (False, False, {"io.kubernetes.cri.container-type": "sandbox"}, False),  # a CRI pod's, removed after it
+    (False, False, {}, True),  # someone else's (a path in the spec): left as it was found
+    (False, False, {"io.kubernetes.cri-o.ContainerType": "sandbox"}, True),  # podman's pods keep theirs
 ])
 def test_taps_are_removed_only_from_a_namespace_that_outlives_the_pod(
-        monkeypatch: pytest.MonkeyPatch, pinned: bool, annotations: dict[str, str], unmirrored: bool) -> None:
+        monkeypatch: pytest.MonkeyPatch, pinned: bool, unpinned: bool, annotations: dict[str, str],
+        unmirrored: bool) -> None:
     from kata.sandbox import network, pod
 
     calls: list[str] = []
     monkeypatch.setattr(network, "unmirror", lambda netns, made: calls.append(netns))
-    monkeypatch.setattr(pod, "_unpin", lambda netns: None)
+    monkeypatch.setattr(pod, "_unpin", lambda netns: unpinned)
     sandbox = SimpleNamespace(destroy=lambda hook: hook())
     record = PodRecord(config="", annotations=annotations, netns="/run/netns/n1", netns_pinned=pinned,
                        network=[["eth0", "tap0_kata"]])

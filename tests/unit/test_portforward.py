@@ -5,13 +5,14 @@ bounds, the original-destination parsing and the rule's text, and a hostile agen
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from google.protobuf import empty_pb2
@@ -356,3 +357,16 @@ def test_an_agent_answering_more_than_asked_fails_only_that_connection(pod_netns
         hostile.shutdown()
         guest_end.close()
     assert forwarder.join(10.0)
+
+
+def test_a_forwarder_stopped_with_its_namespace_leaves_it_the_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The shim stops it when the pod ends, and containerd removes the namespace right after: no nft run.
+    calls: list[str] = []
+    monkeypatch.setattr(loopback_redirect, "remove", lambda: calls.append("remove"))
+    forwarder = Forwarder(cast(Any, None), [])
+    fd = os.open("/dev/null", os.O_RDONLY)
+    forwarder._netns_fd = fd
+    forwarder.stop(namespace_ends=True)
+    assert calls == []
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed
