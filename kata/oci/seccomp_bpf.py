@@ -26,8 +26,10 @@ import json
 import os
 from typing import Any
 
-ANNOTATION = "run.oci.seccomp_bpf_data"
-_FAIL_UNKNOWN = "run.oci.seccomp_fail_unknown_syscall"
+from kata.oci.crun_annotations import SECCOMP_BPF_DATA, SECCOMP_FAIL_UNKNOWN_SYSCALL
+
+ANNOTATION = SECCOMP_BPF_DATA
+_FAIL_UNKNOWN = SECCOMP_FAIL_UNKNOWN_SYSCALL
 
 _EPERM = 1
 _ACTIONS = {

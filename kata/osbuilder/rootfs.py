@@ -78,7 +78,7 @@ class RootfsSpec:
     # Source-tree paths of our guest code (files, or directories copied with their .py files).
     guest_code: tuple[str, ...] = (
         "kata/__init__.py", "kata/ttrpc", "kata/protocols", "kata/oci/__init__.py",
-        "kata/oci/default_spec.py", "kata/oci/sysctls.py",
+        "kata/oci/default_spec.py", "kata/oci/sysctls.py", "kata/oci/crun_annotations.py",
         "kata/utils/__init__.py", "kata/utils/mount.py", "kata/utils/procfs.py",
         "kata/utils/mountapi.py", "kata/utils/safepath.py", "kata/utils/ids.py", "kata/utils/text.py",
         "kata/utils/rtnetlink.py", "kata/guest",

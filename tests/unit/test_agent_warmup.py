@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -14,7 +15,8 @@ from kata.guest.agent.crun import Crun
 from kata.guest.agent.reaper import Reaper
 from kata.guest.agent.sandbox import InvalidArgument, Sandbox
 from kata.guest.agent.service import AgentService
-from kata.guest.agent.warmup import CONTAINER_ID, Warmup
+from kata.guest.agent.warmup import CONTAINER_ID, SECCOMP_PROGRAM, Warmup
+from kata.oci.crun_annotations import SECCOMP_BPF_DATA
 from kata.protocols import agent_pb2 as pb
 
 
@@ -94,7 +96,34 @@ def test_warmup_runs_a_container_through_crun(tmp_path: Path) -> None:
     assert args[-5:] == ["run", "--no-new-keyring", "--bundle", str(bundle), CONTAINER_ID]
     spec = json.loads((tmp_path / "crun.config").read_text())
     assert spec["root"]["path"] == "rootfs"
+    # Docker's device rules and a compiled seccomp program in crun's annotation, as a host's container has.
+    devices = spec["linux"]["resources"]["devices"]
+    assert devices[0] == {"allow": False, "access": "rwm"} and {"allow": True, "type": "c", "major": 1,
+                                                                "minor": 3, "access": "rwm"} in devices
+    assert base64.b64decode(spec["annotations"][SECCOMP_BPF_DATA]) == SECCOMP_PROGRAM
     assert not bundle.exists()  # removed once crun is done
+
+
+# The warm-up's seccomp program installed in a child by the kernel, which checks it: every system call
+# works but the one it refuses (number -1: EPERM where the kernel alone says ENOSYS).
+_INSTALL = """
+import ctypes, ctypes.util, errno, sys
+from kata.guest.agent.warmup import SECCOMP_PROGRAM
+libc = ctypes.CDLL(None, use_errno=True)
+class Prog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+prog = Prog(len(SECCOMP_PROGRAM) // 8, SECCOMP_PROGRAM)
+assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+assert libc.prctl(22, 2, ctypes.byref(prog), 0, 0) == 0, ctypes.get_errno()  # PR_SET_SECCOMP, FILTER
+assert libc.syscall(-1) == -1 and ctypes.get_errno() == errno.EPERM, ctypes.get_errno()
+print(open("/proc/self/status").read().split("Seccomp:")[1].split()[0])
+"""
+
+
+def test_the_warmup_seccomp_program_is_one_the_kernel_takes() -> None:
+    proc = subprocess.run([sys.executable, "-c", _INSTALL], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "2"  # filter mode
 
 
 def test_host_asks_for_the_warmup_again_only_before_a_sandbox(tmp_path: Path) -> None:
