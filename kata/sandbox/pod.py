@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -501,7 +502,8 @@ class Pod:
         self.sandbox.release()
 
     def _netns_ends_with_pod(self) -> bool:
-        """Whether the pod's network namespace ends with it: one we pinned (unpinned at teardown), or
+        """Whether the pod's network namespace ends with it: one we pinned (unpinned at teardown; one
+        that stays pinned has them removed after all), or
         a CRI pod's (containerd removes it once the pod has stopped; kata.sandbox.portforward assumes
         the same). Its taps and tc filters then go with it: removing them first cost every stop about
         25 ms (a deleted link waits out an RCU grace period). A namespace someone else keeps is left
@@ -524,9 +526,11 @@ class Pod:
             # killed in between is finished by the next one, containerd's `shim delete`).
             def before_state_goes() -> list[str]:
                 found = self.cgroups.remove() if self.cgroups is not None else []
-                if self.record.netns_pinned and not _unpin(self.record.netns) and self.record.network:
-                    # Still pinned, so not ending: its taps and filters go as from anyone else's.
-                    network.unmirror(self.record.netns, self.record.network)
+                if self.record.netns_pinned and not _unpin(self.record.netns):
+                    found.append(f"network namespace {self.record.netns}: not unpinned")
+                    if self.record.network and os.path.ismount(self.record.netns):
+                        # Still pinned, so not ending: its taps and filters go as from anyone else's.
+                        network.unmirror(self.record.netns, self.record.network)
                 return found
 
             problems += self.sandbox.destroy(before_state_goes)

@@ -132,8 +132,10 @@ def test_taps_are_removed_only_from_a_namespace_that_outlives_the_pod(
     calls: list[str] = []
     monkeypatch.setattr(network, "unmirror", lambda netns, made: calls.append(netns))
     monkeypatch.setattr(pod, "_unpin", lambda netns: unpinned)
+    monkeypatch.setattr(pod.os.path, "ismount", lambda path: path == "/run/netns/n1")  # the pin, kept
     sandbox = SimpleNamespace(destroy=lambda hook: hook())
     record = PodRecord(config="", annotations=annotations, netns="/run/netns/n1", netns_pinned=pinned,
                        network=[["eth0", "tap0_kata"]])
-    assert Pod(cast(Sandbox, sandbox), record).destroy() == []
+    problems = Pod(cast(Sandbox, sandbox), record).destroy()
+    assert problems == ([] if unpinned or not pinned else ["network namespace /run/netns/n1: not unpinned"])
     assert calls == (["/run/netns/n1"] if unmirrored else [])

@@ -8,7 +8,6 @@ stands aside, as on the one vCPU it would only slow the host's calls down.
 
 from __future__ import annotations
 
-import base64
 import importlib
 import os
 import struct
@@ -17,6 +16,7 @@ import time
 from typing import Any
 
 from kata.guest.agent import log
+from kata.guest.agent.crun import CrunError
 from kata.guest.agent.layout import helpers_fixed, keep_container_randomised
 from kata.guest.agent.sandbox import Sandbox
 from kata.oci.crun_annotations import SECCOMP_BPF_DATA
@@ -44,16 +44,16 @@ CONTAINER_ID = ".kata-warmup"
 # there when the warm-up had neither). Its root is an empty directory in the bundle: the guest's own
 # root cannot be one (pivot_root onto itself fails with EBUSY).
 
-# Docker's device rules: none but these character devices.
-_DEVICES = ((1, 3), (1, 5), (1, 8), (1, 9), (5, 0), (5, 1))  # null, zero, random, urandom, tty, console
+# Docker's device rules: none but these character devices (and never /dev/fuse, 10:229).
+_DEVICES = ((1, 5), (1, 3), (1, 9), (1, 8), (5, 0), (5, 1))  # zero, null, urandom, random, tty, console
 
 
 def _bpf(code: int, jt: int, jf: int, k: int) -> bytes:
-    return struct.pack("<HBBI", code, jt, jf, k)  # struct sock_filter
+    return struct.pack("=HBBI", code, jt, jf, k)  # struct sock_filter, in the machine's byte order
 
 
-# Allow every system call but one no kernel has (EPERM): a load, a test and two returns, as a
-# compiled profile begins and ends.
+# Allow every system call but one no kernel has (EPERM): a load, a test and two returns, the kinds of
+# instruction a compiled profile is made of.
 SECCOMP_PROGRAM = b"".join((
     _bpf(0x20, 0, 0, 0),  # BPF_LD | BPF_W | BPF_ABS: seccomp_data.nr
     _bpf(0x15, 0, 1, 0xFFFFFFFF),  # BPF_JMP | BPF_JEQ | BPF_K
@@ -70,13 +70,21 @@ def _spec() -> dict[str, Any]:
     spec["mounts"].insert(0, bind)
     linux = spec["linux"]
     linux["cgroupsPath"] = f"/kata/{CONTAINER_ID}"
-    linux["resources"] = {"devices": [{"allow": False, "access": "rwm"}, *(
-        {"allow": True, "type": "c", "major": major, "minor": minor, "access": "rwm"}
-        for major, minor in _DEVICES)]}
-    spec["annotations"] = {SECCOMP_BPF_DATA: base64.b64encode(SECCOMP_PROGRAM).decode()}
     # Guest containers share the VM's network (specconv drops the network namespace).
     linux["namespaces"] = [ns for ns in linux["namespaces"] if ns["type"] != "network"]
     return spec
+
+
+def _with_bpf(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` with Docker's device rules and the seccomp program (both load BPF in the kernel)."""
+    import base64  # not at the agent's start
+
+    devices = [{"allow": False, "access": "rwm"}, *(
+        {"allow": True, "type": "c", "major": major, "minor": minor, "access": "rwm"}
+        for major, minor in _DEVICES), {"allow": False, "type": "c", "major": 10, "minor": 229,
+                                        "access": "rwm"}]
+    return {**spec, "linux": {**spec["linux"], "resources": {"devices": devices}},
+            "annotations": {SECCOMP_BPF_DATA: base64.b64encode(SECCOMP_PROGRAM).decode()}}
 
 
 # Mount points the read-only root must have already.
@@ -117,7 +125,6 @@ class Warmup:
         log.info(f"warm-up container run again in {time.monotonic() - began:.3f}s")
 
     def run_container(self) -> None:
-        import json
         import shutil
 
         with self._lock:
@@ -127,10 +134,28 @@ class Warmup:
                 spec = _spec()
                 if helpers_fixed():
                     keep_container_randomised(spec)  # as a real container's
-                with open(os.path.join(self.bundle, "config.json"), "w") as f:
-                    json.dump(spec, f)
-                log_file = os.path.join(self.bundle, "crun.log")
-                args = ["run", "--no-new-keyring", "--bundle", self.bundle, CONTAINER_ID]
-                self.sandbox.crun.run(args, log_file=log_file)
+                try:
+                    self._run(_with_bpf(spec))
+                except CrunError as e:
+                    # A guest kernel without seccomp filters or BPF device rules (one configured in
+                    # place of ours): the rest of the warm-up still pays.
+                    log.warn(f"warm-up: {e}; once more without device rules and seccomp")
+                    try:  # what the failed run left, if anything
+                        self.sandbox.crun.run(["delete", "--force", CONTAINER_ID], log_file=self._log_file)
+                    except CrunError:
+                        pass
+                    self._run(spec)
             finally:
                 shutil.rmtree(self.bundle, ignore_errors=True)
+
+    @property
+    def _log_file(self) -> str:
+        return os.path.join(self.bundle, "crun.log")
+
+    def _run(self, spec: dict[str, Any]) -> None:
+        import json
+
+        with open(os.path.join(self.bundle, "config.json"), "w") as f:
+            json.dump(spec, f)
+        args = ["run", "--no-new-keyring", "--bundle", self.bundle, CONTAINER_ID]
+        self.sandbox.crun.run(args, log_file=self._log_file)
