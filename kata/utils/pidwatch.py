@@ -1,7 +1,7 @@
 """Waiting for the first of some processes to end, from any process (pidfds, no polling), each known
 by its pid and start time so that a reused pid is never mistaken for it.
 
-Only os, select, signal, threading and time: the per-process monitor loads it.
+Only os, select, signal, threading, time and kata.utils.procfs: the per-process monitor loads it.
 """
 
 from __future__ import annotations
@@ -13,14 +13,15 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from kata.utils.procfs import stat_fields
+
 
 def _state_and_start(pid: int) -> tuple[str, int] | None:
     """The state and field 22 of /proc/PID/stat (a reused pid has another start time)."""
+    fields = stat_fields(pid)
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return fields[0], int(fields[19])
-    except (OSError, IndexError, ValueError):
+        return (fields[0], int(fields[19])) if fields is not None else None
+    except (IndexError, ValueError):
         return None
 
 

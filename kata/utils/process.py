@@ -8,9 +8,9 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from kata.utils import pidwatch
+from kata.utils.procfs import stat_fields
 
 
 @dataclass(frozen=True)
@@ -21,29 +21,19 @@ class ProcessId:
 
     @classmethod
     def of(cls, pid: int) -> ProcessId | None:
-        stat = _read_stat(pid)
+        stat = stat_fields(pid)
         if stat is None:
             return None
         return cls(pid, int(stat[19]))
 
     def is_alive(self) -> bool:
-        stat = _read_stat(self.pid)
+        stat = stat_fields(self.pid)
         if stat is None or int(stat[19]) != self.start_time:
             return False
         if stat[0] in ("Z", "X"):
             _reap(self.pid)
             return False
         return True
-
-
-def _read_stat(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat after the command name (state first), or None if gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # The command name may contain spaces and parentheses: split after the last ')'.
-    return raw[raw.rindex(")") + 2 :].split()
 
 
 def _reap(pid: int) -> None:
@@ -105,7 +95,7 @@ def descendants(pid: int) -> list[int]:
     parent_of: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            stat = _read_stat(int(entry))
+            stat = stat_fields(int(entry))
             if stat is not None:
                 parent_of[int(entry)] = int(stat[1])
     found: list[int] = []

@@ -47,12 +47,20 @@ def clock_ticks() -> int:
     return os.sysconf("SC_CLK_TCK")
 
 
-def process_stat(pid: int | str) -> dict[str, int]:
-    """CPU times (clock ticks), threads, start time (ticks after boot) and virtual size of a process."""
+def stat_fields(pid: int | str) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (the state first); None once the process
+    is gone. The name may hold spaces and ')': the split is after the last ')'."""
     raw = _read(f"/proc/{pid}/stat")
     if ")" not in raw:
+        return None
+    return raw[raw.rindex(")") + 2:].split()
+
+
+def process_stat(pid: int | str) -> dict[str, int]:
+    """CPU times (clock ticks), threads, start time (ticks after boot) and virtual size of a process."""
+    fields = stat_fields(pid)
+    if fields is None:
         return {}
-    fields = raw[raw.rindex(")") + 2:].split()  # the command name may hold spaces and ')'
     out = {}
     for name, index in _STAT_FIELDS.items():
         value = _number(fields[index]) if index < len(fields) else None
