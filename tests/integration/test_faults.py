@@ -24,6 +24,7 @@ import pytest
 from tests.conftest import leftovers
 from tests.integration.conftest import daemons_unavailable
 from tests.support.daemons import Containerd, Dockerd, Runtime, docker_daemons, kata_runtime_path
+from tests.support.hang_report import HangWatch
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("needs_guest")]
 
@@ -306,8 +307,15 @@ def test_faults_at_random_points_leave_nothing(clients: dict[str, Client]) -> No
     assert len(rounds) >= 100
     done = []
     for i, (client, victim, phase) in enumerate(rounds):
-        # The name must not contain a victim's pattern: the killer matches command lines.
-        done.append(_round(clients[client], victim, phase, rng, f"fault-{i}-{client}"))
+        # The name must not contain a victim's pattern: the killer matches command lines. A round
+        # that lasts (a call about to time out) is looked at while it hangs, for the failure's story.
+        with HangWatch(TIMEOUT - 20) as watch:
+            try:
+                done.append(_round(clients[client], victim, phase, rng, f"fault-{i}-{client}"))
+            except Exception as exc:
+                if not watch.report:
+                    raise
+                raise AssertionError(f"fault-{i}-{client}: {exc}\nwhile it hung:\n{watch.report}") from exc
     # The daemons keep working, with both kinds of shim and with Docker.
     ok = clients["shim"].run_detached("after-faults-shim")
     clients["shim"].force_remove("after-faults-shim")
