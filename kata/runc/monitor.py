@@ -36,7 +36,7 @@ from kata.agent_client.transport import connect
 from kata.protocols.agent_api import AgentEndpoint
 from kata.sandbox.status import VM_GONE_STATUS, exit_status
 from kata.utils import pidwatch
-from kata.utils.sockets import listen_private
+from kata.utils.sockets import listen_private, peer_pid
 from kata.utils.text import one_line, thread_failure
 
 # How long a detached monitor waits, at its exit, for the command that started it to exit (it does
@@ -44,6 +44,8 @@ from kata.utils.text import one_line, thread_failure
 # process, before it exits (LauncherWatch).
 LAUNCHER_TIMEOUT = 30.0
 PID_FILE_GRACE = 0.5
+# How long an init monitor waits, at its exit, for the proxy's clients that ended to be reaped.
+PEERS_REAPED_TIMEOUT = 2.0
 
 # runc forwards every signal but these to the container.
 NOT_FORWARDED = {signal.SIGCHLD, signal.SIGWINCH, signal.SIGURG, signal.SIGKILL, signal.SIGSTOP,
@@ -82,6 +84,9 @@ class Monitor:
         os.set_blocking(self._signal_w, False)
         # Set once the container was started, or a signal could not reach it (its VM is gone).
         self.released = threading.Event()
+        # pidfds of the proxy's clients (exec monitors, commands), kept until their parents reap them.
+        self._peers: list[int] = []
+        self._peers_lock = threading.Lock()
 
     # ---- bring-up --------------------------------------------------------------------------
     def connect(self) -> None:
@@ -102,7 +107,23 @@ class Monitor:
         assert self.agent is not None
         listener = listen_private(self.conf["proxy"], 64)
         self.server = proxy.forwarding_server(self.agent.client, self._seen)
-        threading.Thread(target=self.server.serve_listener, args=(listener,), daemon=True).start()
+        threading.Thread(target=self.server.serve_listener, args=(listener, self._peer), daemon=True).start()
+
+    def _peer(self, sock: socket.socket) -> None:
+        """Keep a pidfd of a new client; let go of those whose processes have been reaped."""
+        pid = peer_pid(sock)
+        try:
+            fd = os.pidfd_open(pid) if pid is not None else None
+        except OSError:
+            fd = None  # gone already
+        with self._peers_lock:
+            kept = []
+            for old in self._peers:
+                if pidwatch.reaped(old):
+                    os.close(old)
+                else:
+                    kept.append(old)
+            self._peers = kept if fd is None else [*kept, fd]
 
     def _seen(self, ctx: ttrpc.Context) -> None:
         if ctx.method == "StartContainer":
@@ -275,10 +296,22 @@ class Monitor:
         # takes it off the pod's record.
         while self._pod_members() and not self.server.wait_idle(0.5):
             pass
-        # The container's other processes died with it: their monitors, connected through us, get
-        # their statuses before the agent connection goes (briefly: we stand for a process that ended).
-        self.server.wait_idle(1.0)
+        # The container's other processes end before it, as every process of a pid namespace is
+        # reaped before its init: containerd's runc shim then reports their exits first. Docker 20.10
+        # forgets a container's execs once it has handled the container's exit, and an exec reported
+        # after that leaves its `docker exec` waiting for ever. Their monitors are connected through
+        # us. Normally their processes died with the container's (its pid namespace in the guest),
+        # and they go at once. When the VM went, each goes once its launcher has (LAUNCHER_TIMEOUT).
+        vm_gone = self.agent is not None and self.agent.client.closed
+        self.server.wait_idle(LAUNCHER_TIMEOUT + PID_FILE_GRACE + 1.0 if vm_gone else 1.0)
         self.server.shutdown()
+        with self._peers_lock:
+            peers, self._peers = self._peers, []
+        try:
+            pidwatch.wait_reaped(peers, PEERS_REAPED_TIMEOUT)  # then the shim has seen their exits
+        finally:
+            for fd in peers:
+                os.close(fd)
         try:
             os.unlink(self.conf["proxy"])
         except OSError:

@@ -142,8 +142,10 @@ class Server:
             with self._lock:
                 self._connections.discard(conn)
 
-    def serve_listener(self, listener: socket.socket) -> None:
-        """Accept connections until shutdown(), serving each on its own thread."""
+    def serve_listener(self, listener: socket.socket,
+                       on_accept: Callable[[socket.socket], None] | None = None) -> None:
+        """Accept connections until shutdown(), serving each on its own thread; ``on_accept`` sees
+        each connection first (it must not block, nor raise)."""
         with self._lock:
             if self._stopped:
                 return
@@ -156,6 +158,8 @@ class Server:
                     if self._stopped:
                         return
                     raise
+                if on_accept is not None:
+                    on_accept(sock)
                 threading.Thread(
                     target=self._serve_socket, args=(sock,), name="ttrpc-conn", daemon=True
                 ).start()

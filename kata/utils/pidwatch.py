@@ -65,6 +65,33 @@ def wait_ended(fds: Sequence[int], timeout: float) -> bool:
     return True
 
 
+def reaped(fd: int) -> bool:
+    """Whether the process of pidfd ``fd`` has been reaped by its parent (a zombie has not: its
+    parent has yet to learn of its exit)."""
+    try:
+        signal.pidfd_send_signal(fd, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # EPERM: it is there
+    return False
+
+
+def wait_reaped(fds: Sequence[int], timeout: float) -> bool:
+    """Wait until the process of each pidfd of ``fds`` has been reaped; True if they all were
+    within ``timeout`` seconds. Polled (a reap wakes no pidfd), from 5 ms up to 50 ms apart."""
+    deadline = time.monotonic() + timeout
+    pause = 0.005
+    left = [fd for fd in fds if not reaped(fd)]
+    while left:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(pause)
+        pause = min(2 * pause, 0.05)
+        left = [fd for fd in left if not reaped(fd)]
+    return True
+
+
 def watch(procs: Sequence[tuple[int, int]], on_end: Callable[[], None],
           stop: threading.Event | None = None) -> threading.Thread | None:
     """Call ``on_end`` on a thread of its own as soon as any of ``procs`` (pid, start time) has ended,

@@ -1,12 +1,13 @@
 """Unix sockets born root-only: the monitor's agent proxy and the shim's task API.
 
-Imports only os and socket: the per-process monitor loads it.
+Imports only os, socket and sys: the per-process monitor loads it.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import sys
 
 
 def listen_private(path: str, backlog: int) -> socket.socket:
@@ -34,3 +35,13 @@ def listen_private(path: str, backlog: int) -> socket.socket:
         os.unlink(path)
         raise
     return listener
+
+
+def peer_pid(sock: socket.socket) -> int | None:
+    """The pid of the process that connected a unix socket (SO_PEERCRED), None if unknown."""
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)  # struct ucred: pid, uid, gid
+    except OSError:
+        return None
+    pid = int.from_bytes(creds[:4], sys.byteorder, signed=True)
+    return pid if pid > 0 else None

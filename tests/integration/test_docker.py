@@ -3,12 +3,18 @@ conftest.py), the locally built busybox image, every container in a VM of its ow
 
 from __future__ import annotations
 
+import fcntl
+import os
+import signal
+import subprocess
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import inspect, wait_for
-from tests.support.daemons import Dockerd
+from tests.conftest import inspect, pids_naming, wait_for
+from tests.support.daemons import DaemonError, Dockerd
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("needs_guest")]
 
@@ -119,3 +125,66 @@ def test_restart_policy(docker: Dockerd) -> None:
         assert docker.run("logs", "kre", timeout=30).stdout == "run\nrun\nrun\n"
     finally:
         docker.run("rm", "-f", "kre", timeout=TIMEOUT)
+
+
+def test_exec_starting_when_the_vm_dies_ends_before_its_container(docker: Dockerd) -> None:
+    """A VM that dies while `docker exec` is still starting: the exec must be reported before its
+    container. dockerd 20.10 forgets a container's execs once it has handled the container's exit,
+    and an exec whose exit comes later leaves `docker exec` waiting for ever. Under runc the order
+    comes for free: a pid namespace's init is reaped after every other process in it.
+
+    The test holds the container's record lock, so that kata-runtime exec stays in its last step
+    (recording the exec) while the VM goes. Its monitor then waits for it, longer than the
+    container's monitor used to wait for exec monitors."""
+    name = "exec-vm-dies"
+    assert docker.run("run", "-d", *KATA, "--name", name, docker.image, "sleep", "600",
+                      timeout=TIMEOUT).returncode == 0
+    ended: list[subprocess.CompletedProcess[str] | DaemonError] = []
+
+    def exec_sleep() -> None:
+        try:
+            ended.append(docker.run("exec", name, "sh", "-c", "sleep 5", timeout=90))
+        except DaemonError as exc:  # it hung: killed at the timeout
+            ended.append(exc)
+
+    waiter = threading.Thread(target=exec_sleep)
+    try:
+        cid = docker.run("inspect", "-f", "{{.Id}}", name, timeout=30).stdout.strip()
+        records = [os.path.join(root, cid) for root, dirs, _files in os.walk(docker.exec_root)
+                   if cid in dirs and os.path.exists(os.path.join(root, cid, "state.json"))]
+        assert records, f"no kata-runtime record of {cid} under {docker.exec_root}"
+        fd = os.open(records[0], os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            waiter.start()
+            wait_for(lambda: _exec_monitors(cid) or None, 60, "the exec's monitor")
+            time.sleep(1.0)  # its process starts in the guest; kata-runtime exec waits for the lock
+            qemu = pids_naming("qemu-system", cid)
+            assert qemu, f"no QEMU of {cid}"
+            for pid in qemu:
+                os.kill(pid, signal.SIGKILL)
+            time.sleep(3.0)  # the container's monitor sees the VM go
+        finally:
+            os.close(fd)
+        waiter.join(120)
+        assert ended and not isinstance(ended[0], DaemonError), \
+            "docker exec never returned: the exec's exit came after its container's"
+        assert ended[0].returncode in (255, 137), (ended[0].returncode, ended[0].stderr)
+        assert "Traceback" not in ended[0].stderr
+    finally:
+        docker.run("rm", "-f", name, timeout=TIMEOUT)
+        if waiter.is_alive():
+            waiter.join(120)
+
+
+def _exec_monitors(cid: str) -> list[int]:
+    """The monitors that stand for execs in container ``cid`` (their argv ends with "CID exec")."""
+    found = []
+    for pid in pids_naming("kata.runc.monitor", cid):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[-3:-1] == [cid.encode(), b"exec"]:
+            found.append(pid)
+    return found

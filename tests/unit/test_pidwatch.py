@@ -114,3 +114,22 @@ def test_an_end_is_the_last_threads_not_the_leaders() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_zombie_is_not_reaped_until_its_parent_waits() -> None:
+    # An init monitor waits for its exec monitors to be reaped: then containerd's runc shim has seen
+    # their exits before its own (kata.runc.monitor.Monitor.stop_proxy).
+    proc = subprocess.Popen(["true"])
+    fd = os.pidfd_open(proc.pid)
+    try:
+        assert pidwatch.wait_ended([fd], 10)
+        assert not pidwatch.reaped(fd)  # a zombie: its parent (us) has not waited
+        assert not pidwatch.wait_reaped([fd], 0.05)
+        reaper = threading.Timer(0.2, proc.wait)
+        reaper.start()
+        started = time.monotonic()
+        assert pidwatch.wait_reaped([fd], 10)
+        assert time.monotonic() - started >= 0.15
+        assert pidwatch.reaped(fd)
+    finally:
+        os.close(fd)

@@ -38,6 +38,7 @@ from kata.ttrpc.frame import (
     FrameReader,
     encode,
 )
+from kata.utils.sockets import peer_pid
 from tests.support.streams import pipe_pair, socket_pair
 
 pytestmark = pytest.mark.timeout(30)
@@ -453,7 +454,9 @@ def test_serve_listener_accepts_many_connections_until_shutdown(tmp_path: object
     listener.bind(path)
     listener.listen()
     server = make_server(Calls([], threading.Event()))
-    accept = threading.Thread(target=server.serve_listener, args=(listener,), daemon=True)
+    peers: list[int | None] = []  # on_accept sees each connection first: the monitor keeps its client's pid
+    accept = threading.Thread(target=server.serve_listener,
+                              args=(listener, lambda s: peers.append(peer_pid(s))), daemon=True)
     accept.start()
     clients = []
     for i in range(3):
@@ -461,6 +464,7 @@ def test_serve_listener_accepts_many_connections_until_shutdown(tmp_path: object
         sock.connect(path)
         clients.append(Client(socket_stream(sock)))
         assert echo(clients[-1], f"c{i}") == f"c{i}"
+    assert peers == [os.getpid()] * 3
     server.shutdown()
     accept.join(5)
     assert not accept.is_alive()
