@@ -31,7 +31,6 @@ import select
 import shutil
 import signal
 import socket
-import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from kata.factory.pool_nic import PooledNic
 from kata.factory.pool_share import PooledShare
 from kata.sandbox.paths import POOL_ROOT, POOL_SHARES_ROOT, VM_ROOT, InvalidIdError, validate_sandbox_id
 from kata.utils.process import ProcessId, terminate
-from kata.utils.sockets import listen_private
+from kata.utils.sockets import listen_private, peer_creds
 
 if TYPE_CHECKING:
     from kata.agent_client.client import AgentClient
@@ -389,8 +388,7 @@ class PoolDaemon:
     def _one(self, conn: socket.socket) -> None:
         conn.settimeout(REQUEST_TIMEOUT)
         try:
-            _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                                  struct.calcsize("3i")))
+            _pid, uid, _gid = peer_creds(conn)
             if uid != 0:
                 send(conn, {"error": "the VM pool answers root alone"})
                 return

@@ -1,13 +1,13 @@
 """Unix sockets born root-only: the monitor's agent proxy and the shim's task API.
 
-Imports only os, socket and sys: the per-process monitor loads it.
+Imports only os, socket and struct: the per-process monitor loads it.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-import sys
+import struct
 
 
 def listen_private(path: str, backlog: int) -> socket.socket:
@@ -37,11 +37,18 @@ def listen_private(path: str, backlog: int) -> socket.socket:
     return listener
 
 
+
+def peer_creds(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process that connected a unix socket (SO_PEERCRED); OSError if unknown."""
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                        struct.calcsize("3i")))
+    return pid, uid, gid
+
+
 def peer_pid(sock: socket.socket) -> int | None:
-    """The pid of the process that connected a unix socket (SO_PEERCRED), None if unknown."""
+    """The pid of the process that connected a unix socket, None if unknown."""
     try:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)  # struct ucred: pid, uid, gid
+        pid = peer_creds(sock)[0]
     except OSError:
         return None
-    pid = int.from_bytes(creds[:4], sys.byteorder, signed=True)
     return pid if pid > 0 else None
