@@ -87,6 +87,7 @@ class Monitor:
         # pidfds of the proxy's clients (exec monitors, commands), kept until their parents reap them.
         self._peers: list[int] = []
         self._peers_lock = threading.Lock()
+        self._peers_closed = False
 
     # ---- bring-up --------------------------------------------------------------------------
     def connect(self) -> None:
@@ -110,13 +111,18 @@ class Monitor:
         threading.Thread(target=self.server.serve_listener, args=(listener, self._peer), daemon=True).start()
 
     def _peer(self, sock: socket.socket) -> None:
-        """Keep a pidfd of a new client; let go of those whose processes have been reaped."""
+        """Keep a pidfd of a new client; let go of those whose processes have been reaped. Our own
+        parent (a foreground `run` that starts the container) is not kept: it waits for us."""
         pid = peer_pid(sock)
         try:
-            fd = os.pidfd_open(pid) if pid is not None else None
+            fd = os.pidfd_open(pid) if pid is not None and pid != os.getppid() else None
         except OSError:
             fd = None  # gone already
         with self._peers_lock:
+            if self._peers_closed:  # stopping: this connection is refused
+                if fd is not None:
+                    os.close(fd)
+                return
             kept = []
             for old in self._peers:
                 if pidwatch.reaped(old):
@@ -296,17 +302,13 @@ class Monitor:
         # takes it off the pod's record.
         while self._pod_members() and not self.server.wait_idle(0.5):
             pass
-        # The container's other processes end before it, as every process of a pid namespace is
-        # reaped before its init: containerd's runc shim then reports their exits first. Docker 20.10
-        # forgets a container's execs once it has handled the container's exit, and an exec reported
-        # after that leaves its `docker exec` waiting for ever. Their monitors are connected through
-        # us. Normally their processes died with the container's (its pid namespace in the guest),
-        # and they go at once. When the VM went, each goes once its launcher has (LAUNCHER_TIMEOUT).
-        vm_gone = self.agent is not None and self.agent.client.closed
-        self.server.wait_idle(LAUNCHER_TIMEOUT + PID_FILE_GRACE + 1.0 if vm_gone else 1.0)
+        # The exec monitors (connected through us) end and are reaped first, as a pid namespace's
+        # init is reaped last: Docker 20.10 drops an exec whose exit comes after its container's, and
+        # `docker exec` then waits for ever. Each goes at once, or once its launcher has.
+        self.server.wait_idle(LAUNCHER_TIMEOUT + PID_FILE_GRACE + 1.0)
         self.server.shutdown()
         with self._peers_lock:
-            peers, self._peers = self._peers, []
+            peers, self._peers, self._peers_closed = self._peers, [], True
         try:
             pidwatch.wait_reaped(peers, PEERS_REAPED_TIMEOUT)  # then the shim has seen their exits
         finally:

@@ -374,9 +374,12 @@ def kill(store: ContainerStore, cid: str, signum: int, all_processes: bool = Fal
             monitor = rec.monitor()
             if exc.code != ttrpc.Code.UNAVAILABLE or monitor is None:
                 raise
-            # The VM is gone and the monitor still stands for the process (it was never started):
-            # the signal goes to the monitor, as runc's goes to its init process.
-            signal_process(monitor, signum)
+            # The VM is gone. A container never started: the monitor still stands for its process,
+            # and takes the signal, as runc's init process would. A started one's monitor exits 255
+            # by itself, once the container's exec monitors have (a signal must not end it before
+            # them: Docker would lose their exits).
+            if rec.status == Status.CREATED:
+                signal_process(monitor, signum)
             return
         if all_processes:
             for exec_id in rec.live_execs():

@@ -70,10 +70,10 @@ def reaped(fd: int) -> bool:
     parent has yet to learn of its exit)."""
     try:
         signal.pidfd_send_signal(fd, 0)
-    except ProcessLookupError:
-        return True
+    except PermissionError:
+        return False  # it is there
     except OSError:
-        return False  # EPERM: it is there
+        return True  # ESRCH; anything else leaves nothing to wait for
     return False
 
 
