@@ -134,7 +134,7 @@ def test_exec_starting_when_the_vm_dies_ends_before_its_container(docker: Docker
     comes for free: a pid namespace's init is reaped after every other process in it.
 
     The test holds the container's record lock, so that kata-runtime exec stays in its last step
-    (recording the exec) while the VM goes. Its monitor then waits for it, longer than the
+    (recording the exec) while the VM goes; the exec's monitor waits for it to exit, longer than the
     container's monitor used to wait for exec monitors."""
     name = "exec-vm-dies"
     assert docker.run("run", "-d", *KATA, "--name", name, docker.image, "sleep", "600",
@@ -152,13 +152,13 @@ def test_exec_starting_when_the_vm_dies_ends_before_its_container(docker: Docker
         cid = docker.run("inspect", "-f", "{{.Id}}", name, timeout=30).stdout.strip()
         records = [os.path.join(root, cid) for root, dirs, _files in os.walk(docker.exec_root)
                    if cid in dirs and os.path.exists(os.path.join(root, cid, "state.json"))]
-        assert records, f"no kata-runtime record of {cid} under {docker.exec_root}"
+        assert len(records) == 1, f"kata-runtime's records of {cid} under {docker.exec_root}: {records}"
         fd = os.open(records[0], os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             waiter.start()
-            wait_for(lambda: _exec_monitors(cid) or None, 60, "the exec's monitor")
-            time.sleep(1.0)  # its process starts in the guest; kata-runtime exec waits for the lock
+            # kata-runtime exec waits for the lock once its monitor has started the process.
+            wait_for(lambda: _lock_waited_for(os.fstat(fd).st_ino), 60, "kata-runtime exec at the lock")
             qemu = pids_naming("qemu-system", cid)
             assert qemu, f"no QEMU of {cid}"
             for pid in qemu:
@@ -177,14 +177,6 @@ def test_exec_starting_when_the_vm_dies_ends_before_its_container(docker: Docker
             waiter.join(120)
 
 
-def _exec_monitors(cid: str) -> list[int]:
-    """The monitors that stand for execs in container ``cid`` (their argv ends with "CID exec")."""
-    found = []
-    for pid in pids_naming("kata.runc.monitor", cid):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv[-3:-1] == [cid.encode(), b"exec"]:
-            found.append(pid)
-    return found
+def _lock_waited_for(inode: int) -> bool:
+    """Whether a process waits for a lock on the file with this inode (a "->" line of /proc/locks)."""
+    return any("->" in line and f":{inode} " in line for line in Path("/proc/locks").read_text().splitlines())

@@ -309,13 +309,16 @@ def test_faults_at_random_points_leave_nothing(clients: dict[str, Client]) -> No
     for i, (client, victim, phase) in enumerate(rounds):
         # The name must not contain a victim's pattern: the killer matches command lines. A round
         # that lasts (a call about to time out) is looked at while it hangs, for the failure's story.
-        with HangWatch(TIMEOUT - 20) as watch:
+        failure: Exception | None = None
+        with HangWatch(TIMEOUT - 30) as watch:
             try:
                 done.append(_round(clients[client], victim, phase, rng, f"fault-{i}-{client}"))
-            except Exception as exc:
-                if not watch.report:
-                    raise
-                raise AssertionError(f"fault-{i}-{client}: {exc}\nwhile it hung:\n{watch.report}") from exc
+            except Exception as exc:  # noqa: BLE001 - raised below, with the report once it is complete
+                failure = exc
+        if failure is not None:
+            if not watch.report:
+                raise failure
+            raise AssertionError(f"fault-{i}-{client}: {failure}\nas it hung:\n{watch.report}") from failure
     # The daemons keep working, with both kinds of shim and with Docker.
     ok = clients["shim"].run_detached("after-faults-shim")
     clients["shim"].force_remove("after-faults-shim")

@@ -11,12 +11,16 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
+
+from kata.utils.procfs import stat_fields
 
 # Command-line words of the processes worth showing.
 WATCHED = (b"containerd", b"dockerd", b"docker", b"ctr", b"kata", b"qemu-system", b"virtiofsd", b"crictl",
            b"podman", b"conmon")
-_PY_SPY_TIMEOUT = 20.0
+# The whole report's time: py-spy reads one process at a time.
+REPORT_TIMEOUT = 20.0
 
 
 def _read(path: str) -> str:
@@ -34,12 +38,11 @@ def _processes() -> list[tuple[int, int, str, str, str]]:
             continue
         try:
             cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
-            stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
-        if not any(w in cmd for w in WATCHED):
+        fields = stat_fields(entry)
+        if not fields or not any(w in cmd for w in WATCHED):
             continue
-        fields = stat[stat.rfind(")") + 2:].split()
         text = cmd.replace(b"\0", b" ").decode(errors="replace").strip()
         found.append((int(entry), int(fields[1]), fields[0], _read(f"/proc/{entry}/wchan"), text[:160]))
     return sorted(found)
@@ -50,31 +53,37 @@ def _py_spy() -> str | None:
     return shutil.which("py-spy") or (str(beside) if beside.exists() else None)
 
 
-def _python_stacks(pid: int, tool: str) -> str:
+def _python_stacks(pid: int, tool: str, timeout: float) -> str:
+    if timeout <= 0:
+        return "    (no time left)"
     try:
-        proc = subprocess.run([tool, "dump", "--pid", str(pid)], capture_output=True, text=True,
-                              timeout=_PY_SPY_TIMEOUT)
+        # --nonblocking: the process is read as it runs, not stopped (the hang must not move).
+        proc = subprocess.run([tool, "dump", "--nonblocking", "--pid", str(pid)], capture_output=True,
+                              text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"    (py-spy: {exc})"
     lines = (proc.stdout or proc.stderr).splitlines()
     return "\n".join(f"    {line}" for line in lines if line.strip())
 
 
-def snapshot() -> str:
-    """The report, as text."""
+def snapshot(timeout: float = REPORT_TIMEOUT) -> str:
+    """The report, as text, within about ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
     me = os.getpid()
     procs = [p for p in _processes() if p[0] != me]
     lines = [f"{pid} ppid {ppid} {state} wchan={wchan}: {cmd}" for pid, ppid, state, wchan, cmd in procs]
     tool = _py_spy()
     for pid, _ppid, _state, _wchan, cmd in procs:
         if "python" in cmd.split(" ", 1)[0] or "kata-runtime" in cmd or "containerd-shim-kata" in cmd:
-            stacks = _python_stacks(pid, tool) if tool else "    (py-spy is not installed)"
+            stacks = (_python_stacks(pid, tool, deadline - time.monotonic()) if tool
+                      else "    (py-spy is not installed)")
             lines.append(f"-- {pid} {cmd[:80]}\n{stacks}")
     return "\n".join(lines)
 
 
 class HangWatch:
-    """Takes a snapshot once ``after`` seconds have passed inside the block (then ``report`` holds it)."""
+    """Takes a snapshot once ``after`` seconds have passed inside the block; ``report`` holds it
+    once the block has ended."""
 
     def __init__(self, after: float) -> None:
         self.report = ""
@@ -90,4 +99,4 @@ class HangWatch:
 
     def __exit__(self, *exc: object) -> None:
         self._timer.cancel()
-        self._timer.join(_PY_SPY_TIMEOUT * 10)  # a snapshot under way finishes first
+        self._timer.join(REPORT_TIMEOUT + 10)  # a snapshot under way finishes first
