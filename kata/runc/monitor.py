@@ -304,8 +304,12 @@ class Monitor:
             pass
         # The exec monitors (connected through us) end and are reaped first, as a pid namespace's
         # init is reaped last: Docker 20.10 drops an exec whose exit comes after its container's, and
-        # `docker exec` then waits for ever. Each goes at once, or once its launcher has.
-        self.server.wait_idle(LAUNCHER_TIMEOUT + PID_FILE_GRACE + 1.0)
+        # `docker exec` then waits for ever. Each goes at once, or once its launcher has. Processes
+        # that outlive ours (a pid namespace the container shares: --pid=host) are killed, as
+        # runc's shim kills what is left of a container whose init has exited.
+        if not self.server.wait_idle(1.0):
+            self._kill_execs()
+            self.server.wait_idle(LAUNCHER_TIMEOUT + PID_FILE_GRACE)
         self.server.shutdown()
         with self._peers_lock:
             peers, self._peers, self._peers_closed = self._peers, [], True
@@ -319,6 +323,23 @@ class Monitor:
         except OSError:
             pass
 
+
+    def _kill_execs(self) -> None:
+        """SIGKILL the container's exec processes (from its record; bounded read, and never a
+        failure: the VM may be gone, the processes too)."""
+        path = self.conf.get("record")
+        if not path or self.agent is None or self.agent.client.closed:
+            return
+        try:
+            with open(path, "rb") as f:
+                execs = json.loads(f.read(1 << 20)).get("execs") or {}
+        except (OSError, ValueError, AttributeError):
+            return
+        for exec_id in execs if isinstance(execs, dict) else ():
+            try:
+                self.agent.signal(self.cid, str(exec_id), signal.SIGKILL)
+            except ttrpc.TTRPCError:
+                pass  # it ended already
 
     def _pod_members(self) -> bool:
         """Whether the pod's record lists containers other than ours (bounded read: it is ours, but

@@ -161,7 +161,7 @@ def create(store: ContainerStore, cid: str, bundle_dir: Path, *, config_path: Pa
         pod.release()
         conf = {"role": "init", "cid": cid, "agent": agent_ep._asdict(), "proxy": str(proxy_socket(cid)),
                 "terminal": terminal, "console_socket": console_socket, "foreground": foreground, "vm": vm,
-                "pod_record": str(pods.record_path(cid)),
+                "pod_record": str(pods.record_path(cid)), "record": str(store.record_path(cid)),
                 "metrics": {"processes": metrics, "library": monitor_launch.metrics_library()}}
         ident = monitors[0].configure(conf)
         timings.mark("monitor_ready")

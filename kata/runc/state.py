@@ -136,7 +136,7 @@ class ContainerStore:
         built from an unchecked one (``../x`` would name a directory outside the root)."""
         return self.root / validate_id(cid)
 
-    def _file(self, cid: str) -> Path:
+    def record_path(self, cid: str) -> Path:
         return self.dir(cid) / "state.json"
 
     def reserve(self, cid: str) -> None:
@@ -153,10 +153,10 @@ class ContainerStore:
             raise KataError(f"mkdir {target}: {strerror(exc)}") from None
 
     def save(self, rec: ContainerRecord) -> None:
-        write_json(self._file(rec.id), asdict(rec))
+        write_json(self.record_path(rec.id), asdict(rec))
 
     def load(self, cid: str) -> ContainerRecord:
-        path = self._file(cid)  # an invalid id fails here, as itself
+        path = self.record_path(cid)  # an invalid id fails here, as itself
         try:
             return record_from(cid, read_json(path))
         except (FileNotFoundError, NotADirectoryError):  # NotADirectory: --root is a file

@@ -177,6 +177,33 @@ def test_exec_starting_when_the_vm_dies_ends_before_its_container(docker: Docker
             waiter.join(120)
 
 
+def test_an_exec_that_outlives_its_container_is_killed_with_it(docker: Dockerd) -> None:
+    """With --pid=host the container shares the guest's pid namespace, so an exec's process outlives
+    the container's. It is killed when the container's process ends, as runc's shim kills what is
+    left of a container whose init has exited, and reported first (137): `docker exec` returns."""
+    name = "exec-outlives"
+    assert docker.run("run", "-d", *KATA, "--pid=host", "--name", name, docker.image, "sleep", "6",
+                      timeout=TIMEOUT).returncode == 0
+    ended: list[subprocess.CompletedProcess[str] | DaemonError] = []
+
+    def exec_sleep() -> None:
+        try:
+            ended.append(docker.run("exec", name, "sleep", "120", timeout=100))
+        except DaemonError as exc:
+            ended.append(exc)
+
+    waiter = threading.Thread(target=exec_sleep)
+    try:
+        waiter.start()
+        assert docker.run("wait", name, timeout=90).stdout.strip() == "0"
+        waiter.join(100)
+        assert ended and not isinstance(ended[0], DaemonError), "docker exec did not return"
+        assert ended[0].returncode == 137, (ended[0].returncode, ended[0].stderr)
+    finally:
+        docker.run("rm", "-f", name, timeout=TIMEOUT)
+        waiter.join(100)
+
+
 def _lock_waited_for(inode: int) -> bool:
     """Whether a process waits for a lock on the file with this inode (a "->" line of /proc/locks)."""
     return any("->" in line and f":{inode} " in line for line in Path("/proc/locks").read_text().splitlines())
