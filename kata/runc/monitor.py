@@ -84,6 +84,8 @@ class Monitor:
         os.set_blocking(self._signal_w, False)
         # Set once the container was started, or a signal could not reach it (its VM is gone).
         self.released = threading.Event()
+        # Whether the agent told the process's end (not merely that it could not be waited for).
+        self.ended = False
         # pidfds of the proxy's clients (exec monitors, commands), kept until their parents reap them.
         self._peers: list[int] = []
         self._peers_lock = threading.Lock()
@@ -236,6 +238,7 @@ class Monitor:
         def waiter() -> None:
             try:
                 result.append(self.agent.wait(self.cid, self.exec_id))  # type: ignore[union-attr]
+                self.ended = True
             except ttrpc.TTRPCError:
                 result.append(VM_GONE_STATUS)  # the agent is gone, or its answer made no sense
             except Exception as exc:  # noqa: BLE001 - a bug must not leave us without a status
@@ -307,9 +310,12 @@ class Monitor:
         # `docker exec` then waits for ever. Each goes at once, or once its launcher has. Processes
         # that outlive ours (a pid namespace the container shares: --pid=host) are killed, as
         # runc's shim kills what is left of a container whose init has exited.
-        if not self.server.wait_idle(1.0):
-            self._kill_execs()
-            self.server.wait_idle(LAUNCHER_TIMEOUT + PID_FILE_GRACE)
+        deadline = time.monotonic() + LAUNCHER_TIMEOUT + PID_FILE_GRACE + 1.0
+        killed: set[str] = set()
+        while not self.server.wait_idle(min(1.0, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                break
+            self._kill_execs(killed)  # again each second: an exec being started is recorded late
         self.server.shutdown()
         with self._peers_lock:
             peers, self._peers, self._peers_closed = self._peers, [], True
@@ -324,20 +330,23 @@ class Monitor:
             pass
 
 
-    def _kill_execs(self) -> None:
-        """SIGKILL the container's exec processes (from its record; bounded read, and never a
-        failure: the VM may be gone, the processes too)."""
+    def _kill_execs(self, killed: set[str]) -> None:
+        """SIGKILL the exec processes the container's record lists and ``killed`` does not, once
+        the agent has told our own process's end (bounded read, short calls, never a failure: the
+        VM may be gone, the processes too)."""
         path = self.conf.get("record")
-        if not path or self.agent is None or self.agent.client.closed:
+        if not path or not self.ended or self.agent is None or self.agent.client.closed:
             return
         try:
             with open(path, "rb") as f:
                 execs = json.loads(f.read(1 << 20)).get("execs") or {}
         except (OSError, ValueError, AttributeError):
             return
-        for exec_id in execs if isinstance(execs, dict) else ():
+        agent = LiteAgent(self.agent.client, timeout=2.0)  # a stuck agent must not hold up our end
+        for exec_id in {str(e) for e in execs} - killed if isinstance(execs, dict) else ():
+            killed.add(exec_id)
             try:
-                self.agent.signal(self.cid, str(exec_id), signal.SIGKILL)
+                agent.signal(self.cid, exec_id, signal.SIGKILL)
             except ttrpc.TTRPCError:
                 pass  # it ended already
 

@@ -378,7 +378,9 @@ def kill(store: ContainerStore, cid: str, signum: int, all_processes: bool = Fal
             # and takes the signal, as runc's init process would. A started one's monitor exits 255
             # by itself, once the container's exec monitors have (a signal must not end it before
             # them: Docker would lose their exits).
-            if rec.status == Status.CREATED:
+            never_started = rec.status == Status.CREATED or (rec.status == Status.PAUSED
+                                                               and rec.paused_from == Status.CREATED)
+            if never_started:
                 signal_process(monitor, signum)
             return
         if all_processes:
