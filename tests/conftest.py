@@ -8,7 +8,7 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -167,6 +167,33 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         if missing:
             what = ", ".join(missing)
             raise pytest.UsageError(f"CI: test prerequisites missing (fix scripts/install.sh): {what}")
+
+
+def _hang_report_after(item: pytest.Item) -> float | None:
+    """When a test's hang report is taken: a minute before pytest-timeout ends it (None: no report
+    for tests with short timeouts, which hang in-process)."""
+    marker = item.get_closest_marker("timeout")
+    try:
+        timeout = float(marker.args[0] if marker and marker.args else item.config.getini("timeout") or 0)
+    except (TypeError, ValueError):
+        return None
+    return timeout - 60 if timeout >= 180 else None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """A test that hangs until its timeout shows where every process of the stack waited (CI runs
+    on machines we cannot look at)."""
+    from tests.support.hang_report import HangWatch
+
+    after = _hang_report_after(item)
+    if after is None:
+        yield
+        return
+    with HangWatch(after) as watch:
+        yield
+    if watch.report:
+        item.add_report_section("call", "hang report", watch.report)
 
 
 @pytest.fixture

@@ -78,7 +78,7 @@ def snapshot(timeout: float = REPORT_TIMEOUT) -> str:
             stacks = (_python_stacks(pid, tool, deadline - time.monotonic()) if tool
                       else "    (py-spy is not installed)")
             lines.append(f"-- {pid} {cmd[:80]}\n{stacks}")
-    return "\n".join(lines)
+    return "\n".join(lines) or "(no process of the container stack is running)"
 
 
 class HangWatch:
