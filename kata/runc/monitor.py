@@ -329,7 +329,6 @@ class Monitor:
         except OSError:
             pass
 
-
     def _kill_execs(self, killed: set[str]) -> None:
         """SIGKILL the exec processes the container's record lists and ``killed`` does not, once
         the agent has told our own process's end (bounded read, short calls, never a failure: the
