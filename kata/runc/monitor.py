@@ -333,16 +333,11 @@ class Monitor:
         """SIGKILL the exec processes the container's record lists and ``killed`` does not, once
         the agent has told our own process's end (bounded read, short calls, never a failure: the
         VM may be gone, the processes too)."""
-        path = self.conf.get("record")
-        if not path or not self.ended or self.agent is None or self.agent.client.closed:
+        if not self.ended or self.agent is None or self.agent.client.closed:
             return
-        try:
-            with open(path, "rb") as f:
-                execs = json.loads(f.read(1 << 20)).get("execs") or {}
-        except (OSError, ValueError, AttributeError):
-            return
+        execs = {str(e) for e in self._record_field("record", "execs")} - killed
         agent = LiteAgent(self.agent.client, timeout=2.0)  # a stuck agent must not hold up our end
-        for exec_id in {str(e) for e in execs} - killed if isinstance(execs, dict) else ():
+        for exec_id in execs:
             killed.add(exec_id)
             try:
                 agent.signal(self.cid, exec_id, signal.SIGKILL)
@@ -350,17 +345,22 @@ class Monitor:
                 pass  # it ended already
 
     def _pod_members(self) -> bool:
-        """Whether the pod's record lists containers other than ours (bounded read: it is ours, but
-        a monitor must never hang or fail on it)."""
-        path = self.conf.get("pod_record")
+        """Whether the pod's record lists containers other than ours."""
+        return any(cid != self.cid for cid in self._record_field("pod_record", "limits"))
+
+    def _record_field(self, conf_key: str, field: str) -> dict[str, Any]:
+        """``field`` of the JSON record our configuration names at ``conf_key``, when it is a dict
+        ({} otherwise). A bounded read: the records are ours, but a monitor must never hang or fail
+        on one."""
+        path = self.conf.get(conf_key)
         if not path:
-            return False
+            return {}
         try:
             with open(path, "rb") as f:
-                limits = json.loads(f.read(1 << 20)).get("limits") or {}
+                value = json.loads(f.read(1 << 20)).get(field)
         except (OSError, ValueError, AttributeError):
-            return False
-        return isinstance(limits, dict) and any(cid != self.cid for cid in limits)
+            return {}
+        return value if isinstance(value, dict) else {}
 
 
 class LauncherWatch:

@@ -37,7 +37,6 @@ def listen_private(path: str, backlog: int) -> socket.socket:
     return listener
 
 
-
 def peer_creds(sock: socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process that connected a unix socket (SO_PEERCRED); OSError if unknown."""
     pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
