@@ -19,17 +19,13 @@ crun, which also words its errors.
 
 from __future__ import annotations
 
-import base64
 import ctypes
 import functools
 import json
 import os
 from typing import Any
 
-from kata.oci.crun_annotations import SECCOMP_BPF_DATA, SECCOMP_FAIL_UNKNOWN_SYSCALL
-
-ANNOTATION = SECCOMP_BPF_DATA
-_FAIL_UNKNOWN = SECCOMP_FAIL_UNKNOWN_SYSCALL
+from kata.oci.crun_annotations import SECCOMP_BPF_DATA, SECCOMP_FAIL_UNKNOWN_SYSCALL, seccomp_bpf_value
 
 _EPERM = 1
 _ACTIONS = {
@@ -96,15 +92,15 @@ def with_compiled_seccomp(spec: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(annotations, dict):
         return spec
     bpf = None
-    if isinstance(seccomp, dict) and _FAIL_UNKNOWN not in annotations:
+    if isinstance(seccomp, dict) and SECCOMP_FAIL_UNKNOWN_SYSCALL not in annotations:
         profile = json.dumps(seccomp, sort_keys=True)
         if len(profile) <= _MAX_PROFILE_BYTES:
             bpf = compile_profile(profile)
     if bpf is None:
-        if ANNOTATION not in annotations:
+        if SECCOMP_BPF_DATA not in annotations:
             return spec
-        return {**spec, "annotations": {k: v for k, v in annotations.items() if k != ANNOTATION}}
-    return {**spec, "annotations": {**annotations, ANNOTATION: base64.b64encode(bpf).decode()}}
+        return {**spec, "annotations": {k: v for k, v in annotations.items() if k != SECCOMP_BPF_DATA}}
+    return {**spec, "annotations": {**annotations, SECCOMP_BPF_DATA: seccomp_bpf_value(bpf)}}
 
 
 @functools.lru_cache(maxsize=8)  # a shim compiles the same profile for each container of its pod

@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from kata.oci.seccomp_bpf import ANNOTATION, compile_profile, with_compiled_seccomp
+from kata.oci.crun_annotations import SECCOMP_BPF_DATA as ANNOTATION
+from kata.oci.seccomp_bpf import compile_profile, with_compiled_seccomp
 
 REFERENCE = Path("/work/shared/reference/docker-create-config.json")  # as tests/unit/test_specconv.py
 

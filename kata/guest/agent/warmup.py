@@ -19,7 +19,7 @@ from kata.guest.agent import log
 from kata.guest.agent.crun import CrunError
 from kata.guest.agent.layout import helpers_fixed, keep_container_randomised
 from kata.guest.agent.sandbox import Sandbox
-from kata.oci.crun_annotations import SECCOMP_BPF_DATA
+from kata.oci.crun_annotations import SECCOMP_BPF_DATA, seccomp_bpf_value
 from kata.oci.default_spec import default_spec
 
 # A host making a template only polls for the warm-up; one that means to run a container creates its
@@ -77,14 +77,12 @@ def _spec() -> dict[str, Any]:
 
 def _with_bpf(spec: dict[str, Any]) -> dict[str, Any]:
     """``spec`` with Docker's device rules and the seccomp program (both load BPF in the kernel)."""
-    import base64  # not at the agent's start
-
     devices = [{"allow": False, "access": "rwm"}, *(
         {"allow": True, "type": "c", "major": major, "minor": minor, "access": "rwm"}
         for major, minor in _DEVICES), {"allow": False, "type": "c", "major": 10, "minor": 229,
                                         "access": "rwm"}]
     return {**spec, "linux": {**spec["linux"], "resources": {"devices": devices}},
-            "annotations": {SECCOMP_BPF_DATA: base64.b64encode(SECCOMP_PROGRAM).decode()}}
+            "annotations": {SECCOMP_BPF_DATA: seccomp_bpf_value(SECCOMP_PROGRAM)}}
 
 
 # Mount points the read-only root must have already.
