@@ -42,6 +42,7 @@ class HypervisorConfig:
     path: str = "/usr/bin/qemu-system-x86_64"
     kernel: str = "/usr/share/kata-containers/vmlinux.container"
     image: str = "/usr/share/kata-containers/kata-containers.img"
+    disable_image_nvdimm: bool = False
     initrd: str = ""
     firmware: str = ""
     machine_type: str = "microvm"

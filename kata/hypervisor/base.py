@@ -41,7 +41,7 @@ class VMConfig:
     id: str
     hypervisor_path: Path
     kernel: Path
-    image: Path | None  # read-only root filesystem image on virtio-blk (None: initrd only)
+    image: Path | None  # read-only root filesystem image (None: initrd only)
     initrd: Path | None
     kernel_params: tuple[str, ...]
     vcpus: int
@@ -60,6 +60,10 @@ class VMConfig:
     memory_file: Path | None = None
     # The guest agent offers a root shell on a channel of its own (Kata's debug_console_enabled).
     debug_console: bool = False
+    # The image's size when it is to be mapped into the guest as persistent memory (read-only,
+    # mounted with DAX: every VM reads its files from the host's one page cache); 0: a virtio-blk
+    # disk. A multiple of 2 MiB (kata.osbuilder pads its images to one).
+    image_pmem_size: int = 0
 
 
 class Hypervisor(abc.ABC):

@@ -29,6 +29,8 @@ from .qemu_argv import (
     build_argv,
     file_backed_ram,
     hotplug_capable,
+    ignores_shared,
+    image_on_pmem,
 )
 from .qmp import Qmp, main_loop_ready
 from .vsock import reserve_cid
@@ -50,6 +52,7 @@ class QemuState:
     max_memory_mib: int
     shared_memory: bool  # guest RAM is on a shared memfd (virtio-fs): hotplugged RAM must be too
     memory_file: str = ""  # guest RAM is this file's shared mapping: snapshots leave it out
+    image_pmem: bool = False  # the image is the guest's persistent memory: snapshots leave it out
     vcpus: int = 1  # at launch (hot-added ones are not counted)
     debug_console: bool = False  # the guest offers a debug console (its port, or a vsock port)
 
@@ -104,7 +107,7 @@ class Qemu(Hypervisor):
         deadline = time.monotonic() + timeout
         try:
             self._launch(config, timeout, restore=restore)
-            if file_backed_ram(config, restore):
+            if ignores_shared(config, restore):
                 # RAM comes from the file QEMU mapped; the state holds the devices' state.
                 self._ignore_shared_ram()
                 self._monitor().run("migrate-incoming", uri=f"fd:{state_fd}")
@@ -168,6 +171,7 @@ class Qemu(Hypervisor):
             max_memory_mib=config.max_memory_mib,
             shared_memory=fs is not None and fs.kind == "virtio-fs",
             memory_file=_memory_file(config, restore),
+            image_pmem=image_on_pmem(config),
             vcpus=config.vcpus,
             debug_console=config.debug_console,
         )
@@ -344,7 +348,11 @@ class Qemu(Hypervisor):
     def save(self, path: Path) -> None:
         """Write the VM's state to ``path``; with a memory file, RAM stays in that file instead."""
         qmp = self._monitor()
-        if self._require().memory_file:
+        state = self._require()
+        if state.image_pmem and state.shared_memory and not state.memory_file:
+            # x-ignore-shared would leave out the RAM of its anonymous memfd as well.
+            raise HypervisorError("a VM with its image in persistent memory is saved only with a memory file")
+        if state.memory_file or state.image_pmem:
             self._ignore_shared_ram()
         qmp.run("stop")
         path.parent.mkdir(parents=True, exist_ok=True)

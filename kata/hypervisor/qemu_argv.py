@@ -92,6 +92,22 @@ FS_ROOT_PORT = "fsport"
 NIC_ROOT_PORTS = ("netport0", "netport1", "netport2", "netport3")
 
 
+# Guest RAM and the image's persistent memory must lie below this guest address on every machine
+# (q35 splits RAM at 2 GiB once it reaches 2.75 GiB): the image is mapped right after RAM, and
+# the guest is told where (memmap=). A bigger VM reads its image from a virtio-blk disk.
+PMEM_LIMIT = 2 << 30
+PMEM_ALIGN = 2 << 20
+# The id of the image's memory backend (the guest's second NUMA node: QEMU places node after node).
+IMAGE_MEMDEV = "rootfs"
+
+
+def image_on_pmem(config: VMConfig) -> bool:
+    """The root image is mapped into the guest as persistent memory (DAX), not a virtio-blk disk."""
+    size = config.image_pmem_size
+    return (config.image is not None and size > 0 and size % PMEM_ALIGN == 0
+            and (config.memory_mib << 20) + size <= PMEM_LIMIT)
+
+
 def kernel_cmdline(config: VMConfig, vsock: bool) -> str:
     """The driver's own parameters (they follow from how it wires devices), then the caller's.
 
@@ -103,7 +119,12 @@ def kernel_cmdline(config: VMConfig, vsock: bool) -> str:
                if p.split("=", 1)[0] not in (debug_console.KERNEL_PARAM, debug_console.VPORT_PARAM)]
     given = {p.split("=", 1)[0] for p in callers}
     own: list[str] = ["console=ttyS0"]
-    if config.image is not None:
+    if image_on_pmem(config):
+        # The range after RAM is the image (legacy e820 persistent memory, hence pmem0). Its
+        # namespace is probed asynchronously: rootwait.
+        own += [f"memmap={config.image_pmem_size >> 20}M!{config.memory_mib}M", "root=/dev/pmem0",
+                "rootfstype=erofs", "rootflags=dax=always", "ro", "rootwait"]
+    elif config.image is not None:
         # The image is the only virtio-blk disk, hence vda.
         own += ["root=/dev/vda", "rootfstype=erofs", "ro"]
     if vsock:
@@ -151,6 +172,12 @@ def file_backed_ram(config: VMConfig, restore: Restore | None = None) -> bool:
         restore is not None and (restore.memory_fd is not None or restore.memory_path is not None))
 
 
+def ignores_shared(config: VMConfig, restore: Restore | None = None) -> bool:
+    """A snapshot of this VM leaves out its shared, file-backed memory (x-ignore-shared): RAM in a
+    file, and the image's persistent memory, which a restore could not write (it is read-only)."""
+    return file_backed_ram(config, restore) or image_on_pmem(config)
+
+
 def ram_backend(config: VMConfig, restore: Restore | None) -> str | None:
     """The -object that holds guest RAM, when it is not QEMU's anonymous memory."""
     size = f"size={config.memory_mib}M"
@@ -191,7 +218,10 @@ def build_argv(config: VMConfig, vsock: Vsock | None = None, restore: Restore | 
     fs = config.shared_fs
     virtio_fs = fs is not None and fs.kind == "virtio-fs"
     ram = ram_backend(config, restore)
-    if ram is not None:
+    pmem = image_on_pmem(config)
+    if pmem and ram is None:
+        ram = f"memory-backend-ram,id=mem,size={config.memory_mib}M"  # NUMA nodes need a memdev
+    if ram is not None and not pmem:
         # memory-backend= works on microvm and q35/pc alike.
         machine += ",memory-backend=mem"
     fs_hotplug = virtio_fs and fs is not None and fs.hotplug
@@ -223,12 +253,23 @@ def build_argv(config: VMConfig, vsock: Vsock | None = None, restore: Restore | 
     hotplug = hotplug_capable(config.machine_type)
     maxcpus = config.max_vcpus if hotplug else config.vcpus
     argv += ["-smp", f"{config.vcpus},maxcpus={maxcpus}"]
-    memory = f"{config.memory_mib}M"
+    # QEMU counts the image's node in the machine's memory; the guest sees it as persistent memory.
+    pmem_mib = config.image_pmem_size >> 20 if pmem else 0
+    memory = f"{config.memory_mib + pmem_mib}M"
     if hotplug and config.max_memory_mib > config.memory_mib:
-        memory += f",slots={MEMORY_SLOTS},maxmem={config.max_memory_mib}M"
+        memory += f",slots={MEMORY_SLOTS},maxmem={config.max_memory_mib + pmem_mib}M"
     argv += ["-m", memory]
     if ram is not None:
         argv += ["-object", ram]
+    if pmem:
+        # The image file itself, read-only and shared: a ROM region to QEMU, so the guest cannot
+        # write it, a snapshot leaves it out, and vhost-user (virtiofsd) is never handed it.
+        argv += [
+            "-object", f"memory-backend-file,id={IMAGE_MEMDEV},mem-path={config.image},"
+                       f"size={config.image_pmem_size},share=on,readonly=on",
+            "-numa", "node,nodeid=0,memdev=mem",
+            "-numa", f"node,nodeid=1,memdev={IMAGE_MEMDEV}",
+        ]  # fmt: skip
 
     argv += [
         "-chardev", f"socket,id=qmp,path={paths.qmp_socket},server=on,wait=off",
@@ -250,7 +291,7 @@ def build_argv(config: VMConfig, vsock: Vsock | None = None, restore: Restore | 
         argv += ["-initrd", str(config.initrd)]
     argv += ["-append", kernel_cmdline(config, vsock=config.agent_channel == "vsock")]
 
-    if config.image is not None:
+    if config.image is not None and not pmem:
         argv += [
             "-drive", f"file={config.image},if=none,id=rootfs,format=raw,readonly=on",
             "-device", f"{dev('virtio-blk')},drive=rootfs",
@@ -296,8 +337,9 @@ def build_argv(config: VMConfig, vsock: Vsock | None = None, restore: Restore | 
                 "-device", f"{dev('virtio-9p')},fsdev=fs9p,mount_tag={fs.tag}",
             ]  # fmt: skip
 
-    if restore is not None and file_backed_ram(config, restore):
-        # Guest RAM is already in its file: the state is loaded once x-ignore-shared is set (QMP).
+    if restore is not None and ignores_shared(config, restore):
+        # Guest RAM (or the image) is already in its file: the state is loaded once x-ignore-shared
+        # is set (QMP).
         argv += ["-incoming", "defer"]
     elif restore is not None:
         argv += ["-incoming", f"fd:{restore.state_fd}"]

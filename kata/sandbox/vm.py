@@ -83,5 +83,14 @@ def build_vm_config(sid: str, hv: HypervisorConfig, sizing: VMSizing, paths: San
         run_dir=paths.vm_dir,
         shared_fs=shared,
         debug_console=debug_console,
+        image_pmem_size=0 if hv.disable_image_nvdimm or not hv.image else _file_size(Path(hv.image)),
     )
+
+
+def _file_size(path: Path) -> int:
+    """0 for a file that cannot be read: the VM's start reports that, with the disk it then has."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 

@@ -150,6 +150,17 @@ def test_piped_sessions(sandbox: str) -> None:
     assert uid == "0" and sleeps == "1" and "kata-agent" in init, second.stdout
 
 
+def test_the_guest_root_is_the_image_in_persistent_memory(sandbox: str) -> None:
+    # The runtime's default: the image mapped into the guest and mounted with DAX (its files are
+    # read from the host's page cache, not cached again by every guest).
+    out = console(sandbox, b"awk '$5 == \"/\" {print $3, $6}' /proc/self/mountinfo\n"
+                           b"cat /sys/block/pmem0/dev; grep -o 'dax=always' /proc/mounts\n")
+    assert out.returncode == 0, out.stderr
+    root, pmem0, dax = out.stdout.decode().splitlines()
+    assert root.split()[0] == pmem0 and root.split()[1].startswith("ro"), out.stdout
+    assert dax == "dax=always", out.stdout
+
+
 def test_a_host_that_goes_ends_its_shell(sandbox: str) -> None:
     proc = subprocess.Popen([runtime_bin(), "debug-console", sandbox], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -6,6 +6,8 @@ and the guest /init reports what it sees; further boots cover erofs as the real 
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
 import subprocess
 import threading
@@ -86,10 +88,10 @@ def make_initramfs(root: Path, out: Path, init_script: str) -> Path:
     return out
 
 
-def boot(args: list[str], append: str, timeout: float = BOOT_TIMEOUT) -> Boot:
+def boot(args: list[str], append: str, timeout: float = BOOT_TIMEOUT, memory: str = "512") -> Boot:
     """Launch QEMU, collect tagged console lines, and always kill it on the way out."""
     append = " ".join([append, *tcg_kernel_params()])
-    cmd = [QEMU, *args, "-m", "512", "-nographic", "-no-reboot", "-kernel", str(KERNEL), "-append", append]
+    cmd = [QEMU, *args, "-m", memory, "-nographic", "-no-reboot", "-kernel", str(KERNEL), "-append", append]
     result = Boot()
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -200,6 +202,64 @@ def test_erofs_as_root(tmp_path: Path) -> None:
     result = boot(args, " ".join([*KERNEL_PARAMS, "root=/dev/vda", "rootfstype=erofs", "ro", "init=/init"]))
     assert "root=/dev/vda" in result.one("cmdline")
     assert result.lines.get("done")
+
+
+PMEM_INIT = r"""#!/bin/busybox sh
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs dev /dev 2>/dev/null
+echo "KATA root $(awk '$2 == "/" {print $4}' /proc/mounts)"
+echo "KATA rootdev $(awk '$5 == "/" {print $3}' /proc/self/mountinfo)_$(cat /sys/block/pmem0/dev)"
+cached() { awk '$1 == "Cached:" {print $2}' /proc/meminfo; }
+before=$(cached)
+cat /big > /dev/null
+echo "KATA cached_kb $(( $(cached) - before ))"
+echo "KATA big $(md5sum < /big)"
+mount -t virtiofs kataShared /mnt/fs && echo "KATA virtiofs $(cat /mnt/fs/hello)"
+# The guest is root: it writes over the device's last 64 KiB (padding) as a hostile guest would.
+blocks=$(( $(cat /sys/block/pmem0/size) / 8 ))
+dd if=/dev/urandom of=/dev/pmem0 bs=4096 count=16 seek=$(( blocks - 16 )) conv=fsync 2>/dev/null
+echo "KATA wrote $?"
+echo "KATA done"
+poweroff -f
+"""
+
+
+def test_erofs_root_in_persistent_memory(tmp_path: Path, shared_dirs: dict[str, Path]) -> None:
+    """The runtime's layout (kata.hypervisor.qemu_argv): the image file as the guest's second NUMA
+    node, read-only and shared, marked persistent memory by memmap= and mounted with DAX, beside
+    virtio-fs. virtiofsd is never handed the image (it would die mapping a read-only file
+    writable), reading a file fills no guest page cache, and guest writes never reach the file."""
+    rootdir = tmp_path / "root"
+    make_initramfs(rootdir, tmp_path / "unused.cpio", PMEM_INIT)
+    (rootdir / "big").write_bytes(os.urandom(4 << 20))
+    img = tmp_path / "root.erofs"
+    subprocess.run(["mkfs.erofs", "--quiet", "-Enoinline_data", str(img), str(rootdir)], check=True,
+                   stdout=subprocess.DEVNULL)
+    os.truncate(img, -(-img.stat().st_size // (2 << 20)) * (2 << 20))
+    size_mib = img.stat().st_size >> 20
+    digest = hashlib.sha256(img.read_bytes()).hexdigest()
+    args = [
+        "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on,pcie=on", "-accel", "tcg",
+        "-object", "memory-backend-memfd,id=mem,size=512M,share=on",
+        "-object", f"memory-backend-file,id=rootfs,mem-path={img},size={size_mib}M,share=on,readonly=on",
+        "-numa", "node,nodeid=0,memdev=mem", "-numa", "node,nodeid=1,memdev=rootfs",
+        "-chardev", f"socket,id=fs0,path={shared_dirs['sock']}",
+        "-device", "vhost-user-fs-pci,chardev=fs0,tag=kataShared",
+    ]
+    append = " ".join([*KERNEL_PARAMS, f"memmap={size_mib}M!512M", "root=/dev/pmem0", "rootfstype=erofs",
+                       "rootflags=dax=always", "ro", "rootwait", "init=/init"])
+    result = boot(args, append, memory=f"{512 + size_mib}M")
+    assert "dax=always" in result.one("root").split(","), result.one("root")
+    mounted, _, pmem0 = result.one("rootdev").partition("_")
+    assert mounted == pmem0, result.one("rootdev")
+    assert int(result.one("cached_kb")) < 1024, "a DAX read went through the guest's page cache"
+    assert result.one("big").split()[0] == hashlib.md5((rootdir / "big").read_bytes()).hexdigest()
+    assert result.one("virtiofs") == "from-fs"
+    assert result.one("wrote") == "0"
+    assert result.lines.get("done")
+    assert hashlib.sha256(img.read_bytes()).hexdigest() == digest, "the guest wrote the host's image"
 
 
 def test_q35_pci_devices(tmp_path: Path, shared_dirs: dict[str, Path]) -> None:

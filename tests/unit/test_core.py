@@ -13,6 +13,7 @@ import pytest
 from kata.config import HypervisorConfig, load_config
 from kata.config.load import PACKAGED_CONFIG
 from kata.errors import KataError
+from kata.hypervisor.base import VMConfig
 from kata.hypervisor.qemu_argv import RunPaths, kernel_cmdline
 from kata.sandbox import vm
 from kata.sandbox.paths import (
@@ -136,6 +137,22 @@ def test_vm_config_carries_sizing_shares_and_params() -> None:
     assert "agent.channel=vsock" in kernel_cmdline(nine_p, vsock=True).split()
     assert vm.build_vm_config("sb1", HypervisorConfig(shared_fs="none"), VMSizing(1, 1, 512), paths,
                               "kvm", "vsock", (), debug=False).shared_fs is None
+
+
+def test_vm_config_maps_the_image_as_persistent_memory_unless_told_not_to(tmp_path: Path) -> None:
+    image = tmp_path / "root.img"
+    image.write_bytes(b"\0" * 4096)
+    os.truncate(image, 4 << 20)
+    paths = SandboxPaths("sb1")
+
+    def build(**hv: object) -> VMConfig:
+        return vm.build_vm_config("sb1", HypervisorConfig(image=str(image), **hv),  # type: ignore[arg-type]
+                                  VMSizing(1, 1, 512), paths, "tcg", "virtio-serial", (), debug=False)
+
+    assert build().image_pmem_size == 4 << 20
+    assert build(disable_image_nvdimm=True).image_pmem_size == 0
+    image.unlink()  # the start reports a missing image; the config only leaves it on a disk
+    assert build().image_pmem_size == 0
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

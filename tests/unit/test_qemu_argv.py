@@ -215,3 +215,51 @@ def test_a_virtio_fs_clone_cannot_be_copy_on_write() -> None:
 def test_a_9p_template_keeps_its_ram_in_a_shared_file() -> None:
     argv = build_argv(config(shared_fs=SharedFs("virtio-9p", Path("/share")), memory_file=Path("/t/memory")))
     assert "memory-backend-file,id=mem,size=512M,mem-path=/t/memory,share=on" in option(argv, "-object")
+
+
+IMAGE_SIZE = 100 << 20  # a multiple of 2 MiB, as kata.osbuilder pads its images
+
+
+def test_image_as_persistent_memory_after_ram() -> None:
+    fs = SharedFs(kind="virtio-fs", host_dir=Path("/s"), tag="kataShared", vhost_user_socket=RUN / "vfs.sock")
+    argv = build_argv(config(shared_fs=fs, image_pmem_size=IMAGE_SIZE))
+    # Two nodes: RAM first (the guest's own), the image right after it, read-only and shared.
+    assert option(argv, "-m") == ["612M"]
+    assert option(argv, "-machine") == ["microvm,x-option-roms=off,isa-serial=on,rtc=on,pit=off"]
+    assert option(argv, "-object") == [
+        "memory-backend-memfd,id=mem,size=512M,share=on",
+        f"memory-backend-file,id=rootfs,mem-path=/k/root.img,size={IMAGE_SIZE},share=on,readonly=on"]
+    assert option(argv, "-numa") == ["node,nodeid=0,memdev=mem", "node,nodeid=1,memdev=rootfs"]
+    assert "-drive" not in argv
+    assert not any("virtio-blk" in d for d in option(argv, "-device"))
+    params = option(argv, "-append")[0].split()
+    assert params[:7] == ["console=ttyS0", "memmap=100M!512M", "root=/dev/pmem0", "rootfstype=erofs",
+                          "rootflags=dax=always", "ro", "rootwait"]
+
+
+def test_image_as_persistent_memory_with_anonymous_ram_and_hotplug() -> None:
+    argv = build_argv(config(machine_type="q35", image_pmem_size=IMAGE_SIZE))
+    # NUMA nodes need a backend for RAM too; the DIMM space keeps its room beside the image.
+    assert option(argv, "-object")[0] == "memory-backend-ram,id=mem,size=512M"
+    assert option(argv, "-m") == ["612M,slots=8,maxmem=2148M"]
+    assert option(argv, "-machine") == ["q35"]
+
+
+@pytest.mark.parametrize("over", [
+    {"image_pmem_size": 0},
+    {"image_pmem_size": IMAGE_SIZE + 4096},  # not padded: QEMU maps a read-only file only whole
+    {"image_pmem_size": IMAGE_SIZE, "memory_mib": 2000},  # past 2 GiB, where q35 splits RAM
+    {"image_pmem_size": IMAGE_SIZE, "image": None, "initrd": Path("/k/initrd")},
+])
+def test_image_on_a_disk_where_persistent_memory_does_not_fit(over: dict[str, object]) -> None:
+    argv = build_argv(config(**over))
+    assert "-numa" not in argv
+    cmdline = option(argv, "-append")[0]
+    assert "memmap=" not in cmdline and "pmem" not in cmdline
+    assert ("-drive" in argv) == (over.get("image", Path("/k/root.img")) is not None)
+
+
+def test_restoring_a_vm_with_its_image_in_persistent_memory_defers_the_state() -> None:
+    # Even with RAM in the state, x-ignore-shared must be set first: the image is read-only.
+    argv = build_argv(config(image_pmem_size=IMAGE_SIZE), restore=Restore(state_fd=7))
+    assert option(argv, "-incoming") == ["defer"]
