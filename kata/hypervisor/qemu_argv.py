@@ -92,20 +92,30 @@ FS_ROOT_PORT = "fsport"
 NIC_ROOT_PORTS = ("netport0", "netport1", "netport2", "netport3")
 
 
-# Guest RAM and the image's persistent memory must lie below this guest address on every machine
-# (q35 splits RAM at 2 GiB once it reaches 2.75 GiB): the image is mapped right after RAM, and
-# the guest is told where (memmap=). A bigger VM reads its image from a virtio-blk disk.
+# Guest RAM and the image's persistent memory must lie below this guest address (microvm splits RAM
+# at 3 GiB, q35 at 2 GiB once it reaches 2.75): the image is mapped right after RAM, and the guest
+# is told where (memmap=). A bigger VM reads its image from a virtio-blk disk.
 PMEM_LIMIT = 2 << 30
 PMEM_ALIGN = 2 << 20
 # The id of the image's memory backend (the guest's second NUMA node: QEMU places node after node).
 IMAGE_MEMDEV = "rootfs"
+# RAM after the image, at the top of guest memory, where the firmware and QEMU put their tables (and
+# SeaBIOS its buffers): were the image last, their writes would vanish into it. The guest kernel
+# is told it is reserved (memmap=$) and never allocates from it, so it is anonymous memory, never
+# handed to virtiofsd, and a snapshot keeps it in the state.
+TOP_MEMDEV = "top"
+TOP_MIB = 4
 
 
 def image_on_pmem(config: VMConfig) -> bool:
-    """The root image is mapped into the guest as persistent memory (DAX), not a virtio-blk disk."""
+    """The root image is mapped into the guest as persistent memory (DAX), not a virtio-blk disk.
+    Not with an initrd: QEMU loads it at the top of guest memory, which is then too small. Only on
+    microvm: on q35 (ACPI PCI hotplug, SeaBIOS) a restored clone given a device dropped every PCIe
+    root port it had, with this memory layout."""
     size = config.image_pmem_size
-    return (config.image is not None and size > 0 and size % PMEM_ALIGN == 0
-            and (config.memory_mib << 20) + size <= PMEM_LIMIT)
+    return (config.machine_type == "microvm" and config.image is not None and config.initrd is None
+            and size > 0 and size % PMEM_ALIGN == 0
+            and ((config.memory_mib + TOP_MIB) << 20) + size <= PMEM_LIMIT)
 
 
 def kernel_cmdline(config: VMConfig, vsock: bool) -> str:
@@ -122,8 +132,10 @@ def kernel_cmdline(config: VMConfig, vsock: bool) -> str:
     if image_on_pmem(config):
         # The range after RAM is the image (legacy e820 persistent memory, hence pmem0). Its
         # namespace is probed asynchronously: rootwait.
-        own += [f"memmap={config.image_pmem_size >> 20}M!{config.memory_mib}M", "root=/dev/pmem0",
-                "rootfstype=erofs", "rootflags=dax=always", "ro", "rootwait"]
+        image_mib = config.image_pmem_size >> 20
+        top = config.memory_mib + image_mib
+        own += [f"memmap={image_mib}M!{config.memory_mib}M", f"memmap={TOP_MIB}M${top}M",
+                "root=/dev/pmem0", "rootfstype=erofs", "rootflags=dax=always", "ro", "rootwait"]
     elif config.image is not None:
         # The image is the only virtio-blk disk, hence vda.
         own += ["root=/dev/vda", "rootfstype=erofs", "ro"]
@@ -225,8 +237,9 @@ def build_argv(config: VMConfig, vsock: Vsock | None = None, restore: Restore | 
         # memory-backend= works on microvm and q35/pc alike.
         machine += ",memory-backend=mem"
     fs_hotplug = virtio_fs and fs is not None and fs.hotplug
-    if fs_hotplug and mmio:
-        # microvm has PCIe only on request: the hot-added vhost-user-fs-pci needs a root port.
+    if (fs_hotplug or pmem) and mmio:
+        # microvm has PCIe only on request: the hot-added vhost-user-fs-pci needs a root port, and
+        # Linux registers legacy persistent memory only in its PCI resource survey.
         machine += ",pcie=on"
 
     argv = [
@@ -253,8 +266,9 @@ def build_argv(config: VMConfig, vsock: Vsock | None = None, restore: Restore | 
     hotplug = hotplug_capable(config.machine_type)
     maxcpus = config.max_vcpus if hotplug else config.vcpus
     argv += ["-smp", f"{config.vcpus},maxcpus={maxcpus}"]
-    # QEMU counts the image's node in the machine's memory; the guest sees it as persistent memory.
-    pmem_mib = config.image_pmem_size >> 20 if pmem else 0
+    # QEMU counts the image's node (and the one above it) in the machine's memory; the guest sees
+    # persistent memory, and memory reserved to the firmware.
+    pmem_mib = (config.image_pmem_size >> 20) + TOP_MIB if pmem else 0
     memory = f"{config.memory_mib + pmem_mib}M"
     if hotplug and config.max_memory_mib > config.memory_mib:
         memory += f",slots={MEMORY_SLOTS},maxmem={config.max_memory_mib + pmem_mib}M"
@@ -267,8 +281,10 @@ def build_argv(config: VMConfig, vsock: Vsock | None = None, restore: Restore | 
         argv += [
             "-object", f"memory-backend-file,id={IMAGE_MEMDEV},mem-path={config.image},"
                        f"size={config.image_pmem_size},share=on,readonly=on",
+            "-object", f"memory-backend-ram,id={TOP_MEMDEV},size={TOP_MIB}M",
             "-numa", "node,nodeid=0,memdev=mem",
             "-numa", f"node,nodeid=1,memdev={IMAGE_MEMDEV}",
+            "-numa", f"node,nodeid=2,memdev={TOP_MEMDEV}",
         ]  # fmt: skip
 
     argv += [

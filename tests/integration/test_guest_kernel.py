@@ -229,8 +229,9 @@ poweroff -f
 def test_erofs_root_in_persistent_memory(tmp_path: Path, shared_dirs: dict[str, Path]) -> None:
     """The runtime's layout (kata.hypervisor.qemu_argv): the image file as the guest's second NUMA
     node, read-only and shared, marked persistent memory by memmap= and mounted with DAX, beside
-    virtio-fs. virtiofsd is never handed the image (it would die mapping a read-only file
-    writable), reading a file fills no guest page cache, and guest writes never reach the file."""
+    virtio-fs; above it a little RAM reserved to the firmware's tables. virtiofsd is never handed
+    the image (it would die mapping a read-only file writable), reading a file fills no guest page
+    cache, and guest writes never reach the file."""
     rootdir = tmp_path / "root"
     make_initramfs(rootdir, tmp_path / "unused.cpio", PMEM_INIT)
     (rootdir / "big").write_bytes(os.urandom(4 << 20))
@@ -244,13 +245,16 @@ def test_erofs_root_in_persistent_memory(tmp_path: Path, shared_dirs: dict[str, 
         "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on,pcie=on", "-accel", "tcg",
         "-object", "memory-backend-memfd,id=mem,size=512M,share=on",
         "-object", f"memory-backend-file,id=rootfs,mem-path={img},size={size_mib}M,share=on,readonly=on",
+        "-object", "memory-backend-ram,id=top,size=4M",
         "-numa", "node,nodeid=0,memdev=mem", "-numa", "node,nodeid=1,memdev=rootfs",
+        "-numa", "node,nodeid=2,memdev=top",
         "-chardev", f"socket,id=fs0,path={shared_dirs['sock']}",
         "-device", "vhost-user-fs-pci,chardev=fs0,tag=kataShared",
     ]
-    append = " ".join([*KERNEL_PARAMS, f"memmap={size_mib}M!512M", "root=/dev/pmem0", "rootfstype=erofs",
-                       "rootflags=dax=always", "ro", "rootwait", "init=/init"])
-    result = boot(args, append, memory=f"{512 + size_mib}M")
+    append = " ".join([*KERNEL_PARAMS, f"memmap={size_mib}M!512M", f"memmap=4M${512 + size_mib}M",
+                       "root=/dev/pmem0", "rootfstype=erofs", "rootflags=dax=always", "ro", "rootwait",
+                       "init=/init"])
+    result = boot(args, append, memory=f"{512 + size_mib + 4}M")
     assert "dax=always" in result.one("root").split(","), result.one("root")
     mounted, _, pmem0 = result.one("rootdev").partition("_")
     assert mounted == pmem0, result.one("rootdev")
