@@ -60,9 +60,10 @@ class VMConfig:
     memory_file: Path | None = None
     # The guest agent offers a root shell on a channel of its own (Kata's debug_console_enabled).
     debug_console: bool = False
-    # The image's size when it is to be mapped into the guest as persistent memory (read-only,
+    # The image's size when it may be mapped into the guest as persistent memory (read-only,
     # mounted with DAX: every VM reads its files from the host's one page cache); 0: a virtio-blk
-    # disk. A multiple of 2 MiB (kata.osbuilder pads its images to one).
+    # disk. Whether it is, the machine and memory decide (kata.hypervisor.qemu_argv.pmem_layout):
+    # it must be a multiple of 2 MiB, as kata.osbuilder pads its images.
     image_pmem_size: int = 0
 
 

@@ -30,7 +30,6 @@ from .qemu_argv import (
     file_backed_ram,
     hotplug_capable,
     ignores_shared,
-    image_on_pmem,
 )
 from .qmp import Qmp, main_loop_ready
 from .vsock import reserve_cid
@@ -52,7 +51,8 @@ class QemuState:
     max_memory_mib: int
     shared_memory: bool  # guest RAM is on a shared memfd (virtio-fs): hotplugged RAM must be too
     memory_file: str = ""  # guest RAM is this file's shared mapping: snapshots leave it out
-    image_pmem: bool = False  # the image is the guest's persistent memory: snapshots leave it out
+    # A snapshot leaves out its shared file mappings (x-ignore-shared): RAM in a file, the image.
+    ignores_shared: bool = False
     vcpus: int = 1  # at launch (hot-added ones are not counted)
     debug_console: bool = False  # the guest offers a debug console (its port, or a vsock port)
 
@@ -171,7 +171,7 @@ class Qemu(Hypervisor):
             max_memory_mib=config.max_memory_mib,
             shared_memory=fs is not None and fs.kind == "virtio-fs",
             memory_file=_memory_file(config, restore),
-            image_pmem=image_on_pmem(config),
+            ignores_shared=ignores_shared(config, restore),
             vcpus=config.vcpus,
             debug_console=config.debug_console,
         )
@@ -349,10 +349,10 @@ class Qemu(Hypervisor):
         """Write the VM's state to ``path``; with a memory file, RAM stays in that file instead."""
         qmp = self._monitor()
         state = self._require()
-        if state.image_pmem and state.shared_memory and not state.memory_file:
+        if state.ignores_shared and state.shared_memory and not state.memory_file:
             # x-ignore-shared would leave out the RAM of its anonymous memfd as well.
             raise HypervisorError("a VM with its image in persistent memory is saved only with a memory file")
-        if state.memory_file or state.image_pmem:
+        if state.ignores_shared:
             self._ignore_shared_ram()
         qmp.run("stop")
         path.parent.mkdir(parents=True, exist_ok=True)

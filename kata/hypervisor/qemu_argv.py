@@ -93,11 +93,12 @@ NIC_ROOT_PORTS = ("netport0", "netport1", "netport2", "netport3")
 
 
 # Guest RAM and the image's persistent memory must lie below this guest address (microvm splits RAM
-# at 3 GiB, q35 at 2 GiB once it reaches 2.75): the image is mapped right after RAM, and the guest
-# is told where (memmap=). A bigger VM reads its image from a virtio-blk disk.
+# at 3 GiB): the image is mapped right after RAM, and the guest is told where (memmap=). A bigger
+# VM reads its image from a virtio-blk disk.
 PMEM_LIMIT = 2 << 30
 PMEM_ALIGN = 2 << 20
-# The id of the image's memory backend (the guest's second NUMA node: QEMU places node after node).
+# The id of the image's memory backend: QEMU's second NUMA node, placed right after the first (the
+# guest, given no SRAT on microvm, sees one flat memory map).
 IMAGE_MEMDEV = "rootfs"
 # RAM after the image, at the top of guest memory, where the firmware and QEMU put their tables (and
 # SeaBIOS its buffers): were the image last, their writes would vanish into it. The guest kernel
@@ -107,15 +108,48 @@ TOP_MEMDEV = "top"
 TOP_MIB = 4
 
 
-def image_on_pmem(config: VMConfig) -> bool:
-    """The root image is mapped into the guest as persistent memory (DAX), not a virtio-blk disk.
-    Not with an initrd: QEMU loads it at the top of guest memory, which is then too small. Only on
-    microvm: on q35 (ACPI PCI hotplug, SeaBIOS) a restored clone given a device dropped every PCIe
-    root port it had, with this memory layout."""
+# Kernel parameters that would undo the layout: a caller who sets one gets the disk.
+_PMEM_PARAMS = frozenset({"memmap", "root", "rootfstype", "rootflags"})
+
+
+@dataclass(frozen=True)
+class PmemLayout:
+    """Where the guest's memory nodes lie, in MiB from 0: RAM, then the image, then ``TOP_MIB``."""
+
+    ram_mib: int
+    image_mib: int
+
+    @property
+    def image_start_mib(self) -> int:
+        return self.ram_mib
+
+    @property
+    def top_start_mib(self) -> int:
+        return self.ram_mib + self.image_mib
+
+    @property
+    def total_mib(self) -> int:
+        return self.top_start_mib + TOP_MIB
+
+
+def pmem_layout(config: VMConfig) -> PmemLayout | None:
+    """The layout when the root image is mapped into the guest as persistent memory (DAX), None when
+    it is a virtio-blk disk. Only on microvm: on q35 (ACPI PCI hotplug, SeaBIOS) a restored clone
+    given a device dropped every PCIe root port it had, with this layout. Not with an initrd: QEMU
+    loads it at the top of guest memory, which is then too small. Linux maps persistent memory only
+    in 2 MiB sections, so RAM (where the image starts) and the image come in whole ones."""
     size = config.image_pmem_size
-    return (config.machine_type == "microvm" and config.image is not None and config.initrd is None
-            and size > 0 and size % PMEM_ALIGN == 0
-            and ((config.memory_mib + TOP_MIB) << 20) + size <= PMEM_LIMIT)
+    align_mib = PMEM_ALIGN >> 20
+    if (config.machine_type != "microvm" or config.image is None or config.initrd is not None
+            or size <= 0 or size % PMEM_ALIGN or config.memory_mib % align_mib
+            or any(p.split("=", 1)[0] in _PMEM_PARAMS for p in config.kernel_params)):
+        return None
+    layout = PmemLayout(config.memory_mib, size >> 20)
+    return layout if layout.total_mib << 20 <= PMEM_LIMIT else None
+
+
+def image_on_pmem(config: VMConfig) -> bool:
+    return pmem_layout(config) is not None
 
 
 def kernel_cmdline(config: VMConfig, vsock: bool) -> str:
@@ -129,12 +163,11 @@ def kernel_cmdline(config: VMConfig, vsock: bool) -> str:
                if p.split("=", 1)[0] not in (debug_console.KERNEL_PARAM, debug_console.VPORT_PARAM)]
     given = {p.split("=", 1)[0] for p in callers}
     own: list[str] = ["console=ttyS0"]
-    if image_on_pmem(config):
+    if (layout := pmem_layout(config)) is not None:
         # The range after RAM is the image (legacy e820 persistent memory, hence pmem0). Its
         # namespace is probed asynchronously: rootwait.
-        image_mib = config.image_pmem_size >> 20
-        top = config.memory_mib + image_mib
-        own += [f"memmap={image_mib}M!{config.memory_mib}M", f"memmap={TOP_MIB}M${top}M",
+        own += [f"memmap={layout.image_mib}M!{layout.image_start_mib}M",
+                f"memmap={TOP_MIB}M${layout.top_start_mib}M",
                 "root=/dev/pmem0", "rootfstype=erofs", "rootflags=dax=always", "ro", "rootwait"]
     elif config.image is not None:
         # The image is the only virtio-blk disk, hence vda.
@@ -230,7 +263,8 @@ def build_argv(config: VMConfig, vsock: Vsock | None = None, restore: Restore | 
     fs = config.shared_fs
     virtio_fs = fs is not None and fs.kind == "virtio-fs"
     ram = ram_backend(config, restore)
-    pmem = image_on_pmem(config)
+    layout = pmem_layout(config)
+    pmem = layout is not None
     if pmem and ram is None:
         ram = f"memory-backend-ram,id=mem,size={config.memory_mib}M"  # NUMA nodes need a memdev
     if ram is not None and not pmem:
@@ -267,11 +301,10 @@ def build_argv(config: VMConfig, vsock: Vsock | None = None, restore: Restore | 
     maxcpus = config.max_vcpus if hotplug else config.vcpus
     argv += ["-smp", f"{config.vcpus},maxcpus={maxcpus}"]
     # QEMU counts the image's node (and the one above it) in the machine's memory; the guest sees
-    # persistent memory, and memory reserved to the firmware.
-    pmem_mib = (config.image_pmem_size >> 20) + TOP_MIB if pmem else 0
-    memory = f"{config.memory_mib + pmem_mib}M"
+    # persistent memory, and memory reserved to the firmware. (Only microvm, which has no hotplug.)
+    memory = f"{config.memory_mib if layout is None else layout.total_mib}M"
     if hotplug and config.max_memory_mib > config.memory_mib:
-        memory += f",slots={MEMORY_SLOTS},maxmem={config.max_memory_mib + pmem_mib}M"
+        memory += f",slots={MEMORY_SLOTS},maxmem={config.max_memory_mib}M"
     argv += ["-m", memory]
     if ram is not None:
         argv += ["-object", ram]

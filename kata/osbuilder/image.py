@@ -8,11 +8,10 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from kata.hypervisor.qemu_argv import PMEM_ALIGN
+
 # A fixed UUID and timestamp: otherwise mkfs.erofs stamps each build with a random UUID and the build time.
 FIXED_UUID = "00000000-0000-4000-8000-00006b617461"
-# The image is padded with zeroes to a multiple of this: the guest maps it as persistent memory,
-# whose pages (ZONE_DEVICE) come in 2 MiB sections, and QEMU maps a read-only file only whole.
-IMAGE_ALIGN = 2 << 20
 
 
 class ImageError(RuntimeError):
@@ -23,7 +22,9 @@ class ImageError(RuntimeError):
 class ErofsOptions:
     compression: str | None = None  # e.g. "lz4hc"; None = uncompressed (DAX maps only those files)
     timestamp: int = 0
-    align: int = IMAGE_ALIGN
+    # Padded with zeroes to a multiple of this: the guest maps the image as persistent memory,
+    # in 2 MiB sections, and QEMU maps a read-only file only whole.
+    align: int = PMEM_ALIGN
 
     def args(self) -> list[str]:
         args = [f"-T{self.timestamp}", f"-U{FIXED_UUID}", "--all-root", "-x-1", "--quiet"]

@@ -1,11 +1,12 @@
 """Configuration → the typed VM description a hypervisor driver starts.
 
-Pure: host facts (accelerator, vsock) are passed in."""
+Host facts (accelerator, vsock) are passed in; the one read here is the guest image's size."""
 
 from __future__ import annotations
 
 import os
 import shlex
+import stat
 from pathlib import Path
 from typing import Literal
 
@@ -83,14 +84,20 @@ def build_vm_config(sid: str, hv: HypervisorConfig, sizing: VMSizing, paths: San
         run_dir=paths.vm_dir,
         shared_fs=shared,
         debug_console=debug_console,
-        image_pmem_size=0 if hv.disable_image_nvdimm or not hv.image else _file_size(Path(hv.image)),
+        image_pmem_size=image_pmem_size(hv),
     )
 
 
-def _file_size(path: Path) -> int:
-    """0 for a file that cannot be read: the VM's start reports that, with the disk it then has."""
+def image_pmem_size(hv: HypervisorConfig) -> int:
+    """The size of the guest image when it may be mapped into the guest as persistent memory: a
+    regular file's only (a device or sysfs file, which an annotation could name, is never mapped).
+    0: a virtio-blk disk (disable_image_nvdimm, no image, or one that cannot be read: the VM's
+    start reports that)."""
+    if hv.disable_image_nvdimm or not hv.image:
+        return 0
     try:
-        return path.stat().st_size
+        st = os.stat(hv.image)
     except OSError:
         return 0
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0
 

@@ -6,6 +6,7 @@ of the VM's shape)."""
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import pty
 import re
@@ -159,6 +160,14 @@ def test_the_guest_root_is_the_image_in_persistent_memory(sandbox: str) -> None:
     root, pmem0, dax = out.stdout.decode().splitlines()
     assert root.split()[0] == pmem0 and root.split()[1].startswith("ro"), out.stdout
     assert dax == "dax=always", out.stdout
+    # The guest is root: it writes over the device's last 64 KiB as a hostile guest would. The
+    # host's image, which every VM maps, is unchanged.
+    image = Path("/usr/share/kata-containers/kata-containers.img")
+    before = hashlib.sha256(image.read_bytes()).hexdigest()
+    wrote = console(sandbox, b"n=$(( $(cat /sys/block/pmem0/size) / 8 ))\n"
+                             b"dd if=/dev/urandom of=/dev/pmem0 bs=4K count=16 seek=$((n - 16)) conv=fsync\n")
+    assert wrote.returncode == 0, wrote.stderr
+    assert hashlib.sha256(image.read_bytes()).hexdigest() == before, "the guest wrote the host's image"
 
 
 def test_a_host_that_goes_ends_its_shell(sandbox: str) -> None:

@@ -153,6 +153,12 @@ def test_vm_config_maps_the_image_as_persistent_memory_unless_told_not_to(tmp_pa
     assert build(disable_image_nvdimm=True).image_pmem_size == 0
     image.unlink()  # the start reports a missing image; the config only leaves it on a disk
     assert build().image_pmem_size == 0
+    # Only a regular file is ever mapped (an annotation could name a device's or sysfs's).
+    image.mkdir()
+    assert build().image_pmem_size == 0
+    image.rmdir()
+    os.mkfifo(image)
+    assert build().image_pmem_size == 0
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

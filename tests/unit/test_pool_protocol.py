@@ -112,6 +112,12 @@ def test_another_shape_or_an_empty_pool_gets_nothing(tmp_path: Path) -> None:
     key = template_key(d.config)
     (tmp_path / "image").write_bytes(b"rebuilt")
     assert d.handle({"op": "take", "key": key, "sid": "c1"})["why"] == "another shape"
+    # One mapped as persistent memory has its size on QEMU's command line: the pool's follows it.
+    d.config = dataclasses.replace(d.config, image_pmem_size=7)
+    os.truncate(tmp_path / "image", 4 << 20)
+    key = d.current_key()
+    assert d.config.image_pmem_size == 4 << 20
+    assert d.handle({"op": "take", "key": key, "sid": "c1"})["why"] == "empty"
     st = d.handle({"op": "status"})
     assert (st["target"], st["ready"], st["taken"]) == (2, [], 0)
 

@@ -248,10 +248,21 @@ def test_image_as_persistent_memory_with_anonymous_ram() -> None:
     assert option(argv, "-m") == ["616M"]
 
 
+def test_persistent_memory_up_to_2_gib() -> None:
+    # 1944 MiB of RAM, the image and the firmware's 4 MiB: exactly 2 GiB.
+    argv = build_argv(config(image_pmem_size=IMAGE_SIZE, memory_mib=1944, max_memory_mib=1944))
+    assert option(argv, "-m") == ["2048M"]
+    assert "memmap=4M$2044M" in option(argv, "-append")[0].split()
+
+
 @pytest.mark.parametrize("over", [
     {"image_pmem_size": 0},
     {"image_pmem_size": IMAGE_SIZE + 4096},  # not padded: QEMU maps a read-only file only whole
-    {"image_pmem_size": IMAGE_SIZE, "memory_mib": 2000},  # past 2 GiB, where q35 splits RAM
+    {"image_pmem_size": IMAGE_SIZE, "memory_mib": 1946},  # past 2 GiB with the image
+    {"image_pmem_size": IMAGE_SIZE, "memory_mib": 613},  # the image would start inside a 2 MiB section
+    {"image_pmem_size": IMAGE_SIZE, "kernel_params": ("memmap=64M$1G",)},  # would undo the layout
+    {"image_pmem_size": IMAGE_SIZE, "kernel_params": ("root=/dev/vda",)},
+    {"image_pmem_size": IMAGE_SIZE, "kernel_params": ("rootflags=noacl",)},
     {"image_pmem_size": IMAGE_SIZE, "image": None, "initrd": Path("/k/initrd")},
     {"image_pmem_size": IMAGE_SIZE, "initrd": Path("/k/initrd")},  # QEMU loads it where the image would be
     {"image_pmem_size": IMAGE_SIZE, "machine_type": "q35"},
@@ -260,7 +271,8 @@ def test_image_on_a_disk_where_persistent_memory_does_not_fit(over: dict[str, ob
     argv = build_argv(config(**over))
     assert "-numa" not in argv
     cmdline = option(argv, "-append")[0]
-    assert "memmap=" not in cmdline and "pmem" not in cmdline
+    assert "pmem" not in cmdline and "dax" not in cmdline
+    assert "memmap=" not in cmdline or over.get("kernel_params")
     assert ("-drive" in argv) == (over.get("image", Path("/k/root.img")) is not None)
 
 
