@@ -81,6 +81,13 @@ class Vsock:
     vhostfd: int | None = None
 
 
+def opt_value(value: object) -> str:
+    """A value inside a QEMU option string (``key=value,key=value``): QEMU reads a comma as the next
+    option unless it is doubled, so a path with one (an image an annotation names) would add
+    options of its own (``/x,readonly=off``)."""
+    return str(value).replace(",", ",,")
+
+
 def hotplug_capable(machine: str) -> bool:
     return machine in ("q35", "pc")
 
@@ -231,12 +238,12 @@ def ram_backend(config: VMConfig, restore: Restore | None) -> str | None:
         if fs is not None and fs.kind == "virtio-fs":
             raise HypervisorError("a copy-on-write clone cannot have virtio-fs: vhost-user needs shared RAM")
         # share=off: the clone's writes go to its own anonymous pages, never to the template's file.
-        return f"memory-backend-file,id=mem,{size},mem-path={restore.memory_path},share=off"
+        return f"memory-backend-file,id=mem,{size},mem-path={opt_value(restore.memory_path)},share=off"
     memory_file: Path | str | None = config.memory_file
     if restore is not None and restore.memory_fd is not None:
         memory_file = f"/proc/self/fd/{restore.memory_fd}"  # QEMU opens its inherited memfd again
     if memory_file is not None:
-        return f"memory-backend-file,id=mem,{size},mem-path={memory_file},share=on"
+        return f"memory-backend-file,id=mem,{size},mem-path={opt_value(memory_file)},share=on"
     if fs is not None and fs.kind == "virtio-fs":
         return f"memory-backend-memfd,id=mem,{size},share=on"  # vhost-user needs RAM it can map
     return None
@@ -312,7 +319,7 @@ def build_argv(config: VMConfig, vsock: Vsock | None = None, restore: Restore | 
         # The image file itself, read-only and shared: a ROM region to QEMU, so the guest cannot
         # write it, a snapshot leaves it out, and vhost-user (virtiofsd) is never handed it.
         argv += [
-            "-object", f"memory-backend-file,id={IMAGE_MEMDEV},mem-path={config.image},"
+            "-object", f"memory-backend-file,id={IMAGE_MEMDEV},mem-path={opt_value(config.image)},"
                        f"size={config.image_pmem_size},share=on,readonly=on",
             "-object", f"memory-backend-ram,id={TOP_MEMDEV},size={TOP_MIB}M",
             "-numa", "node,nodeid=0,memdev=mem",
@@ -321,7 +328,7 @@ def build_argv(config: VMConfig, vsock: Vsock | None = None, restore: Restore | 
         ]  # fmt: skip
 
     argv += [
-        "-chardev", f"socket,id=qmp,path={paths.qmp_socket},server=on,wait=off",
+        "-chardev", f"socket,id=qmp,path={opt_value(paths.qmp_socket)},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
         "-chardev", f"ringbuf,id={CONSOLE_CHARDEV},size={CONSOLE_RING_BYTES}",
         "-serial", f"chardev:{CONSOLE_CHARDEV}",
@@ -342,7 +349,7 @@ def build_argv(config: VMConfig, vsock: Vsock | None = None, restore: Restore | 
 
     if config.image is not None and not pmem:
         argv += [
-            "-drive", f"file={config.image},if=none,id=rootfs,format=raw,readonly=on",
+            "-drive", f"file={opt_value(config.image)},if=none,id=rootfs,format=raw,readonly=on",
             "-device", f"{dev('virtio-blk')},drive=rootfs",
         ]  # fmt: skip
 
@@ -358,14 +365,14 @@ def build_argv(config: VMConfig, vsock: Vsock | None = None, restore: Restore | 
         ports = 2 if config.debug_console else 1
         argv += [
             "-device", f"{dev('virtio-serial')},id=vser0,max_ports={ports + 1}",
-            "-chardev", f"socket,id=agent,path={paths.agent_socket},server=on,wait=off",
+            "-chardev", f"socket,id=agent,path={opt_value(paths.agent_socket)},server=on,wait=off",
             "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_SERIAL_PORT_NAME}",
         ]  # fmt: skip
         if config.debug_console:
             # A port of its own beside the agent's, behind a socket in the same root-only directory
             # (on vsock the guest listens on a port of the device the agent already has).
             argv += [
-                "-chardev", f"socket,id=dbgcon,path={paths.console_socket},server=on,wait=off",
+                "-chardev", f"socket,id=dbgcon,path={opt_value(paths.console_socket)},server=on,wait=off",
                 "-device", f"virtserialport,bus=vser0.0,chardev=dbgcon,name={debug_console.SERIAL_PORT_NAME}",
             ]  # fmt: skip
 
@@ -376,13 +383,13 @@ def build_argv(config: VMConfig, vsock: Vsock | None = None, restore: Restore | 
     elif fs is not None:
         if fs.kind == "virtio-fs":
             argv += [
-                "-chardev", f"socket,id=vfs,path={fs.vhost_user_socket}",
+                "-chardev", f"socket,id=vfs,path={opt_value(fs.vhost_user_socket)}",
                 "-device", f"{dev('vhost-user-fs')},chardev=vfs,tag={fs.tag}",
             ]  # fmt: skip
         else:
             argv += [
                 # multidevs=remap keeps inode numbers unique when the export spans several host filesystems.
-                "-fsdev", f"local,id=fs9p,path={fs.host_dir},security_model=none,multidevs=remap",
+                "-fsdev", f"local,id=fs9p,path={opt_value(fs.host_dir)},security_model=none,multidevs=remap",
                 "-device", f"{dev('virtio-9p')},fsdev=fs9p,mount_tag={fs.tag}",
             ]  # fmt: skip
 

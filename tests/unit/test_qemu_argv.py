@@ -280,3 +280,20 @@ def test_restoring_a_vm_with_its_image_in_persistent_memory_defers_the_state() -
     # Even with RAM in the state, x-ignore-shared must be set first: the image is read-only.
     argv = build_argv(config(image_pmem_size=IMAGE_SIZE), restore=Restore(state_fd=7))
     assert option(argv, "-incoming") == ["defer"]
+
+
+def test_a_comma_in_a_path_stays_in_the_path() -> None:
+    # QEMU reads an undoubled comma as the next option: an image named by an annotation could
+    # otherwise add its own (readonly=off on a shared mapping of a host file).
+    image = Path("/k/root,readonly=off.img")
+    disk = build_argv(config(image=image))
+    assert option(disk, "-drive") == [
+        "file=/k/root,,readonly=off.img,if=none,id=rootfs,format=raw,readonly=on"]
+    pmem = build_argv(config(image=image, image_pmem_size=IMAGE_SIZE))
+    assert (f"memory-backend-file,id=rootfs,mem-path=/k/root,,readonly=off.img,size={IMAGE_SIZE},"
+            "share=on,readonly=on") in option(pmem, "-object")
+    fs = SharedFs(kind="virtio-9p", host_dir=Path("/s,x"), tag="kataShared")
+    assert "local,id=fs9p,path=/s,,x,security_model=none,multidevs=remap" in option(
+        build_argv(config(shared_fs=fs, run_dir=Path("/run/a,b"))), "-fsdev")
+    assert "socket,id=qmp,path=/run/a,,b/qmp.sock,server=on,wait=off" in option(
+        build_argv(config(run_dir=Path("/run/a,b"))), "-chardev")
