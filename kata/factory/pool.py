@@ -145,11 +145,11 @@ class PoolDaemon:
         """The template key of the pool's shape now (a rebuilt image or kernel gives another, and
         a rebuilt image maybe another size, which its persistent memory has on QEMU's command line)."""
         from kata.factory.template import template_key
-        from kata.sandbox.vm import image_pmem_size
+        from kata.utils.files import regular_file_size
 
-        if self.config.image is not None and self.config.image_pmem_size:
-            hv = dataclasses.replace(self.cfg.hypervisor, image=str(self.config.image))
-            self.config = dataclasses.replace(self.config, image_pmem_size=image_pmem_size(hv))
+        image = self.config.image
+        if image is not None and self.config.image_pmem_size:
+            self.config = dataclasses.replace(self.config, image_pmem_size=regular_file_size(image))
         return template_key(self.config)
 
     # -- making clones -----------------------------------------------------------------------------

@@ -108,7 +108,8 @@ class Qemu(Hypervisor):
         try:
             self._launch(config, timeout, restore=restore)
             if ignores_shared(config, restore):
-                # RAM comes from the file QEMU mapped; the state holds the devices' state.
+                # What QEMU maps from files (RAM, the image) is not in the state: x-ignore-shared
+                # before it is read.
                 self._ignore_shared_ram()
                 self._monitor().run("migrate-incoming", uri=f"fd:{state_fd}")
             # The incoming migration runs after the main loop starts; the VM comes up paused.

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import stat
 from pathlib import Path
 from typing import Literal
 
@@ -14,6 +13,7 @@ from kata.config import HypervisorConfig
 from kata.hypervisor.base import SharedFs, VMConfig
 from kata.sandbox.paths import SandboxPaths
 from kata.specconv import VMSizing
+from kata.utils.files import regular_file_size
 
 # Measured under TCG (see the report in the commit): the timer/tsc/i8042 options skip probes that cost
 # tens of milliseconds each when emulated; panic=-1 + reboot=t make a crashed guest end QEMU at once.
@@ -84,20 +84,8 @@ def build_vm_config(sid: str, hv: HypervisorConfig, sizing: VMSizing, paths: San
         run_dir=paths.vm_dir,
         shared_fs=shared,
         debug_console=debug_console,
-        image_pmem_size=image_pmem_size(hv),
+        # Only a regular file is ever mapped (a device or sysfs file, which an annotation could
+        # name, is not); 0, a disk, also for one that cannot be read: the VM's start reports that.
+        image_pmem_size=0 if hv.disable_image_nvdimm or not hv.image else regular_file_size(hv.image),
     )
-
-
-def image_pmem_size(hv: HypervisorConfig) -> int:
-    """The size of the guest image when it may be mapped into the guest as persistent memory: a
-    regular file's only (a device or sysfs file, which an annotation could name, is never mapped).
-    0: a virtio-blk disk (disable_image_nvdimm, no image, or one that cannot be read: the VM's
-    start reports that)."""
-    if hv.disable_image_nvdimm or not hv.image:
-        return 0
-    try:
-        st = os.stat(hv.image)
-    except OSError:
-        return 0
-    return st.st_size if stat.S_ISREG(st.st_mode) else 0
 

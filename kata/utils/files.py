@@ -34,6 +34,16 @@ def read_regular_file(path: Path | str, limit: int = MAX_JSON_BYTES) -> bytes:
     return data
 
 
+def regular_file_size(path: Path | str) -> int:
+    """The size of ``path`` once symlinks are followed, when it is a regular file; 0 otherwise
+    (missing, unreadable, a device, a FIFO, a directory)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return 0
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0
+
+
 def write_private(path: Path, data: bytes | str, mode: int = 0o600) -> None:
     """Write ``data`` to a temporary file born with ``mode`` (no umask window, no symlink followed),
     then rename it over ``path``: readers see the old file or the new one, never half of one."""
