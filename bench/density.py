@@ -8,10 +8,13 @@ after another, under containerd (`ctr run -d`, kata's shim against runc's and cr
   by kind (VMM, virtiofsd, shim, monitor, container) over N;
 - the host's CPU while the N pods idle, over --idle seconds, as a share of all cores, less what the
   host used before the first pod started, and each kind of process's share of one core;
-- whether every pod answers an exec (`true`) afterwards.
+- whether every pod answers an exec (`true`) afterwards;
+- with ``--spike MB``: each pod then runs a process that touches MB of memory and exits (busybox
+  `dd` of /dev/zero with a buffer that size), and the drop in MemAvailable per pod is measured
+  again --settle seconds later: what a pod keeps of a spike its workload is done with.
 
     python bench/density.py [--counts 1,10,50] [--front containerd,docker] [--runtimes runc,crun,kata]
-                            [--settle S] [--idle S] [--json FILE]
+                            [--settle S] [--idle S] [--spike MB] [--json FILE]
 
 ``--counts max`` keeps adding pods (up to --max-pods) until a start fails, an exec does not answer,
 or MemAvailable falls under --floor-mb: the largest N this host holds. The pods of one count are
@@ -144,7 +147,7 @@ class Front:
     runtime: str
     run: Client
     start_args: Callable[[str], list[str]]
-    exec_args: Callable[[str], list[str]]
+    exec_args: Callable[[str, list[str]], list[str]]  # (pod, command)
     remove: Callable[[str], None]
 
 
@@ -160,7 +163,7 @@ def containerd_front(c: Any, runtime: str, kata_config: str | None) -> Front:
     return Front("containerd", runtime, c.ctr,
                  lambda pid: ["run", "-d", "--null-io", "--runtime", SHIM_TYPES[runtime], *extra, c.image,
                               pid, "sleep", "1000000"],
-                 lambda pid: ["tasks", "exec", "--exec-id", f"x{uuid.uuid4().hex[:8]}", pid, "true"],
+                 lambda pid, cmd: ["tasks", "exec", "--exec-id", f"x{uuid.uuid4().hex[:8]}", pid, *cmd],
                  remove)
 
 
@@ -170,7 +173,7 @@ def docker_front(d: Any, runtime: str) -> Front:
 
     return Front("docker", runtime, d.run,
                  lambda pid: ["run", "-d", "--runtime", runtime, "--name", pid, d.image, "sleep", "1000000"],
-                 lambda pid: ["exec", pid, "true"],
+                 lambda pid, cmd: ["exec", pid, *cmd],
                  remove)
 
 
@@ -199,7 +202,7 @@ def measure(front: Front, count: int | None, args: argparse.Namespace) -> dict[s
                 stopped_by = f"MemAvailable under {args.floor_mb} MB"
                 break
             if count is None and len(pods) % 10 == 0:
-                probe = front.run(*front.exec_args(pods[-1]), timeout=args.timeout)
+                probe = front.run(*front.exec_args(pods[-1], ["true"]), timeout=args.timeout)
                 if probe.returncode != 0:
                     stopped_by = f"pod {len(pods)} did not answer an exec"
                     break
@@ -210,7 +213,8 @@ def measure(front: Front, count: int | None, args: argparse.Namespace) -> dict[s
         busy, by_kind = idle_cpu(args.idle)
         idle = max(0.0, busy - base_cpu)
         answered = sum(1 for pid in pods[:n]
-                       if front.run(*front.exec_args(pid), timeout=args.timeout).returncode == 0)
+                       if front.run(*front.exec_args(pid, ["true"]), timeout=args.timeout).returncode == 0)
+        after_spike = spike(front, pods[:n], base_mem, args) if args.spike and n else None
     finally:
         t0 = time.monotonic()
         for pid in pods:
@@ -227,10 +231,21 @@ def measure(front: Front, count: int | None, args: argparse.Namespace) -> dict[s
         # each kind's share of one core per pod (a process that ended in the window counts partly)
         "idle_core_per_pod": {k: v / n for k, v in by_kind.items()} if n else {},
         "host_cpu_before": base_cpu, "removal_s": removal,
+        "mem_per_pod_after_spike_mb": after_spike,
     }
     if stopped_by:
         res["stopped_by"] = stopped_by
     return res
+
+
+def spike(front: Front, pods: list[str], base_mem: int, args: argparse.Namespace) -> float:
+    """MemAvailable's drop per pod --settle seconds after each pod ran a process that touched
+    ``--spike`` MB and exited."""
+    for pid in pods:
+        checked(front.run, *front.exec_args(pid, ["dd", "if=/dev/zero", "of=/dev/null", f"bs={args.spike}M",
+                                                   "count=1"]), timeout=args.timeout)
+    time.sleep(args.settle)
+    return (base_mem - mem_available_kib()) / 1024 / len(pods)
 
 
 def measure_counts(front: Front, counts: list[int | None], args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -291,6 +306,10 @@ def report(rows: list[dict[str, Any]]) -> None:
             cpu = ", ".join(f"{k} {v * 100:.2f}%" for k, v in r["idle_core_per_pod"].items() if v)
             print(f"{r['front']} {r['runtime']} N={r['pods']}: per pod, PSS by kind (MB): {kinds}; "
                   f"idle CPU by kind (of one core): {cpu or 'none'}")
+        if r.get("mem_per_pod_after_spike_mb") is not None:
+            print(f"{r['front']} {r['runtime']} N={r['pods']}: MemAvailable drop per pod after each touched "
+                  f"and freed its spike: {r['mem_per_pod_after_spike_mb']:.1f} MB (idle before: "
+                  f"{r['mem_per_pod_mb']:.1f} MB)")
 
 
 def main() -> int:
@@ -306,6 +325,8 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds for each client command")
     ap.add_argument("--kata-config", default=None,
                     help="configuration.toml for kata (e.g. with shared_fs = \"virtio-9p\")")
+    ap.add_argument("--spike", type=int, default=0,
+                    help="MB each pod's process touches and frees before memory is measured again")
     ap.add_argument("--json", type=Path, default=None, help="also write the results to this file")
     args = ap.parse_args()
     counts: list[int | None] = [None if c == "max" else int(c) for c in args.counts.split(",")]

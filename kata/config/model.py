@@ -43,6 +43,7 @@ class HypervisorConfig:
     kernel: str = "/usr/share/kata-containers/vmlinux.container"
     image: str = "/usr/share/kata-containers/kata-containers.img"
     disable_image_nvdimm: bool = False
+    reclaim_guest_freed_memory: bool = True
     initrd: str = ""
     firmware: str = ""
     machine_type: str = "microvm"

@@ -42,6 +42,7 @@ from kata.factory import pool_nic, pool_share
 from kata.factory.pool_client import PoolError, call, poolable, receive, send
 from kata.factory.pool_nic import PooledNic
 from kata.factory.pool_share import PooledShare
+from kata.hypervisor.base import clone_maps_template
 from kata.sandbox.paths import POOL_ROOT, POOL_SHARES_ROOT, VM_ROOT, InvalidIdError, validate_sandbox_id
 from kata.utils.process import ProcessId, terminate
 from kata.utils.sockets import listen_private, peer_creds
@@ -168,8 +169,9 @@ class PoolDaemon:
         run_dir = self.root / key / name
         config = dataclasses.replace(self.config, id=f"pool-{name}", run_dir=run_dir)
         fs = config.shared_fs
-        memory_fd = self.store.clone_memory(state, f"kata-pool-{name}") if fs is not None else None
-        memory_path = self.store.memory_file(state) if fs is None else None
+        cow = clone_maps_template(fs)
+        memory_fd = None if cow else self.store.clone_memory(state, f"kata-pool-{name}")
+        memory_path = self.store.memory_file(state) if cow else None
         vmm = hypervisor.new(hv)
         share = nic = None
         try:

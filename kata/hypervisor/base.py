@@ -36,6 +36,13 @@ class SharedFs:
     hotplug: bool = False
 
 
+def clone_maps_template(shared_fs: SharedFs | None) -> bool:
+    """Whether a clone restored from a template maps the template's RAM file copy-on-write
+    (share=off: clones share every page none of them wrote) rather than getting its own copy in a
+    memfd. virtiofsd maps all guest RAM that has a file (vhost-user), so a virtio-fs clone cannot."""
+    return shared_fs is None or shared_fs.kind != "virtio-fs"
+
+
 @dataclass(frozen=True)
 class VMConfig:
     id: str
@@ -65,6 +72,11 @@ class VMConfig:
     # disk. Whether it is, the machine and memory decide (kata.hypervisor.qemu_argv.pmem_layout):
     # it must be a multiple of 2 MiB, as kata.osbuilder pads its images.
     image_pmem_size: int = 0
+    # A virtio-balloon device with free page reporting (Kata's reclaim_guest_freed_memory): the
+    # guest reports the 2 MiB blocks it frees and QEMU discards them, so a pod gives back what a
+    # spike of its workload took. Never for RAM mapped copy-on-write from a template's file: QEMU
+    # 7.2 discards a file's pages by punching holes in the file, which all clones map.
+    free_page_reporting: bool = False
 
 
 class Hypervisor(abc.ABC):

@@ -237,6 +237,9 @@ def ram_backend(config: VMConfig, restore: Restore | None) -> str | None:
     if restore is not None and restore.memory_path is not None:
         if fs is not None and fs.kind == "virtio-fs":
             raise HypervisorError("a copy-on-write clone cannot have virtio-fs: vhost-user needs shared RAM")
+        if config.free_page_reporting:
+            raise HypervisorError("a copy-on-write clone cannot report freed memory: QEMU would "
+                                  "discard it from the template's file")
         # share=off: the clone's writes go to its own anonymous pages, never to the template's file.
         return f"memory-backend-file,id=mem,{size},mem-path={opt_value(restore.memory_path)},share=off"
     memory_file: Path | str | None = config.memory_file
@@ -346,6 +349,10 @@ def build_argv(config: VMConfig, vsock: Vsock | None = None, restore: Restore | 
     if config.initrd is not None:
         argv += ["-initrd", str(config.initrd)]
     argv += ["-append", kernel_cmdline(config, vsock=config.agent_channel == "vsock")]
+
+    if config.free_page_reporting:
+        # Only reporting: the balloon is never inflated (the guest's size is its size).
+        argv += ["-device", f"{dev('virtio-balloon')},id=balloon0,free-page-reporting=on"]
 
     if config.image is not None and not pmem:
         argv += [

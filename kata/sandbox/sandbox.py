@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 from kata.errors import KataError
 from kata.fs_share.shared_dir import SharedDir
-from kata.hypervisor.base import Hypervisor, HypervisorError, VMConfig
+from kata.hypervisor.base import Hypervisor, HypervisorError, VMConfig, clone_maps_template
 from kata.sandbox.paths import SandboxPaths
 from kata.sandbox.timings import Timings
 from kata.utils.files import write_json
@@ -269,16 +269,16 @@ class Sandbox:
         # The clone's memory copy below is charged to the cgroup of whoever writes it: ours, from here.
         self._launching()
         memory_fd = memory_path = None
-        if config.shared_fs is not None and config.shared_fs.kind == "virtio-fs":
+        if clone_maps_template(config.shared_fs):
+            # The template's file, mapped copy-on-write: the clone's writes go to its own memory.
+            memory_path = store.memory_file(state)
+        else:
             # virtiofsd maps guest RAM too, so the clone gets its own copy of the template's, in a
             # memfd: charged to QEMU's memory, never to a filesystem the guest could fill (it lives
             # as long as QEMU holds it).
             memory_fd = store.clone_memory(state, f"kata-{self.id}")
             if memory_fd is not None:
                 self.timings.mark("memory_copied")
-        else:
-            # The template's file, mapped copy-on-write: the clone's writes go to its own memory.
-            memory_path = store.memory_file(state)
         try:
             self._start_virtiofsd(config)
             hypervisor = self._launch(config, restore_from=state, memory_fd=memory_fd,

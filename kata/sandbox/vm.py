@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 from kata.config import HypervisorConfig
-from kata.hypervisor.base import SharedFs, VMConfig
+from kata.hypervisor.base import SharedFs, VMConfig, clone_maps_template
 from kata.sandbox.paths import SandboxPaths
 from kata.specconv import VMSizing
 from kata.utils.files import regular_file_size
@@ -87,5 +87,8 @@ def build_vm_config(sid: str, hv: HypervisorConfig, sizing: VMSizing, paths: San
         # Only a regular file is ever mapped (a device or sysfs file, which an annotation could
         # name, is not); 0, a disk, also for one that cannot be read: the VM's start reports that.
         image_pmem_size=0 if hv.disable_image_nvdimm or not hv.image else regular_file_size(hv.image),
+        # A template's device set is its clones': one whose clones map its RAM file never reports.
+        free_page_reporting=(hv.reclaim_guest_freed_memory
+                             and not (from_template and clone_maps_template(shared))),
     )
 

@@ -161,6 +161,24 @@ def test_vm_config_maps_the_image_as_persistent_memory_unless_told_not_to(tmp_pa
     assert build().image_pmem_size == 0
 
 
+@pytest.mark.parametrize(("shared_fs", "from_template", "reports"), [
+    ("virtio-fs", True, True),  # a clone's RAM is its own memfd
+    ("virtio-fs", False, True),
+    ("virtio-9p", False, True),  # booted: its own RAM
+    ("virtio-9p", True, False),  # clones map the template's file copy-on-write
+    ("none", True, False),
+])
+def test_vm_config_reports_freed_memory_unless_clones_map_the_template(
+        shared_fs: str, from_template: bool, reports: bool) -> None:
+    def build(**hv: object) -> VMConfig:
+        return vm.build_vm_config("sb1", HypervisorConfig(shared_fs=shared_fs, **hv),  # type: ignore[arg-type]
+                                  VMSizing(1, 1, 512), SandboxPaths("sb1"), "tcg", "virtio-serial", (),
+                                  debug=False, from_template=from_template)
+
+    assert build().free_page_reporting is reports
+    assert build(reclaim_guest_freed_memory=False).free_page_reporting is False
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     """kata-runtime with this tree's packaged configuration, not the one the host has installed (which
     is as old as the last scripts/install.sh)."""
