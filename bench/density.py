@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """How many idle pods this host holds, and what each costs: N idle busybox pods (`sleep`) started one
-after another, under containerd (`ctr run -d`, kata's shim against runc's and crun's) and Docker
-(`docker run -d --runtime ...`), in one run:
+after another, under containerd (`ctr run -d`, kata's shim against runc's and crun's), through
+containerd's CRI as kubelet starts a pod (`--front cri`: RunPodSandbox on containerd's CNI bridge,
+then the container; handlers kata and runc) and Docker (`docker run -d --runtime ...`), in one run:
 
 - the time to start each pod (the first, the median and the last);
 - host memory per pod: the drop in MemAvailable over N, and the PSS of the pods' host processes
@@ -25,6 +26,8 @@ of magnitude, and as ratios to runc's within one run.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import os
 import statistics
 import sys
@@ -46,15 +49,16 @@ from bench.benchlib import (  # noqa: E402
     fmt,
     processes,
     pss_kib,
-    timed,
 )
 from kata.errors import KataError  # noqa: E402
+from tests.support.cri_config import KATA  # noqa: E402
 from tests.support.daemons import (  # noqa: E402
     Runtime,
     containerd_daemon,
     docker_daemons,
     kata_runtime_path,
 )
+from tests.support.netns import temporary_netns  # noqa: E402
 
 SHIM_TYPES = {"runc": "io.containerd.runc.v2", "crun": "io.containerd.runc.v2",
               "kata": "io.containerd.kata.v2"}
@@ -145,13 +149,24 @@ class Front:
 
     name: str
     runtime: str
-    run: Client
-    start_args: Callable[[str], list[str]]
-    exec_args: Callable[[str, list[str]], list[str]]  # (pod, command)
+    start: Callable[[str], None]  # RuntimeFailed when the pod did not start
+    exec: Callable[[str, list[str]], bool]  # whether the command ran in the pod and exited 0
     remove: Callable[[str], None]
 
 
-def containerd_front(c: Any, runtime: str, kata_config: str | None) -> Front:
+def cli_front(name: str, runtime: str, run: Client, start_args: Callable[[str], list[str]],
+              exec_args: Callable[[str, list[str]], list[str]], remove: Callable[[str], None],
+              timeout: float) -> Front:
+    """A front whose client is a command line (ctr, docker)."""
+    def start(pid: str) -> None:
+        checked(run, *start_args(pid), timeout=timeout)
+
+    return Front(name, runtime, start,
+                 lambda pid, cmd: run(*exec_args(pid, cmd), timeout=timeout).returncode == 0,
+                 remove)
+
+
+def containerd_front(c: Any, runtime: str, kata_config: str | None, timeout: float) -> Front:
     extra = ["--runc-binary", CRUN] if runtime == "crun" else []
     if runtime == "kata" and kata_config:
         extra = ["--runtime-config-path", kata_config]  # as the CRI's ConfigPath
@@ -160,21 +175,54 @@ def containerd_front(c: Any, runtime: str, kata_config: str | None) -> Front:
         c.ctr("tasks", "delete", "--force", pid, timeout=120)
         c.ctr("containers", "delete", pid, timeout=60)
 
-    return Front("containerd", runtime, c.ctr,
-                 lambda pid: ["run", "-d", "--null-io", "--runtime", SHIM_TYPES[runtime], *extra, c.image,
-                              pid, "sleep", "1000000"],
-                 lambda pid, cmd: ["tasks", "exec", "--exec-id", f"x{uuid.uuid4().hex[:8]}", pid, *cmd],
-                 remove)
+    return cli_front("containerd", runtime, c.ctr,
+                     lambda pid: ["run", "-d", "--null-io", "--runtime", SHIM_TYPES[runtime], *extra,
+                                  c.image, pid, "sleep", "1000000"],
+                     lambda pid, cmd: ["tasks", "exec", "--exec-id", f"x{uuid.uuid4().hex[:8]}", pid, *cmd],
+                     remove, timeout)
 
 
-def docker_front(d: Any, runtime: str) -> Front:
+def docker_front(d: Any, runtime: str, timeout: float) -> Front:
     def remove(pid: str) -> None:
         d.run("rm", "-f", pid, timeout=120)
 
-    return Front("docker", runtime, d.run,
-                 lambda pid: ["run", "-d", "--runtime", runtime, "--name", pid, d.image, "sleep", "1000000"],
-                 lambda pid, cmd: ["exec", pid, *cmd],
-                 remove)
+    return cli_front("docker", runtime, d.run,
+                     lambda pid: ["run", "-d", "--runtime", runtime, "--name", pid, d.image,
+                                  "sleep", "1000000"],
+                     lambda pid, cmd: ["exec", pid, *cmd], remove, timeout)
+
+
+def cri_front(c: Any, cri: Any, runtime: str) -> Front:
+    """Kubernetes' way: a pod sandbox on containerd's CNI bridge (RunPodSandbox), then its container
+    (CreateContainer, StartContainer), through the CRI, with the runtime handler ``runtime``."""
+    from tests.support.cri import CriError, pod_config
+
+    containers: dict[str, str] = {}
+    sandboxes: dict[str, str] = {}
+
+    def start(pid: str) -> None:
+        config = pod_config(pid, "default", uuid.uuid4().hex[:12], cgroup_parent=c.cgroup_parent)
+        try:
+            sandboxes[pid] = cri.run_pod_sandbox(config, runtime)
+            containers[pid] = cri.create_container(sandboxes[pid], config, "sleeper", c.image,
+                                                   ["sleep", "1000000"])
+            cri.start_container(containers[pid])
+        except CriError as e:
+            raise RuntimeFailed(str(e)) from e
+
+    def run(pid: str, cmd: list[str]) -> bool:
+        try:
+            return bool(cri.exec_sync(containers[pid], cmd, timeout=120).exit_code == 0)
+        except (CriError, KeyError):
+            return False
+
+    def remove(pid: str) -> None:
+        if pid in sandboxes:
+            with contextlib.suppress(CriError):
+                cri.remove_pod(sandboxes.pop(pid))
+        containers.pop(pid, None)
+
+    return Front("cri", runtime, start, run, remove)
 
 
 def measure(front: Front, count: int | None, args: argparse.Namespace) -> dict[str, Any]:
@@ -192,7 +240,9 @@ def measure(front: Front, count: int | None, args: argparse.Namespace) -> dict[s
             pid = f"dens-{front.runtime}-{len(pods)}-{uuid.uuid4().hex[:6]}"
             pods.append(pid)
             try:
-                starts.append(timed(front.run, *front.start_args(pid), timeout=args.timeout))
+                t0 = time.monotonic()
+                front.start(pid)
+                starts.append(time.monotonic() - t0)
             except RuntimeFailed as e:
                 if count is not None:
                     raise
@@ -202,8 +252,7 @@ def measure(front: Front, count: int | None, args: argparse.Namespace) -> dict[s
                 stopped_by = f"MemAvailable under {args.floor_mb} MB"
                 break
             if count is None and len(pods) % 10 == 0:
-                probe = front.run(*front.exec_args(pods[-1], ["true"]), timeout=args.timeout)
-                if probe.returncode != 0:
+                if not front.exec(pods[-1], ["true"]):
                     stopped_by = f"pod {len(pods)} did not answer an exec"
                     break
         n = len(starts)
@@ -212,8 +261,7 @@ def measure(front: Front, count: int | None, args: argparse.Namespace) -> dict[s
         pss = {k: v - base_pss[k] for k, v in pss_by_kind().items()}
         busy, by_kind = idle_cpu(args.idle)
         idle = max(0.0, busy - base_cpu)
-        answered = sum(1 for pid in pods[:n]
-                       if front.run(*front.exec_args(pid, ["true"]), timeout=args.timeout).returncode == 0)
+        answered = sum(1 for pid in pods[:n] if front.exec(pid, ["true"]))
         after_spike = spike(front, pods[:n], base_mem, args) if args.spike and n else None
     finally:
         t0 = time.monotonic()
@@ -242,8 +290,8 @@ def spike(front: Front, pods: list[str], base_mem: int, args: argparse.Namespace
     """MemAvailable's drop per pod --settle seconds after each pod ran a process that touched
     ``--spike`` MB and exited."""
     for pid in pods:
-        checked(front.run, *front.exec_args(pid, ["dd", "if=/dev/zero", "of=/dev/null", f"bs={args.spike}M",
-                                                   "count=1"]), timeout=args.timeout)
+        if not front.exec(pid, ["dd", "if=/dev/zero", "of=/dev/null", f"bs={args.spike}M", "count=1"]):
+            raise RuntimeFailed(f"pod {pid}: the spike's dd failed")
     time.sleep(args.settle)
     return (base_mem - mem_available_kib()) / 1024 / len(pods)
 
@@ -253,7 +301,7 @@ def measure_counts(front: Front, counts: list[int | None], args: argparse.Namesp
     warm = f"dens-warm-{uuid.uuid4().hex[:6]}"
     try:
         # One untimed pod first: kata's first sandbox makes its VM template.
-        checked(front.run, *front.start_args(warm), timeout=args.timeout)
+        front.start(warm)
     except RuntimeFailed as e:
         return [{"front": front.name, "runtime": front.runtime, "error": str(e)}]
     finally:
@@ -270,16 +318,24 @@ def measure_counts(front: Front, counts: list[int | None], args: argparse.Namesp
 
 
 @contextmanager
-def fronts(name: str, runtimes: list[str], kata_config: str | None) -> Iterator[list[Front]]:
+def fronts(name: str, runtimes: list[str], kata_config: str | None, timeout: float) -> Iterator[list[Front]]:
     if name == "containerd":
         with containerd_daemon() as c:
-            yield [containerd_front(c, rt, kata_config) for rt in runtimes]
+            yield [containerd_front(c, rt, kata_config, timeout) for rt in runtimes]
+    elif name == "cri":
+        # The CRI's handlers are runc and kata (crun is not one); pods on containerd's CNI bridge, in a
+        # network namespace of its own.
+        kata = dataclasses.replace(KATA, options={"ConfigPath": kata_config}) if kata_config else KATA
+        with temporary_netns("ktdens") as netns, \
+                containerd_daemon(cri=True, netns=netns, runtimes={"kata": kata}) as c, \
+                c.cri_client(timeout=timeout) as cri:
+            yield [cri_front(c, cri, rt) for rt in runtimes if rt in ("runc", "kata")]
     else:
         kata_args = ("--config", kata_config) if kata_config else ()
-        kata = {"kata": Runtime(kata_runtime_path(), kata_args)} if "kata" in runtimes else {}
+        kata_rt = {"kata": Runtime(kata_runtime_path(), kata_args)} if "kata" in runtimes else {}
         crun = {"crun": Runtime(CRUN, ())} if "crun" in runtimes else {}
-        with docker_daemons(runtimes={**kata, **crun}) as d:
-            yield [docker_front(d, rt) for rt in runtimes]
+        with docker_daemons(runtimes={**kata_rt, **crun}) as d:
+            yield [docker_front(d, rt, timeout) for rt in runtimes]
 
 
 def report(rows: list[dict[str, Any]]) -> None:
@@ -315,7 +371,9 @@ def report(rows: list[dict[str, Any]]) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--counts", default="1,10", help="comma-separated pod counts; 'max' for as many as fit")
-    ap.add_argument("--front", default="containerd", help="containerd, docker, or both (comma-separated)")
+    ap.add_argument("--front", default="containerd",
+                    help="containerd (ctr), cri (pods through containerd's CRI, on its CNI bridge) "
+                         "or docker; several comma-separated")
     ap.add_argument("--runtimes", default="runc,crun,kata")
     ap.add_argument("--settle", type=float, default=5.0, help="seconds before each measurement")
     ap.add_argument("--idle", type=float, default=10.0, help="seconds over which idle CPU is measured")
@@ -334,7 +392,7 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     for front_name in args.front.split(","):
         try:
-            with fronts(front_name, runtimes, args.kata_config) as fs:
+            with fronts(front_name, runtimes, args.kata_config, args.timeout) as fs:
                 for front in fs:
                     rows += measure_counts(front, counts, args)
         except KataError as e:
