@@ -56,8 +56,6 @@ def remove(nic: PooledNic) -> None:
 def move(nic: PooledNic, netns_path: str) -> str:
     """Move the tap into the network namespace at ``netns_path``, renamed as a pod's first tap;
     returns that name. OSError when the path is not a network namespace or the move fails."""
-    from pyroute2.netlink.exceptions import NetlinkError  # after kata.network: see its loader
-
     from kata.utils.nsfiles import NamespacePathError, identify
 
     try:
@@ -70,15 +68,14 @@ def move(nic: PooledNic, netns_path: str) -> str:
         if os.fstat(fd).st_ino != inode:
             raise OSError(f"{netns_path} changed while it was checked")
         name = tcfilter.tap_name(0)
-        with rtnl(None) as ipr:
-            found = ipr.link_lookup(ifname=nic.tap)
-            if not found:
+        with rtnl(None) as r:
+            link = r.link(nic.tap)
+            if link is None:
                 raise OSError(f"tap {nic.tap} is gone")
             try:
-                ipr.link("set", index=found[0], net_ns_fd=fd, ifname=name)
-            except NetlinkError as exc:
-                raise OSError(exc.code, f"moving tap {nic.tap}: {os.strerror(exc.code)}") from None
+                r.set_link(link.index, netns_fd=fd, name=name)
+            except OSError as exc:
+                raise OSError(exc.errno, f"moving tap {nic.tap}: {os.strerror(exc.errno or 0)}") from None
         return name
     finally:
         os.close(fd)
-

@@ -5,21 +5,18 @@ from __future__ import annotations
 import ipaddress
 import socket
 from dataclasses import dataclass
-from typing import Any
 
 from kata.network import rtnl
 from kata.network.tcfilter import OWN_TAP_ALIAS
+from kata.utils.rtnetlink import IFF_UP, RT_TABLE_MAIN, RTN_UNICAST, Link, Rtnl
 
-RT_TABLE_MAIN = 254
 RTPROT_KERNEL = 2  # connected-subnet routes: the guest kernel adds them itself with the address
-RTN_UNICAST = 1
 NUD_PERMANENT = 0x80
-IFF_UP = 0x1
 
 # Kinds whose frames a tc mirred redirect can carry to a tap (tun in L3 mode, tunnels, bridges: no).
 MIRRORED_KINDS = frozenset({"veth", "macvlan", "ipvlan", "tap"})
 
-_FAMILY = {socket.AF_INET: 4, socket.AF_INET6: 6}
+_FAMILY: dict[int, int] = {int(socket.AF_INET): 4, int(socket.AF_INET6): 6}
 
 
 @dataclass(frozen=True)
@@ -53,46 +50,42 @@ class Endpoint:
     neighbours: tuple[Neighbour, ...] = ()  # static (permanent) entries only, as Kata copies them
 
 
-def _kind(link: Any) -> str | None:
-    kind = link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
-    if kind == "tun":
+def _kind(link: Link) -> str | None:
+    if link.kind == "tun":
         # A tun device in tap mode carries Ethernet frames; one in tun mode has no L2 to mirror.
-        tun_type = link.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA", "IFLA_TUN_TYPE")
-        return "tap" if tun_type == 2 else "tun"
-    return str(kind) if kind is not None else None
+        return "tap" if link.tun_type == 2 else "tun"
+    return link.kind or None
 
 
-def _addresses(ipr: Any, index: int) -> tuple[tuple[int, str, int], ...]:
-    out = []
-    for msg in ipr.get_addr(index=index):
-        family = _FAMILY.get(msg["family"])
-        # IFA_LOCAL is the interface's own address on point-to-point links (IFA_ADDRESS is the peer).
-        addr = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
-        if family is None or not addr:
+def _addresses(r: Rtnl) -> dict[int, list[tuple[int, str, int]]]:
+    by_index: dict[int, list[tuple[int, str, int]]] = {}
+    for index, family, prefix, packed in r.all_addresses():
+        version = _FAMILY.get(family)
+        if version is None:
             continue
-        if family == 6 and ipaddress.IPv6Address(addr).is_link_local:
+        address = ipaddress.ip_address(packed)
+        if address.version == 6 and address.is_link_local:
             continue  # fe80::/64: the guest kernel derives its own from the MAC
-        out.append((family, str(addr), int(msg["prefixlen"])))
-    return tuple(out)
+        by_index.setdefault(index, []).append((version, str(address), prefix))
+    return by_index
 
 
-def _routes(ipr: Any, names: dict[int, str]) -> dict[int, list[Route]]:
+def _routes(r: Rtnl, names: dict[int, str]) -> dict[int, list[Route]]:
     by_index: dict[int, list[Route]] = {}
     for family in _FAMILY:
-        for msg in ipr.get_routes(family=family, table=RT_TABLE_MAIN):
-            oif = msg.get("RTA_OIF")
+        for msg in r.routes(family):
             # Multipath routes (no single RTA_OIF) are not mirrored: Kata's agent has no such route.
-            if msg["proto"] == RTPROT_KERNEL or msg["type"] != RTN_UNICAST or oif not in names:
+            if (msg.table != RT_TABLE_MAIN or msg.protocol == RTPROT_KERNEL or msg.type != RTN_UNICAST
+                    or msg.oif not in names):
                 continue
-            dst = msg.get("RTA_DST")
-            by_index.setdefault(oif, []).append(
+            by_index.setdefault(msg.oif, []).append(
                 Route(
-                    dest=f"{dst}/{msg['dst_len']}" if dst else "default",
-                    gateway=str(msg.get("RTA_GATEWAY") or ""),
-                    device=names[oif],
-                    scope=int(msg["scope"]),
+                    dest=f"{msg.dst}/{msg.dst_len}" if msg.dst else "default",
+                    gateway=msg.gateway,
+                    device=names[msg.oif],
+                    scope=msg.scope,
                     family=_FAMILY[family],
-                    source=str(msg.get("RTA_PREFSRC") or ""),
+                    source=msg.source,
                 )
             )
     for routes in by_index.values():
@@ -100,14 +93,14 @@ def _routes(ipr: Any, names: dict[int, str]) -> dict[int, list[Route]]:
     return by_index
 
 
-def _neighbours(ipr: Any, names: dict[int, str]) -> dict[int, list[Neighbour]]:
+def _neighbours(r: Rtnl, names: dict[int, str]) -> dict[int, list[Neighbour]]:
     by_index: dict[int, list[Neighbour]] = {}
-    for msg in ipr.get_neighbours():
-        family = _FAMILY.get(msg["family"])
-        dst, mac, index = msg.get("NDA_DST"), msg.get("NDA_LLADDR"), msg["ifindex"]
-        if not msg["state"] & NUD_PERMANENT or family is None or not dst or not mac or index not in names:
+    for msg in r.neighbours():
+        family = _FAMILY.get(msg.family)
+        if (not msg.state & NUD_PERMANENT or family is None or not msg.dst or not msg.mac
+                or msg.index not in names):
             continue
-        by_index.setdefault(index, []).append(Neighbour(str(dst), str(mac), names[index], family))
+        by_index.setdefault(msg.index, []).append(Neighbour(msg.dst, msg.mac, names[msg.index], family))
     return by_index
 
 
@@ -117,27 +110,26 @@ def discover(netns_path: str | None = None) -> list[Endpoint]:
     Every link but lo, whatever its state (as Kata), of a kind in MIRRORED_KINDS; taps this package
     created (marked with OWN_TAP_ALIAS) are skipped, so a rescan at start does not mirror them again.
     """
-    with rtnl(netns_path) as ipr:
-        chosen: dict[int, tuple[Any, str]] = {}
-        for link in ipr.get_links():
+    with rtnl(netns_path) as r:
+        chosen: dict[int, tuple[Link, str]] = {}
+        for link in r.links():
             kind = _kind(link)
-            name = link.get("IFLA_IFNAME")
-            alias = link.get("IFLA_IFALIAS") or ""
-            if name == "lo" or kind not in MIRRORED_KINDS or alias.startswith(OWN_TAP_ALIAS):
+            if link.name == "lo" or kind not in MIRRORED_KINDS or link.alias.startswith(OWN_TAP_ALIAS):
                 continue
-            chosen[link["index"]] = (link, str(kind))
-        names = {index: str(link.get("IFLA_IFNAME")) for index, (link, _) in chosen.items()}
-        routes = _routes(ipr, names)
-        neighbours = _neighbours(ipr, names)
+            chosen[link.index] = (link, kind)
+        names = {index: link.name for index, (link, _) in chosen.items()}
+        routes = _routes(r, names)
+        neighbours = _neighbours(r, names)
+        addresses = _addresses(r)
         return [
             Endpoint(
-                name=names[index],
+                name=link.name,
                 index=index,
                 kind=kind,
-                mac=str(link.get("IFLA_ADDRESS")),
-                mtu=int(link.get("IFLA_MTU")),
-                up=bool(link["flags"] & IFF_UP),
-                addresses=_addresses(ipr, index),
+                mac=link.mac,
+                mtu=link.mtu,
+                up=bool(link.flags & IFF_UP),
+                addresses=tuple(addresses.get(index, ())),
                 routes=tuple(routes.get(index, ())),
                 neighbours=tuple(neighbours.get(index, ())),
             )

@@ -9,21 +9,47 @@ side sees the same MAC and addresses as the veth had; the tap's own MAC never re
 from __future__ import annotations
 
 import errno
-from typing import Any
-
-from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.protocols import ETH_P_ALL
+import fcntl
+import os
+import socket
+import struct
 
 from kata.network import rtnl
+from kata.utils import netns
+from kata.utils.rtnetlink import (
+    NLM_F_CREATE,
+    NLM_F_EXCL,
+    RTM_DELQDISC,
+    RTM_NEWQDISC,
+    RTM_NEWTFILTER,
+    Rtnl,
+    attr,
+    nested,
+)
 
 # Marks the taps created here (IFLA_IFALIAS), so that endpoint discovery does not mirror them.
 OWN_TAP_ALIAS = "kata-tap"
 INGRESS = 0xFFFF0000  # "ffff:", the ingress qdisc's handle and its filters' parent
-_FLOWID = 0x10001  # "1:1": pyroute2's u32 requires a classid; the mirred action decides, not the class
+_TC_H_INGRESS = 0xFFFFFFF1  # where the ingress qdisc hangs
+_FLOWID = 0x10001  # "1:1": a u32 filter's class; the mirred action decides, not the class
+_ETH_P_ALL = 0x0003
+_PRIO = 49152  # tc's default for the first filter
 
+# <linux/pkt_cls.h>, <linux/tc_act/tc_mirred.h>: the attributes of a u32 filter and its action.
+_TCA_KIND, _TCA_OPTIONS = 1, 2
+_TCA_U32_CLASSID, _TCA_U32_SEL, _TCA_U32_ACT = 1, 5, 7
+_TC_U32_TERMINAL = 1
+_TCA_ACT_KIND, _TCA_ACT_OPTIONS = 1, 2
+_TCA_MIRRED_PARMS = 2
+_TC_ACT_STOLEN = 4  # "redirect": the frame leaves through the other device only
+_TCA_EGRESS_REDIR = 1
 
 # What deleting something already gone answers: no such device, qdisc or filter.
 _GONE = frozenset({errno.ENODEV, errno.ENOENT, errno.EINVAL})
+
+# <linux/if_tun.h>
+_TUNSETIFF, _TUNSETPERSIST = 0x400454CA, 0x400454CB
+_IFF_TAP, _IFF_NO_PI, _IFF_MULTI_QUEUE, _IFF_VNET_HDR = 0x0002, 0x1000, 0x0100, 0x4000
 
 
 def tap_name(index: int) -> str:
@@ -42,28 +68,32 @@ def create_tap(
     when its namespace is destroyed. `multi_queue` must match how QEMU opens it (queues > 1), else
     TUNSETIFF fails.
     """
-    with rtnl(ns) as ipr:
-        # Whoever attaches (QEMU) sets NO_PI/VNET_HDR again with its TUNSETIFF; only
-        # MULTI_QUEUE is fixed at creation.
-        flags = {"no_pi": True, "one_queue": False, "vnet_hdr": False, "multi_queue": multi_queue}
-        ipr.link("add", ifname=name, kind="tuntap", mode="tap", ifr=flags)
+    # Whoever attaches (QEMU) sets NO_PI/VNET_HDR again with its TUNSETIFF; only MULTI_QUEUE is
+    # fixed at creation.
+    flags = _IFF_TAP | _IFF_NO_PI | (_IFF_MULTI_QUEUE if multi_queue else 0)
+
+    def make() -> None:
+        # /dev/net/tun makes the device in the namespace of the thread that opens it.
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
+            fcntl.ioctl(fd, _TUNSETPERSIST, 1)
+        finally:
+            os.close(fd)
+
+    if ns is None:
+        make()
+    else:
+        _check(ns)
+        netns.call_in(netns.path_of(ns), make)
     adopt_tap(ns, name, mtu, mac)
 
 
 def adopt_tap(ns: str | None, name: str, mtu: int, mac: str | None = None) -> None:
     """The tap ``name`` in ``ns`` (made there, or moved there from a VM pool's namespace) up, with
     ``mtu`` (and ``mac``), marked as ours."""
-    with rtnl(ns) as ipr:
-        index = ipr.link_lookup(ifname=name)[0]
-        attrs: dict[str, object] = {"mtu": mtu, "ifalias": OWN_TAP_ALIAS}
-        if mac:
-            attrs["address"] = mac
-        ipr.link("set", index=index, state="up", **attrs)
-
-
-# <linux/if_tun.h>
-_TUNSETIFF = 0x400454CA
-_IFF_TAP, _IFF_NO_PI, _IFF_MULTI_QUEUE, _IFF_VNET_HDR = 0x0002, 0x1000, 0x0100, 0x4000
+    with rtnl(ns) as r:
+        r.set_link(_index(r, name), up=True, mtu=mtu, address=mac or "", alias=OWN_TAP_ALIAS)
 
 
 def open_tap(ns: str, name: str, queues: int) -> list[int]:
@@ -71,12 +101,6 @@ def open_tap(ns: str, name: str, queues: int) -> list[int]:
     network namespace (a pooled VM): /dev/net/tun is opened from a thread inside ``ns``, and a tap
     is looked up in the namespace of the descriptor that attaches to it, so it stays there. The
     flags are those QEMU sets when it opens a tap by name."""
-    import fcntl
-    import os
-    import struct
-
-    from kata.utils import netns
-
     flags = _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR | (_IFF_MULTI_QUEUE if queues > 1 else 0)
     ifreq = struct.pack("16sH22x", name.encode(), flags)
 
@@ -101,44 +125,59 @@ def connect(ns: str | None, veth_name: str, tap_name: str) -> None:
 
     Replaces any ingress qdisc already on either device, so calling it twice leaves one pair of filters.
     """
-    with rtnl(ns) as ipr:
-        veth, tap = (_index(ipr, n) for n in (veth_name, tap_name))
+    with rtnl(ns) as r:
+        veth, tap = (_index(r, n) for n in (veth_name, tap_name))
         for src, dst in ((veth, tap), (tap, veth)):
-            _del_ingress(ipr, src)
-            ipr.tc("add", "ingress", src, INGRESS)
-            ipr.tc(
-                "add-filter",
-                "u32",
-                src,
-                parent=INGRESS,
-                protocol=ETH_P_ALL,
-                keys=["0x0/0x0+0"],
-                target=_FLOWID,
-                action=[{"kind": "mirred", "direction": "egress", "action": "redirect", "ifindex": dst}],
-            )
+            _del_ingress(r, src)
+            r.tc(RTM_NEWQDISC, src, INGRESS, _TC_H_INGRESS, attrs=attr(_TCA_KIND, b"ingress\0"),
+                 flags=NLM_F_CREATE | NLM_F_EXCL)
+            r.tc(RTM_NEWTFILTER, src, 0, INGRESS, info=(_PRIO << 16) | socket.htons(_ETH_P_ALL),
+                 attrs=_redirect_all_to(dst), flags=NLM_F_CREATE | NLM_F_EXCL)
 
 
 def disconnect(ns: str | None, veth_name: str, tap_name: str) -> None:
     """Remove the ingress qdiscs (and with them the filters) from both; devices already gone are fine."""
     try:
-        with rtnl(ns) as ipr:
+        with rtnl(ns) as r:
             for name in (veth_name, tap_name):
-                for index in ipr.link_lookup(ifname=name):
-                    _del_ingress(ipr, index)
+                link = r.link(name)
+                if link is not None:
+                    _del_ingress(r, link.index)
     except FileNotFoundError:
         pass
 
 
-def _index(ipr: Any, name: str) -> int:
-    found = ipr.link_lookup(ifname=name)
-    if not found:
-        raise NetlinkError(errno.ENODEV, f"no device {name}")
-    return int(found[0])
+def _redirect_all_to(ifindex: int) -> bytes:
+    """A u32 filter that matches every frame (one key: offset 0, mask 0) and redirects it to the
+    egress of ``ifindex`` (`tc filter add ... u32 match u32 0 0 action mirred egress redirect`)."""
+    # struct tc_u32_sel: flags, offshift, nkeys, offmask, off, offoff, hoff, hmask; then one key
+    # (struct tc_u32_key: mask, val, off, offmask).
+    selector = struct.pack("=BBBxHHhhI", _TC_U32_TERMINAL, 0, 1, 0, 0, 0, 0, 0)
+    selector += struct.pack("=IIii", 0, 0, 0, 0)
+    # struct tc_mirred: tc_gen (index, capab, action, refcnt, bindcnt), eaction, ifindex.
+    mirred = struct.pack("=IIiiiiI", 0, 0, _TC_ACT_STOLEN, 0, 0, _TCA_EGRESS_REDIR, ifindex)
+    action = nested(1, attr(_TCA_ACT_KIND, b"mirred\0"),
+                    nested(_TCA_ACT_OPTIONS, attr(_TCA_MIRRED_PARMS, mirred)))
+    options = nested(_TCA_OPTIONS, attr(_TCA_U32_CLASSID, struct.pack("=I", _FLOWID)),
+                     attr(_TCA_U32_SEL, selector), nested(_TCA_U32_ACT, action))
+    return attr(_TCA_KIND, b"u32\0") + options
 
 
-def _del_ingress(ipr: Any, index: int) -> None:
+def _check(ns: str) -> None:
+    if not os.path.exists(netns.path_of(ns)):
+        raise FileNotFoundError(f"network namespace {ns} does not exist")
+
+
+def _index(r: Rtnl, name: str) -> int:
+    link = r.link(name)
+    if link is None:
+        raise OSError(errno.ENODEV, f"no device {name}")
+    return link.index
+
+
+def _del_ingress(r: Rtnl, index: int) -> None:
     try:
-        ipr.tc("del", "ingress", index, INGRESS)
-    except NetlinkError as e:
-        if e.code not in _GONE:
+        r.tc(RTM_DELQDISC, index, INGRESS, _TC_H_INGRESS)
+    except OSError as e:
+        if e.errno not in _GONE:
             raise

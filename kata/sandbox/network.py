@@ -73,7 +73,7 @@ def mirror(netns: str, hyp: Hypervisor, agent: Callable[[], AgentClient],
     place of the pool's (``mac``); the endpoints' own NICs follow it."""
     made: list[tuple[str, str]] = []
     found: list[Endpoint] = []
-    # Nothing to mirror (Docker's --network none, a pod without CNI): netlink (pyroute2) not loaded.
+    # Nothing to mirror (Docker's --network none, a pod without CNI): not a netlink request made.
     if _netns_may_have_endpoints(netns, ours=(pooled or {}).get("tap", "")):
         from kata.network import endpoints
 

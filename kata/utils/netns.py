@@ -18,7 +18,7 @@ from kata.utils import nsfiles
 from kata.utils.mount import MS_BIND, MountError, libc, mount, unmount
 
 CLONE_NEWNET = 0x40000000
-# Where `ip netns` keeps its named namespaces (pyroute2's NETNS_RUN_DIR).
+# Where `ip netns` keeps its named namespaces.
 RUN_DIR = "/run/netns"
 T = TypeVar("T")
 
@@ -34,7 +34,7 @@ def path_of(ns: str) -> str:
 
 def delete_link(ns: str | None, name: str) -> None:
     """Delete link ``name`` in namespace ``ns`` (a name or path; None: this thread's), with our own
-    rtnetlink request (no pyroute2 to load); nothing to do when it, or the namespace, is gone."""
+    rtnetlink request; nothing to do when it, or the namespace, is gone."""
     from kata.utils.rtnetlink import Rtnl
 
     def delete() -> None:

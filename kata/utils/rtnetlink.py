@@ -1,9 +1,11 @@
-"""A few rtnetlink requests (links, addresses, routes) over a raw socket, standard library only.
+"""The rtnetlink requests this project makes (links, addresses, routes, neighbours, tc) over a raw
+socket, standard library only.
 
 The guest agent's (UpdateInterface used to run busybox `ip` six times: six fork+execs, which under
-TCG cost more than the requests; the guest has no netlink library), and the host's where loading
-pyroute2 (kata.network, ~0.07 s) would cost more than the request. Each request asks for an
-acknowledgement, so a refusal is an OSError with the kernel's errno.
+TCG cost more than the requests; the guest has no netlink library), and the host's: a pod's
+endpoints and the tc filters that mirror them (kata.network), where a netlink library (pyroute2)
+cost every shim that mirrors a pod's network 7 MB kept for the pod's life, and 0.06 s to load. Each
+request asks for an acknowledgement, so a refusal is an OSError with the kernel's errno.
 """
 
 from __future__ import annotations
@@ -14,29 +16,40 @@ import os
 import socket
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
-RTM_NEWROUTE = 24
+RTM_NEWROUTE, RTM_GETROUTE = 24, 26
+RTM_NEWNEIGH, RTM_GETNEIGH = 28, 30
+RTM_NEWQDISC, RTM_DELQDISC = 36, 37
+RTM_NEWTFILTER = 44
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
 NLM_F_DUMP = 0x300
-NLM_F_REPLACE, NLM_F_CREATE = 0x100, 0x400
-IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU = 1, 3, 4
+NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x100, 0x200, 0x400
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_IFALIAS, IFLA_NET_NS_FD = 1, 3, 4, 18, 20, 28
+IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
+IFLA_TUN_TYPE = 3
 IFA_ADDRESS, IFA_LOCAL = 1, 2
-RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PREFSRC = 1, 4, 5, 7
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PREFSRC, RTA_TABLE = 1, 4, 5, 7, 15
+NDA_DST, NDA_LLADDR = 1, 2
 RT_TABLE_MAIN, RTPROT_BOOT, RTN_UNICAST = 254, 3, 1
 RT_SCOPE_UNIVERSE, RT_SCOPE_LINK = 0, 253
 IFF_UP = 0x1
+NLA_F_NESTED = 0x8000
 
 _NLMSGHDR = struct.Struct("=IHHII")
 _IFINFOMSG = struct.Struct("=BxHiII")
 _IFADDRMSG = struct.Struct("=BBBBI")
 _RTMSG = struct.Struct("=BBBBBBBBI")
+_NDMSG = struct.Struct("=BxxxiHBB")
+_TCMSG = struct.Struct("=BxxxiIII")
 _RTATTR = struct.Struct("=HH")
 
 
-def _attr(kind: int, data: bytes) -> bytes:
+def attr(kind: int, data: bytes) -> bytes:
+    """One netlink attribute, padded to 4 bytes."""
     raw = _RTATTR.pack(_RTATTR.size + len(data), kind) + data
     return raw + b"\0" * (-len(raw) % 4)
 
@@ -47,8 +60,57 @@ def _attrs(data: bytes) -> Iterator[tuple[int, bytes]]:
         length, kind = _RTATTR.unpack_from(data, pos)
         if length < _RTATTR.size:
             return
-        yield kind, data[pos + _RTATTR.size:pos + length]
+        yield kind & ~NLA_F_NESTED, data[pos + _RTATTR.size:pos + length]
         pos += (length + 3) & ~3
+
+
+def _text(data: bytes | None) -> str:
+    return data.split(b"\0", 1)[0].decode(errors="replace") if data else ""
+
+
+def _mac(data: bytes | None) -> str:
+    return ":".join(f"{b:02x}" for b in data) if data else ""
+
+
+def _ip(family: int, data: bytes | None) -> str:
+    if not data:
+        return ""
+    return str(ipaddress.ip_address(data)) if family in (socket.AF_INET, socket.AF_INET6) else ""
+
+
+@dataclass(frozen=True)
+class Link:
+    index: int
+    name: str
+    flags: int  # IFF_*
+    mtu: int
+    mac: str  # "" for a link without one
+    kind: str  # IFLA_INFO_KIND ("veth", "tun", ...), "" when the kernel names none
+    alias: str
+    tun_type: int = 0  # a tun link's IFF_TUN (1) or IFF_TAP (2)
+
+
+@dataclass(frozen=True)
+class RouteEntry:
+    family: int  # AF_INET or AF_INET6
+    dst: str  # "" for a default route
+    dst_len: int
+    gateway: str
+    oif: int  # 0 when the route has none (a multipath route)
+    source: str  # RTA_PREFSRC
+    table: int
+    protocol: int
+    scope: int
+    type: int
+
+
+@dataclass(frozen=True)
+class NeighbourEntry:
+    family: int
+    index: int
+    state: int  # NUD_*
+    dst: str
+    mac: str
 
 
 def _ip_bytes(address: str) -> tuple[int, bytes]:
@@ -105,24 +167,51 @@ class Rtnl:
         for _ in self._replies(self._send(kind, NLM_F_ACK | flags, body)):
             pass
 
+    def dump(self, kind: int, body: bytes) -> Iterator[tuple[int, bytes]]:
+        return self._replies(self._send(kind, NLM_F_DUMP, body))
+
     # -- links ------------------------------------------------------------------------------------
 
+    def links(self) -> list[Link]:
+        found = []
+        for kind, payload in self.dump(RTM_GETLINK, _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)):
+            if kind == RTM_NEWLINK:
+                found.append(_link(payload))
+        return found
+
+    def link(self, name: str) -> Link | None:
+        """The link called ``name``, or None when there is none."""
+        body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + attr(IFLA_IFNAME, name.encode() + b"\0")
+        try:
+            for kind, payload in self._replies(self._send(RTM_GETLINK, 0, body)):
+                if kind == RTM_NEWLINK:
+                    return _link(payload)
+        except OSError as exc:
+            if exc.errno == errno.ENODEV:
+                return None
+            raise
+        return None
+
     def set_link(self, index: int, *, up: bool | None = None, name: str = "", mtu: int = 0,
-                 address: str = "") -> None:
+                 address: str = "", alias: str | None = None, netns_fd: int | None = None) -> None:
         flags = IFF_UP if up else 0
         change = IFF_UP if up is not None else 0
         body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, flags, change)
         if name:
-            body += _attr(IFLA_IFNAME, name.encode() + b"\0")
+            body += attr(IFLA_IFNAME, name.encode() + b"\0")
         if mtu:
-            body += _attr(IFLA_MTU, struct.pack("=I", mtu))
+            body += attr(IFLA_MTU, struct.pack("=I", mtu))
         if address:
-            body += _attr(IFLA_ADDRESS, bytes.fromhex(address.replace(":", "")))
+            body += attr(IFLA_ADDRESS, bytes.fromhex(address.replace(":", "")))
+        if alias is not None:
+            body += attr(IFLA_IFALIAS, alias.encode())
+        if netns_fd is not None:
+            body += attr(IFLA_NET_NS_FD, struct.pack("=I", netns_fd))
         self.request(RTM_NEWLINK, body)
 
     def delete_link(self, name: str) -> bool:
         """Delete link ``name`` (of the namespace the socket was opened in); False if there is none."""
-        body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + _attr(IFLA_IFNAME, name.encode() + b"\0")
+        body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + attr(IFLA_IFNAME, name.encode() + b"\0")
         try:
             self.request(RTM_DELLINK, body)
         except OSError as exc:
@@ -149,9 +238,23 @@ class Rtnl:
                 found.append((family, prefix, address))
         return found
 
+    def all_addresses(self) -> list[tuple[int, int, int, bytes]]:
+        """(link index, family, prefix length, address) of every address."""
+        found = []
+        for kind, payload in self.dump(RTM_GETADDR, _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)):
+            if kind != RTM_NEWADDR:
+                continue
+            family, prefix, _flags, _scope, ifindex = _IFADDRMSG.unpack_from(payload)
+            attrs = dict(_attrs(payload[_IFADDRMSG.size:]))
+            # IFA_LOCAL is the link's own address on point-to-point links (IFA_ADDRESS is the peer).
+            address = attrs.get(IFA_LOCAL, attrs.get(IFA_ADDRESS))
+            if address is not None:
+                found.append((ifindex, family, prefix, address))
+        return found
+
     def flush_addresses(self, index: int) -> None:
         for family, prefix, address in self.addresses(index):
-            body = _IFADDRMSG.pack(family, prefix, 0, 0, index) + _attr(IFA_LOCAL, address)
+            body = _IFADDRMSG.pack(family, prefix, 0, 0, index) + attr(IFA_LOCAL, address)
             try:
                 self.request(RTM_DELADDR, body)
             except OSError as e:
@@ -161,10 +264,27 @@ class Rtnl:
     def add_address(self, index: int, address: str, prefix: int) -> None:
         family, packed = _ip_bytes(address)
         body = _IFADDRMSG.pack(family, prefix, 0, 0, index)
-        body += _attr(IFA_LOCAL, packed) + _attr(IFA_ADDRESS, packed)
+        body += attr(IFA_LOCAL, packed) + attr(IFA_ADDRESS, packed)
         self.request(RTM_NEWADDR, body, NLM_F_CREATE | NLM_F_REPLACE)
 
     # -- routes -----------------------------------------------------------------------------------
+
+    def routes(self, family: int) -> list[RouteEntry]:
+        found = []
+        for kind, payload in self.dump(RTM_GETROUTE, _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)):
+            if kind != RTM_NEWROUTE:
+                continue
+            fam, dst_len, _src_len, _tos, table, protocol, scope, rtype, _flags = _RTMSG.unpack_from(payload)
+            attrs = dict(_attrs(payload[_RTMSG.size:]))
+            if RTA_TABLE in attrs:  # tables past 255 are only here
+                table = struct.unpack("=I", attrs[RTA_TABLE][:4])[0]
+            oif = attrs.get(RTA_OIF)
+            found.append(RouteEntry(
+                family=fam, dst=_ip(fam, attrs.get(RTA_DST)), dst_len=dst_len,
+                gateway=_ip(fam, attrs.get(RTA_GATEWAY)), oif=struct.unpack("=i", oif[:4])[0] if oif else 0,
+                source=_ip(fam, attrs.get(RTA_PREFSRC)), table=table, protocol=protocol, scope=scope,
+                type=rtype))
+        return found
 
     def replace_route(self, dest: str, *, gateway: str = "", index: int = 0, source: str = "",
                       scope: int | None = None, family: int = socket.AF_INET) -> None:
@@ -176,15 +296,53 @@ class Rtnl:
             net = ipaddress.ip_network(dest, strict=False)
             family = socket.AF_INET6 if net.version == 6 else socket.AF_INET
             prefix = net.prefixlen
-            attrs += _attr(RTA_DST, net.network_address.packed)
+            attrs += attr(RTA_DST, net.network_address.packed)
         if gateway:
             family, packed = _ip_bytes(gateway)
-            attrs += _attr(RTA_GATEWAY, packed)
+            attrs += attr(RTA_GATEWAY, packed)
         if index:
-            attrs += _attr(RTA_OIF, struct.pack("=i", index))
+            attrs += attr(RTA_OIF, struct.pack("=i", index))
         if source:
-            attrs += _attr(RTA_PREFSRC, _ip_bytes(source)[1])
+            attrs += attr(RTA_PREFSRC, _ip_bytes(source)[1])
         if scope is None:
             scope = RT_SCOPE_LINK if family == socket.AF_INET and not gateway else RT_SCOPE_UNIVERSE
         body = _RTMSG.pack(family, prefix, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, scope, RTN_UNICAST, 0)
         self.request(RTM_NEWROUTE, body + attrs, NLM_F_CREATE | NLM_F_REPLACE)
+
+    # -- neighbours -------------------------------------------------------------------------------
+
+    def neighbours(self) -> list[NeighbourEntry]:
+        found = []
+        for kind, payload in self.dump(RTM_GETNEIGH, _NDMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)):
+            if kind != RTM_NEWNEIGH:
+                continue
+            family, index, state, _flags, _type = _NDMSG.unpack_from(payload)
+            attrs = dict(_attrs(payload[_NDMSG.size:]))
+            found.append(NeighbourEntry(family, index, state, _ip(family, attrs.get(NDA_DST)),
+                                        _mac(attrs.get(NDA_LLADDR))))
+        return found
+
+    # -- traffic control --------------------------------------------------------------------------
+
+    def tc(self, kind: int, index: int, handle: int, parent: int, info: int = 0, attrs: bytes = b"",
+           flags: int = 0) -> None:
+        """A tc request (qdisc or filter) on link ``index``."""
+        self.request(kind, _TCMSG.pack(socket.AF_UNSPEC, index, handle, parent, info) + attrs, flags)
+
+
+def nested(kind: int, *attrs: bytes) -> bytes:
+    """An attribute holding other attributes."""
+    return attr(kind | NLA_F_NESTED, b"".join(attrs))
+
+
+def _link(payload: bytes) -> Link:
+    _family, _type, index, flags, _change = _IFINFOMSG.unpack_from(payload)
+    attrs = dict(_attrs(payload[_IFINFOMSG.size:]))
+    info = dict(_attrs(attrs.get(IFLA_LINKINFO, b"")))
+    data = dict(_attrs(info.get(IFLA_INFO_DATA, b"")))
+    mtu = attrs.get(IFLA_MTU)
+    tun_type = data.get(IFLA_TUN_TYPE)
+    return Link(index=index, name=_text(attrs.get(IFLA_IFNAME)), flags=flags,
+                mtu=struct.unpack("=I", mtu[:4])[0] if mtu else 0, mac=_mac(attrs.get(IFLA_ADDRESS)),
+                kind=_text(info.get(IFLA_INFO_KIND)), alias=_text(attrs.get(IFLA_IFALIAS)),
+                tun_type=tun_type[0] if tun_type else 0)

@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from pyroute2.netns import create_socket
 
 from kata.network.endpoints import Endpoint, Neighbour, Route, discover
 from kata.network.tcfilter import connect, create_tap, disconnect, tap_name
@@ -148,8 +147,10 @@ def test_discover_accepts_netns_paths(pair: Pair) -> None:
     sleeper = subprocess.Popen(["ip", "netns", "exec", pair.c, "sleep", "60"])
     try:
         deadline = time.monotonic() + 5
-        # `ip netns exec` enters the namespace and then execs sleep: wait until it is the sleep.
-        while b"sleep" not in open(f"/proc/{sleeper.pid}/cmdline", "rb").read():
+        # `ip netns exec` enters the namespace and then execs sleep: wait until it is in there (its
+        # command line names sleep from the start).
+        inside = os.stat(f"/run/netns/{pair.c}").st_ino
+        while os.stat(f"/proc/{sleeper.pid}/ns/net").st_ino != inside:
             assert time.monotonic() < deadline
             time.sleep(0.02)
         assert discover(f"/proc/{sleeper.pid}/ns/net") == by_name
@@ -246,8 +247,9 @@ def test_traffic_flows_between_peer_and_tap_both_ways(pair: Pair) -> None:
     create_tap(c, tap, 1500)
     connect(c, "eth0", tap)
     fd = open_tap(c, tap)  # stands in for QEMU: the guest side of the tap
-    sender = create_socket(p, socket.AF_INET, socket.SOCK_DGRAM, flags=0)
-    receiver = create_socket(p, socket.AF_INET, socket.SOCK_DGRAM, flags=0)
+    # A socket belongs to the namespace of the thread that made it.
+    sender = call_in_netns(p, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    receiver = call_in_netns(p, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
     try:
         receiver.bind((P_IP, 5556))
         receiver.settimeout(5)

@@ -301,7 +301,7 @@ def test_docker_containers_take_pooled_vms_with_dockers_network(tmp_path: Path, 
                                  timeout=60)
                 assert got.stdout == "pooled, from the host side\n", got.stderr
                 # --network none: the namespace has no interface at start, so the pooled NIC is
-                # given back (its tap deleted there, without loading pyroute2) and the guest lets go.
+                # given back (its tap deleted there, without an endpoint scan) and the guest lets go.
                 ready = _ready()
                 run = docker.run("run", "-d", "--name", "kn", "--network", "none", "--runtime", "kata-pool",
                                  docker.image, "sleep", "1000", timeout=180)

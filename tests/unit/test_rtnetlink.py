@@ -79,3 +79,33 @@ def test_delete_link_by_name(netns: str) -> None:
     assert out.split() == ["True", "False"]  # deleted, then nothing of that name
     names = {link["ifname"] for link in _json(netns, "link", "show")}
     assert names == {"lo"}, names  # the veth's other end went with it
+
+
+def test_dumps_read_what_iproute2_made(netns: str) -> None:
+    """Links (kind, alias, a tap's type), addresses, routes (table, source) and neighbours (state),
+    as the host reads a pod's endpoints: from a socket made inside the namespace."""
+    from kata.network import rtnl
+    from kata.utils.rtnetlink import RT_TABLE_MAIN
+
+    in_netns(netns, "ip", "link", "set", "kdummy0", "address", "02:42:0a:58:00:07", "mtu", "1400",
+             "alias", "the pod's", "up")
+    in_netns(netns, "ip", "addr", "add", "10.88.0.7/16", "dev", "kdummy0")
+    in_netns(netns, "ip", "route", "add", "10.99.0.0/24", "dev", "kdummy0", "src", "10.88.0.7",
+             "table", "1000")
+    in_netns(netns, "ip", "route", "add", "default", "via", "10.88.0.1")
+    in_netns(netns, "ip", "neigh", "add", "10.88.0.1", "lladdr", "02:42:0a:58:00:01", "dev", "kdummy0",
+             "nud", "permanent")
+    in_netns(netns, "ip", "tuntap", "add", "ktap0", "mode", "tap")
+    with rtnl(netns) as r:
+        links = {link.name: link for link in r.links()}
+        eth = links["kdummy0"]
+        assert (eth.kind, eth.mac, eth.mtu, eth.alias, eth.flags & 1) == ("veth", "02:42:0a:58:00:07", 1400,
+                                                                         "the pod's", 1)
+        assert (links["ktap0"].kind, links["ktap0"].tun_type) == ("tun", 2)
+        assert r.link("ktap0") == links["ktap0"] and r.link("nope0") is None
+        assert (eth.index, 2, 16, bytes([10, 88, 0, 7])) in r.all_addresses()
+        routes = [(x.dst, x.dst_len, x.gateway, x.source, x.table, x.oif) for x in r.routes(2)]
+        assert ("10.99.0.0", 24, "", "10.88.0.7", 1000, eth.index) in routes
+        assert ("", 0, "10.88.0.1", "", RT_TABLE_MAIN, eth.index) in routes
+        neigh = [(n.dst, n.mac, n.index, n.state & 0x80) for n in r.neighbours()]
+        assert ("10.88.0.1", "02:42:0a:58:00:01", eth.index, 0x80) in neigh
