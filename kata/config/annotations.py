@@ -3,7 +3,10 @@
 Kata's rules: a hypervisor annotation is refused (an error, not silently ignored) unless its short
 name matches one of the enable_annotations regular expressions, searched anywhere in the name as Go's
 regexp.MatchString does; the hypervisor binary and virtiofsd paths must also match their
-valid_*_paths globs. Runtime and agent annotations are not gated by enable_annotations in Kata.
+valid_*_paths globs. Beyond Kata, a guest asset a pod names (kernel, image, initrd, firmware) must be
+a regular file in a directory that holds a configured one: QEMU hands it to the guest, which could
+otherwise read any host file or device (/dev/mem, a disk) the runtime can. Runtime and agent
+annotations are not gated by enable_annotations in Kata.
 Annotations this runtime does not implement are ignored, as Kata ignores ones it does not know.
 """
 
@@ -11,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
+import stat
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -75,16 +80,17 @@ class _Spec:
     parse: Callable[[str], Any]
     allow_list: str | None = None  # HypervisorConfig field with globs the value must match
     append: bool = False  # kernel_params: added to the configured ones, as Kata does
+    asset: bool = False  # a file QEMU gives the guest: see _guest_asset
 
 
 # Annotation short name -> how it maps onto HypervisorConfig. Names are Kata's (note default_max_vcpus,
 # where the TOML key is default_maxvcpus).
 HYPERVISOR_ANNOTATIONS: dict[str, _Spec] = {
     "path": _Spec("path", _parse_abs_path, allow_list="valid_hypervisor_paths"),
-    "kernel": _Spec("kernel", _parse_abs_path),
-    "image": _Spec("image", _parse_abs_path),
-    "initrd": _Spec("initrd", _parse_abs_path),
-    "firmware": _Spec("firmware", _parse_abs_path),
+    "kernel": _Spec("kernel", _parse_abs_path, asset=True),
+    "image": _Spec("image", _parse_abs_path, asset=True),
+    "initrd": _Spec("initrd", _parse_abs_path, asset=True),
+    "firmware": _Spec("firmware", _parse_abs_path, asset=True),
     "machine_type": _Spec("machine_type", str),
     "kernel_params": _Spec("kernel_params", str, append=True),
     "default_vcpus": _Spec("default_vcpus", _parse_uint),
@@ -138,6 +144,8 @@ def apply_annotations(cfg: RuntimeConfig, annotations: Mapping[str, str]) -> Run
             parsed = _parse(key, spec, value)
             if spec.allow_list is not None and not path_allowed(parsed, getattr(hv, spec.allow_list)):
                 raise ConfigError(f"annotation {key}: {parsed} is not in {spec.allow_list}")
+            if spec.asset:
+                parsed = _guest_asset(key, parsed, hv)
             if spec.append:
                 parsed = " ".join(p for p in (hv.kernel_params, parsed) if p)
             hv_changes[spec.field] = parsed
@@ -157,6 +165,23 @@ def apply_annotations(cfg: RuntimeConfig, annotations: Mapping[str, str]) -> Run
     _check(runtime_problems(new_rt), RUNTIME_PREFIX, RUNTIME_ANNOTATIONS, rt_changes)
     _check(agent_problems(new_agent), AGENT_PREFIX, AGENT_ANNOTATIONS, agent_changes)
     return dataclasses.replace(cfg, hypervisor=new_hv, runtime=new_rt, agent=new_agent)
+
+
+def _guest_asset(key: str, path: str, hv: HypervisorConfig) -> str:
+    """``path`` with its symlinks resolved, when it is a regular file in a directory that holds one of
+    the configured guest assets (kata.osbuilder's /usr/share/kata-containers by default); QEMU then
+    opens the resolved path, which a symlink swapped later cannot redirect."""
+    real = os.path.realpath(path)
+    homes = {os.path.realpath(os.path.dirname(v)) for v in (hv.kernel, hv.image, hv.initrd, hv.firmware) if v}
+    homes.discard("/")
+    try:
+        regular = stat.S_ISREG(os.stat(real).st_mode)
+    except OSError:
+        regular = False
+    if not regular or not any(os.path.commonpath([real, home]) == home for home in homes):
+        where = ", ".join(sorted(homes)) or "no directory (no asset is configured)"
+        raise ConfigError(f"annotation {key}: {path} is not a guest asset (a regular file in {where})")
+    return real
 
 
 def _parse(key: str, spec: _Spec, value: str) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -127,14 +128,53 @@ def test_virtiofsd_path_needs_allow_list() -> None:
     assert out.hypervisor.virtio_fs_cache == "never"
 
 
-def test_kernel_and_initrd_annotations() -> None:
-    cfg = config(enable_annotations=("kernel$", "initrd", "image"))
-    out = apply_annotations(cfg, {H + "kernel": "/k/vmlinux", H + "initrd": "/k/initrd.img"})
-    assert out.hypervisor.kernel == "/k/vmlinux"
+def _assets(tmp_path: Path, *names: str) -> Path:
+    home = tmp_path / "assets"
+    home.mkdir(exist_ok=True)
+    for name in names:
+        (home / name).write_bytes(b"x")
+    return home
+
+
+def test_kernel_and_initrd_annotations(tmp_path: Path) -> None:
+    k = _assets(tmp_path, "vmlinux", "default-vmlinux", "initrd.img", "a.img", "b.img")
+    cfg = config(enable_annotations=("kernel$", "initrd", "image"), kernel=f"{k}/default-vmlinux")
+    out = apply_annotations(cfg, {H + "kernel": f"{k}/vmlinux", H + "initrd": f"{k}/initrd.img"})
+    assert out.hypervisor.kernel == f"{k}/vmlinux"
     # An initrd per pod replaces the configured image (they are mutually exclusive).
-    assert (out.hypervisor.initrd, out.hypervisor.image) == ("/k/initrd.img", "")
+    assert (out.hypervisor.initrd, out.hypervisor.image) == (f"{k}/initrd.img", "")
     with pytest.raises(ConfigError, match="mutually exclusive"):
-        apply_annotations(cfg, {H + "image": "/k/a.img", H + "initrd": "/k/b.img"})
+        apply_annotations(cfg, {H + "image": f"{k}/a.img", H + "initrd": f"{k}/b.img"})
+
+
+@pytest.mark.parametrize("named", [
+    "/etc/shadow",  # a host file the guest could then read as its disk
+    "/dev/mem",  # a device
+    "{k}/missing.img",
+    "{k}/sub",  # a directory
+    "{k}/out.img",  # a symlink out of the assets' directory
+    "{k}/../elsewhere.img",  # a regular file beside it, reached with ..
+    "{k}/fifo",
+])
+def test_a_pod_names_only_guest_assets(tmp_path: Path, named: str) -> None:
+    """QEMU maps or reads the file into the guest: a kernel, image, initrd or firmware a pod names
+    must be a regular file in the configured assets' directory."""
+    k = _assets(tmp_path, "kernel")
+    (k / "sub").mkdir()
+    (tmp_path / "elsewhere.img").write_bytes(b"x")
+    (k / "out.img").symlink_to(tmp_path / "elsewhere.img")
+    os.mkfifo(k / "fifo")
+    cfg = config(enable_annotations=("image", "kernel", "initrd", "firmware"), kernel=f"{k}/kernel")
+    for key in ("image", "kernel", "initrd", "firmware"):
+        with pytest.raises(ConfigError, match=f"annotation {H}{key}: .* is not a guest asset"):
+            apply_annotations(cfg, {H + key: named.format(k=k)})
+
+
+def test_a_symlink_among_the_assets_is_resolved(tmp_path: Path) -> None:
+    k = _assets(tmp_path, "kernel", "image-1234.img")
+    (k / "image.img").symlink_to("image-1234.img")
+    cfg = config(enable_annotations=("image",), kernel=f"{k}/kernel")
+    assert apply_annotations(cfg, {H + "image": f"{k}/image.img"}).hypervisor.image == f"{k}/image-1234.img"
 
 
 def test_runtime_and_agent_annotations_not_gated() -> None:
