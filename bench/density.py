@@ -262,7 +262,8 @@ def measure(front: Front, count: int | None, args: argparse.Namespace) -> dict[s
         busy, by_kind = idle_cpu(args.idle)
         idle = max(0.0, busy - base_cpu)
         answered = sum(1 for pid in pods[:n] if front.exec(pid, ["true"]))
-        after_spike = spike(front, pods[:n], base_mem, args) if args.spike and n else None
+        after_spike, pss_after_spike = spike(front, pods[:n], base_mem, base_pss, args) if args.spike and n \
+            else (None, {})
     finally:
         t0 = time.monotonic()
         for pid in pods:
@@ -279,21 +280,23 @@ def measure(front: Front, count: int | None, args: argparse.Namespace) -> dict[s
         # each kind's share of one core per pod (a process that ended in the window counts partly)
         "idle_core_per_pod": {k: v / n for k, v in by_kind.items()} if n else {},
         "host_cpu_before": base_cpu, "removal_s": removal,
-        "mem_per_pod_after_spike_mb": after_spike,
+        "mem_per_pod_after_spike_mb": after_spike, "pss_per_pod_after_spike_mb": pss_after_spike,
     }
     if stopped_by:
         res["stopped_by"] = stopped_by
     return res
 
 
-def spike(front: Front, pods: list[str], base_mem: int, args: argparse.Namespace) -> float:
+def spike(front: Front, pods: list[str], base_mem: int, base_pss: dict[str, int],
+          args: argparse.Namespace) -> tuple[float, dict[str, float]]:
     """MemAvailable's drop per pod --settle seconds after each pod ran a process that touched
-    ``--spike`` MB and exited."""
+    ``--spike`` MB and exited, and the pods' PSS by kind per pod then."""
     for pid in pods:
         if not front.exec(pid, ["dd", "if=/dev/zero", "of=/dev/null", f"bs={args.spike}M", "count=1"]):
             raise RuntimeFailed(f"pod {pid}: the spike's dd failed")
     time.sleep(args.settle)
-    return (base_mem - mem_available_kib()) / 1024 / len(pods)
+    drop = (base_mem - mem_available_kib()) / 1024 / len(pods)
+    return drop, {k: (v - base_pss[k]) / 1024 / len(pods) for k, v in pss_by_kind().items()}
 
 
 def measure_counts(front: Front, counts: list[int | None], args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -363,9 +366,11 @@ def report(rows: list[dict[str, Any]]) -> None:
             print(f"{r['front']} {r['runtime']} N={r['pods']}: per pod, PSS by kind (MB): {kinds}; "
                   f"idle CPU by kind (of one core): {cpu or 'none'}")
         if r.get("mem_per_pod_after_spike_mb") is not None:
+            after = r["pss_per_pod_after_spike_mb"]
+            kinds = ", ".join(f"{k} {v:.1f}" for k, v in after.items() if abs(v) >= 0.05)
             print(f"{r['front']} {r['runtime']} N={r['pods']}: MemAvailable drop per pod after each touched "
                   f"and freed its spike: {r['mem_per_pod_after_spike_mb']:.1f} MB (idle before: "
-                  f"{r['mem_per_pod_mb']:.1f} MB)")
+                  f"{r['mem_per_pod_mb']:.1f} MB); PSS by kind then (MB): {kinds}")
 
 
 def main() -> int:
