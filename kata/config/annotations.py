@@ -145,7 +145,7 @@ def apply_annotations(cfg: RuntimeConfig, annotations: Mapping[str, str]) -> Run
             if spec.allow_list is not None and not path_allowed(parsed, getattr(hv, spec.allow_list)):
                 raise ConfigError(f"annotation {key}: {parsed} is not in {spec.allow_list}")
             if spec.asset:
-                parsed = _guest_asset(key, parsed, hv)
+                parsed = _guest_asset(key, spec.field, parsed, hv)
             if spec.append:
                 parsed = " ".join(p for p in (hv.kernel_params, parsed) if p)
             hv_changes[spec.field] = parsed
@@ -167,21 +167,26 @@ def apply_annotations(cfg: RuntimeConfig, annotations: Mapping[str, str]) -> Run
     return dataclasses.replace(cfg, hypervisor=new_hv, runtime=new_rt, agent=new_agent)
 
 
-def _guest_asset(key: str, path: str, hv: HypervisorConfig) -> str:
-    """``path`` with its symlinks resolved, when it is a regular file in a directory that holds one of
-    the configured guest assets (kata.osbuilder's /usr/share/kata-containers by default); QEMU then
-    opens the resolved path, which a symlink swapped later cannot redirect."""
+def _guest_asset(key: str, field: str, path: str, hv: HypervisorConfig) -> str:
+    """``path``, when it is (symlinks followed) a regular file directly in a directory that holds one
+    of the configured guest assets, or that one of them links into (kata.osbuilder's
+    /usr/share/kata-containers by default). A path to the file the configuration names for ``field``
+    gives the configured path (the pod keeps the VM shape, template and pool of the others); any
+    other is given resolved, so that QEMU opens what was checked."""
+    configured = [v for v in (hv.kernel, hv.image, hv.initrd, hv.firmware) if v]
     real = os.path.realpath(path)
-    homes = {os.path.realpath(os.path.dirname(v)) for v in (hv.kernel, hv.image, hv.initrd, hv.firmware) if v}
+    homes = {os.path.realpath(os.path.dirname(v)) for v in configured}
+    homes |= {os.path.dirname(os.path.realpath(v)) for v in configured}
     homes.discard("/")
     try:
         regular = stat.S_ISREG(os.stat(real).st_mode)
     except OSError:
         regular = False
-    if not regular or not any(os.path.commonpath([real, home]) == home for home in homes):
+    if not regular or os.path.dirname(real) not in homes:
         where = ", ".join(sorted(homes)) or "no directory (no asset is configured)"
         raise ConfigError(f"annotation {key}: {path} is not a guest asset (a regular file in {where})")
-    return real
+    ours = getattr(hv, field)
+    return ours if ours and os.path.realpath(ours) == real else real
 
 
 def _parse(key: str, spec: _Spec, value: str) -> Any:

@@ -34,7 +34,7 @@ from kata.utils.files import locked
 from kata.utils.safepath import remove_tree
 
 # Bump when the way templates are made changes (e.g. the agent's state at snapshot time).
-TEMPLATE_FORMAT = "7"  # 7: the image in persistent memory
+TEMPLATE_FORMAT = "8"  # 8: free page reporting (VMConfig gained a field: every shape digest changed)
 _STATE = "state"
 _META = "meta.json"
 # A template's guest RAM (its VM maps it shared, so the snapshot leaves RAM out). A virtio-fs clone

@@ -27,6 +27,8 @@ RTM_NEWTFILTER = 44
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
 NLM_F_DUMP = 0x300
+NLM_F_DUMP_INTR = 0x10
+_DUMP_ATTEMPTS = 3
 NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x100, 0x200, 0x400
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_IFALIAS, IFLA_NET_NS_FD = 1, 3, 4, 18, 20, 28
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
@@ -154,7 +156,13 @@ class Rtnl:
                 pos += (length + 3) & ~3
                 if mseq != seq:
                     continue
+                if _flags & NLM_F_DUMP_INTR:
+                    # The table changed while the kernel dumped it: what came is not all there is.
+                    raise InterruptedError(errno.EINTR, "netlink dump interrupted by a change")
                 if kind == NLMSG_DONE:
+                    code = -struct.unpack_from("=i", payload)[0] if len(payload) >= 4 else 0
+                    if code > 0:
+                        raise OSError(code, os.strerror(code))
                     return
                 if kind == NLMSG_ERROR:
                     code = -struct.unpack_from("=i", payload)[0]
@@ -167,8 +175,27 @@ class Rtnl:
         for _ in self._replies(self._send(kind, NLM_F_ACK | flags, body)):
             pass
 
-    def dump(self, kind: int, body: bytes) -> Iterator[tuple[int, bytes]]:
-        return self._replies(self._send(kind, NLM_F_DUMP, body))
+    def dump(self, kind: int, body: bytes) -> list[tuple[int, bytes]]:
+        """(type, payload) of every message of a dump, taken again when a change interrupted it."""
+        for attempt in range(_DUMP_ATTEMPTS):
+            try:
+                return list(self._replies(self._send(kind, NLM_F_DUMP, body)))
+            except InterruptedError:
+                if attempt == _DUMP_ATTEMPTS - 1:
+                    raise
+                self._drain()
+        raise AssertionError("unreachable")
+
+    def _drain(self) -> None:
+        """Read what is left of an interrupted dump (its other parts and its end)."""
+        self.sock.settimeout(0.0)
+        try:
+            while self.sock.recv(65536):
+                pass
+        except BlockingIOError:
+            pass
+        finally:
+            self.sock.settimeout(None)
 
     # -- links ------------------------------------------------------------------------------------
 
@@ -275,6 +302,8 @@ class Rtnl:
             if kind != RTM_NEWROUTE:
                 continue
             fam, dst_len, _src_len, _tos, table, protocol, scope, rtype, _flags = _RTMSG.unpack_from(payload)
+            if fam != family:  # a kernel without IPv6 answers an AF_INET6 dump with every family's
+                continue
             attrs = dict(_attrs(payload[_RTMSG.size:]))
             if RTA_TABLE in attrs:  # tables past 255 are only here
                 table = struct.unpack("=I", attrs[RTA_TABLE][:4])[0]

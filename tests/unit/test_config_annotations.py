@@ -171,10 +171,33 @@ def test_a_pod_names_only_guest_assets(tmp_path: Path, named: str) -> None:
 
 
 def test_a_symlink_among_the_assets_is_resolved(tmp_path: Path) -> None:
-    k = _assets(tmp_path, "kernel", "image-1234.img")
+    k = _assets(tmp_path, "kernel", "image-1234.img", "other.img")
     (k / "image.img").symlink_to("image-1234.img")
-    cfg = config(enable_annotations=("image",), kernel=f"{k}/kernel")
-    assert apply_annotations(cfg, {H + "image": f"{k}/image.img"}).hypervisor.image == f"{k}/image-1234.img"
+    (k / "alias.img").symlink_to("other.img")
+    cfg = config(enable_annotations=("image",), kernel=f"{k}/kernel", image=f"{k}/image.img")
+    # Another file: resolved, so that QEMU opens what was checked.
+    assert apply_annotations(cfg, {H + "image": f"{k}/alias.img"}).hypervisor.image == f"{k}/other.img"
+    # The configured image, by either name: as configured (the shape, template and pool of every pod).
+    for named in ("image.img", "image-1234.img"):
+        assert apply_annotations(cfg, {H + "image": f"{k}/{named}"}).hypervisor.image == f"{k}/image.img"
+
+
+def test_assets_linked_from_elsewhere_are_assets_where_they_lie(tmp_path: Path) -> None:
+    """A configured asset that is a symlink into another directory (as distributions link a kernel
+    from /boot): the files beside its target are assets too, not those below them."""
+    store = _assets(tmp_path, "vmlinuz-6.1", "vmlinuz-6.2")
+    (store / "grub").mkdir()
+    (store / "grub" / "grub.cfg").write_bytes(b"x")
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "vmlinuz.container").symlink_to(store / "vmlinuz-6.1")
+    cfg = config(enable_annotations=("kernel",), kernel=f"{conf}/vmlinuz.container")
+    out = apply_annotations(cfg, {H + "kernel": f"{conf}/vmlinuz.container"})
+    assert out.hypervisor.kernel == f"{conf}/vmlinuz.container"
+    other = apply_annotations(cfg, {H + "kernel": f"{store}/vmlinuz-6.2"})
+    assert other.hypervisor.kernel == f"{store}/vmlinuz-6.2"
+    with pytest.raises(ConfigError, match="is not a guest asset"):
+        apply_annotations(cfg, {H + "kernel": f"{store}/grub/grub.cfg"})
 
 
 def test_runtime_and_agent_annotations_not_gated() -> None:

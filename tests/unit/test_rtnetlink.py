@@ -109,3 +109,54 @@ def test_dumps_read_what_iproute2_made(netns: str) -> None:
         assert ("", 0, "10.88.0.1", "", RT_TABLE_MAIN, eth.index) in routes
         neigh = [(n.dst, n.mac, n.index, n.state & 0x80) for n in r.neighbours()]
         assert ("10.88.0.1", "02:42:0a:58:00:01", eth.index, 0x80) in neigh
+
+
+class _ScriptedSocket:
+    """A netlink socket that answers each request with the next scripted datagrams (``seq`` filled in)."""
+
+    def __init__(self, answers: list[list[tuple[int, int, bytes]]]) -> None:
+        self.answers = answers
+        self.queue: list[bytes] = []
+        self.sent = 0
+
+    def send(self, data: bytes) -> int:
+        import struct
+
+        seq = struct.unpack_from("=IHHII", data)[3]
+        self.queue = [struct.pack("=IHHII", 16 + len(body), kind, flags, seq, 0) + body
+                      for kind, flags, body in self.answers[self.sent]]
+        self.sent += 1
+        return len(data)
+
+    def recv(self, _size: int) -> bytes:
+        if not self.queue:
+            raise BlockingIOError
+        return self.queue.pop(0)
+
+    def settimeout(self, _t: float | None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_an_interrupted_dump_is_taken_again() -> None:
+    """NLM_F_DUMP_INTR: the table changed during the dump, whose parts are then not all there is."""
+    import struct
+
+    from kata.utils.rtnetlink import NLM_F_DUMP_INTR, RTM_NEWLINK, Rtnl
+
+    link = struct.pack("=BxHiII", 0, 1, 7, 1, 0)
+    done = (3, 0, struct.pack("=i", 0))
+    r = Rtnl()
+    r.sock.close()
+    r.sock = _ScriptedSocket([[(RTM_NEWLINK, NLM_F_DUMP_INTR, link), done],  # type: ignore[assignment]
+                              [(RTM_NEWLINK, 0, link), done]])
+    assert [x.index for x in r.links()] == [7]
+    assert r.sock.sent == 2  # type: ignore[attr-defined]
+    r.sock = _ScriptedSocket([[(RTM_NEWLINK, NLM_F_DUMP_INTR, link), done]] * 3)  # type: ignore[assignment]
+    with pytest.raises(InterruptedError):
+        r.links()
+    r.sock = _ScriptedSocket([[(3, 0, struct.pack("=i", -16))]])  # type: ignore[assignment]
+    with pytest.raises(OSError, match="busy"):  # a dump the kernel ended with an error
+        r.links()
