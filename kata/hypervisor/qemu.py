@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import stat
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -30,6 +31,7 @@ from .qemu_argv import (
     file_backed_ram,
     hotplug_capable,
     ignores_shared,
+    image_on_pmem,
 )
 from .qmp import Qmp, main_loop_ready
 from .vsock import reserve_cid
@@ -145,12 +147,16 @@ class Qemu(Hypervisor):
                       paths.log_file):
             stale.unlink(missing_ok=True)
 
-        vsock: Vsock | None = reserve_cid() if config.agent_channel == "vsock" else None
+        image_fd = open_image(config) if config.image is not None else None
+        vsock: Vsock | None = None
         try:
-            argv = build_argv(config, vsock, restore, seccomp=self._seccomp)
+            vsock = reserve_cid() if config.agent_channel == "vsock" else None
+            argv = build_argv(config, vsock, restore, seccomp=self._seccomp, image_fd=image_fd)
             fds = [vsock.vhostfd] if vsock is not None and vsock.vhostfd is not None else []
             if restore is not None:
                 fds += [fd for fd in (restore.state_fd, restore.memory_fd) if fd is not None]
+            if image_fd is not None:
+                fds.append(image_fd)
             try:
                 proc = daemon.launch(argv, paths.log_file, pass_fds=fds)
             except daemon.DaemonError as exc:
@@ -158,6 +164,8 @@ class Qemu(Hypervisor):
         finally:
             if vsock is not None and vsock.vhostfd is not None:
                 os.close(vsock.vhostfd)  # QEMU holds its own copy, and with it the cid
+            if image_fd is not None:
+                os.close(image_fd)  # QEMU opened the file itself, through its inherited copy
 
         fs = config.shared_fs
         self._paths = paths
@@ -418,6 +426,29 @@ class Qemu(Hypervisor):
             qmp.run("object-del", id=f"hotmem{n}")
             raise
         return size_mib
+
+
+def open_image(config: VMConfig) -> int:
+    """The guest image, opened once for QEMU to inherit: the file QEMU maps or reads is the one
+    checked here (a regular file or a block device), and, mapped as persistent memory, of the size
+    the VM was planned with (the guest is told where the image ends)."""
+    assert config.image is not None
+    try:
+        # O_NONBLOCK: a FIFO put at the path must not hang the start.
+        fd = os.open(config.image, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        raise HypervisorError(f"guest image {config.image}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise HypervisorError(f"guest image {config.image} is not a file or a block device")
+        if image_on_pmem(config) and st.st_size != config.image_pmem_size:
+            raise HypervisorError(f"guest image {config.image} changed while the VM was planned "
+                                  f"({config.image_pmem_size} bytes, now {st.st_size}): start it again")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _memory_file(config: VMConfig, restore: Restore | None) -> str:

@@ -253,8 +253,12 @@ def ram_backend(config: VMConfig, restore: Restore | None) -> str | None:
 
 
 def build_argv(config: VMConfig, vsock: Vsock | None = None, restore: Restore | None = None,
-               seccomp: str = DEFAULT_SECCOMP) -> list[str]:
+               seccomp: str = DEFAULT_SECCOMP, image_fd: int | None = None) -> list[str]:
     """The full QEMU argv; ``vsock`` is required when ``config.agent_channel == "vsock"``.
+
+    ``image_fd``: the image, opened by the caller and inherited by QEMU, which then opens that file
+    (/proc/self/fd/N) rather than whatever the path names by then. Without it, the path (a template
+    key's argv, which must not depend on a descriptor's number).
 
     ``restore``: the descriptors of a state written by ``save`` (the same config must be used).
     ``seccomp``: QEMU's -sandbox options; empty for none.
@@ -275,6 +279,7 @@ def build_argv(config: VMConfig, vsock: Vsock | None = None, restore: Restore | 
     ram = ram_backend(config, restore)
     layout = pmem_layout(config)
     pmem = layout is not None
+    image = f"/proc/self/fd/{image_fd}" if image_fd is not None else config.image
     if pmem and ram is None:
         ram = f"memory-backend-ram,id=mem,size={config.memory_mib}M"  # NUMA nodes need a memdev
     if ram is not None and not pmem:
@@ -322,7 +327,7 @@ def build_argv(config: VMConfig, vsock: Vsock | None = None, restore: Restore | 
         # The image file itself, read-only and shared: a ROM region to QEMU, so the guest cannot
         # write it, a snapshot leaves it out, and vhost-user (virtiofsd) is never handed it.
         argv += [
-            "-object", f"memory-backend-file,id={IMAGE_MEMDEV},mem-path={opt_value(config.image)},"
+            "-object", f"memory-backend-file,id={IMAGE_MEMDEV},mem-path={opt_value(image)},"
                        f"size={config.image_pmem_size},share=on,readonly=on",
             "-object", f"memory-backend-ram,id={TOP_MEMDEV},size={TOP_MIB}M",
             "-numa", "node,nodeid=0,memdev=mem",
@@ -356,7 +361,7 @@ def build_argv(config: VMConfig, vsock: Vsock | None = None, restore: Restore | 
 
     if config.image is not None and not pmem:
         argv += [
-            "-drive", f"file={opt_value(config.image)},if=none,id=rootfs,format=raw,readonly=on",
+            "-drive", f"file={opt_value(image)},if=none,id=rootfs,format=raw,readonly=on",
             "-device", f"{dev('virtio-blk')},drive=rootfs",
         ]  # fmt: skip
 

@@ -316,3 +316,41 @@ def test_a_comma_in_a_path_stays_in_the_path() -> None:
         build_argv(config(shared_fs=fs, run_dir=Path("/run/a,b"))), "-fsdev")
     assert "socket,id=qmp,path=/run/a,,b/qmp.sock,server=on,wait=off" in option(
         build_argv(config(run_dir=Path("/run/a,b"))), "-chardev")
+
+
+@pytest.mark.parametrize("pmem_size", [IMAGE_SIZE, 0])
+def test_qemu_opens_the_image_through_the_descriptor_it_inherits(pmem_size: int) -> None:
+    """The file QEMU maps (or reads as a disk) is the one the runtime opened and checked, whatever the
+    path names by the time QEMU opens it; a template's key keeps the path."""
+    argv = build_argv(config(image_pmem_size=pmem_size), image_fd=9)
+    assert "/k/root.img" not in " ".join(argv)
+    if pmem_size:
+        assert any(o.startswith("memory-backend-file,id=rootfs,mem-path=/proc/self/fd/9,")
+                   for o in option(argv, "-object"))
+    else:
+        assert option(argv, "-drive") == ["file=/proc/self/fd/9,if=none,id=rootfs,format=raw,readonly=on"]
+    assert "/k/root.img" in " ".join(build_argv(config(image_pmem_size=pmem_size)))
+
+
+def test_the_image_is_checked_when_qemu_is_handed_it(tmp_path: Path) -> None:
+    import os
+
+    from kata.hypervisor.qemu import open_image
+
+    image = tmp_path / "root.img"
+    image.write_bytes(b"\0" * 4096)
+    os.truncate(image, IMAGE_SIZE)
+    fd = open_image(config(image=image, image_pmem_size=IMAGE_SIZE))
+    assert os.fstat(fd).st_size == IMAGE_SIZE
+    os.close(fd)
+    # Replaced by another build between the plan and the start: the guest would be told the wrong size.
+    os.truncate(image, IMAGE_SIZE + (2 << 20))
+    with pytest.raises(HypervisorError, match="changed while the VM was planned"):
+        open_image(config(image=image, image_pmem_size=IMAGE_SIZE))
+    os.close(open_image(config(image=image, image_pmem_size=0)))  # a disk: any size
+    image.unlink()
+    os.mkfifo(image)  # never waited on
+    with pytest.raises(HypervisorError, match="is not a file or a block device"):
+        open_image(config(image=image))
+    with pytest.raises(HypervisorError, match="No such file"):
+        open_image(config(image=tmp_path / "missing.img"))
