@@ -247,8 +247,7 @@ class Monitor:
 
         w = threading.Thread(target=waiter, daemon=True)
         w.start()
-        while w.is_alive():
-            w.join(0.5)  # short joins keep the main thread free to run signal handlers
+        w.join()  # interrupted by a signal, which its handler queues, then waiting on: no wake-ups
         if self.conf["role"] == "init" and self.agent.client.closed:
             # The VM went before the container was started: like runc's init waiting on its exec
             # fifo, we stay until `start` (which fails) or a signal (`kill`, `delete --force`). A

@@ -95,9 +95,10 @@ def wait_reaped(fds: Sequence[int], timeout: float) -> bool:
 def watch(procs: Sequence[tuple[int, int]], on_end: Callable[[], None],
           stop: threading.Event | None = None) -> threading.Thread | None:
     """Call ``on_end`` on a thread of its own as soon as any of ``procs`` (pid, start time) has ended,
-    at once when one is gone already; ``stop`` set ends the watch without a call (checked every
-    second, and when one ends: a watcher that stops what it watched is not told). None when there
-    is nothing to watch."""
+    at once when one is gone already; ``stop`` set before one ends means no call (a watcher that
+    stops what it watched is not told: it sets ``stop``, then ends them, which wakes the watch). The
+    watch sleeps until then: an idle pod's host processes wake for nothing. None when there is
+    nothing to watch."""
     if not procs:
         return None
     fds = [fd for fd in (pidfd(pid, start) for pid, start in procs) if fd is not None]
@@ -108,9 +109,7 @@ def watch(procs: Sequence[tuple[int, int]], on_end: Callable[[], None],
                 poller = select.poll()
                 for fd in fds:
                     poller.register(fd, select.POLLIN)
-                while not poller.poll(1000):
-                    if stop is not None and stop.is_set():
-                        return
+                poller.poll()
         finally:
             for fd in fds:
                 os.close(fd)
