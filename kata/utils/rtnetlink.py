@@ -186,6 +186,15 @@ class Rtnl:
                 self._drain()
         raise AssertionError("unreachable")
 
+    def _records(self, request: int, header: struct.Struct, reply: int, family: int = socket.AF_UNSPEC
+                 ) -> Iterator[tuple[tuple[int, ...], dict[int, bytes]]]:
+        """Each ``reply`` of a ``request`` dump of ``family``: its fixed header's fields (``header``,
+        whose first field is the family) and its attributes."""
+        body = struct.pack("=B", family) + bytes(header.size - 1)
+        for kind, payload in self.dump(request, body):
+            if kind == reply:
+                yield header.unpack_from(payload), dict(_attrs(payload[header.size:]))
+
     def _drain(self) -> None:
         """Read what is left of an interrupted dump (its other parts and its end)."""
         self.sock.settimeout(0.0)
@@ -200,11 +209,7 @@ class Rtnl:
     # -- links ------------------------------------------------------------------------------------
 
     def links(self) -> list[Link]:
-        found = []
-        for kind, payload in self.dump(RTM_GETLINK, _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)):
-            if kind == RTM_NEWLINK:
-                found.append(_link(payload))
-        return found
+        return [_link(head, attrs) for head, attrs in self._records(RTM_GETLINK, _IFINFOMSG, RTM_NEWLINK)]
 
     def link(self, name: str) -> Link | None:
         """The link called ``name``, or None when there is none."""
@@ -212,7 +217,7 @@ class Rtnl:
         try:
             for kind, payload in self._replies(self._send(RTM_GETLINK, 0, body)):
                 if kind == RTM_NEWLINK:
-                    return _link(payload)
+                    return _link(_IFINFOMSG.unpack_from(payload), dict(_attrs(payload[_IFINFOMSG.size:])))
         except OSError as exc:
             if exc.errno == errno.ENODEV:
                 return None
@@ -251,28 +256,14 @@ class Rtnl:
 
     def addresses(self, index: int) -> list[tuple[int, int, bytes]]:
         """(family, prefix length, address) of each address on link ``index``."""
-        found = []
-        seq = self._send(RTM_GETADDR, NLM_F_DUMP, _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0))
-        for kind, payload in self._replies(seq):
-            if kind != RTM_NEWADDR:
-                continue
-            family, prefix, _flags, _scope, ifindex = _IFADDRMSG.unpack_from(payload)
-            if ifindex != index:
-                continue
-            attrs = dict(_attrs(payload[_IFADDRMSG.size:]))
-            address = attrs.get(IFA_LOCAL, attrs.get(IFA_ADDRESS))
-            if address is not None:
-                found.append((family, prefix, address))
-        return found
+        return [(family, prefix, address) for link, family, prefix, address in self.all_addresses()
+                if link == index]
 
     def all_addresses(self) -> list[tuple[int, int, int, bytes]]:
         """(link index, family, prefix length, address) of every address."""
         found = []
-        for kind, payload in self.dump(RTM_GETADDR, _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)):
-            if kind != RTM_NEWADDR:
-                continue
-            family, prefix, _flags, _scope, ifindex = _IFADDRMSG.unpack_from(payload)
-            attrs = dict(_attrs(payload[_IFADDRMSG.size:]))
+        for (family, prefix, _flags, _scope, ifindex), attrs in self._records(RTM_GETADDR, _IFADDRMSG,
+                                                                              RTM_NEWADDR):
             # IFA_LOCAL is the link's own address on point-to-point links (IFA_ADDRESS is the peer).
             address = attrs.get(IFA_LOCAL, attrs.get(IFA_ADDRESS))
             if address is not None:
@@ -298,13 +289,10 @@ class Rtnl:
 
     def routes(self, family: int) -> list[RouteEntry]:
         found = []
-        for kind, payload in self.dump(RTM_GETROUTE, _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)):
-            if kind != RTM_NEWROUTE:
-                continue
-            fam, dst_len, _src_len, _tos, table, protocol, scope, rtype, _flags = _RTMSG.unpack_from(payload)
+        for head, attrs in self._records(RTM_GETROUTE, _RTMSG, RTM_NEWROUTE, family):
+            fam, dst_len, _src_len, _tos, table, protocol, scope, rtype, _flags = head
             if fam != family:  # a kernel without IPv6 answers an AF_INET6 dump with every family's
                 continue
-            attrs = dict(_attrs(payload[_RTMSG.size:]))
             if RTA_TABLE in attrs:  # tables past 255 are only here
                 table = struct.unpack("=I", attrs[RTA_TABLE][:4])[0]
             oif = attrs.get(RTA_OIF)
@@ -341,15 +329,10 @@ class Rtnl:
     # -- neighbours -------------------------------------------------------------------------------
 
     def neighbours(self) -> list[NeighbourEntry]:
-        found = []
-        for kind, payload in self.dump(RTM_GETNEIGH, _NDMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)):
-            if kind != RTM_NEWNEIGH:
-                continue
-            family, index, state, _flags, _type = _NDMSG.unpack_from(payload)
-            attrs = dict(_attrs(payload[_NDMSG.size:]))
-            found.append(NeighbourEntry(family, index, state, _ip(family, attrs.get(NDA_DST)),
-                                        _mac(attrs.get(NDA_LLADDR))))
-        return found
+        return [NeighbourEntry(family, index, state, _ip(family, attrs.get(NDA_DST)),
+                               _mac(attrs.get(NDA_LLADDR)))
+                for (family, index, state, _flags, _type), attrs in self._records(RTM_GETNEIGH, _NDMSG,
+                                                                                  RTM_NEWNEIGH)]
 
     # -- traffic control --------------------------------------------------------------------------
 
@@ -364,9 +347,8 @@ def nested(kind: int, *attrs: bytes) -> bytes:
     return attr(kind | NLA_F_NESTED, b"".join(attrs))
 
 
-def _link(payload: bytes) -> Link:
-    _family, _type, index, flags, _change = _IFINFOMSG.unpack_from(payload)
-    attrs = dict(_attrs(payload[_IFINFOMSG.size:]))
+def _link(head: tuple[int, ...], attrs: dict[int, bytes]) -> Link:
+    _family, _type, index, flags, _change = head
     info = dict(_attrs(attrs.get(IFLA_LINKINFO, b"")))
     data = dict(_attrs(info.get(IFLA_INFO_DATA, b"")))
     mtu = attrs.get(IFLA_MTU)

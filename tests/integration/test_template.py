@@ -3,10 +3,12 @@ get its share (virtio-fs hot-added after the restore, or 9p); and the cold-boot 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -108,14 +110,7 @@ def test_a_clone_holds_only_the_memory_it_uses(tmp_path: Path) -> None:
 
     guest_mib = load_config().hypervisor.default_memory
     cid = f"tpl-mem-{tmp_path.name[-8:]}"
-    root = tmp_path / "root"
-    bundle = make_busybox_bundle(tmp_path / "b", ["sleep", "1000"])
-    cli = [runtime_bin(), "--root", str(root)]
-    with open(tmp_path / "out", "wb") as out:
-        subprocess.run([*cli, "create", "--bundle", str(bundle), cid], check=True, stdout=out, stderr=out,
-                       stdin=subprocess.DEVNULL, timeout=120)
-    try:
-        subprocess.run([*cli, "start", cid], check=True, capture_output=True, timeout=60)
+    with _sleeping_pod(tmp_path, cid):
         qemu = _qemu_pid(cid)
         memory = _clone_ram(qemu, cid).stat()
         assert memory.st_size >> 20 == guest_mib and memory.st_blocks * 512 >> 20 < guest_mib // 2
@@ -132,8 +127,6 @@ def test_a_clone_holds_only_the_memory_it_uses(tmp_path: Path) -> None:
         for template in ours:
             data, zero = _pages(template / "memory")
             assert zero == 0 and 0 < data * PAGE >> 20 < guest_mib // 6, (template, data, zero)
-    finally:
-        subprocess.run([*cli, "delete", "--force", cid], capture_output=True, timeout=60)
     assert leftovers(cid) == []
 
 
@@ -142,14 +135,7 @@ def test_a_pod_gives_back_the_memory_its_workload_freed(tmp_path: Path) -> None:
     the pod touched and freed go back to the host within seconds, where without it the clone's RAM
     would keep them for the pod's life."""
     cid = f"tpl-fpr-{tmp_path.name[-8:]}"
-    root = tmp_path / "root"
-    bundle = make_busybox_bundle(tmp_path / "b", ["sleep", "1000"])
-    cli = [runtime_bin(), "--root", str(root)]
-    with open(tmp_path / "out", "wb") as out:
-        subprocess.run([*cli, "create", "--bundle", str(bundle), cid], check=True, stdout=out, stderr=out,
-                       stdin=subprocess.DEVNULL, timeout=120)
-    try:
-        subprocess.run([*cli, "start", cid], check=True, capture_output=True, timeout=60)
+    with _sleeping_pod(tmp_path, cid) as cli:
         ram = _clone_ram(_qemu_pid(cid), cid)
 
         def held_mib() -> int:
@@ -166,9 +152,23 @@ def test_a_pod_gives_back_the_memory_its_workload_freed(tmp_path: Path) -> None:
             time.sleep(0.5)
         held = held_mib()
         assert held <= idle + 50, f"the pod kept what its workload freed: {idle} -> {peak} -> {held} MiB"
+    assert leftovers(cid) == []
+
+
+@contextlib.contextmanager
+def _sleeping_pod(tmp_path: Path, cid: str) -> Iterator[list[str]]:
+    """A container (busybox sleep) started with kata-runtime, deleted afterwards; yields the command
+    line that names its state root."""
+    bundle = make_busybox_bundle(tmp_path / "b", ["sleep", "1000"])
+    cli = [runtime_bin(), "--root", str(tmp_path / "root")]
+    with open(tmp_path / "out", "wb") as out:
+        subprocess.run([*cli, "create", "--bundle", str(bundle), cid], check=True, stdout=out, stderr=out,
+                       stdin=subprocess.DEVNULL, timeout=120)
+    try:
+        subprocess.run([*cli, "start", cid], check=True, capture_output=True, timeout=60)
+        yield cli
     finally:
         subprocess.run([*cli, "delete", "--force", cid], capture_output=True, timeout=60)
-    assert leftovers(cid) == []
 
 
 def _qemu_pid(cid: str) -> int:
