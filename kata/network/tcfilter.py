@@ -14,8 +14,7 @@ import os
 import socket
 import struct
 
-from kata.network import rtnl
-from kata.utils import netns
+from kata.network import in_netns, rtnl
 from kata.utils.rtnetlink import (
     NLM_F_CREATE,
     NLM_F_EXCL,
@@ -81,11 +80,7 @@ def create_tap(
         finally:
             os.close(fd)
 
-    if ns is None:
-        make()
-    else:
-        _check(ns)
-        netns.call_in(netns.path_of(ns), make)
+    in_netns(ns, make)
     adopt_tap(ns, name, mtu, mac)
 
 
@@ -117,7 +112,7 @@ def open_tap(ns: str, name: str, queues: int) -> list[int]:
             raise
         return fds
 
-    return netns.call_in(netns.path_of(ns), attach)
+    return in_netns(ns, attach)
 
 
 def connect(ns: str | None, veth_name: str, tap_name: str) -> None:
@@ -161,11 +156,6 @@ def _redirect_all_to(ifindex: int) -> bytes:
     options = nested(_TCA_OPTIONS, attr(_TCA_U32_CLASSID, struct.pack("=I", _FLOWID)),
                      attr(_TCA_U32_SEL, selector), nested(_TCA_U32_ACT, action))
     return attr(_TCA_KIND, b"u32\0") + options
-
-
-def _check(ns: str) -> None:
-    if not os.path.exists(netns.path_of(ns)):
-        raise FileNotFoundError(f"network namespace {ns} does not exist")
 
 
 def _index(r: Rtnl, name: str) -> int:

@@ -29,6 +29,7 @@ NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
 NLM_F_DUMP = 0x300
 NLM_F_DUMP_INTR = 0x10
 _DUMP_ATTEMPTS = 3
+_IFNAMSIZ = 16
 NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x100, 0x200, 0x400
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_IFALIAS, IFLA_NET_NS_FD = 1, 3, 4, 18, 20, 28
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
@@ -213,6 +214,8 @@ class Rtnl:
 
     def link(self, name: str) -> Link | None:
         """The link called ``name``, or None when there is none."""
+        if not 0 < len(name.encode()) < _IFNAMSIZ:
+            return None  # no link has such a name (the kernel would answer EINVAL)
         body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + attr(IFLA_IFNAME, name.encode() + b"\0")
         try:
             for kind, payload in self._replies(self._send(RTM_GETLINK, 0, body)):

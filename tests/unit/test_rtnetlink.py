@@ -103,6 +103,7 @@ def test_dumps_read_what_iproute2_made(netns: str) -> None:
                                                                          "the pod's", 1)
         assert (links["ktap0"].kind, links["ktap0"].tun_type) == ("tun", 2)
         assert r.link("ktap0") == links["ktap0"] and r.link("nope0") is None
+        assert r.link("x" * 16) is None and r.link("") is None  # names no link can have
         assert (eth.index, 2, 16, bytes([10, 88, 0, 7])) in r.all_addresses()
         routes = [(x.dst, x.dst_len, x.gateway, x.source, x.table, x.oif) for x in r.routes(2)]
         assert ("10.99.0.0", 24, "", "10.88.0.7", 1000, eth.index) in routes
