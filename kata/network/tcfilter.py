@@ -14,7 +14,8 @@ import os
 import socket
 import struct
 
-from kata.network import in_netns, rtnl
+from kata.network import rtnl
+from kata.utils.netns import in_netns
 from kata.utils.rtnetlink import (
     NLM_F_CREATE,
     NLM_F_EXCL,

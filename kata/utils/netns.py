@@ -32,6 +32,22 @@ def path_of(ns: str) -> str:
     return ns if "/" in ns else os.path.join(RUN_DIR, ns)
 
 
+def in_netns(ns: str | None, fn: Callable[[], T]) -> T:
+    """``fn()`` in network namespace `ns` (a name under RUN_DIR, a path such as /proc/PID/ns/net,
+    or None: this thread's). A namespace that is gone, or goes before it is joined, is
+    FileNotFoundError."""
+    if ns is None:
+        return fn()
+    path = path_of(ns)
+    try:
+        if os.path.exists(path):
+            return call_in(path, fn)
+    except NetnsError:
+        if os.path.exists(path):
+            raise
+    raise FileNotFoundError(f"network namespace {ns} does not exist")
+
+
 def delete_link(ns: str | None, name: str) -> None:
     """Delete link ``name`` in namespace ``ns`` (a name or path; None: this thread's), with our own
     rtnetlink request; nothing to do when it, or the namespace, is gone."""
@@ -41,12 +57,10 @@ def delete_link(ns: str | None, name: str) -> None:
         with Rtnl() as r:
             r.delete_link(name)
 
-    if ns is None:
-        delete()
-        return
-    path = path_of(ns)
-    if os.path.exists(path):
-        call_in(path, delete)
+    try:
+        in_netns(ns, delete)
+    except FileNotFoundError:
+        pass
 
 
 def is_ours(path: str) -> bool:
