@@ -41,6 +41,7 @@ RT_TABLE_MAIN, RTPROT_BOOT, RTN_UNICAST = 254, 3, 1
 RT_SCOPE_UNIVERSE, RT_SCOPE_LINK = 0, 253
 IFF_UP = 0x1
 NLA_F_NESTED = 0x8000
+NLA_TYPE_MASK = 0x3FFF  # an attribute's type without NLA_F_NESTED and NLA_F_NET_BYTEORDER
 
 _NLMSGHDR = struct.Struct("=IHHII")
 _IFINFOMSG = struct.Struct("=BxHiII")
@@ -63,7 +64,7 @@ def _attrs(data: bytes) -> Iterator[tuple[int, bytes]]:
         length, kind = _RTATTR.unpack_from(data, pos)
         if length < _RTATTR.size:
             return
-        yield kind & ~NLA_F_NESTED, data[pos + _RTATTR.size:pos + length]
+        yield kind & NLA_TYPE_MASK, data[pos + _RTATTR.size:pos + length]
         pos += (length + 3) & ~3
 
 
