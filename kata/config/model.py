@@ -59,7 +59,7 @@ class HypervisorConfig:
     virtio_fs_cache: str = "auto"
     virtio_fs_cache_size: int = 0
     virtio_fs_extra_args: tuple[str, ...] = ()
-    msize_9p: int = 8192
+    msize_9p: int = 131072
     block_device_driver: str = "virtio-blk"
     disable_block_device_use: bool = False
     disable_vhost_net: bool = False

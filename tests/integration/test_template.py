@@ -4,6 +4,7 @@ get its share (virtio-fs hot-added after the restore, or 9p); and the cold-boot 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import subprocess
@@ -60,11 +61,24 @@ def test_q35_clones_see_a_new_vm_generation(tmp_path: Path) -> None:
 
 
 def test_template_with_9p(tmp_path: Path, cid: str) -> None:
-    bundle = make_busybox_bundle(tmp_path / "b", ["sh", "-c", SCRIPT])
+    """A 9p clone, and the bytes through its share in large messages (the default msize_9p): the
+    guest reads a file the host wrote and writes a copy back, 1 MiB per call."""
+    volume = tmp_path / "vol"
+    volume.mkdir()
+    data = os.urandom(5 * 1024 * 1024 + 123)  # not a whole number of messages
+    (volume / "in").write_bytes(data)
+    copy = "dd if=/v/in of=/v/out bs=1M 2>/dev/null && md5sum < /v/in | cut -c1-32"
+    bundle = make_busybox_bundle(tmp_path / "b", ["sh", "-c", f"{SCRIPT}; {copy}"])
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["mounts"].append({"destination": "/v", "source": str(volume), "options": ["rbind", "rw"]})
+    (bundle / "config.json").write_text(json.dumps(spec))
     conf = config_with(tmp_path, {"hypervisor.qemu": {"shared_fs": "virtio-9p"}})
     proc = run(bundle, cid, "--config", str(conf))
     assert proc.returncode == 0, proc.stderr.decode()
-    assert proc.stdout.decode().split()[0] == "9p"
+    out = proc.stdout.decode().split()
+    assert out[0] == "9p"
+    assert out[-1] == hashlib.md5(data).hexdigest()
+    assert (volume / "out").read_bytes() == data
     assert leftovers(cid) == []
 
 
