@@ -16,6 +16,7 @@ import pytest
 
 from kata.factory.sparse import PAGE, data_regions
 from kata.factory.template import TEMPLATE_FORMAT
+from kata.guest.agent.mounts import VIRTIOFS_READAHEAD_KB
 from tests.conftest import config_with, leftovers, runtime_bin
 from tests.integration.test_run import run
 from tests.support.bundles import make_busybox_bundle
@@ -27,15 +28,20 @@ SCRIPT = "awk '$2 == \"/\" {print $3}' /proc/mounts; cat /proc/sys/kernel/random
 
 
 def test_clones_diverge_and_keep_time(tmp_path: Path) -> None:
-    bundle = make_busybox_bundle(tmp_path / "b", ["sh", "-c", SCRIPT])
+    """... and the share's read-ahead window is the agent's, not FUSE's 128 KiB (the container's
+    root is a submount of the share, which has no bdi of its own: the share's is among those of
+    anonymous devices)."""
+    readahead = "cat /sys/class/bdi/0:*/read_ahead_kb | sort -n | tail -1"
+    bundle = make_busybox_bundle(tmp_path / "b", ["sh", "-c", f"{SCRIPT}; {readahead}"])
     subprocess.run([runtime_bin(), "factory", "init"], check=True, capture_output=True, timeout=120)
     uuids = []
     for i in range(2):
         cid = f"tpl-{i}-{tmp_path.name[-8:]}"
         proc = run(bundle, cid)
         assert proc.returncode == 0, proc.stderr.decode()
-        fstype, uuid, guest_time = proc.stdout.decode().split()
+        fstype, uuid, guest_time, window = proc.stdout.decode().split()
         assert fstype == "virtiofs"  # hot-added to the restored VM
+        assert int(window) == VIRTIOFS_READAHEAD_KB
         uuids.append(uuid)
         # The clone's clock is the host's, not the template's (which was snapshotted earlier).
         assert abs(int(guest_time) - time.time()) < 30

@@ -89,9 +89,28 @@ def mount_storage(driver: str, source: str, fstype: str, options: Iterable[str],
     os.makedirs(mount_point, exist_ok=True)
     if fstype == "virtiofs":
         _mount_when_present(source, mount_point, fstype, flags, data)
+        widen_readahead(mount_point, VIRTIOFS_READAHEAD_KB)
     else:
         mount(source, mount_point, fstype, flags, data)
     log.info(f"mounted {driver} {source} on {mount_point}")
+
+
+# FUSE starts a mount with a 128 KiB read-ahead window: a sequential read costs a round trip to
+# virtiofsd per 128 KiB. QEMU's virtiofsd takes up to 1 MiB per request (256 pages); with the window
+# that wide a 256 MiB read from a container took 15% less time here (TCG). Linux grows the window
+# only for reads it sees are sequential, so random reads do not fetch more.
+VIRTIOFS_READAHEAD_KB = 1024
+
+
+def widen_readahead(mount_point: str, kib: int) -> None:
+    """Set the read-ahead window of the filesystem mounted on mount_point (its bdi, by device)."""
+    st = os.stat(mount_point)
+    knob = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
+    try:
+        with open(knob, "w") as f:
+            f.write(str(kib))
+    except OSError as e:
+        log.warn(f"{knob}: {e}")
 
 
 # A virtio-fs device hot-added to a VM restored from a template shows up a little after the host's
