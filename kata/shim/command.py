@@ -1,5 +1,6 @@
-"""What every shim command (`start`, `delete`, and the shim it forks) takes from containerd's command
-line: the task's id and namespace, checked before anything is built from them, and its bundle."""
+"""containerd-shim-kata-v2's command line, parsed alike by every shim command (`start`, `delete`,
+the shim `start` or the zygote forks): the task's id and namespace, checked before anything is
+built from them, and its bundle."""
 
 from __future__ import annotations
 
@@ -8,6 +9,20 @@ import os
 from pathlib import Path
 
 from kata.errors import KataError
+from kata.utils.usage import Parser
+
+NAME = "containerd-shim-kata-v2"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = Parser(prog=NAME, add_help=True)
+    # Go's flag package: one dash or two, "-flag value" or "-flag=value".
+    for flag in ("namespace", "address", "publish-binary", "id", "bundle", "socket"):
+        p.add_argument(f"-{flag}", f"--{flag}", dest=flag.replace("-", "_"), default="")
+    for flag in ("debug", "v", "info"):
+        p.add_argument(f"-{flag}", f"--{flag}", dest=flag, action="store_true")
+    p.add_argument("action", nargs="?", choices=("start", "delete"))
+    return p
 
 
 def check_ids(args: argparse.Namespace) -> None:

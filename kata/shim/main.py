@@ -3,33 +3,20 @@
     containerd-shim-kata-v2 -namespace NS -address SOCK -publish-binary BIN -id ID [-debug] start|delete
     containerd-shim-kata-v2 -v | -info
 
-`start` (in the bundle directory) starts the pod's shim (a child it forks), or finds the running
-one of the task's pod, and prints its address; `delete` cleans up after a shim that is gone.
+`start` (in the bundle directory) starts the pod's shim (forked by the shim zygote, kata.shim.zygote,
+or by `start` itself), or finds the running one of the task's pod, and prints its address; `delete`
+cleans up after a shim that is gone.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 
 from kata import __version__
 from kata.errors import KataError
+from kata.shim.command import NAME, parser
 from kata.utils.text import one_line
-from kata.utils.usage import Parser
-
-NAME = "containerd-shim-kata-v2"
-
-
-def parser() -> argparse.ArgumentParser:
-    p = Parser(prog=NAME, add_help=True)
-    # Go's flag package: one dash or two, "-flag value" or "-flag=value".
-    for flag in ("namespace", "address", "publish-binary", "id", "bundle", "socket"):
-        p.add_argument(f"-{flag}", f"--{flag}", dest=flag.replace("-", "_"), default="")
-    for flag in ("debug", "v", "info"):
-        p.add_argument(f"-{flag}", f"--{flag}", dest=flag, action="store_true")
-    p.add_argument("action", nargs="?", choices=("start", "delete"))
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> None:
