@@ -167,6 +167,19 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         if missing:
             what = ", ".join(missing)
             raise pytest.UsageError(f"CI: test prerequisites missing (fix scripts/install.sh): {what}")
+    _stop_shim_zygote()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    _stop_shim_zygote()
+
+
+def _stop_shim_zygote() -> None:
+    """The pods' shims start a zygote (kata.shim.zygote) that outlives them by design: the session
+    starts without one and leaves none behind."""
+    from kata.shim import zygote
+
+    zygote.stop()
 
 
 def _hang_report_after(item: pytest.Item) -> float | None:

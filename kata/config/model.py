@@ -97,6 +97,8 @@ class RuntimeSection:
     sandbox_cgroup_only: bool = False
     experimental: tuple[str, ...] = ()
     static_sandbox_resource_mgmt: bool = True
+    # (ours) Pods' shims forked by one process that has the shim's code loaded (kata.shim.zygote).
+    shim_zygote: bool = True
 
 
 @dataclass(frozen=True)

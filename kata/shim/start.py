@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from kata.errors import KataError
-from kata.shim import address
+from kata.shim import address, zygote
 from kata.shim.command import bundle_of, check_ids
 from kata.utils.sockets import listen_private
 
@@ -45,13 +45,25 @@ def _start_shim(args: argparse.Namespace, bundle: Path, path: Path) -> str:
     # A shim that died left its socket: nothing listens on it (checked above); it is replaced.
     listener = listen_private(str(path), 128)
     try:
-        pid = os.fork()
+        pid = zygote.fork_shim(sys.argv, bundle, listener)
+    except zygote.ZygoteError:
+        # It may have forked a shim that serves this socket: left in place for containerd's retry.
+        listener.close()
+        raise
     except BaseException:
         listener.close()
         path.unlink(missing_ok=True)
         raise
-    if pid == 0:
-        _become_shim(args, bundle, listener)
+    if pid is None:
+        try:
+            pid = os.fork()
+        except BaseException:
+            listener.close()
+            path.unlink(missing_ok=True)
+            raise
+        if pid == 0:
+            _become_shim(args, bundle, listener)
+        zygote.launch(config or None)
     listener.close()
     (bundle / "shim.pid").write_text(str(pid))
     return address.as_address(path)

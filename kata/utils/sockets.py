@@ -10,7 +10,7 @@ import socket
 import struct
 
 
-def listen_private(path: str, backlog: int) -> socket.socket:
+def listen_private(path: str, backlog: int, kind: int = socket.SOCK_STREAM) -> socket.socket:
     """A listening stream socket at ``path`` (a stale one there is replaced), created 0600: the
     umask is 077 around bind(2), so there is no moment at which another user could connect.
     The umask is process-wide; a file another thread creates meanwhile is only born stricter."""
@@ -18,7 +18,7 @@ def listen_private(path: str, backlog: int) -> socket.socket:
         os.unlink(path)
     except FileNotFoundError:
         pass
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener = socket.socket(socket.AF_UNIX, kind)
     try:
         old = os.umask(0o077)
         try:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from kata.oci.default_spec import default_spec
+from tests.conftest import process_gone
 from tests.support.bundles import make_rootfs
 from tests.support.daemons import Containerd
 
@@ -304,3 +305,53 @@ def test_failing_prestart_hook_fails_create_and_leaves_nothing(
     assert (set(os.listdir("/run/vc/sbs")) if os.path.isdir("/run/vc/sbs") else set()) == before
     assert not any(_cmdline_has(int(p), b"qemu-system", b"kshim-badhook") for p in os.listdir("/proc")
                    if p.isdigit())
+
+
+def _shim_of(cid: str) -> int:
+    (pid,) = [p for p in shim_pids() if _cmdline_has(p, cid.encode())]
+    return pid
+
+
+def test_later_pods_shims_are_forked_by_the_zygote(containerd: Containerd) -> None:
+    """The first pod's shim starts the zygote; the next pod's shim is its fork (twice forked: not
+    the leader of its session, as `start`'s child is), and looks and works like the first's. A
+    zygote whose code was replaced makes no more shims: it ends, `start` forks the shim itself,
+    and that shim starts a new zygote."""
+    from kata.shim import zygote
+
+    zygote.stop()
+    cids = [f"zyg-{i}-{os.urandom(3).hex()}" for i in range(3)]
+    stamped = Path(zygote.__file__)
+    mtime = stamped.stat().st_mtime_ns
+    try:
+        for cid in cids[:2]:
+            proc = run(containerd, "-d", containerd.image, cid, "sleep", "1000")
+            assert proc.returncode == 0, proc.stderr
+            wait_until(zygote.is_running, 30, "no shim zygote came up")
+        first, second = _shim_of(cids[0]), _shim_of(cids[1])
+        assert os.getsid(first) == first
+        assert os.getsid(second) != second
+        argv = Path(f"/proc/{second}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+        assert argv[-1] == b"start" and argv[argv.index(b"-id") + 1] == cids[1].encode()
+        assert Path(argv[0].decode()).name == "containerd-shim-kata-v2"
+        assert Path(f"/proc/{second}/comm").read_text() == Path(f"/proc/{first}/comm").read_text()
+        held = {os.readlink(f"/proc/{second}/fd/{fd}") for fd in os.listdir(f"/proc/{second}/fd")}
+        assert not any("zygote" in name for name in held), held
+        ex = containerd.ctr("task", "exec", "--exec-id", "e1", cids[1], "cat", "/proc/1/cmdline",
+                            timeout=TIMEOUT)
+        assert (ex.returncode, ex.stdout) == (0, "sleep\x001000\x00"), ex.stderr
+
+        old_pid = int(zygote.LOCK.read_text())
+        os.utime(stamped, ns=(mtime + 1_000_000, mtime + 1_000_000))
+        proc = run(containerd, "-d", containerd.image, cids[2], "sleep", "1000")
+        assert proc.returncode == 0, proc.stderr
+        third = _shim_of(cids[2])
+        assert os.getsid(third) == third
+        wait_until(lambda: process_gone(old_pid), 30, "the stale zygote did not end")
+        wait_until(zygote.is_running, 30, "no new shim zygote came up")
+    finally:
+        os.utime(stamped, ns=(mtime, mtime))
+        for cid in cids:
+            containerd.ctr("task", "delete", "--force", cid, timeout=TIMEOUT)
+            containerd.ctr("container", "delete", cid, timeout=60)
+        zygote.stop()
