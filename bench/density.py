@@ -6,7 +6,8 @@ then the container; handlers kata and runc) and Docker (`docker run -d --runtime
 
 - the time to start each pod (the first, the median and the last);
 - host memory per pod: the drop in MemAvailable over N, and the PSS of the pods' host processes
-  by kind (VMM, virtiofsd, shim, monitor, container) over N;
+  by kind (VMM, virtiofsd, shim, the shim zygote, monitor, container) over N (a running zygote is
+  stopped before each count: the first pod starts it, and it counts);
 - the host's CPU while the N pods idle, over --idle seconds, as a share of all cores, less what the
   host used before the first pod started, and each kind of process's share of one core;
 - whether every pod answers an exec (`true`) afterwards;
@@ -51,6 +52,7 @@ from bench.benchlib import (  # noqa: E402
     pss_kib,
 )
 from kata.errors import KataError  # noqa: E402
+from kata.shim import zygote  # noqa: E402
 from tests.support.cri_config import KATA  # noqa: E402
 from tests.support.daemons import (  # noqa: E402
     Runtime,
@@ -63,7 +65,7 @@ from tests.support.netns import temporary_netns  # noqa: E402
 SHIM_TYPES = {"runc": "io.containerd.runc.v2", "crun": "io.containerd.runc.v2",
               "kata": "io.containerd.kata.v2"}
 CRUN = "/usr/bin/crun"
-KINDS = ("qemu", "virtiofsd", "shim", "monitor", "container")
+KINDS = ("qemu", "virtiofsd", "shim", "zygote", "monitor", "container")
 # issue 11's targets on this machine under TCG
 TARGET_MB_PER_POD = 60.0
 TARGET_IDLE_CPU_AT_100 = 0.25
@@ -102,6 +104,8 @@ def process_kind(argv: list[str]) -> str | None:
         return "virtiofsd"
     if "containerd-shim" in joined:
         return "shim"
+    if "kata.shim.zygote" in argv[:3]:
+        return "zygote"  # the process kata's shims are forked from (one per host)
     if "kata.runc.monitor" in argv[:4] or "kata-runtime" in joined:
         return "monitor"
     if names and names[0] in ("sleep", "pause"):
@@ -226,7 +230,9 @@ def cri_front(c: Any, cri: Any, runtime: str, timeout: float) -> Front:
 
 
 def measure(front: Front, count: int | None, args: argparse.Namespace) -> dict[str, Any]:
-    """Start ``count`` pods (None: as many as the host holds), measure them idle, remove them."""
+    """Start ``count`` pods (None: as many as the host holds), measure them idle, remove them.
+    A shim zygote is stopped first: the first pod starts one, and its memory counts."""
+    zygote.stop()
     time.sleep(args.settle)
     base_mem = mem_available_kib()
     base_pss = pss_by_kind()
