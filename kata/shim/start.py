@@ -45,24 +45,18 @@ def _start_shim(args: argparse.Namespace, bundle: Path, path: Path) -> str:
     # A shim that died left its socket: nothing listens on it (checked above); it is replaced.
     listener = listen_private(str(path), 128)
     try:
-        pid = zygote.fork_shim(sys.argv, bundle, listener)
-    except zygote.ZygoteError:
-        # It may have forked a shim that serves this socket: left in place for containerd's retry.
-        listener.close()
-        raise
+        # The zygote's shim (kata.shim.zygote), serving when this returns; or None, and ours.
+        pid = zygote.fork_shim(sys.orig_argv, sys.argv[1:], bundle, listener)
+        ours = pid is None
+        if pid is None:
+            pid = os.fork()
     except BaseException:
         listener.close()
         path.unlink(missing_ok=True)
         raise
-    if pid is None:
-        try:
-            pid = os.fork()
-        except BaseException:
-            listener.close()
-            path.unlink(missing_ok=True)
-            raise
-        if pid == 0:
-            _become_shim(args, bundle, listener)
+    if pid == 0:
+        _become_shim(args, bundle, listener)
+    if ours:
         zygote.launch(config or None)
     listener.close()
     (bundle / "shim.pid").write_text(str(pid))

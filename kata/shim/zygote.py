@@ -6,47 +6,55 @@ descriptors, the sandbox service, the hypervisor and network modules), and impor
 garbage collector's reach, so that the child does not write to those pages), a shim shares those
 pages with every other shim and starts serving at once.
 
-`containerd-shim-kata-v2 start` asks the zygote first (`fork_shim`); the zygote makes the shim only
-for a caller it could not be told apart from (the same namespaces, cgroups, credentials, limits,
-root, security label: `process_context`), and only with its code still the installed one;
-otherwise, or when no zygote runs, `start` forks the shim itself, as before, and, when the pod's
-configuration has `shim_zygote` on, starts a zygote (`launch`) for the pods after it. The zygote ends after
-IDLE_EXIT seconds without a request; the shims it made are not its children (a second fork) and
-live on.
+`containerd-shim-kata-v2 start` asks the zygote first (`fork_shim`). The zygote makes the shim only
+for a caller it cannot tell apart from itself by what the kernel shows (`process_context`: the
+namespaces, cgroups, credentials, limits, scheduling, LSM labels...) and by the environment read at
+import time, only while its code is still the installed one, and only for a pod whose configuration
+keeps `shim_zygote` on; otherwise, or when no zygote runs, `start` forks the shim itself, as before,
+and starts a zygote (`launch`) for the pods after it. A zygote that cannot serve a caller, or whose
+code was replaced, ends, so that `start` starts a fresh one. The shim it makes (forked twice: not
+its child) sets itself up, reports its pid, and serves only once `start`, holding that pid, says
+so over a pipe only the two of them hold: whatever goes wrong on the way (a zygote that dies or
+hangs, a shim that fails to set up, a `start` that gives up), `start` either has a serving shim or
+forks its own, never both. The zygote ends after IDLE_EXIT seconds without making a shim, and after
+MAX_FORKS shims (each zygote's shims share its address-space layout and Python's hash secret).
 
-    python -m kata.shim.zygote [--foreground] [--idle S]    # one by hand (`launch` runs it in
-                                                            # the foreground of a child of its own)
+    python -m kata.shim.zygote [--foreground] [--idle S]    # one by hand; `launch` runs it in the
+                                                            # foreground of a child of its own
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
+import math
 import os
 import select
 import signal
 import socket
 import sys
-import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
-from kata.errors import KataError
 from kata.utils.sockets import listen_private, peer_creds
 
 RUN_DIR = Path("/run/kata-containers")
 SOCKET = RUN_DIR / "shim-zygote.sock"
 LOCK = RUN_DIR / "shim-zygote.lock"
-# With no request for this long the zygote ends (its pages stay shared by the shims it made).
+# With no shim made for this long the zygote ends (its pages stay shared by the shims it made).
 IDLE_EXIT = 600.0
-# How long `start` waits for the zygote to take its request; it forks the shim itself after that.
+# Shims forked by one zygote share its memory layout, stack canary and hash secret: after this many
+# it ends, and the next `start` starts another.
+MAX_FORKS = 32
+# How long `start` waits for the zygote's answer before it forks the shim itself.
 ASK_TIMEOUT = 2.0
-# The zygote forks only before the caller's deadline; the caller waits this much longer for the
-# answer, so that it never forks a second shim for a listener the zygote's shim serves.
-ANSWER_MARGIN = 3.0
 MAX_REQUEST = 256 * 1024
+# The word `start` writes to the shim it was told about: serve.
+GO = b"go"
 
 # What a pod's shim loads over its life, loaded before the zygote forks (module names; a test
 # checks that each imports).
@@ -65,20 +73,29 @@ PRELOAD = (
     "kata.protocols.cgroups.stats.v1.metrics_pb2",
 )  # fmt: skip
 
-# /proc/<pid>/status lines that must match between the zygote and its caller.
+_NAMESPACES = ("mnt", "net", "pid", "pid_for_children", "ipc", "uts", "user", "cgroup", "time",
+               "time_for_children")
+# /proc/<pid>/status lines, and /proc/<pid> files, that must match between the zygote and its caller.
 _STATUS_KEYS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs",
-                "Seccomp", "Umask", "Cpus_allowed_list", "Mems_allowed_list")
-_NAMESPACES = ("mnt", "net", "pid", "ipc", "uts", "user", "cgroup", "time")
-
-
-class ZygoteError(KataError):
-    pass
+                "Seccomp", "Seccomp_filters", "SigBlk", "SigIgn", "Umask", "THP_enabled",
+                "Speculation_Store_Bypass", "SpeculationIndirectBranch", "Cpus_allowed_list",
+                "Mems_allowed_list")
+_FILES = ("cgroup", "limits", "oom_score_adj")
+# ... where the kernel has them (audit, an LSM).
+_OPTIONAL_FILES = ("loginuid", "sessionid", "personality", "timerslack_ns", "coredump_filter",
+                   "attr/current", "attr/exec", "attr/fscreate", "attr/keycreate", "attr/sockcreate")
+# Environment variables read while modules are imported (the state roots, the interpreter's, the
+# locale's): a shim forked by the zygote has the zygote's reading of them.
+_IMPORT_TIME_PREFIXES = ("KATA_", "PYTHON", "LC_", "PROTOCOL_BUFFERS_")
+_IMPORT_TIME_NAMES = ("LANG", "LANGUAGE", "TZ")
+_SYS_IOPRIO_GET = {"x86_64": 252, "aarch64": 31}
+_IOPRIO_WHO_PROCESS = 1
 
 
 def process_context(pid: int) -> dict[str, str]:
     """What a process passes on to a child it forks, apart from its memory, environment, working
-    directory and descriptors: a shim forked by the zygote is one `start` could have forked when
-    the two agree here. OSError if the process is gone."""
+    directory and descriptors, as far as the kernel shows it (not: securebits, a Landlock domain,
+    keyrings). OSError if the process is gone."""
     proc = f"/proc/{pid}"
     found: dict[str, str] = {}
     for ns in _NAMESPACES:
@@ -87,10 +104,9 @@ def process_context(pid: int) -> dict[str, str]:
         except FileNotFoundError:
             found[f"ns/{ns}"] = ""  # a kernel without this namespace kind
     found["root"] = os.readlink(f"{proc}/root")
-    for name in ("cgroup", "limits", "oom_score_adj"):
+    for name in _FILES:
         found[name] = _read(f"{proc}/{name}")
-    # The audit login id and the LSM's label (AppArmor, SELinux), where the kernel has them.
-    for name in ("loginuid", "attr/current"):
+    for name in _OPTIONAL_FILES:
         try:
             found[name] = _read(f"{proc}/{name}")
         except OSError:
@@ -103,7 +119,25 @@ def process_context(pid: int) -> dict[str, str]:
     found.update({f"status/{k}": status.get(k, "") for k in _STATUS_KEYS})
     found["nice"] = str(os.getpriority(os.PRIO_PROCESS, pid))
     found["sched"] = f"{os.sched_getscheduler(pid)} {os.sched_getparam(pid).sched_priority}"
+    found["ioprio"] = str(_ioprio(pid))
     return found
+
+
+def _ioprio(pid: int) -> int | None:
+    number = _SYS_IOPRIO_GET.get(os.uname().machine)
+    if number is None:
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    return int(libc.syscall(ctypes.c_long(number), ctypes.c_int(_IOPRIO_WHO_PROCESS), ctypes.c_int(pid)))
+
+
+def import_time_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The part of an environment that modules read as they are imported (KATA_CONF_FILE is not:
+    each shim reads it when its pod's task is created)."""
+    return {k: v for k, v in env.items()
+            if (k.startswith(_IMPORT_TIME_PREFIXES) or k in _IMPORT_TIME_NAMES) and k != "KATA_CONF_FILE"}
 
 
 def _read(path: str) -> str:
@@ -112,61 +146,63 @@ def _read(path: str) -> str:
 
 
 def code_stamp() -> dict[str, Any]:
-    """The interpreter and every module file of the package, by size and modification time: a
-    zygote whose code was replaced (an upgrade, an edit) must not make another shim."""
+    """The interpreter and every module file of the package, by inode, size and times: a zygote
+    whose code was replaced (an upgrade, an edit) must not make another shim."""
     import kata
 
+    def stamp(st: os.stat_result) -> tuple[int, int, int, int]:
+        return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
     root = Path(kata.__file__).parent
-    files = {}
-    for path in sorted(root.rglob("*.py")):
-        st = path.stat()
-        files[str(path.relative_to(root))] = (st.st_size, st.st_mtime_ns)
-    exe = os.stat(sys.executable)
-    return {"python": (sys.executable, exe.st_size, exe.st_mtime_ns), "files": files}
+    files = {str(path.relative_to(root)): stamp(path.stat()) for path in sorted(root.rglob("*.py"))}
+    return {"python": (sys.executable, stamp(os.stat(sys.executable))), "files": files}
 
 
 # --- the caller: `containerd-shim-kata-v2 start` ---
 
 
-def fork_shim(argv: list[str], bundle: Path, listener: socket.socket, path: Path = SOCKET,
-              timeout: float = ASK_TIMEOUT) -> int | None:
-    """The pid of the pod's shim, forked by the zygote to serve ``listener`` as the shim `start`
-    would fork (``argv``, this process's environment, in ``bundle``); None when there is no zygote
-    or it will not make this caller's shim. ZygoteError when it took the request and did not say
-    whether it forked: the caller must not fork a shim of its own then."""
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    try:
+def ask(request: dict[str, Any], fds: list[int], path: Path = SOCKET,
+        timeout: float = ASK_TIMEOUT) -> dict[str, Any] | None:
+    """One request with its descriptors; the zygote's answer, or None when there was none (no
+    zygote, one ending, a reset, a timeout, a malformed answer)."""
+    data = json.dumps(request).encode()
+    if len(data) > MAX_REQUEST:
+        return None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as conn:
         conn.settimeout(timeout)
         try:
             conn.connect(str(path))
-        except OSError:
-            return None  # none runs (or it is going away)
-        deadline = time.monotonic() + timeout
-        request = {"argv": argv, "env": dict(os.environ), "cwd": str(bundle), "deadline": deadline}
-        data = json.dumps(request).encode()
-        if len(data) > MAX_REQUEST:
+            socket.send_fds(conn, [data], fds)
+            data = conn.recv(MAX_REQUEST)
+            answer = json.loads(data) if data else None
+        except (OSError, ValueError):
+            return None
+    return answer if isinstance(answer, dict) else None
+
+
+def fork_shim(cmdline: list[str], argv: list[str], bundle: Path, listener: socket.socket,
+              path: Path = SOCKET, timeout: float = ASK_TIMEOUT) -> int | None:
+    """The pid of the pod's shim, forked by the zygote to serve ``listener`` as the shim `start`
+    would fork (parsing ``argv``, showing ``cmdline``, this process's environment, in ``bundle``)
+    and serving from the moment this returns; None when no shim of the zygote's will serve (then
+    `start` forks its own)."""
+    go_r, go_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        try:
+            request = {"cmdline": cmdline, "argv": argv, "env": dict(os.environ), "cwd": str(bundle)}
+            answer = ask(request, [listener.fileno(), go_r], path, timeout)
+        finally:
+            os.close(go_r)
+        pid = answer.get("pid") if answer else None
+        if type(pid) is not int or pid <= 0:
             return None
         try:
-            socket.send_fds(conn, [data], [listener.fileno()])
+            os.write(go_w, GO)
         except OSError:
-            return None  # not taken: it forked nothing
-        conn.settimeout(timeout + ANSWER_MARGIN)
-        try:
-            answer = conn.recv(MAX_REQUEST)
-        except OSError as exc:
-            raise ZygoteError(f"the shim zygote at {path} did not answer: {exc}") from None
-    finally:
-        conn.close()
-    if not answer:
-        raise ZygoteError(f"the shim zygote at {path} closed the request without an answer")
-    try:
-        reply = json.loads(answer)
-        pid = reply.get("pid")
-    except (ValueError, AttributeError):
-        raise ZygoteError(f"the shim zygote at {path} answered {answer[:80]!r}") from None
-    if isinstance(pid, int) and pid > 0:
+            return None  # the shim is gone already (EPIPE)
         return pid
-    return None  # declined: another context, older code, too late
+    finally:
+        os.close(go_w)  # a shim that got no GO reads the end of the pipe and ends
 
 
 def is_running(path: Path = SOCKET) -> bool:
@@ -183,26 +219,36 @@ def launch(config_file: str | None) -> None:
     loads (``config_file``, or the one in effect) wants one. Returns at once: a child of this
     process (`start`, which is about to end) becomes the zygote in a session of its own, in this
     process's context but for its scheduling policy, which stays SCHED_IDLE until its code is
-    loaded (its first pod is on its way up meanwhile). One started meanwhile by another `start`
-    finds the first's lock and ends at once."""
-    if is_running():
-        return
-    if os.fork() > 0:
+    loaded (its first pod is on its way up meanwhile). Never fails: the pod has its shim."""
+    try:
+        if is_running() or os.fork() > 0:
+            return
+    except OSError:
         return
     try:
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):  # `start`'s output is containerd's to read to its end
             os.dup2(devnull, fd)
         os.setsid()
+        os.chdir("/")  # not the first pod's bundle, for its whole life
         policy = f"{os.sched_getscheduler(0)},{os.sched_getparam(0).sched_priority}"
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        if enabled(config_file):
-            os.execv(sys.executable, [sys.executable, "-m", "kata.shim.zygote", "--foreground",
+        if enabled(config_file, os.environ):
+            # -P: no directory of the caller's on the module path.
+            os.execv(sys.executable, [sys.executable, "-P", "-m", "kata.shim.zygote", "--foreground",
                                       "--policy", policy, "--room", " " * ROOM])
-    except BaseException:  # noqa: BLE001 - never `start`'s failure: its pod has its shim
+    except BaseException:  # noqa: BLE001 - nothing to report to: start's output is closed
         pass
     finally:
         os._exit(0)
+
+
+def enabled(config_file: str | None, env: Mapping[str, str]) -> bool:
+    """Whether the configuration a pod's shim will load (``config_file``, else as ``env`` and the
+    system paths find it) has the zygote on; KataError if it cannot be loaded."""
+    from kata.config import load_config
+
+    return load_config(Path(config_file) if config_file else None, env=env).runtime.shim_zygote
 
 
 def stop(lock: Path = LOCK, timeout: float = 10.0) -> int | None:
@@ -214,24 +260,24 @@ def stop(lock: Path = LOCK, timeout: float = 10.0) -> int | None:
     except FileNotFoundError:
         return None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return None  # nobody holds it
-        except OSError:
-            pass
-        pid = int(os.read(fd, 32).decode().strip() or 0)
-        if pid <= 0:
-            return None
-        os.kill(pid, signal.SIGTERM)
-        # It holds the lock until it ends.
         deadline = time.monotonic() + timeout
+        pid = 0
         while time.monotonic() < deadline:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return pid
+                return pid or None  # free: it ended, or none held it
             except OSError:
-                time.sleep(0.02)
-        raise ZygoteError(f"the shim zygote (pid {pid}) did not end within {timeout:g}s")
+                pass
+            if not pid:
+                text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                if text.isdigit():  # empty while a zygote writes it: read again
+                    pid = int(text)
+                    try:
+                        os.kill(pid, signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
+            time.sleep(0.02)
+        raise OSError(f"the shim zygote (pid {pid or '?'}) did not end within {timeout:g}s")
     finally:
         os.close(fd)
 
@@ -239,87 +285,135 @@ def stop(lock: Path = LOCK, timeout: float = 10.0) -> int | None:
 # --- the zygote ---
 
 
+class Decline(Exception):
+    """A request the zygote does not serve; ``end``: the zygote ends after answering."""
+
+    def __init__(self, reason: str, end: bool = False) -> None:
+        super().__init__(reason)
+        self.end = end
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    cmdline: list[str]  # what the shim's /proc/PID/cmdline shows
+    argv: list[str]  # what it parses
+    env: dict[str, str]
+    cwd: str
+    comm: str  # the caller's /proc/PID/comm
+
+    @classmethod
+    def parse(cls, data: bytes, comm: str) -> Request:
+        request = json.loads(data)
+        if not isinstance(request, dict):
+            raise Decline("malformed request")
+        cmdline, argv = _strings(request.get("cmdline")), _strings(request.get("argv"))
+        env, cwd = request.get("env"), request.get("cwd")
+        if not (cmdline and argv and isinstance(cwd, str) and isinstance(env, dict)
+                and all(isinstance(k, str) and k and "=" not in k and "\0" not in k
+                        and isinstance(v, str) and "\0" not in v for k, v in env.items())):
+            raise Decline("malformed request")
+        return cls(cmdline, argv, env, cwd, comm)
+
+
 class Zygote:
-    def __init__(self, server: socket.socket, wake_fd: int) -> None:
+    def __init__(self, server: socket.socket, path: Path, wake_fd: int, stamp: dict[str, Any]) -> None:
         self.server = server
+        self.path = path
         self.wake_fd = wake_fd  # readable when a signal asks the zygote to end
+        self.stamp = stamp
         self.context = process_context(os.getpid())
-        self.stamp = code_stamp()
+        self.env = import_time_env(os.environ)
+        self.forks = 0
 
     def serve(self, idle: float = IDLE_EXIT) -> None:
-        """Take requests one at a time (the zygote stays single-threaded: it forks) until idle."""
-        while True:
-            ready, _, _ = select.select([self.server.fileno(), self.wake_fd], [], [], idle)
-            if not ready or self.wake_fd in ready:
+        """Take requests one at a time (the zygote stays single-threaded: it forks) until it has
+        made no shim for ``idle`` seconds, has made MAX_FORKS, is asked to end or must end."""
+        last = time.monotonic()
+        while self.forks < MAX_FORKS:
+            left = last + idle - time.monotonic()
+            if left <= 0:
                 return
-            conn, _ = self.server.accept()
+            ready, _, _ = select.select([self.server.fileno(), self.wake_fd], [], [], left)
+            if self.wake_fd in ready:
+                return
+            if not ready:
+                continue
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                continue
             with conn:
-                if not self.handle(conn):
-                    return
+                outcome = self.handle(conn)
+            if outcome == "forked":
+                last = time.monotonic()
+            elif outcome == "end":
+                return
 
-    def handle(self, conn: socket.socket) -> bool:
-        """One request; False when the zygote must end (its code is no longer the installed one)."""
+    def handle(self, conn: socket.socket) -> str:
+        """One request: "forked", "declined", or "end" (declined, and the zygote must end; its
+        socket is gone before the answer, so the caller can start another at once)."""
         fds: list[int] = []
         try:
-            conn.settimeout(ASK_TIMEOUT)
-            pid, uid, _ = peer_creds(conn)
-            data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST, 1)
-            if uid != 0 or len(fds) != 1:
-                _answer(conn, {"declined": "not root, or no listener"})
-                return True
-            request = json.loads(data)
-            argv, env, cwd, deadline = (request["argv"], request["env"], request["cwd"],
-                                        float(request["deadline"]))
-            if not (isinstance(argv, list) and all(isinstance(a, str) for a in argv)
-                    and isinstance(env, dict) and all(isinstance(v, str) for v in env.values())
-                    and isinstance(cwd, str)):
-                _answer(conn, {"declined": "malformed request"})
-                return True
-            if code_stamp() != self.stamp:
-                _answer(conn, {"declined": "the zygote's code was replaced"})
-                return False
-            if process_context(pid) != self.context:
-                _answer(conn, {"declined": "the caller's process context is not the zygote's"})
-                return True
-            if not enabled(env.get("KATA_CONF_FILE")):
-                _answer(conn, {"declined": "shim_zygote is off in the pod's configuration"})
-                return True
-            if time.monotonic() > deadline:
-                _answer(conn, {"declined": "too late"})
-                return True
-            if threading.active_count() != 1:
-                _answer(conn, {"declined": "the zygote has threads: it cannot fork"})
-                return True
-            shim = self._fork(argv, env, cwd, fds[0], pid)
-            _answer(conn, {"pid": shim})
-            return True
-        except (OSError, ValueError, KeyError, TypeError, KataError) as exc:
             try:
+                conn.settimeout(ASK_TIMEOUT)
+                request = self._check(conn, fds)
+                shim = self._fork(request, fds)
+            except Decline as d:
+                if d.end:
+                    self.path.unlink(missing_ok=True)
+                _answer(conn, {"declined": str(d)})
+                return "end" if d.end else "declined"
+            except (OSError, ValueError) as exc:
                 _answer(conn, {"declined": str(exc)[:200]})
-            except OSError:
-                pass
-            return True
+                return "declined"
+            self.forks += 1
+            _answer(conn, {"pid": shim})
+            return "forked"
+        except OSError:
+            return "declined"  # the caller is gone: a shim we made gets no word from it and ends
         finally:
             for fd in fds:
                 os.close(fd)
 
-    def _fork(self, argv: list[str], env: dict[str, str], cwd: str, listen_fd: int, caller: int) -> int:
-        """Fork twice (the shim must not be our child) and return the shim's pid."""
-        comm = _read(f"/proc/{caller}/comm").strip()
-        r, w = os.pipe()
-        child = os.fork()
+    def _check(self, conn: socket.socket, fds: list[int]) -> Request:
+        """The request, read (its descriptors into ``fds``) and checked; Decline if not served."""
+        pid, uid, _ = peer_creds(conn)
+        data, received, flags, _ = socket.recv_fds(conn, MAX_REQUEST, 2)
+        fds.extend(received)
+        for fd in received:
+            os.set_inheritable(fd, False)  # SCM_RIGHTS gives them without close-on-exec
+        if uid != 0:
+            raise Decline("not root")
+        truncated = flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC)
+        if len(received) != 2 or truncated or not _is_listener(received[0]):
+            raise Decline("a request takes a listening unix socket and a pipe")
+        request = Request.parse(data, _read(f"/proc/{pid}/comm").strip())
+        if code_stamp() != self.stamp:
+            raise Decline("the zygote's code was replaced", end=True)
+        if process_context(pid) != self.context or import_time_env(request.env) != self.env:
+            raise Decline("the caller's process context or environment is not the zygote's", end=True)
+        if not enabled(request.env.get("KATA_CONF_FILE"), request.env):
+            raise Decline("shim_zygote is off in the pod's configuration")
+        if len(os.listdir("/proc/self/task")) != 1:
+            raise Decline("the zygote has threads: it cannot fork")
+        return request
+
+    def _fork(self, request: Request, fds: list[int]) -> int:
+        """Fork twice (the shim must not be our child); the shim's pid once it is set up."""
+        listen_fd, go_fd = fds
+        r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            child = os.fork()
+        except OSError:
+            os.close(r)
+            os.close(w)
+            raise
         if child == 0:
             try:
                 os.close(r)
                 os.setsid()
-                shim = os.fork()
-                if shim == 0:
-                    # Nothing of the zygote's (its lock, its socket, the request's connection) stays
-                    # open in the shim: all but stdio and the pod's socket are closed.
-                    os.closerange(3, listen_fd)
-                    os.closerange(listen_fd + 1, os.sysconf("SC_OPEN_MAX"))
-                    _become_shim(argv, env, cwd, listen_fd, comm)
-                os.write(w, str(shim).encode())
+                if os.fork() == 0:
+                    _become_shim(request, listen_fd, go_fd, w)
             finally:
                 os._exit(0)
         os.close(w)
@@ -330,39 +424,71 @@ class Zygote:
         finally:
             os.close(r)
             os.waitpid(child, 0)
-        if not data:
-            raise OSError("the shim's fork failed")
+        if not data.isdigit():
+            raise Decline("the shim could not be set up")
         return int(data)
 
 
-def enabled(config_file: str | None) -> bool:
-    """Whether the configuration a pod's shim will load (KATA_CONF_FILE, or the one in effect) has
-    the zygote on; KataError if it cannot be loaded (the shim would fail on it too)."""
-    from kata.config import load_config
+def _strings(value: object) -> list[str] | None:
+    """``value`` if it is a non-empty list of strings without NULs."""
+    if isinstance(value, list) and value and all(isinstance(a, str) and "\0" not in a for a in value):
+        return value
+    return None
 
-    return load_config(Path(config_file) if config_file else None).runtime.shim_zygote
+
+def _is_listener(fd: int) -> bool:
+    sock = socket.socket(fileno=fd)
+    try:
+        return (sock.family == socket.AF_UNIX and sock.type == socket.SOCK_STREAM
+                and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1)
+    except OSError:
+        return False
+    finally:
+        sock.detach()
 
 
 def _answer(conn: socket.socket, msg: dict[str, Any]) -> None:
     conn.sendall(json.dumps(msg).encode())
 
 
-def _become_shim(argv: list[str], env: dict[str, str], cwd: str, listen_fd: int, comm: str) -> NoReturn:
-    """The grandchild: the pod's shim, as `start` would have forked it."""
+def _close_all_but(keep: set[int]) -> None:
+    """Close every descriptor from 3 up but those in ``keep``."""
+    low = 3
+    for fd in sorted(k for k in keep if k >= 3):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+
+
+def _become_shim(request: Request, listen_fd: int, go_fd: int, report_fd: int) -> NoReturn:
+    """The grandchild: the pod's shim, as `start` would have forked it. Reports its pid once set
+    up, then serves only on `start`'s word."""
     try:
         signal.set_wakeup_fd(-1)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, signal.SIG_DFL)
+        # Nothing of the zygote's (its lock, its socket, the request's connection) stays open.
+        _close_all_but({listen_fd, go_fd, report_fd})
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1):  # as in `start`'s child; serve sends stderr to the bundle's log
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         os.environ.clear()
-        os.environ.update(env)
-        os.chdir(cwd)
-        set_command_line(argv, comm)
+        os.environ.update(request.env)
+        os.chdir(request.cwd)
+        set_command_line(request.cmdline, request.comm)
         from kata.shim import command, serve
 
-        args = command.parser().parse_args(argv[1:])
+        args = command.parser().parse_args(request.argv)
+        os.write(report_fd, str(os.getpid()).encode())
+        os.close(report_fd)
+        if os.read(go_fd, len(GO)) != GO:
+            os._exit(0)  # `start` gave up on us: it forks a shim of its own
+        os.close(go_fd)
         serve.run(args, listen_fd)
     finally:
-        os._exit(1)  # serve.run exits the process itself; this is for its failure
+        os._exit(1)  # serve.run exits the process itself; this is for a failure before it
 
 
 # Room for a shim's command line in the zygote's own (see set_command_line).
@@ -370,18 +496,23 @@ ROOM = 4096
 _PR_SET_NAME = 15  # prctl(2)
 
 
+def _arg_area() -> tuple[int, int]:
+    # /proc/self/stat's fields 48 and 49 (arg_start, arg_end), counted after the command's name
+    # (which may hold spaces): the third field is the first after it.
+    fields = _read("/proc/self/stat").rsplit(")", 1)[1].split()
+    return int(fields[48 - 3]), int(fields[49 - 3])
+
+
 def set_command_line(argv: list[str], comm: str = "") -> None:
     """Make /proc/self/cmdline show ``argv`` (and /proc/self/comm ``comm``): a shim the zygote
     forked then looks like one `start` forked (operators and tools find a pod's shim by its id
     there). The new command line is written over the process's own argument strings, which must
-    be long enough (the zygote is started with ROOM bytes of padding); the rest is zeroed, so the
+    be long enough (the zygote runs with ROOM bytes of padding); the rest is zeroed, so the
     kernel shows the arguments as they are. OSError if they do not fit.
     (prctl's PR_SET_MM would take a new area, but needs CAP_SYS_RESOURCE.)"""
     import ctypes
 
-    # /proc/self/stat's fields 48 and 49, counted after the command's name (which may hold spaces).
-    fields = _read("/proc/self/stat").rsplit(")", 1)[1].split()
-    start, end = int(fields[45]), int(fields[46])
+    start, end = _arg_area()
     data = b"\0".join(os.fsencode(a) for a in argv) + b"\0"
     if len(data) > end - start:
         raise OSError(f"a command line of {len(data)} bytes does not fit in {end - start}")
@@ -403,33 +534,61 @@ def _daemonize() -> None:
     os.chdir("/")
 
 
-def _take_lock() -> int | None:
+def _take_lock(wait: float = 2.0) -> int | None:
+    """The zygote's lock, held for its life (a zygote that is ending may still hold it briefly)."""
     import fcntl
 
     RUN_DIR.mkdir(parents=True, exist_ok=True, mode=0o711)
     fd = os.open(LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return None
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                return None
+            time.sleep(0.05)
     os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def _end(server: socket.socket, path: Path, lock: int) -> None:
+    """Unlinked while the lock is held (a newer zygote's socket is never removed by an older one),
+    then the requests already queued are closed unanswered: their callers fork their shims."""
+    path.unlink(missing_ok=True)
+    server.setblocking(False)
+    while True:
+        try:
+            conn, _ = server.accept()
+        except OSError:
+            break
+        conn.close()
+    server.close()
+    os.close(lock)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kata-shim-zygote", description=(__doc__ or "").splitlines()[0])
     p.add_argument("--foreground", action="store_true", help="do not daemonize")
-    p.add_argument("--idle", type=float, default=IDLE_EXIT, help="seconds without a request before it ends")
+    p.add_argument("--idle", type=float, default=IDLE_EXIT, help="seconds without a shim made before it ends")
     p.add_argument("--policy", default="", help="POLICY,PRIORITY to serve in (default: the current one)")
     p.add_argument("--room", default="", help="padding: room for the command lines of the shims it forks")
     args = p.parse_args(argv)
+    if not math.isfinite(args.idle) or args.idle <= 0:
+        p.error("--idle must be a positive number of seconds")
+    start, end = _arg_area()
+    if end - start < ROOM:  # started by hand: again, with room for the shims' command lines
+        os.execv(sys.executable, [sys.executable, "-P", "-m", "kata.shim.zygote", *sys.argv[1:],
+                                  "--room", " " * ROOM])
     if not args.foreground:
         _daemonize()
     lock = _take_lock()
     if lock is None:
         return 0  # another zygote runs
+    stamp = code_stamp()  # before the code is loaded: a change while it loads counts
     import importlib
 
     # Loading takes about 0.1 s of a core, while the pod whose `start` launched us is on its way up:
@@ -450,25 +609,19 @@ def main(argv: list[str] | None = None) -> int:
         gc.freeze()
     finally:
         os.sched_setscheduler(0, policy, param)
-    # Our own command line without the padding, rewritten the way a shim's will be: if that fails,
-    # no zygote (its shims would not show their pods' ids).
-    try:
-        set_command_line([sys.executable, "-m", "kata.shim.zygote"])
-    except (OSError, ValueError, IndexError):
-        return 1
+    # Our own command line without the padding, rewritten the way a shim's will be.
+    set_command_line([sys.executable, "-m", "kata.shim.zygote"])
     server = listen_private(str(SOCKET), 64, socket.SOCK_SEQPACKET)
-    # SIGTERM (`stop`) wakes the loop through a pipe: the zygote never ends halfway through a
-    # request (a caller told nothing must be sure nothing was forked).
+    # SIGTERM (`stop`), SIGINT and SIGHUP wake the loop through a pipe: the zygote never ends
+    # halfway through a request.
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda _signum, _frame: None)
     try:
-        Zygote(server, wake_r).serve(args.idle)
+        Zygote(server, SOCKET, wake_r, stamp).serve(args.idle)
     finally:
-        # Unlinked while the lock is held: a newer zygote's socket is never removed by an older one.
-        SOCKET.unlink(missing_ok=True)
-        server.close()
-        os.close(lock)
+        _end(server, SOCKET, lock)
     return 0
 
 

@@ -11,8 +11,9 @@ import struct
 
 
 def listen_private(path: str, backlog: int, kind: int = socket.SOCK_STREAM) -> socket.socket:
-    """A listening stream socket at ``path`` (a stale one there is replaced), created 0600: the
-    umask is 077 around bind(2), so there is no moment at which another user could connect.
+    """A listening unix socket (a stream one, or ``kind``) at ``path`` (a stale one there is
+    replaced), created 0600: the umask is 077 around bind(2), so there is no moment at which
+    another user could connect.
     The umask is process-wide; a file another thread creates meanwhile is only born stricter."""
     try:
         os.unlink(path)

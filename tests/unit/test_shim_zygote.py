@@ -62,107 +62,151 @@ def test_the_process_context_tells_a_changed_child_apart() -> None:
     mine = zygote.process_context(os.getpid())
     assert mine == zygote.process_context(os.getpid())
     assert mine["ns/mnt"].startswith("mnt:[") and "Max open files" in mine["limits"]
-    proc = subprocess.Popen(["nice", "-n", "5", "sleep", "30"])
+    # A Python child, as `start` is: Python ignores SIGPIPE and SIGXFSZ, which the context compares.
+    proc = subprocess.Popen(["nice", "-n", "5", sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        time.sleep(0.2)
+        time.sleep(0.5)
         theirs = zygote.process_context(proc.pid)
     finally:
         proc.kill()
         proc.wait()
-    assert {k for k in mine if mine[k] != theirs[k]} == {"nice"}
+    differ = {k for k in mine if mine[k] != theirs[k]}
+    assert "nice" in differ and differ <= {"nice", "ioprio"}  # a task's I/O priority follows its nice
+
+
+def test_the_environment_modules_read_as_they_load_is_compared() -> None:
+    env = {"KATA_STATE_ROOT": "/x", "KATA_CONF_FILE": "/c.toml", "PYTHONPATH": "/p", "LC_ALL": "C",
+           "TZ": "UTC", "PATH": "/bin", "TTRPC_ADDRESS": "/t", "NAMESPACE": "k8s.io"}
+    assert zygote.import_time_env(env) == {"KATA_STATE_ROOT": "/x", "PYTHONPATH": "/p", "LC_ALL": "C",
+                                           "TZ": "UTC"}
 
 
 def test_without_a_zygote_start_forks_the_shim_itself(tmp_path: Path) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
-        assert zygote.fork_shim(["shim"], tmp_path, listener, path=tmp_path / "none.sock") is None
+        assert zygote.fork_shim(["shim"], ["start"], tmp_path, listener, path=tmp_path / "none.sock") is None
     assert not zygote.is_running(tmp_path / "none.sock")
 
 
 @pytest.fixture
 def ask(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """Send one request over a socket pair to a Zygote object in this process; its answer, and
-    whether it would go on serving."""
-    server = listen_private(str(tmp_path / "z.sock"), 4, socket.SOCK_SEQPACKET)
-    z = zygote.Zygote(server, wake_fd=-1)
+    """Send one request over a socket pair to a Zygote object in this process: its answer, and
+    what it does next. No shim is forked: this process has threads (pytest's), so a request that
+    passes every other check is declined there."""
+    path = tmp_path / "z.sock"
+    server = listen_private(str(path), 4, socket.SOCK_SEQPACKET)
+    pod_socket = listen_private(str(tmp_path / "pod.sock"), 4)
+    z = zygote.Zygote(server, path, wake_fd=-1, stamp=zygote.code_stamp())
 
-    def call(request: dict[str, object], with_fd: bool = True) -> tuple[dict[str, object], bool]:
+    def call(request: dict[str, object], fds: list[int] | None = None) -> tuple[dict[str, object], str]:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        with ours, theirs, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
-            data = json.dumps(request).encode()
-            if with_fd:
-                socket.send_fds(ours, [data], [listener.fileno()])
-            else:
-                ours.send(data)
-            going_on = z.handle(theirs)
-            return json.loads(ours.recv(4096)), going_on
+        r, w = os.pipe()
+        try:
+            with ours, theirs:
+                socket.send_fds(ours, [json.dumps(request).encode()],
+                                [pod_socket.fileno(), r] if fds is None else fds)
+                outcome = z.handle(theirs)
+                return json.loads(ours.recv(4096)), outcome
+        finally:
+            os.close(r)
+            os.close(w)
 
-    yield z, call
+    yield z, call, path
     server.close()
+    pod_socket.close()
 
 
 def _request(tmp_path: Path, **changes: object) -> dict[str, object]:
-    request: dict[str, object] = {"argv": ["containerd-shim-kata-v2", "-id", "x", "start"],
-                                  "env": dict(os.environ), "cwd": str(tmp_path),
-                                  "deadline": time.monotonic() + 30}
+    request: dict[str, object] = {"cmdline": ["containerd-shim-kata-v2", "-id", "x", "start"],
+                                  "argv": ["-id", "x", "start"], "env": dict(os.environ),
+                                  "cwd": str(tmp_path)}
     request.update(changes)
     return request
 
 
-def test_a_request_without_a_listener_is_declined(ask, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    _, call = ask
-    assert call(_request(tmp_path), with_fd=False) == ({"declined": "not root, or no listener"}, True)
+def test_a_request_passing_every_check_meets_the_thread_check(ask, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, call, _ = ask
+    answer, outcome = call(_request(tmp_path))
+    assert answer == {"declined": "the zygote has threads: it cannot fork"} and outcome == "declined"
+
+
+def test_a_request_without_a_listening_socket_and_a_pipe_is_declined(ask, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, call, _ = ask
+    declined = {"declined": "a request takes a listening unix socket and a pipe"}
+    assert call(_request(tmp_path), fds=[]) == (declined, "declined")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unbound:
+        r, w = os.pipe()
+        try:
+            assert call(_request(tmp_path), fds=[unbound.fileno(), r]) == (declined, "declined")
+        finally:
+            os.close(r)
+            os.close(w)
 
 
 def test_a_malformed_request_is_declined(ask, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    _, call = ask
-    answer, going_on = call(_request(tmp_path, argv="containerd-shim-kata-v2 start"))
-    assert answer == {"declined": "malformed request"} and going_on
-    answer, going_on = call({"argv": []})
-    assert "declined" in answer and going_on
+    _, call, _ = ask
+    malformed = ({"declined": "malformed request"}, "declined")
+    assert call(_request(tmp_path, argv="start")) == malformed
+    assert call(_request(tmp_path, cmdline=[])) == malformed
+    assert call(_request(tmp_path, env={"A=B": "c"})) == malformed
+    assert call(_request(tmp_path, env={"A": "b\0c"})) == malformed
+    assert call({"argv": ["start"]}) == malformed
 
 
 def test_a_zygote_whose_code_changed_declines_and_ends(ask, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    z, call = ask
-    z.stamp = {**z.stamp, "python": ("/elsewhere/python3", 0, 0)}
-    assert call(_request(tmp_path)) == ({"declined": "the zygote's code was replaced"}, False)
+    z, call, path = ask
+    z.stamp = {**z.stamp, "python": ("/elsewhere/python3", (0, 0, 0, 0))}
+    assert call(_request(tmp_path)) == ({"declined": "the zygote's code was replaced"}, "end")
+    assert not path.exists()  # gone before the answer: the caller can start another at once
+
+
+def test_a_caller_with_another_import_time_environment_ends_the_zygote(ask, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, call, _ = ask
+    env = {**os.environ, "KATA_STATE_ROOT": "/elsewhere"}
+    answer, outcome = call(_request(tmp_path, env=env))
+    assert answer == {"declined": "the caller's process context or environment is not the zygote's"}
+    assert outcome == "end"
 
 
 def test_a_pod_whose_configuration_turns_it_off_is_declined(ask, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    _, call = ask
+    _, call, _ = ask
     conf = config_with(tmp_path, {"runtime": {"shim_zygote": False}})
     env = {**os.environ, "KATA_CONF_FILE": str(conf)}
-    answer, going_on = call(_request(tmp_path, env=env))
-    assert answer == {"declined": "shim_zygote is off in the pod's configuration"} and going_on
+    answer, outcome = call(_request(tmp_path, env=env))
+    assert answer == {"declined": "shim_zygote is off in the pod's configuration"} and outcome == "declined"
 
 
-def test_a_request_past_its_deadline_is_declined(ask, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    _, call = ask
-    assert call(_request(tmp_path, deadline=time.monotonic() - 1)) == ({"declined": "too late"}, True)
+ASK = """
+import json, os, socket, sys
+from pathlib import Path
+from kata.shim import zygote
+with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as l:
+    l.bind(sys.argv[2]); l.listen(1)
+    r, w = os.pipe()
+    request = {"cmdline": ["shim", "start"], "argv": ["start"], "env": dict(os.environ), "cwd": "/"}
+    print(json.dumps(zygote.ask(request, [l.fileno(), r], path=Path(sys.argv[1]))))
+"""
 
 
 def test_a_caller_in_another_context_is_declined(tmp_path: Path) -> None:
     """A caller that differs (here only by its nice value) is not served: its shim would not be
-    the one `start` forks."""
+    the one `start` forks; the zygote makes way for one that can serve it."""
     path = tmp_path / "z.sock"
     server = listen_private(str(path), 4, socket.SOCK_SEQPACKET)
-    caller = ("import sys; from pathlib import Path; import socket; from kata.shim import zygote\n"
-              "with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as l:\n"
-              f"    print(zygote.fork_shim(['shim', 'start'], Path('/'), l, path=Path({str(path)!r})))")
-    proc = subprocess.Popen(["nice", "-n", "5", sys.executable, "-c", caller], stdout=subprocess.PIPE,
-                            text=True)
+    argv = ["nice", "-n", "5", sys.executable, "-c", ASK, str(path), str(tmp_path / "l.sock")]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     try:
-        z = zygote.Zygote(server, wake_fd=-1)
+        z = zygote.Zygote(server, path, wake_fd=-1, stamp=zygote.code_stamp())
         server.settimeout(30)
         conn, _ = server.accept()
         with conn:
-            assert z.handle(conn)
+            assert z.handle(conn) == "end"
         out, _ = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         server.close()
-    assert out.strip() == "None"
+    assert json.loads(out) == {"declined": "the caller's process context or environment is not the zygote's"}
 
 
 def test_stop_without_a_zygote_is_none(tmp_path: Path) -> None:
