@@ -205,13 +205,35 @@ def fork_shim(cmdline: list[str], argv: list[str], bundle: Path, listener: socke
         os.close(go_w)  # a shim that got no GO reads the end of the pipe and ends
 
 
-def is_running(path: Path = SOCKET) -> bool:
+def is_running(path: Path = SOCKET, lock: Path = LOCK) -> bool:
+    """Whether a zygote answers at ``path``, or one holds the lock (it is loading): a full queue
+    (a zygote that stopped taking requests) counts as running, and never blocks the caller."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as conn:
+        conn.settimeout(0.2)
         try:
             conn.connect(str(path))
+            return True
+        except (BlockingIOError, TimeoutError):
+            return True
         except OSError:
-            return False
-    return True
+            pass
+    return _lock_held(lock)
+
+
+def _lock_held(lock: Path) -> bool:
+    import fcntl
+
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def launch(config_file: str | None) -> None:
@@ -268,18 +290,27 @@ def stop(lock: Path = LOCK, timeout: float = 10.0) -> int | None:
                 return pid or None  # free: it ended, or none held it
             except OSError:
                 pass
-            if not pid:
-                text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-                if text.isdigit():  # empty while a zygote writes it: read again
-                    pid = int(text)
-                    try:
-                        os.kill(pid, signal.SIGTERM)
-                    except ProcessLookupError:
-                        pass
+            # Read again each time: empty while a zygote writes it, and a new zygote may have
+            # replaced the one signalled. Only a process that is a zygote is signalled.
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            if text.isdigit() and int(text) != pid and _is_zygote(int(text)):
+                pid = int(text)
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
             time.sleep(0.02)
         raise OSError(f"the shim zygote (pid {pid or '?'}) did not end within {timeout:g}s")
     finally:
         os.close(fd)
+
+
+def _is_zygote(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"\0kata.shim.zygote\0" in f.read()
+    except OSError:
+        return False
 
 
 # --- the zygote ---
@@ -321,7 +352,6 @@ class Zygote:
         self.path = path
         self.wake_fd = wake_fd  # readable when a signal asks the zygote to end
         self.stamp = stamp
-        self.context = process_context(os.getpid())
         self.env = import_time_env(os.environ)
         self.forks = 0
 
@@ -357,7 +387,7 @@ class Zygote:
             try:
                 conn.settimeout(ASK_TIMEOUT)
                 request = self._check(conn, fds)
-                shim = self._fork(request, fds)
+                shim = self._fork(request, fds, conn)
             except Decline as d:
                 if d.end:
                     self.path.unlink(missing_ok=True)
@@ -385,12 +415,13 @@ class Zygote:
         if uid != 0:
             raise Decline("not root")
         truncated = flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC)
-        if len(received) != 2 or truncated or not _is_listener(received[0]):
+        if (len(received) != 2 or truncated or not _is_listener(received[0])
+                or not _is_pipe_reader(received[1])):
             raise Decline("a request takes a listening unix socket and a pipe")
         request = Request.parse(data, _read(f"/proc/{pid}/comm").strip())
         if code_stamp() != self.stamp:
             raise Decline("the zygote's code was replaced", end=True)
-        if process_context(pid) != self.context or import_time_env(request.env) != self.env:
+        if process_context(pid) != process_context(os.getpid()) or import_time_env(request.env) != self.env:
             raise Decline("the caller's process context or environment is not the zygote's", end=True)
         if not enabled(request.env.get("KATA_CONF_FILE"), request.env):
             raise Decline("shim_zygote is off in the pod's configuration")
@@ -398,9 +429,13 @@ class Zygote:
             raise Decline("the zygote has threads: it cannot fork")
         return request
 
-    def _fork(self, request: Request, fds: list[int]) -> int:
-        """Fork twice (the shim must not be our child); the shim's pid once it is set up."""
+    def _fork(self, request: Request, fds: list[int], conn: socket.socket) -> int:
+        """Fork twice (the shim must not be our child); the shim's pid once it is set up. The
+        pod's socket and the go pipe are closed here before the answer: then only `start` and the
+        shim hold the pipe, and `start` sees a shim that died (EPIPE)."""
         listen_fd, go_fd = fds
+        if select.select([conn], [], [], 0)[0]:
+            raise Decline("the caller is gone")  # a request queued while we were busy, given up
         r, w = os.pipe2(os.O_CLOEXEC)
         try:
             child = os.fork()
@@ -417,13 +452,22 @@ class Zygote:
             finally:
                 os._exit(0)
         os.close(w)
+        data = b""
         try:
-            data = b""
-            while chunk := os.read(r, 32):
+            # A shim stuck setting up (a hung filesystem) must not stop the zygote: its report is
+            # waited for as long as `start` waits for us; one that comes later finds no reader.
+            deadline = time.monotonic() + ASK_TIMEOUT
+            while (left := deadline - time.monotonic()) > 0 and select.select([r], [], [], left)[0]:
+                chunk = os.read(r, 32)
+                if not chunk:
+                    break
                 data += chunk
         finally:
             os.close(r)
             os.waitpid(child, 0)
+            for fd in fds:
+                os.close(fd)
+            fds.clear()
         if not data.isdigit():
             raise Decline("the shim could not be set up")
         return int(data)
@@ -445,6 +489,14 @@ def _is_listener(fd: int) -> bool:
         return False
     finally:
         sock.detach()
+
+
+def _is_pipe_reader(fd: int) -> bool:
+    import fcntl
+    import stat
+
+    mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+    return stat.S_ISFIFO(os.fstat(fd).st_mode) and mode == os.O_RDONLY
 
 
 def _answer(conn: socket.socket, msg: dict[str, Any]) -> None:
@@ -567,6 +619,7 @@ def _end(server: socket.socket, path: Path, lock: int) -> None:
             break
         conn.close()
     server.close()
+    os.ftruncate(lock, 0)  # no pid for `stop` to signal once we are gone
     os.close(lock)
 
 
@@ -585,6 +638,11 @@ def main(argv: list[str] | None = None) -> int:
                                   "--room", " " * ROOM])
     if not args.foreground:
         _daemonize()
+    for fd in (0, 1, 2):  # open, so that no received descriptor lands there (a shim resets them)
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.dup2(os.open(os.devnull, os.O_RDWR), fd)
     lock = _take_lock()
     if lock is None:
         return 0  # another zygote runs

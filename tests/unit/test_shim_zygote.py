@@ -213,3 +213,51 @@ def test_stop_without_a_zygote_is_none(tmp_path: Path) -> None:
     assert zygote.stop(tmp_path / "absent.lock") is None
     (tmp_path / "free.lock").write_text("123\n")
     assert zygote.stop(tmp_path / "free.lock") is None  # no one holds it: no one to stop
+
+
+def test_a_pipe_s_write_end_is_not_a_go_pipe(ask, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, call, _ = ask
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as pod:
+        pod.bind(str(tmp_path / "p.sock"))
+        pod.listen(1)
+        r, w = os.pipe()
+        try:
+            answer, _ = call(_request(tmp_path), fds=[pod.fileno(), w])
+        finally:
+            os.close(r)
+            os.close(w)
+    assert answer == {"declined": "a request takes a listening unix socket and a pipe"}
+
+
+def test_a_held_lock_counts_as_a_running_zygote(tmp_path: Path) -> None:
+    """A zygote loading its code holds the lock before it listens: no second one is launched."""
+    import fcntl
+
+    lock = tmp_path / "z.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        assert not zygote.is_running(tmp_path / "none.sock", lock)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert zygote.is_running(tmp_path / "none.sock", lock)
+    finally:
+        os.close(fd)
+
+
+def test_stop_signals_only_a_zygote(tmp_path: Path) -> None:
+    """A lock naming a pid that is not a zygote's (a stale one, reused by a pod's shim) gets no
+    signal: stop waits and reports that the holder did not end."""
+    import fcntl
+
+    other = subprocess.Popen(["sleep", "30"])
+    lock = tmp_path / "z.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, f"{other.pid}\n".encode())
+        with pytest.raises(OSError, match="did not end"):
+            zygote.stop(lock, timeout=0.3)
+        assert other.poll() is None
+    finally:
+        os.close(fd)
+        other.kill()
+        other.wait()
