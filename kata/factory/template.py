@@ -30,7 +30,7 @@ from kata.errors import KataError
 from kata.factory.sparse import punch_zero_pages, sparse_copy
 from kata.hypervisor.base import VMConfig
 from kata.sandbox.paths import TEMPLATE_VM_ROOT
-from kata.utils.files import locked
+from kata.utils.files import lock_held, locked
 from kata.utils.safepath import remove_tree
 
 # Bump when the way templates are made changes (e.g. the agent's state at snapshot time).
@@ -79,22 +79,6 @@ def _file_identity(path: Path | None) -> str:
 def _asset_identities(config: VMConfig) -> dict[str, str]:
     files = (config.hypervisor_path, config.kernel, config.image, config.initrd)
     return {str(f): _file_identity(f) for f in files if f is not None}
-
-
-def _lock_held(lock: Path) -> bool:
-    import fcntl
-
-    try:
-        fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
 
 
 def _shape(config: VMConfig) -> VMConfig:
@@ -282,7 +266,7 @@ class TemplateStore:
                 shutil.rmtree(tdir, ignore_errors=True)
                 removed += 1
         for lock in self.root.glob("*.lock"):
-            if not (self.root / lock.stem).exists() and not _lock_held(lock):
+            if not (self.root / lock.stem).exists() and not lock_held(lock):
                 lock.unlink(missing_ok=True)
         return removed
 

@@ -40,6 +40,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
+from kata.utils.files import lock_held
 from kata.utils.sockets import listen_private, peer_creds
 
 RUN_DIR = Path("/run/kata-containers")
@@ -217,23 +218,7 @@ def is_running(path: Path = SOCKET, lock: Path = LOCK) -> bool:
             return True
         except OSError:
             pass
-    return _lock_held(lock)
-
-
-def _lock_held(lock: Path) -> bool:
-    import fcntl
-
-    try:
-        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
+    return lock_held(lock)
 
 
 def launch(config_file: str | None) -> None:

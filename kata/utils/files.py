@@ -81,3 +81,18 @@ def locked(lock_file: Path, shared: bool = False) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def lock_held(lock_file: Path) -> bool:
+    """Whether some process holds a flock on ``lock_file`` (False if there is no such file)."""
+    try:
+        fd = os.open(lock_file, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
