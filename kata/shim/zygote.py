@@ -332,9 +332,12 @@ class Request:
 
 
 class Zygote:
-    def __init__(self, server: socket.socket, path: Path, wake_fd: int, stamp: dict[str, Any]) -> None:
+    def __init__(self, server: socket.socket, path: Path, wake_fd: int, stamp: dict[str, Any],
+                 lock: int | None = None) -> None:
         self.server = server
         self.path = path
+        self.lock = lock  # held for the zygote's life; released by end()
+        self.ended = False
         self.wake_fd = wake_fd  # readable when a signal asks the zygote to end
         self.stamp = stamp
         self.env = import_time_env(os.environ)
@@ -375,7 +378,9 @@ class Zygote:
                 shim = self._fork(request, fds, conn)
             except Decline as d:
                 if d.end:
-                    self.path.unlink(missing_ok=True)
+                    # Gone before the answer: the caller's `start` finds no zygote, neither
+                    # listening nor holding the lock, and starts a fresh one at once.
+                    self.end()
                 _answer(conn, {"declined": str(d)})
                 return "end" if d.end else "declined"
             except (OSError, ValueError) as exc:
@@ -389,6 +394,27 @@ class Zygote:
         finally:
             for fd in fds:
                 os.close(fd)
+
+    def end(self) -> None:
+        """The socket unlinked while the lock is held (a newer zygote's socket is never removed
+        by an older one), the requests already queued closed unanswered (their callers fork their
+        shims), then the lock released with no pid left for `stop` to signal. Once."""
+        if self.ended:
+            return
+        self.ended = True
+        self.path.unlink(missing_ok=True)
+        self.server.setblocking(False)
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                break
+            conn.close()
+        self.server.close()
+        if self.lock is not None:
+            os.ftruncate(self.lock, 0)
+            os.close(self.lock)
+            self.lock = None
 
     def _check(self, conn: socket.socket, fds: list[int]) -> Request:
         """The request, read (its descriptors into ``fds``) and checked; Decline if not served."""
@@ -592,22 +618,6 @@ def _take_lock(wait: float = 2.0) -> int | None:
     return fd
 
 
-def _end(server: socket.socket, path: Path, lock: int) -> None:
-    """Unlinked while the lock is held (a newer zygote's socket is never removed by an older one),
-    then the requests already queued are closed unanswered: their callers fork their shims."""
-    path.unlink(missing_ok=True)
-    server.setblocking(False)
-    while True:
-        try:
-            conn, _ = server.accept()
-        except OSError:
-            break
-        conn.close()
-    server.close()
-    os.ftruncate(lock, 0)  # no pid for `stop` to signal once we are gone
-    os.close(lock)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kata-shim-zygote", description=(__doc__ or "").splitlines()[0])
     p.add_argument("--foreground", action="store_true", help="do not daemonize")
@@ -661,10 +671,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.set_wakeup_fd(wake_w)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda _signum, _frame: None)
+    zygote = Zygote(server, SOCKET, wake_r, stamp, lock)
     try:
-        Zygote(server, SOCKET, wake_r, stamp).serve(args.idle)
+        zygote.serve(args.idle)
     finally:
-        _end(server, SOCKET, lock)
+        zygote.end()
     return 0
 
 

@@ -153,10 +153,19 @@ def test_a_malformed_request_is_declined(ask, tmp_path: Path) -> None:  # type: 
 
 
 def test_a_zygote_whose_code_changed_declines_and_ends(ask, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import fcntl
+
+    from kata.utils.files import lock_held
+
     z, call, path = ask
+    lock = tmp_path / "z.lock"
+    z.lock = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(z.lock, fcntl.LOCK_EX)
+    os.write(z.lock, b"12345\n")
     z.stamp = {**z.stamp, "python": ("/elsewhere/python3", (0, 0, 0, 0))}
     assert call(_request(tmp_path)) == ({"declined": "the zygote's code was replaced"}, "end")
-    assert not path.exists()  # gone before the answer: the caller can start another at once
+    # Socket and lock gone before the answer: the caller can start another at once.
+    assert not path.exists() and not lock_held(lock) and lock.read_text() == ""
 
 
 def test_a_caller_with_another_import_time_environment_ends_the_zygote(ask, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
