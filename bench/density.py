@@ -7,7 +7,8 @@ then the container; handlers kata and runc) and Docker (`docker run -d --runtime
 - the time to start each pod (the first, the median and the last);
 - host memory per pod: the drop in MemAvailable over N, and the PSS of the pods' host processes
   by kind (VMM, virtiofsd, shim, the shim zygote, monitor, container) over N (a running zygote is
-  stopped before each count: the first pod starts it, and it counts);
+  stopped before each count: the first pod starts it, and it counts; containerd's teardown stops
+  it at the end);
 - the host's CPU while the N pods idle, over --idle seconds, as a share of all cores, less what the
   host used before the first pod started, and each kind of process's share of one core;
 - whether every pod answers an exec (`true`) afterwards;
