@@ -44,6 +44,7 @@ from kata.factory.pool_nic import PooledNic
 from kata.factory.pool_share import PooledShare
 from kata.hypervisor.base import clone_maps_template
 from kata.sandbox.paths import POOL_ROOT, POOL_SHARES_ROOT, VM_ROOT, InvalidIdError, validate_sandbox_id
+from kata.utils.files import pid_lock
 from kata.utils.process import ProcessId, terminate
 from kata.utils.sockets import listen_private, peer_creds
 
@@ -347,7 +348,10 @@ class PoolDaemon:
         _private_dir(self.root)
         _private_dir(self.shares)
         _private_dir(self.endpoint.parent)
-        lock_fd = _lock(PID_FILE)
+        lock_fd = pid_lock(PID_FILE)
+        if lock_fd is None:
+            other = PID_FILE.read_text(errors="replace").strip()
+            raise PoolError(f"a VM pool daemon is running already (pid {other or '?'})")
         try:
             sweep(self.root, self.shares)
             _start_watcher(self.root, self.shares)  # before any thread: it forks
@@ -355,8 +359,6 @@ class PoolDaemon:
             netns.unshare()
             # (a dead daemon's socket there is replaced: we hold the pool's lock)
             listener = listen_private(str(self.endpoint), 16)
-            os.ftruncate(lock_fd, 0)
-            os.write(lock_fd, f"{os.getpid()}\n".encode())
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(sig, lambda *_: self._stop.set())
             refill = threading.Thread(target=self._refill, name="refill", daemon=True)
@@ -515,19 +517,6 @@ def _private_dir(path: Path) -> None:
     st = os.lstat(path)
     if st.st_uid != 0 or st.st_mode & 0o077 or not os.path.isdir(path) or path.is_symlink():
         raise PoolError(f"{path} must be a directory of root's that no one else may enter (mode 0700)")
-
-
-def _lock(path: Path) -> int:
-    import fcntl
-
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        other = os.read(fd, 32).decode(errors="replace").strip()
-        os.close(fd)
-        raise PoolError(f"a VM pool daemon is running already (pid {other or '?'})") from None
-    return fd
 
 
 def stop(endpoint: Path, timeout: float = 30.0) -> int | None:

@@ -17,6 +17,7 @@ from typing import NoReturn
 from kata.errors import KataError
 from kata.shim import address, zygote
 from kata.shim.command import bundle_of, check_ids
+from kata.utils.process import null_stdio
 from kata.utils.sockets import listen_private
 
 
@@ -68,10 +69,7 @@ def _become_shim(args: argparse.Namespace, bundle: Path, listener: socket.socket
     (a fork, not a new interpreter: what `start` loaded is loaded already)."""
     try:
         os.setsid()
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-        os.close(devnull)
+        null_stdio()
         os.chdir(bundle)
         from kata.shim import serve
 

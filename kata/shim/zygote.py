@@ -19,8 +19,8 @@ hangs, a shim that fails to set up, a `start` that gives up), `start` either has
 forks its own, never both. The zygote ends after IDLE_EXIT seconds without making a shim, and after
 MAX_FORKS shims (each zygote's shims share its address-space layout and Python's hash secret).
 
-    python -m kata.shim.zygote [--foreground] [--idle S]    # one by hand; `launch` runs it in the
-                                                            # foreground of a child of its own
+    python -m kata.shim.zygote [--idle S]    # one by hand, in the foreground (`launch` runs it
+                                             # in a child of its own, in a session of its own)
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
-from kata.utils.files import lock_held
+from kata.utils.files import lock_held, pid_lock
+from kata.utils.process import null_stdio
+from kata.utils.procfs import stat_fields
 from kata.utils.sockets import listen_private, peer_creds
 
 RUN_DIR = Path("/run/kata-containers")
@@ -233,17 +235,15 @@ def launch(config_file: str | None) -> None:
     except OSError:
         return
     try:
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):  # `start`'s output is containerd's to read to its end
-            os.dup2(devnull, fd)
+        null_stdio()  # `start`'s output is containerd's to read to its end
         os.setsid()
         os.chdir("/")  # not the first pod's bundle, for its whole life
         policy = f"{os.sched_getscheduler(0)},{os.sched_getparam(0).sched_priority}"
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         if enabled(config_file, os.environ):
             # -P: no directory of the caller's on the module path.
-            os.execv(sys.executable, [sys.executable, "-P", "-m", "kata.shim.zygote", "--foreground",
-                                      "--policy", policy, "--room", " " * ROOM])
+            os.execv(sys.executable, [sys.executable, "-P", "-m", "kata.shim.zygote", "--policy", policy,
+                                      "--room", " " * ROOM])
     except BaseException:  # noqa: BLE001 - nothing to report to: start's output is closed
         pass
     finally:
@@ -530,10 +530,7 @@ def _become_shim(request: Request, listen_fd: int, go_fd: int, report_fd: int) -
         signal.set_wakeup_fd(-1)
         # Nothing of the zygote's (its lock, its socket, the request's connection) stays open.
         _close_all_but({listen_fd, go_fd, report_fd})
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1):  # as in `start`'s child; serve sends stderr to the bundle's log
-            os.dup2(devnull, fd)
-        os.close(devnull)
+        null_stdio((0, 1))  # as in `start`'s child; serve sends stderr to the bundle's log
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -560,9 +557,10 @@ _PR_SET_NAME = 15  # prctl(2)
 
 
 def _arg_area() -> tuple[int, int]:
-    # /proc/self/stat's fields 48 and 49 (arg_start, arg_end), counted after the command's name
-    # (which may hold spaces): the third field is the first after it.
-    fields = _read("/proc/self/stat").rsplit(")", 1)[1].split()
+    # /proc/self/stat's fields 48 and 49 (arg_start, arg_end); stat_fields starts at the third.
+    fields = stat_fields("self")
+    if fields is None or len(fields) < 49 - 2:
+        raise OSError("/proc/self/stat shows no argument area")
     return int(fields[48 - 3]), int(fields[49 - 3])
 
 
@@ -586,41 +584,8 @@ def set_command_line(argv: list[str], comm: str = "") -> None:
         libc.prctl(ctypes.c_int(_PR_SET_NAME), name, ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
 
 
-def _daemonize() -> None:
-    if os.fork() > 0:
-        os._exit(0)
-    os.setsid()
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    os.close(devnull)
-    os.chdir("/")
-
-
-def _take_lock(wait: float = 2.0) -> int | None:
-    """The zygote's lock, held for its life (a zygote that is ending may still hold it briefly)."""
-    import fcntl
-
-    RUN_DIR.mkdir(parents=True, exist_ok=True, mode=0o711)
-    fd = os.open(LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                os.close(fd)
-                return None
-            time.sleep(0.05)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kata-shim-zygote", description=(__doc__ or "").splitlines()[0])
-    p.add_argument("--foreground", action="store_true", help="do not daemonize")
     p.add_argument("--idle", type=float, default=IDLE_EXIT, help="seconds without a shim made before it ends")
     p.add_argument("--policy", default="", help="POLICY,PRIORITY to serve in (default: the current one)")
     p.add_argument("--room", default="", help="padding: room for the command lines of the shims it forks")
@@ -631,14 +596,14 @@ def main(argv: list[str] | None = None) -> int:
     if end - start < ROOM:  # started by hand: again, with room for the shims' command lines
         os.execv(sys.executable, [sys.executable, "-P", "-m", "kata.shim.zygote", *sys.argv[1:],
                                   "--room", " " * ROOM])
-    if not args.foreground:
-        _daemonize()
     for fd in (0, 1, 2):  # open, so that no received descriptor lands there (a shim resets them)
         try:
             os.fstat(fd)
         except OSError:
             os.dup2(os.open(os.devnull, os.O_RDWR), fd)
-    lock = _take_lock()
+    RUN_DIR.mkdir(parents=True, exist_ok=True, mode=0o711)
+    # One that is ending may still hold the lock for a moment.
+    lock = pid_lock(LOCK, wait=2.0)
     if lock is None:
         return 0  # another zygote runs
     stamp = code_stamp()  # before the code is loaded: a change while it loads counts

@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import stat
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -96,3 +97,23 @@ def lock_held(lock_file: Path) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+def pid_lock(lock_file: Path, wait: float = 0.0) -> int | None:
+    """A daemon's lock: ``lock_file`` (made 0600, never through a symlink) flocked, within ``wait``
+    seconds, with this process's pid written in it; the descriptor, to hold for the daemon's life,
+    or None when another process holds it."""
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                return None
+            time.sleep(0.05)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd

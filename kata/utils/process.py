@@ -105,3 +105,15 @@ def descendants(pid: int) -> list[int]:
         found += children
         wanted = set(children)
     return found
+
+
+def null_stdio(fds: tuple[int, ...] = (0, 1, 2)) -> None:
+    """Point ``fds`` (this process's standard descriptors) at /dev/null: a daemon forked from a
+    command holds none of the command's output, which its caller reads to its end."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        for fd in fds:
+            os.dup2(devnull, fd)
+    finally:
+        if devnull not in fds:
+            os.close(devnull)
